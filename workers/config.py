@@ -1,0 +1,46 @@
+"""`EngineConfig`: every knob of one engine, validated once (pydantic), with vLLM-like defaults.
+
+The cluster config (cluster/config.py, later) nests this model rather than repeating its fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="Path to a Hugging Face model directory (config.json, *.safetensors, tokenizer).")
+    model_id: str | None = Field(None, description="Name clients use and page hashes carry; default: the directory name.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory, if not the model's.")
+    device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when available).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': the checkpoint's dtype on GPU, float32 on CPU."
+    )
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="'dummy' fills the weights with small random values (benchmarks)."
+    )
+    seed: int = Field(0, description="Seed of the weights in 'dummy' format and of unseeded sampling.")
+    page_size: int = Field(16, ge=1, description="Tokens per KV page.")
+    num_pages: int | None = Field(
+        None, ge=1, description="KV pages in the pool; default: from gpu_memory_utilization (GPU) or cpu_kv_cache_gib."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory for weights + KV.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU when num_pages is not set.")
+    max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; default: the model's limit.")
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences in one step.")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="Most tokens computed in one step (prefill chunks + decodes).")
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_queue_len: int = Field(4096, ge=1, description="Waiting requests beyond which new ones are refused (retryable).")
+    attention_backend: Literal["auto", "torch"] = Field("auto", description="'torch': the pure-torch reference.")
+    replica_id: str = Field("", description="Names this engine in KV events (set by the deployment).")
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs and not self.enable_chunked_prefill:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs when chunked prefill is off")
+        return self

@@ -1,0 +1,335 @@
+"""The engine: one model on one device serving many concurrent requests.
+
+    engine = Engine(EngineConfig(model="path/to/model", device="cpu"))
+    async for delta in engine.generate(GenerateRequest(prompt_token_ids=ids, sampling=SamplingParams())):
+        ...
+
+One asyncio task runs the loop: schedule a step, run it on the model (in a worker thread, so the
+event loop keeps streaming), apply the results, push `TokenDelta`s to each request's queue. All
+scheduler and pool state is touched on the event loop's thread only; an abort that arrives while
+a step runs is applied as soon as the step returns. When a request ends by any path (finish,
+abort, a consumer that stops iterating) its pages go back to the pool.
+
+If a step raises, the loop stops: every open stream gets `EngineDeadError` (with the cause
+chained) and later calls fail fast. Errors are never swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvstore.block_pool import BlockPool
+from workers.config import EngineConfig
+from workers.detokenizer import IncrementalDetokenizer
+from workers.model_runner import ModelRunner, RunnerConfig, StepResult
+from workers.models.config import ModelConfig
+from workers.request import (
+    EngineDeadError,
+    EngineStats,
+    FinishReason,
+    GenerateRequest,
+    InvalidRequestError,
+    ResourceExhaustedError,
+    StepLogprobs,
+    TokenDelta,
+)
+from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from workers.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    """A whole request's output, for callers that do not stream."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[StepLogprobs] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+
+
+@dataclass
+class _Stream:
+    seq: Sequence
+    queue: asyncio.Queue
+    detokenizer: IncrementalDetokenizer
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.model_id = config.model_id or Path(config.model).resolve().name
+        self.device = _resolve_device(config.device)
+        dtype = _resolve_dtype(config.dtype, self.model_config.dtype, self.device)
+        self.max_model_len = self._max_model_len()
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+
+        self.runner = ModelRunner(
+            RunnerConfig(
+                model_dir=config.model,
+                device=self.device,
+                dtype=dtype,
+                load_format=config.load_format,
+                seed=config.seed,
+                page_size=config.page_size,
+                max_model_len=self.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                attention_backend=config.attention_backend,
+                num_pages=config.num_pages,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+            ),
+            self.model_config,
+        )
+        num_pages = self.runner.num_pages
+        if num_pages * config.page_size < self.max_model_len:
+            raise ValueError(
+                f"the KV pool holds {num_pages} pages x {config.page_size} tokens, fewer than max_model_len "
+                f"({self.max_model_len}): lower max_model_len or give the pool more memory"
+            )
+        self.pool = BlockPool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                model_id=self.model_id,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+                eos_token_ids=frozenset(eos),
+            ),
+            self.pool,
+        )
+        self._streams: dict[str, _Stream] = {}
+        self._pending_aborts: list[str] = []
+        self._step_running = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvfleet-step")
+        self._loop_task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._dead: BaseException | None = None
+        logger.info(
+            "engine ready: %s on %s (%s), %d pages x %d tokens, max_model_len %d",
+            self.model_id, self.device, dtype, num_pages, config.page_size, self.max_model_len,
+        )
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        wanted = self.config.max_model_len or limit
+        if wanted > limit:
+            raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings ({limit})")
+        if self.config.max_num_batched_tokens < wanted and not self.config.enable_chunked_prefill:
+            raise ValueError("with chunked prefill off, max_num_batched_tokens must be >= max_model_len")
+        return wanted
+
+    # ---------------------------------------------------------------- public API
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """Stream a request's output. Validation errors raise before anything is admitted;
+        leaving the loop early (or cancelling the task) aborts the request."""
+        stream = self._admit(request)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    async def complete(self, request: GenerateRequest) -> Completion:
+        """Run a request to the end and return its whole output."""
+        out = Completion(request.request_id)
+        async for delta in self.generate(request):
+            out.token_ids += delta.token_ids
+            out.text += delta.text
+            out.logprobs += delta.logprobs or []
+            out.finish_reason = delta.finish_reason
+            out.num_prompt_tokens = delta.num_prompt_tokens
+            out.num_cached_prompt_tokens = delta.num_cached_prompt_tokens
+        return out
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now (or as soon as the running step returns) and free its pages.
+        Its stream, if still read, ends with finish_reason ABORT. Unknown ids are ignored."""
+        if request_id not in self._streams:
+            return
+        if self._step_running:
+            self._pending_aborts.append(request_id)
+        else:
+            self._finish(self._streams[request_id], FinishReason.ABORT)
+
+    def stats(self) -> EngineStats:
+        c = self.scheduler.counters
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_free_pages=self.pool.num_free_pages,
+            num_total_pages=self.pool.num_pages,
+            page_size=self.pool.page_size,
+            prefix_cache_queries=c.prefix_cache_queries,
+            prefix_cache_hits=c.prefix_cache_hits,
+            num_prefill_tokens=c.num_prefill_tokens,
+            num_decode_tokens=c.num_decode_tokens,
+            num_preemptions=c.num_preemptions,
+            num_requests_finished=c.num_requests_finished,
+        )
+
+    async def shutdown(self) -> None:
+        """Abort every request and stop the loop."""
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        if self._loop_task is not None and not self._loop_task.done():
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- admission
+    def _admit(self, request: GenerateRequest) -> _Stream:
+        if self._dead is not None:
+            raise EngineDeadError("the engine loop has stopped") from self._dead
+        ids = request.prompt_token_ids
+        if not ids:
+            raise InvalidRequestError("prompt_token_ids", "the prompt is empty: give at least one token")
+        if len(ids) > self.max_model_len:
+            raise InvalidRequestError(
+                "prompt_token_ids", f"the prompt has {len(ids)} tokens, more than max_model_len ({self.max_model_len})"
+            )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError("prompt_token_ids", f"token ids must lie in [0, {vocab})")
+        request.sampling.validate()
+        if request.request_id in self._streams:
+            raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already in use")
+        if len(self.scheduler.waiting) >= self.config.max_queue_len:
+            raise ResourceExhaustedError(f"the queue is full ({self.config.max_queue_len} waiting); retry later")
+
+        seq = Sequence(request.request_id, ids, request.sampling)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, request.sampling.stop)
+        stream = _Stream(seq, asyncio.Queue(), detok)
+        self._streams[request.request_id] = stream
+        self.scheduler.add(seq)
+        self._ensure_loop()
+        return stream
+
+    def _ensure_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
+            self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._run(), name="kvfleet-engine")
+        self._wakeup.set()
+
+    # ---------------------------------------------------------------- the loop
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not self.scheduler.has_work:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                out = self.scheduler.schedule()
+                if out.is_empty:
+                    raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting[0]!r} cannot be admitted")
+                self._step_running = True
+                try:
+                    result = await loop.run_in_executor(self._executor, self.runner.execute, out)
+                finally:
+                    self._step_running = False
+                self._apply(out, result)
+                for request_id in self._pending_aborts:
+                    if request_id in self._streams:
+                        self._finish(self._streams[request_id], FinishReason.ABORT)
+                self._pending_aborts.clear()
+                await asyncio.sleep(0)  # let consumers and new requests in between steps
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            logger.exception("engine loop failed; failing %d open requests", len(self._streams))
+            self._dead = exc
+            for stream in list(self._streams.values()):
+                self.scheduler.finish(stream.seq, FinishReason.ABORT)
+                err = EngineDeadError(f"the engine failed: {exc!r}")
+                err.__cause__ = exc
+                stream.queue.put_nowait(err)
+            self._streams.clear()
+            raise
+
+    def _apply(self, out: SchedulerOutput, result: StepResult) -> None:
+        advanced = self.scheduler.update(out, result.sampled)
+        logprobs_of = {s.seq.request_id: lp for s, lp in zip(out.scheduled, result.logprobs, strict=True)}
+        for seq in advanced:
+            stream = self._streams.get(seq.request_id)
+            if stream is None:
+                continue
+            token = seq.token_ids[-1]
+            text = ""
+            # A stop token (EOS or stop_token_ids) ends the output without adding its text.
+            stopped_by_token = seq.finish_reason is FinishReason.STOP
+            if not stopped_by_token:
+                text, stopped = stream.detokenizer.add([token])
+                if stopped and not seq.is_finished:
+                    self.scheduler.finish(seq, FinishReason.STOP)
+                if seq.is_finished and not stopped:
+                    text += stream.detokenizer.flush()
+            lp = logprobs_of[seq.request_id]
+            self._push(stream, [token], text, [lp] if lp is not None else None)
+
+    def _finish(self, stream: _Stream, reason: FinishReason) -> None:
+        self.scheduler.finish(stream.seq, reason)
+        self._push(stream, [], "", None)
+
+    def _push(self, stream: _Stream, token_ids: list[int], text: str, logprobs) -> None:
+        seq = stream.seq
+        delta = TokenDelta(seq.request_id, token_ids, text, logprobs)
+        if seq.is_finished:
+            delta.finish_reason = seq.finish_reason
+            delta.num_prompt_tokens = seq.num_prompt_tokens
+            delta.num_cached_prompt_tokens = seq.num_cached_prompt_tokens
+            delta.num_completion_tokens = seq.num_output_tokens
+            del self._streams[seq.request_id]
+        stream.queue.put_nowait(delta)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available")
+    return device
+
+
+def _resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cpu":
+        return torch.float32
+    dtype = getattr(torch, checkpoint_dtype, None)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16

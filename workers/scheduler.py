@@ -1,0 +1,213 @@
+"""Continuous batching: which sequences run in the next step, and how many of their tokens.
+
+Each step has a token budget (`max_num_batched_tokens`) and a sequence limit (`max_num_seqs`).
+Running sequences are served first, oldest first: a decode costs one token, an unfinished prompt
+a chunk of what the budget leaves (chunked prefill), so prefill chunks and decodes share a step.
+Then waiting sequences are admitted in arrival order; an admitted prompt skips the leading full
+pages already in the prefix cache (at least its last token is always computed, to get logits).
+
+When a running sequence needs a page and none is free, the youngest running sequence is
+preempted by recompute: its pages are freed (full ones stay in the prefix cache, so the
+recompute is usually cheap) and it goes back to the head of the queue. A lone sequence always
+fits, because the engine checks that the pool holds `max_model_len` tokens; so there is no
+deadlock, and nothing is admitted in a step that preempted.
+
+Pure Python: no torch, no I/O. `schedule()` plans a step; `update()` applies its results.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from kvstore.block_pool import BlockPool
+from workers.request import FinishReason
+from workers.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    model_id: str
+    enable_chunked_prefill: bool = True
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's part of a step: compute tokens [start, start + num_tokens)."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    sample: bool  # the step reaches the sequence's last token: sample the next one
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerCounters:
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_preemptions: int = 0
+    num_requests_finished: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+        self.config = config
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.counters = SchedulerCounters()
+
+    # ---------------------------------------------------------------- requests
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence now, from any state, and free its pages."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.pool.free(seq.page_table)
+        seq.page_table = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.counters.num_requests_finished += 1
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------- planning
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._pages_needed(seq, seq.num_computed_tokens + n)
+            while need > self.pool.num_free_pages:
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            seq.page_table.extend(self.pool.allocate(need))
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n, seq.num_computed_tokens + n == seq.num_tokens))
+            budget -= n
+            i += 1
+
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                scheduled = self._admit(self.waiting[0], budget)
+                if scheduled is None:
+                    break
+                self.waiting.popleft()
+                self.running.append(scheduled.seq)
+                out.scheduled.append(scheduled)
+                budget -= scheduled.num_tokens
+
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
+        ps = self.page_size
+        # Leave at least the last token to compute: its logits start the generation.
+        max_hit_pages = (seq.num_tokens - 1) // ps
+        cached = self.pool.lookup_prefix(seq.hashes_for(max_hit_pages, ps, self.config.model_id))
+        num_cached = len(cached) * ps
+        n = min(seq.num_tokens - num_cached, budget)
+        if n < seq.num_tokens - num_cached and not self.config.enable_chunked_prefill:
+            return None
+        need = -(-(num_cached + n) // ps) - len(cached)
+        if need + self.pool.num_pages_to_acquire(cached) > self.pool.num_free_pages:
+            return None
+        self.pool.acquire(cached)
+        seq.page_table = cached + self.pool.allocate(need)
+        seq.num_computed_tokens = num_cached
+        seq.num_committed_pages = len(cached)
+        seq.status = SequenceStatus.RUNNING
+        if not seq.admitted:
+            seq.admitted = True
+            seq.num_cached_prompt_tokens = num_cached
+        self.counters.prefix_cache_queries += seq.num_tokens
+        self.counters.prefix_cache_hits += num_cached
+        return ScheduledSeq(seq, num_cached, n, num_cached + n == seq.num_tokens)
+
+    def _pages_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.page_size) - len(seq.page_table))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.page_table)
+        seq.page_table = []
+        seq.num_computed_tokens = 0
+        seq.num_committed_pages = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.counters.num_preemptions += 1
+
+    # ---------------------------------------------------------------- results
+    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+        """Apply a step: advance computed tokens, cache full pages, append sampled tokens
+        (one per scheduled entry, None where nothing was sampled) and finish sequences that hit
+        a stop condition. Returns the sequences that received a token."""
+        ps = self.page_size
+        advanced = []
+        for s, token in zip(out.scheduled, sampled, strict=True):
+            seq = s.seq
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens = s.end
+            if s.end <= seq.num_prompt_tokens or s.num_tokens > 1:
+                self.counters.num_prefill_tokens += s.num_tokens
+            full = s.end // ps
+            if full > seq.num_committed_pages:
+                hashes = seq.hashes_for(full, ps, self.config.model_id)
+                self.pool.commit(seq.page_table[seq.num_committed_pages : full], hashes[seq.num_committed_pages : full])
+                seq.num_committed_pages = full
+            if token is None:
+                continue
+            seq.token_ids.append(token)
+            self.counters.num_decode_tokens += 1
+            advanced.append(seq)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+        return advanced
+
+    def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        p = seq.sampling
+        if (not p.ignore_eos and token in self.config.eos_token_ids) or token in p.stop_token_ids:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,85 @@
+"""`Sequence`: one request's state as it moves through the scheduler, the pages and the model.
+
+Invariants:
+- `token_ids` is the prompt followed by the generated tokens; `num_prompt_tokens` splits them;
+- `num_computed_tokens` tokens have their KV written in the pages of `page_table` (those of the
+  first `num_committed_pages` pages are also registered in the prefix cache);
+- `page_hashes[i]` is the chained hash of full page i of `token_ids` (computed lazily).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from kvstore.hashing import PageHash, page_hashes
+from workers.request import FinishReason, SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    __slots__ = (
+        "request_id",
+        "token_ids",
+        "num_prompt_tokens",
+        "sampling",
+        "status",
+        "page_table",
+        "num_computed_tokens",
+        "num_committed_pages",
+        "num_cached_prompt_tokens",
+        "page_hashes",
+        "finish_reason",
+        "admitted",
+        "generator",
+    )
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams):
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.sampling = sampling
+        self.status = SequenceStatus.WAITING
+        self.page_table: list[int] = []
+        self.num_computed_tokens = 0
+        self.num_committed_pages = 0
+        self.num_cached_prompt_tokens = 0
+        self.page_hashes: list[PageHash] = []
+        self.finish_reason: FinishReason | None = None
+        self.admitted = False  # set at the first admission; usage counts cached tokens once
+        self.generator: object | None = None  # a seeded request's RNG, made by the model runner
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def hashes_for(self, num_pages: int, page_size: int, model_id: str) -> list[PageHash]:
+        """The hashes of the first `num_pages` full pages, extending the chain as needed."""
+        have = len(self.page_hashes)
+        if num_pages > have:
+            parent = self.page_hashes[-1] if have else None
+            tokens = self.token_ids[have * page_size : num_pages * page_size]
+            self.page_hashes.extend(page_hashes(tokens, page_size, model_id, parent))
+        return self.page_hashes[:num_pages]
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, pages={len(self.page_table)})"
+        )
