@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from kvstore.hashing import PageHash
 
 
-class KVEventKind(str, enum.Enum):
+class KVEventKind(enum.StrEnum):
     STORED = "stored"
     REMOVED = "removed"
 

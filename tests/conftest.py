@@ -25,3 +25,26 @@ def model_dirs(tmp_path_factory, tokenizer):
         "qwen2": build_model_dir(root / "qwen2", "qwen2", tokenizer=tokenizer, seed=2),
         "qwen3": build_model_dir(root / "qwen3", "qwen3", tokenizer=tokenizer, seed=3),
     }
+
+
+@pytest.fixture
+def make_engine(model_dirs):
+    """Build engines on the tiny models (CPU, small pages); at teardown, check that every page
+    went back to the pool and no stream was left open."""
+    from workers.config import EngineConfig
+    from workers.engine import Engine
+
+    engines = []
+
+    def make(arch: str = "llama", **overrides) -> Engine:
+        kwargs = dict(device="cpu", page_size=4, num_pages=256, max_model_len=256)
+        kwargs.update(overrides)
+        engine = Engine(EngineConfig(model=str(model_dirs[arch]), **kwargs))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine._executor.shutdown(wait=True)
+        assert engine.pool.num_free_pages == engine.pool.num_pages, "pages leaked"
+        assert not engine._streams, "streams left open"

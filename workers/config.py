@@ -14,7 +14,9 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(description="Path to a Hugging Face model directory (config.json, *.safetensors, tokenizer).")
-    model_id: str | None = Field(None, description="Name clients use and page hashes carry; default: the directory name.")
+    model_id: str | None = Field(
+        None, description="Name clients use and page hashes carry; default: the directory name."
+    )
     tokenizer: str | None = Field(None, description="Tokenizer directory, if not the model's.")
     device: str = Field("auto", description="'cpu', 'cuda', 'cuda:N', or 'auto' (cuda when available).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -32,10 +34,14 @@ class EngineConfig(BaseModel):
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU when num_pages is not set.")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; default: the model's limit.")
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one step.")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Most tokens computed in one step (prefill chunks + decodes).")
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="Most tokens computed in one step (prefill chunks + decodes)."
+    )
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    max_queue_len: int = Field(4096, ge=1, description="Waiting requests beyond which new ones are refused (retryable).")
+    max_queue_len: int = Field(
+        4096, ge=1, description="Waiting requests beyond which new ones are refused (retryable)."
+    )
     attention_backend: Literal["auto", "torch"] = Field("auto", description="'torch': the pure-torch reference.")
     replica_id: str = Field("", description="Names this engine in KV events (set by the deployment).")
 

@@ -10,13 +10,14 @@ scheduler and pool state is touched on the event loop's thread only; an abort th
 a step runs is applied as soon as the step returns. When a request ends by any path (finish,
 abort, a consumer that stops iterating) its pages go back to the pool.
 
-If a step raises, the loop stops: every open stream gets `EngineDeadError` (with the cause
-chained) and later calls fail fast. Errors are never swallowed.
+If a step raises, the loop stops and logs it: every open stream gets `EngineDeadError` (with the
+cause chained) and later calls fail fast. Errors are never swallowed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +128,12 @@ class Engine:
         self._dead: BaseException | None = None
         logger.info(
             "engine ready: %s on %s (%s), %d pages x %d tokens, max_model_len %d",
-            self.model_id, self.device, dtype, num_pages, config.page_size, self.max_model_len,
+            self.model_id,
+            self.device,
+            dtype,
+            num_pages,
+            config.page_size,
+            self.max_model_len,
         )
 
     def _max_model_len(self) -> int:
@@ -204,10 +210,8 @@ class Engine:
             self.abort(request_id)
         if self._loop_task is not None and not self._loop_task.done():
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
         self._executor.shutdown(wait=True)
 
     # ---------------------------------------------------------------- admission
@@ -216,14 +220,18 @@ class Engine:
             raise EngineDeadError("the engine loop has stopped") from self._dead
         ids = request.prompt_token_ids
         if not ids:
-            raise InvalidRequestError("prompt_token_ids", "the prompt is empty: give at least one token")
+            raise InvalidRequestError("prompt_token_ids", "prompt_token_ids is empty: give at least one token")
         if len(ids) > self.max_model_len:
             raise InvalidRequestError(
-                "prompt_token_ids", f"the prompt has {len(ids)} tokens, more than max_model_len ({self.max_model_len})"
+                "prompt_token_ids",
+                f"prompt_token_ids has {len(ids)} tokens, more than max_model_len ({self.max_model_len})",
             )
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequestError("prompt_token_ids", f"token ids must lie in [0, {vocab})")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                "prompt_token_ids", f"prompt_token_ids holds {bad}, outside the vocabulary [0, {vocab})"
+            )
         request.sampling.validate()
         if request.request_id in self._streams:
             raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already in use")
@@ -279,7 +287,8 @@ class Engine:
                 err.__cause__ = exc
                 stream.queue.put_nowait(err)
             self._streams.clear()
-            raise
+            # The error now reaches every open stream and every later call (`_dead`); the task
+            # ends here rather than re-raising into a result nobody awaits.
 
     def _apply(self, out: SchedulerOutput, result: StepResult) -> None:
         advanced = self.scheduler.update(out, result.sampled)

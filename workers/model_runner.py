@@ -100,7 +100,11 @@ class ModelRunner:
         num_pages = int(budget // self.page_bytes)
         logger.info(
             "KV pool: %d pages (%.2f GiB); step peak %.2f GiB; GPU %.1f GiB x %.2f",
-            num_pages, num_pages * self.page_bytes / 2**30, peak / 2**30, total / 2**30, self.cfg.gpu_memory_utilization,
+            num_pages,
+            num_pages * self.page_bytes / 2**30,
+            peak / 2**30,
+            total / 2**30,
+            self.cfg.gpu_memory_utilization,
         )
         if num_pages < 1:
             raise RuntimeError(
@@ -121,7 +125,9 @@ class ModelRunner:
             max_query_len=num_tokens,
             max_seq_len=num_tokens,
         )
-        hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=self.device), positions, meta, self.backend)
+        hidden = self.model(
+            torch.zeros(num_tokens, dtype=torch.int64, device=self.device), positions, meta, self.backend
+        )
         rows = min(self.cfg.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows]).float()
         torch.sort(logits, dim=-1)  # the sampler's top-p sort is its largest temporary

@@ -29,7 +29,7 @@ class EngineDeadError(RuntimeError):
     """The engine loop stopped because of an error; no request can be served any more."""
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or max_model_len reached
     ABORT = "abort"  # aborted by the caller (cancel, deadline)

@@ -121,7 +121,9 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break
             seq.page_table.extend(self.pool.allocate(need))
-            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, n, seq.num_computed_tokens + n == seq.num_tokens))
+            out.scheduled.append(
+                ScheduledSeq(seq, seq.num_computed_tokens, n, seq.num_computed_tokens + n == seq.num_tokens)
+            )
             budget -= n
             i += 1
 

@@ -92,7 +92,7 @@ def test_cached_prefix_is_skipped_and_last_token_always_computed():
     s = make()
     s.add(seq("a", range(10, 22), max_tokens=1))  # 12 tokens = 3 full pages
     run_to_end(s)
-    b = seq("b", list(range(10, 22)) + [5, 6], max_tokens=1)
+    b = seq("b", [*range(10, 22), 5, 6], max_tokens=1)
     s.add(b)
     out = step(s)
     assert (out.scheduled[0].start, out.scheduled[0].num_tokens) == (12, 2)

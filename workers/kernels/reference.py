@@ -38,29 +38,57 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its paged context (GQA aware)."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
+    """Causal attention of each sequence's new queries over its paged context (GQA aware).
+
+    Sequences with one new token (decodes) go through one batched call; the others (prefill
+    chunks) one by one, so that no query is padded to another sequence's length."""
     out = torch.empty_like(q)
+    decodes = [b for b in range(len(seq_lens)) if query_start_loc[b + 1] - query_start_loc[b] == 1]
+    if decodes:
+        rows = [query_start_loc[b] for b in decodes]
+        out[rows] = _decode_batch(
+            q[rows], k_cache, v_cache, block_tables[decodes], [seq_lens[b] for b in decodes], scale, sliding_window
+        )
     for b, ctx_len in enumerate(seq_lens):
         start, end = query_start_loc[b], query_start_loc[b + 1]
-        n = end - start
-        if n == 0:
-            continue
-        num_pages = -(-ctx_len // page_size)
-        pages = block_tables[b, :num_pages].long()
-        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:ctx_len]
-        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:ctx_len]
-        q_pos = torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
-        k_pos = torch.arange(ctx_len, device=q.device)[None, :]
-        mask = k_pos <= q_pos
-        if sliding_window is not None:
-            mask &= k_pos > q_pos - sliding_window
-        # [heads, n, D] x [heads, ctx, D]; kv heads repeated for GQA.
-        qh = q[start:end].transpose(0, 1)
-        kh = k.transpose(0, 1).repeat_interleave(group, dim=0).to(q.dtype)
-        vh = v.transpose(0, 1).repeat_interleave(group, dim=0).to(q.dtype)
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-        out[start:end] = o.transpose(0, 1)
+        if end - start > 1:
+            out[start:end] = _prefill_one(
+                q[start:end], k_cache, v_cache, block_tables[b], ctx_len, scale, sliding_window
+            )
     return out
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """[num_seqs, num_pages] page ids -> [num_seqs, num_kv_heads, num_pages * page_size, head_dim]."""
+    return cache[tables[:, :num_pages].long()].flatten(1, 2).transpose(1, 2)
+
+
+def _decode_batch(q, k_cache, v_cache, tables, ctx_lens: list[int], scale, sliding_window):
+    page_size = k_cache.shape[1]
+    num_pages = -(-max(ctx_lens) // page_size)
+    k = _gather(k_cache, tables, num_pages).to(q.dtype)
+    v = _gather(v_cache, tables, num_pages).to(q.dtype)
+    ctx = torch.tensor(ctx_lens, device=q.device)[:, None]
+    k_pos = torch.arange(num_pages * page_size, device=q.device)[None, :]
+    mask = k_pos < ctx  # the query is the last token: causality is the context length
+    if sliding_window is not None:
+        mask &= k_pos >= ctx - sliding_window
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    return o[:, :, 0, :]
+
+
+def _prefill_one(q, k_cache, v_cache, table, ctx_len: int, scale, sliding_window):
+    n = q.shape[0]
+    page_size = k_cache.shape[1]
+    num_pages = -(-ctx_len // page_size)
+    k = _gather(k_cache, table[None], num_pages)[0, :, :ctx_len].to(q.dtype)
+    v = _gather(v_cache, table[None], num_pages)[0, :, :ctx_len].to(q.dtype)
+    q_pos = torch.arange(ctx_len - n, ctx_len, device=q.device)[:, None]
+    k_pos = torch.arange(ctx_len, device=q.device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.transpose(0, 1)

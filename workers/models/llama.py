@@ -9,6 +9,7 @@ rows that need logits and calls `compute_logits` on those alone.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     # checkpoint name fragment -> (our module fragment, part index in the merged projection)
-    _MERGED = {
+    _MERGED: ClassVar[dict[str, tuple[str, int]]] = {
         "q_proj": ("qkv_proj", 0),
         "k_proj": ("qkv_proj", 1),
         "v_proj": ("qkv_proj", 2),
@@ -155,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
             param.data.copy_(tensor)
             loaded.add(name)
         missing = []
-        for name, param in params.items():
+        for name in params:
             module_name, _, leaf = name.rpartition(".")
             module = modules[module_name]
             if isinstance(module, MergedLinear):
