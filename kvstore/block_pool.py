@@ -10,9 +10,10 @@ Invariants:
   maps to at most one page;
 - `num_free_pages` counts cached-but-unreferenced pages too: they are reusable at once.
 
-Every page that enters the prefix cache emits a `stored` KVEvent and every page that leaves it
-(evicted for reuse, or the cache cleared) a `removed` one; `take_events()` hands them to the
-publisher of the shared index in order.
+Every page that enters the prefix cache emits a `stored` KVEvent, every prefix hit a `touched`
+one for the pages it reuses, and every page that leaves the cache (evicted for reuse, or the
+cache cleared) a `removed` one; `take_events()` hands them to the publisher of the shared index
+in order.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from kvstore.hashing import PageHash
 
 
 class KVEventKind(enum.StrEnum):
-    STORED = "stored"
-    REMOVED = "removed"
+    STORED = "stored"  # pages entered the prefix cache
+    TOUCHED = "touched"  # cached pages were reused by a prefix hit (refreshes their index entries)
+    REMOVED = "removed"  # pages left the prefix cache
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,15 @@ class BlockPool:
     # ---------------------------------------------------------------- changes
     def acquire(self, pages: Iterable[int]) -> None:
         """Take a reference to cached pages found by `lookup_prefix`."""
+        touched = []
         for p in pages:
             if self.ref_counts[p] == 0:
                 del self._free[p]
             self.ref_counts[p] += 1
+            if self.page_hash[p] is not None:
+                touched.append(self.page_hash[p])
+        if touched:
+            self._emit(KVEventKind.TOUCHED, touched)
 
     def allocate(self, n: int) -> list[int]:
         """n fresh pages, evicting least-recently-used cached pages as needed."""

@@ -75,6 +75,16 @@ def test_events_report_stores_and_removals_in_order():
     assert pool.take_events() == []
 
 
+def test_prefix_hits_emit_touched_events():
+    pool = BlockPool(4, 4, replica_id="r1")
+    a = pool.allocate(2)
+    pool.commit(a, [7, 8])
+    pool.free(a)
+    pool.take_events()
+    pool.acquire(pool.lookup_prefix([7, 8]))
+    assert [(e.kind, e.hashes) for e in pool.take_events()] == [(KVEventKind.TOUCHED, (7, 8))]
+
+
 def test_duplicate_hash_stays_with_the_first_page():
     pool = BlockPool(4, 4)
     a, b = pool.allocate(1), pool.allocate(1)
