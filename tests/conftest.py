@@ -6,7 +6,15 @@ models are `transformers` configs with random weights written to a temporary dir
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter (numpy); this must be set before any
+# kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cluster.demo_model import build_model_dir, train_tokenizer
 

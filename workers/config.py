@@ -42,7 +42,14 @@ class EngineConfig(BaseModel):
     max_queue_len: int = Field(
         4096, ge=1, description="Waiting requests beyond which new ones are refused (retryable)."
     )
-    attention_backend: Literal["auto", "torch"] = Field("auto", description="'torch': the pure-torch reference.")
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="'auto': Triton on GPU, the pure-torch references on CPU."
+    )
+    enforce_eager: bool = Field(False, description="Never replay CUDA graphs (they serve pure-decode steps on GPU).")
+    max_graph_batch_size: int = Field(256, ge=1, description="Largest decode batch captured as a CUDA graph.")
+    skip_tokenizer_init: bool = Field(
+        False, description="No tokenizer: deltas carry token ids only, no text or stop strings."
+    )
     replica_id: str = Field("", description="Names this engine in KV events (set by the deployment).")
 
     @model_validator(mode="after")

@@ -64,7 +64,7 @@ class Completion:
 class _Stream:
     seq: Sequence
     queue: asyncio.Queue
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | None  # None when the engine has no tokenizer
 
 
 class Engine:
@@ -76,12 +76,14 @@ class Engine:
         dtype = _resolve_dtype(config.dtype, self.model_config.dtype, self.device)
         self.max_model_len = self._max_model_len()
 
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = None
         eos = set(self.model_config.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
+        if not config.skip_tokenizer_init:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+            if self.tokenizer.eos_token_id is not None:
+                eos.add(self.tokenizer.eos_token_id)
 
         self.runner = ModelRunner(
             RunnerConfig(
@@ -94,10 +96,12 @@ class Engine:
                 max_model_len=self.max_model_len,
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
-                attention_backend=config.attention_backend,
+                kernels=config.kernels,
                 num_pages=config.num_pages,
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+                cuda_graphs=not config.enforce_eager,
+                max_graph_batch_size=config.max_graph_batch_size,
             ),
             self.model_config,
         )
@@ -233,13 +237,15 @@ class Engine:
                 "prompt_token_ids", f"prompt_token_ids holds {bad}, outside the vocabulary [0, {vocab})"
             )
         request.sampling.validate()
+        if request.sampling.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a tokenizer, and this engine has none")
         if request.request_id in self._streams:
             raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already in use")
         if len(self.scheduler.waiting) >= self.config.max_queue_len:
             raise ResourceExhaustedError(f"the queue is full ({self.config.max_queue_len} waiting); retry later")
 
         seq = Sequence(request.request_id, ids, request.sampling)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, request.sampling.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, request.sampling.stop) if self.tokenizer else None
         stream = _Stream(seq, asyncio.Queue(), detok)
         self._streams[request.request_id] = stream
         self.scheduler.add(seq)
@@ -301,7 +307,7 @@ class Engine:
             text = ""
             # A stop token (EOS or stop_token_ids) ends the output without adding its text.
             stopped_by_token = seq.finish_reason is FinishReason.STOP
-            if not stopped_by_token:
+            if not stopped_by_token and stream.detokenizer is not None:
                 text, stopped = stream.detokenizer.add([token])
                 if stopped and not seq.is_finished:
                     self.scheduler.finish(seq, FinishReason.STOP)

@@ -1,19 +1,27 @@
 """The model runner: turns a `SchedulerOutput` into tensors, runs the forward, samples.
 
 It owns the device state: the weights, the KV cache (one k and one v tensor per layer, shape
-[num_pages, page_size, num_kv_heads, head_dim]) and preallocated step-input buffers (so that a
-graph-captured decode can later replay over the same addresses). It reads sequences but never
-changes them, except for lazily creating a seeded sequence's generator.
+[num_pages, page_size, num_kv_heads, head_dim]), persistent step-input buffers, and on CUDA the
+captured decode graphs. It reads sequences but never changes them, except for lazily creating a
+seeded sequence's generator.
+
+Each step's batch is laid out decodes first (sequences with one new token, then prefill chunks),
+as the attention kernels expect. A step made only of decodes replays the CUDA graph captured for
+the smallest batch-size bucket that holds it (padding rows write no KV and attend to nothing);
+anything else runs eagerly.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from workers.layers.attention import AttentionMetadata, get_backend
+from workers.kernels.ops import get_ops
+from workers.layers.attention import AttentionMetadata
 from workers.models.config import ModelConfig
 from workers.models.loader import load_model
 from workers.request import StepLogprobs
@@ -40,10 +48,12 @@ class RunnerConfig:
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
-    attention_backend: str
+    kernels: str
     num_pages: int | None
     gpu_memory_utilization: float
     cpu_kv_cache_gib: float
+    cuda_graphs: bool
+    max_graph_batch_size: int
 
 
 class ModelRunner:
@@ -52,17 +62,30 @@ class ModelRunner:
         self.model_config = model_config
         self.device = cfg.device
         self.page_size = cfg.page_size
+        self.ops = get_ops(cfg.kernels, cfg.device)
         self.model = load_model(
-            cfg.model_dir, model_config, cfg.dtype, cfg.device, cfg.max_model_len, cfg.load_format, cfg.seed
+            cfg.model_dir, model_config, cfg.dtype, cfg.device, cfg.max_model_len, self.ops, cfg.load_format, cfg.seed
         )
-        self.backend = get_backend(cfg.attention_backend, cfg.device)
         self.sampler = Sampler(cfg.device, seed=cfg.seed)
-        n = cfg.max_num_batched_tokens
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=cfg.device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=cfg.device)
-        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=cfg.device)
+        self.num_sms = (
+            torch.cuda.get_device_properties(cfg.device).multi_processor_count if cfg.device.type == "cuda" else 132
+        )
+        n, s = cfg.max_num_batched_tokens, cfg.max_num_seqs
+        self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
+        dev = dict(device=cfg.device)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, **dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, **dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, **dev)
+        self.seq_lens = torch.zeros(s, dtype=torch.int32, **dev)
+        self.query_start_loc = torch.zeros(s + 1, dtype=torch.int32, **dev)
+        self.block_tables = torch.zeros(s, self.max_pages_per_seq, dtype=torch.int32, **dev)
+        self._host_tables = np.zeros((s, self.max_pages_per_seq), dtype=np.int32)
         self.num_pages = cfg.num_pages or self._num_pages_from_memory()
         self._allocate_kv_cache(self.num_pages)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_sizes: list[int] = []
+        if cfg.cuda_graphs and cfg.device.type == "cuda" and self.ops.name == "triton":
+            self._capture_decode_graphs()
 
     # ---------------------------------------------------------------- memory
     @property
@@ -86,7 +109,7 @@ class ModelRunner:
         # of gpu_memory_utilization.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
-        tokens = self.cfg.max_num_batched_tokens
+        tokens = min(self.cfg.max_num_batched_tokens, self.cfg.max_model_len)
         pages = -(-tokens // self.page_size)
         self._allocate_kv_cache(pages)
         self._profile_step(tokens)
@@ -115,35 +138,107 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_step(self, num_tokens: int) -> None:
-        ps = self.page_size
-        positions = torch.arange(num_tokens, device=self.device) % self.cfg.max_model_len
+        pages = -(-num_tokens // self.page_size)
+        self.block_tables[0, :pages] = torch.arange(pages, dtype=torch.int32, device=self.device)
+        self.seq_lens[0] = num_tokens
+        self.query_start_loc[:2] = torch.tensor([0, num_tokens], dtype=torch.int32)
+        self.slot_mapping[:num_tokens] = torch.arange(num_tokens, device=self.device)
+        self.positions[:num_tokens] = torch.arange(num_tokens, device=self.device)
         meta = AttentionMetadata(
-            slot_mapping=torch.arange(num_tokens, device=self.device),
-            block_tables=torch.arange(-(-num_tokens // ps), device=self.device, dtype=torch.int32)[None, :],
-            query_start_loc=[0, num_tokens],
-            seq_lens=[num_tokens],
+            slot_mapping=self.slot_mapping[:num_tokens],
+            block_tables=self.block_tables[:1],
+            seq_lens=self.seq_lens[:1],
+            query_start_loc=self.query_start_loc[:2],
+            num_decodes=0,
             max_query_len=num_tokens,
-            max_seq_len=num_tokens,
+            num_splits=1,
+            seq_lens_cpu=[num_tokens],
+            query_start_loc_cpu=[0, num_tokens],
         )
-        hidden = self.model(
-            torch.zeros(num_tokens, dtype=torch.int64, device=self.device), positions, meta, self.backend
-        )
+        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
         rows = min(self.cfg.max_num_seqs, num_tokens)
         logits = self.model.compute_logits(hidden[:rows]).float()
         torch.sort(logits, dim=-1)  # the sampler's top-p sort is its largest temporary
 
+    def release(self) -> None:
+        """Drop the graphs, the KV cache and the weights (e.g. before another model uses the GPU)."""
+        self.graphs.clear()
+        self._graph_sizes = []
+        self._allocate_kv_cache(0)
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- graphs
+    def graph_buckets(self) -> list[int]:
+        top = min(self.cfg.max_graph_batch_size, self.cfg.max_num_seqs)
+        return [b for b in [1, 2, 4, *range(8, top + 1, 8)] if b <= top]
+
+    def _decode_meta(self, batch: int, num_splits: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:batch],
+            block_tables=self.block_tables[:batch],
+            seq_lens=self.seq_lens[:batch],
+            query_start_loc=self.query_start_loc[: batch + 1],
+            num_decodes=batch,
+            max_query_len=1,
+            num_splits=num_splits,
+        )
+
+    def _graph_splits(self, batch: int) -> int:
+        from workers.kernels.triton_attention import decode_num_splits
+
+        return decode_num_splits(batch, self.model_config.num_kv_heads, self.cfg.max_model_len, self.num_sms)
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self) -> None:
+        buckets = self.graph_buckets()
+        # padding rows: no KV write, empty context
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.zero_()
+        self.positions.zero_()
+        self.input_ids.zero_()
+        self.query_start_loc.copy_(torch.arange(self.query_start_loc.numel(), dtype=torch.int32))
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for batch in reversed(buckets):
+                meta = self._decode_meta(batch, self._graph_splits(batch))
+                for _ in range(2):  # warm up: compile kernels, settle allocations
+                    self.model.compute_logits(self.model(self.input_ids[:batch], self.positions[:batch], meta))
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    logits = self.model.compute_logits(self.model(self.input_ids[:batch], self.positions[:batch], meta))
+                self.graphs[batch] = (graph, logits)
+        self._graph_sizes = sorted(self.graphs)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        logger.info("captured decode CUDA graphs for batch sizes %s", buckets)
+
     # ---------------------------------------------------------------- steps
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        meta, logits_rows, num_tokens = self._prepare(out)
-        hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta, self.backend)
-        sampled: list[int | None] = [None] * len(out.scheduled)
-        logprobs: list[StepLogprobs | None] = [None] * len(out.scheduled)
-        sampling = [i for i, s in enumerate(out.scheduled) if s.sample]
-        if not sampling:
+        scheduled = out.scheduled
+        order = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
+        num_decodes = len(order)
+        order += [i for i, s in enumerate(scheduled) if s.num_tokens != 1]
+        bucket = self._bucket(len(scheduled)) if num_decodes == len(scheduled) else None
+        sample_rows, num_tokens, meta = self._prepare(out, order, num_decodes, bucket)
+        sampled: list[int | None] = [None] * len(scheduled)
+        logprobs: list[StepLogprobs | None] = [None] * len(scheduled)
+        if bucket is not None:
+            graph, graph_logits = self.graphs[bucket]
+            graph.replay()
+            logits = graph_logits[torch.tensor(sample_rows, device=self.device)] if sample_rows else None
+        else:
+            hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
+            logits = self.model.compute_logits(hidden[self._token_rows(sample_rows, meta)]) if sample_rows else None
+        if logits is None:
             return StepResult(sampled, logprobs)
-        logits = self.model.compute_logits(hidden[logits_rows])
-        seqs = [out.scheduled[i].seq for i in sampling]
+        # the sequences that sample, in batch order
+        positions_sampling = [order[b] for b in sample_rows]
+        seqs = [scheduled[i].seq for i in positions_sampling]
         for seq in seqs:
             if seq.sampling.seed is not None and seq.generator is None:
                 seq.generator = make_generator(seq.sampling.seed, self.device)
@@ -155,42 +250,80 @@ class ModelRunner:
                 token_history=[seq.token_ids for seq in seqs],
             ),
         )
-        for row, i in enumerate(sampling):
+        for row, i in enumerate(positions_sampling):
             sampled[i] = result.token_ids[row]
             logprobs[i] = result.logprobs[row]
         return StepResult(sampled, logprobs)
 
-    def _prepare(self, out: SchedulerOutput) -> tuple[AttentionMetadata, torch.Tensor, int]:
+    def _bucket(self, batch: int) -> int | None:
+        """The smallest captured batch size that holds `batch` decodes, if any."""
+        i = bisect.bisect_left(self._graph_sizes, batch)
+        return self._graph_sizes[i] if i < len(self._graph_sizes) else None
+
+    def _token_rows(self, sample_rows: list[int], meta: AttentionMetadata) -> torch.Tensor:
+        """Rows of the flat token batch whose logits are needed: each sampling sequence's last."""
+        qsl = meta.query_start_loc_cpu
+        return torch.tensor([qsl[b + 1] - 1 for b in sample_rows], device=self.device)
+
+    def _prepare(self, out: SchedulerOutput, order: list[int], num_decodes: int, bucket: int | None):
+        """Fill the step buffers in batch order, padded to the graph's `bucket` if one replays;
+        returns (batch rows that sample, number of tokens, eager metadata or None)."""
         ps = self.page_size
+        scheduled = out.scheduled
+        batch = len(order)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        logits_rows: list[int] = []
-        max_pages = max(len(s.seq.page_table) for s in out.scheduled)
-        block_tables = []
-        for s in out.scheduled:
+        sample_rows: list[int] = []
+        tables = self._host_tables
+        width = 0
+        for row, i in enumerate(order):
+            s = scheduled[i]
             seq = s.seq
             table = seq.page_table
-            input_ids += seq.token_ids[s.start : s.end]
-            positions += range(s.start, s.end)
-            slots += [table[p // ps] * ps + p % ps for p in range(s.start, s.end)]
+            tables[row, : len(table)] = table
+            width = max(width, len(table))
+            if s.num_tokens == 1:
+                p = s.start
+                input_ids.append(seq.token_ids[p])
+                positions.append(p)
+                slots.append(table[p // ps] * ps + p % ps)
+            else:
+                pos = np.arange(s.start, s.end)
+                input_ids += seq.token_ids[s.start : s.end]
+                positions += pos.tolist()
+                slots += (np.asarray(table)[pos // ps] * ps + pos % ps).tolist()
             query_start_loc.append(query_start_loc[-1] + s.num_tokens)
             seq_lens.append(s.end)
-            block_tables.append(table + [0] * (max_pages - len(table)))
             if s.sample:
-                logits_rows.append(query_start_loc[-1] - 1)
+                sample_rows.append(row)
         n = len(input_ids)
-        self.input_ids[:n].copy_(torch.tensor(input_ids, dtype=torch.int64), non_blocking=True)
-        self.positions[:n].copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.tensor(slots, dtype=torch.int64), non_blocking=True)
+        pad = (bucket or batch) - batch  # padding rows of a graph replay: no KV write, empty context
+        self.input_ids[: n + pad].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
+        self.positions[: n + pad].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
+        self.slot_mapping[: n + pad].copy_(torch.tensor(slots + [-1] * pad), non_blocking=True)
+        self.seq_lens[: batch + pad].copy_(torch.tensor(seq_lens + [0] * pad, dtype=torch.int32), non_blocking=True)
+        self.query_start_loc[: batch + 1].copy_(torch.tensor(query_start_loc, dtype=torch.int32), non_blocking=True)
+        self.block_tables[:batch, :width].copy_(torch.from_numpy(tables[:batch, :width]), non_blocking=True)
+        if bucket is not None:
+            return sample_rows, n, None
+        if self.ops.name == "triton":
+            from workers.kernels.triton_attention import decode_num_splits
+
+            num_splits = decode_num_splits(num_decodes, self.model_config.num_kv_heads, max(seq_lens), self.num_sms)
+        else:
+            num_splits = 1
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:n],
-            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=self.device),
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            max_query_len=max(s.num_tokens for s in out.scheduled),
-            max_seq_len=max(seq_lens),
+            block_tables=self.block_tables[:batch, : max(width, 1)],
+            seq_lens=self.seq_lens[:batch],
+            query_start_loc=self.query_start_loc[: batch + 1],
+            num_decodes=num_decodes,
+            max_query_len=max(s.num_tokens for s in scheduled),
+            num_splits=num_splits,
+            seq_lens_cpu=seq_lens,
+            query_start_loc_cpu=query_start_loc,
         )
-        return meta, torch.tensor(logits_rows, dtype=torch.int64, device=self.device), n
+        return sample_rows, n, meta

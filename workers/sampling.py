@@ -101,6 +101,14 @@ class Sampler:
         """A [rows, 1] float32 column, to broadcast one parameter per row over the vocabulary."""
         return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
 
+    def _divide(self, scores: torch.Tensor, values: list[float]) -> torch.Tensor:
+        """Row i divided by values[i], rounded as HF's `scores / python_float` is: on CUDA PyTorch
+        multiplies by the reciprocal (taken in double, rounded to float32), elsewhere it divides.
+        A true division would differ from HF in the last bit on CUDA."""
+        if scores.device.type == "cuda":
+            return scores * self._row_values([1.0 / v for v in values])
+        return scores / self._row_values(values)
+
     def _penalize(
         self, scores: torch.Tensor, rows: list[int], params: list[SamplingParams], history: list[list[int]]
     ) -> torch.Tensor:
@@ -122,8 +130,8 @@ class Sampler:
 
         idx = self._index(rows)
         sub = scores[idx]
-        penalty = self._row_values([params[i].repetition_penalty for i in rows])
-        penalized = torch.where(sub < 0, sub * penalty, sub / penalty)
+        penalties = [params[i].repetition_penalty for i in rows]
+        penalized = torch.where(sub < 0, sub * self._row_values(penalties), self._divide(sub, penalties))
         return scores.index_copy(0, idx, torch.where(seen, penalized, sub))
 
     def _sample(
@@ -131,7 +139,7 @@ class Sampler:
     ) -> torch.Tensor:
         temperatures = [p.temperature for p in params]
         if any(t != 1.0 for t in temperatures):
-            scores = scores / self._row_values(temperatures)
+            scores = self._divide(scores, temperatures)
         scores = self._filter(scores, params)
         probs = scores.softmax(dim=-1)
         # Exponential race: argmax(p_i / E_i) with E_i ~ Exp(1) picks i with probability p_i,

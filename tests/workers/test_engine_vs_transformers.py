@@ -80,3 +80,39 @@ async def test_greedy_outputs_equal_transformers(make_engine, hf_outputs, arch, 
         before = engine.stats().prefix_cache_hits
         assert await _run_all(engine) == hf_outputs[arch]
         assert engine.stats().prefix_cache_hits - before >= sum((len(p) - 1) // 4 * 4 for p in PROMPTS)
+
+
+async def test_greedy_outputs_equal_transformers_with_triton_kernels(make_engine, hf_outputs):
+    # On CPU the kernels run interpreted: slow, so one family and a budget that mixes prefill
+    # chunks with decodes in the same steps.
+    engine = make_engine("llama", kernels="triton", max_num_batched_tokens=24)
+    assert engine.runner.ops.name == "triton"
+    assert await _run_all(engine) == hf_outputs["llama"]
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@needs_gpu
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "setting",
+    [dict(), dict(enforce_eager=True), dict(max_num_batched_tokens=5), dict(num_pages=20, max_model_len=64)],
+    ids=["graphs", "eager", "tiny-chunks", "preemption"],
+)
+async def test_greedy_outputs_equal_transformers_on_gpu(make_engine, hf_outputs, arch, setting):
+    # float32 explicitly: 'auto' serves a float32 checkpoint in bfloat16 on GPU
+    engine = make_engine(arch, device="cuda", dtype="float32", **setting)
+    assert engine.runner.ops.name == "triton"
+    assert bool(engine.runner.graphs) == (not setting.get("enforce_eager", False))
+    assert await _run_all(engine) == hf_outputs[arch]
+    if "num_pages" in setting:
+        assert engine.stats().num_preemptions > 0
+
+
+@needs_gpu
+def test_gpu_pool_is_sized_from_memory_utilization(make_engine):
+    engine = make_engine("llama", device="cuda", dtype="float32", num_pages=None, gpu_memory_utilization=0.5)
+    _free, total = torch.cuda.mem_get_info()
+    assert engine.pool.num_pages * engine.runner.page_bytes > 0.3 * total
+    assert torch.cuda.memory_reserved() <= 0.5 * total + 2**30

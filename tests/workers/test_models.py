@@ -1,6 +1,7 @@
 """Loading Hugging Face directories: every supported family, shards, rope scaling, sliding
 window, dtypes and dummy weights, checked against `transformers` logits on the same weights."""
 
+import itertools
 import json
 
 import pytest
@@ -8,15 +9,16 @@ import torch
 import transformers
 
 from cluster.demo_model import build_model_dir
-from workers.layers.attention import AttentionMetadata, get_backend
+from workers.kernels.ops import get_ops
+from workers.layers.attention import AttentionMetadata
 from workers.models.config import ModelConfig, UnsupportedModelError
 from workers.models.loader import load_model
 
 
-def our_logits(model_dir, prompt, dtype=torch.float32, page_size=4, chunks=(None,)):
+def our_logits(model_dir, prompt, dtype=torch.float32, page_size=4, chunks=(None,), kernels="torch"):
     """Logits of every prompt position, run through the paged path in the given chunks."""
     cfg = ModelConfig.from_dir(model_dir)
-    model = load_model(model_dir, cfg, dtype, torch.device("cpu"), 1024)
+    model = load_model(model_dir, cfg, dtype, torch.device("cpu"), 1024, get_ops(kernels, torch.device("cpu")))
     pages = -(-len(prompt) // page_size)
     table = list(reversed(range(pages)))  # pages out of order, as in a real pool
     for attn in model.attention_layers():
@@ -25,10 +27,18 @@ def our_logits(model_dir, prompt, dtype=torch.float32, page_size=4, chunks=(None
     bounds = [0, *[c for c in chunks if c], len(prompt)]
     outs = []
     with torch.no_grad():
-        for s, e in zip(bounds, bounds[1:], strict=False):
+        for s, e in itertools.pairwise(bounds):
             slots = torch.tensor([table[p // page_size] * page_size + p % page_size for p in range(s, e)])
-            meta = AttentionMetadata(slots, torch.tensor([table], dtype=torch.int32), [0, e - s], [e], e - s, e)
-            hidden = model(torch.tensor(prompt[s:e]), torch.arange(s, e), meta, get_backend("torch", None))
+            meta = AttentionMetadata(
+                slot_mapping=slots,
+                block_tables=torch.tensor([table], dtype=torch.int32),
+                seq_lens=torch.tensor([e], dtype=torch.int32),
+                query_start_loc=torch.tensor([0, e - s], dtype=torch.int32),
+                num_decodes=int(e - s == 1),
+                max_query_len=e - s,
+                num_splits=1,
+            )
+            hidden = model(torch.tensor(prompt[s:e]), torch.arange(s, e), meta)
             outs.append(model.compute_logits(hidden).float())
     return torch.cat(outs)
 
@@ -121,7 +131,8 @@ def test_dummy_weights_need_no_checkpoint(tmp_path, model_dirs):
     path.mkdir()
     (path / "config.json").write_text((model_dirs["llama"] / "config.json").read_text())
     cfg = ModelConfig.from_dir(path)
-    model = load_model(path, cfg, torch.float32, torch.device("cpu"), 64, load_format="dummy", seed=1)
+    ops = get_ops("torch", torch.device("cpu"))
+    model = load_model(path, cfg, torch.float32, torch.device("cpu"), 64, ops, load_format="dummy", seed=1)
     weights = dict(model.named_parameters())
     assert weights["model.norm.weight"].eq(1).all()
     assert 0 < weights["model.embed_tokens.weight"].abs().max() <= 1e-3
@@ -129,7 +140,7 @@ def test_dummy_weights_need_no_checkpoint(tmp_path, model_dirs):
 
 def test_unsupported_model_type_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(UnsupportedModelError, match="gpt2.*llama"):
+    with pytest.raises(UnsupportedModelError, match=r"gpt2.*llama"):
         ModelConfig.from_dir(tmp_path)
 
 
@@ -140,5 +151,5 @@ def test_missing_tensor_is_a_clear_error(tmp_path, tokenizer):
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="lacks 1 tensors.*qkv_proj"):
-        load_model(path, ModelConfig.from_dir(path), torch.float32, torch.device("cpu"), 64)
+    with pytest.raises(ValueError, match=r"lacks 1 tensors.*qkv_proj"):
+        load_model(path, ModelConfig.from_dir(path), torch.float32, torch.device("cpu"), 64, get_ops("torch", "cpu"))

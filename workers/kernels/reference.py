@@ -92,3 +92,36 @@ def _prefill_one(q, k_cache, v_cache, table, ctx_len: int, scale, sliding_window
         mask &= k_pos > q_pos - sliding_window
     o = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return o.transpose(0, 1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """norm(x), or with `residual`: (norm(x + residual), x + residual). Float32 inside, as HF."""
+    if residual is not None:
+        x = x + residual
+        residual = x
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return out if residual is None else (out, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * n] (gate, up) -> silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_and_write_kv(q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping) -> torch.Tensor:
+    """Rotate-half RoPE of q and k from float32 cos/sin tables [max_pos, head_dim], then write
+    k, v into their slots. Returns the rotated q."""
+    c = cos[positions].to(q.dtype)[:, None, :]
+    s = sin[positions].to(q.dtype)[:, None, :]
+    q = q * c + _rotate_half(q) * s
+    k = k * c + _rotate_half(k) * s
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

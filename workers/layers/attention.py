@@ -1,9 +1,9 @@
-"""Paged attention as a layer: the per-step metadata and the backend that computes it.
+"""The per-step attention metadata that the model runner builds and every layer reads.
 
-The model runner builds one `AttentionMetadata` per step and the model hands it to every
-attention layer with the layer's own KV cache. A backend is an object with `write_kv` and
-`forward` over that metadata; the pure-torch reference serves CPU, and the Triton kernels
-(workers/kernels) plug in behind the same two calls.
+The batch is ordered decodes first: sequences [0, num_decodes) have exactly one new token each,
+at rows 0..num_decodes-1; the rest are prefill chunks. Device tensors serve the Triton kernels
+(and stay at fixed addresses inside a captured CUDA graph); the host lists serve the pure-torch
+reference, which loops over sequences.
 """
 
 from __future__ import annotations
@@ -12,34 +12,21 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.kernels import reference
-
 
 @dataclass
 class AttentionMetadata:
-    """Where each new token's K/V goes and which context each sequence's queries see."""
-
-    slot_mapping: torch.Tensor  # [num_tokens] int64 on device; -1 = padding
-    block_tables: torch.Tensor  # [num_seqs, max_pages] int32 on device
-    query_start_loc: list[int]  # [num_seqs + 1] host copy
-    seq_lens: list[int]  # [num_seqs] context length after the step, host copy
+    slot_mapping: torch.Tensor  # [num_tokens] int64; -1 = padding, write nothing
+    block_tables: torch.Tensor  # [num_seqs, max_pages] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32: context length after the step
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    num_decodes: int
     max_query_len: int
-    max_seq_len: int
+    num_splits: int  # context splits of the decode kernel
+    seq_lens_cpu: list[int] | None = None
+    query_start_loc_cpu: list[int] | None = None
 
-
-class TorchAttentionBackend:
-    name = "torch"
-
-    def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
-        reference.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-
-    def forward(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
-        return reference.paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale, sliding_window
-        )
-
-
-def get_backend(name: str, device: torch.device) -> TorchAttentionBackend:
-    if name in ("auto", "torch"):
-        return TorchAttentionBackend()
-    raise ValueError(f"unknown attention_backend {name!r}")
+    def host_lists(self) -> tuple[list[int], list[int]]:
+        if self.seq_lens_cpu is None:
+            self.seq_lens_cpu = self.seq_lens.tolist()
+            self.query_start_loc_cpu = self.query_start_loc.tolist()
+        return self.query_start_loc_cpu, self.seq_lens_cpu

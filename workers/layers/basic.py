@@ -1,8 +1,6 @@
 """The small layers of a Llama-family decoder: RMSNorm (optionally fused with the residual
-add), rotary embedding, and a linear layer whose output is several checkpoint tensors side by
-side (QKV, gate/up), loaded part by part.
-
-Numerics follow Hugging Face: norms and rotary tables are computed in float32 and cast back.
+add), the rotary tables, and a linear layer whose output is several checkpoint tensors side by
+side (QKV, gate/up), loaded part by part. The arithmetic is the kernel set's (`ops`).
 """
 
 from __future__ import annotations
@@ -17,21 +15,15 @@ from workers.models.config import RopeConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """norm(x), or with `residual`: (norm(x + residual), x + residual)."""
-        if residual is not None:
-            x = x + residual
-            residual = x
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(dtype)
-        return out if residual is None else (out, residual)
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class MergedLinear(nn.Module):
@@ -74,8 +66,8 @@ def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
     return inv_freq
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE with a precomputed cos/sin table indexed by position."""
+class RotaryTables(nn.Module):
+    """float32 cos/sin of every position, [max_positions, head_dim] (halves duplicated, as HF)."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeConfig):
         super().__init__()
@@ -84,14 +76,3 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hkv, D] -> rotated (q, k)."""
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

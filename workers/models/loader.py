@@ -32,11 +32,12 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
+    ops,
     load_format: str = "auto",
     seed: int = 0,
 ) -> LlamaForCausalLM:
     with torch.device(device):
-        model = LlamaForCausalLM(cfg, max_positions)
+        model = LlamaForCausalLM(cfg, max_positions, ops)
     # Rotary tables stay float32 (cast per use, as HF does); parameters take the model dtype.
     for p in model.parameters():
         p.data = p.data.to(dtype)

@@ -1,0 +1,80 @@
+"""The kernel set a model runs with: the pure-torch references (CPU, and the oracle) or the
+Triton kernels (GPU; CPU too under TRITON_INTERPRET=1, slowly). The model gets one at
+construction; every layer calls through it, so the CPU and GPU paths are the same code."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.kernels import reference
+from workers.layers.attention import AttentionMetadata
+
+
+class TorchOps:
+    name = "torch"
+    rms_norm = staticmethod(reference.rms_norm)
+    silu_and_mul = staticmethod(reference.silu_and_mul)
+    rope_and_write_kv = staticmethod(reference.rope_and_write_kv)
+
+    def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
+        query_start_loc, seq_lens = meta.host_lists()
+        return reference.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, query_start_loc, seq_lens, scale, sliding_window
+        )
+
+
+class TritonOps:
+    name = "triton"
+
+    def __init__(self):
+        from workers.kernels import triton_attention, triton_norm
+
+        self._attn = triton_attention
+        self.rms_norm = triton_norm.rms_norm
+        self.silu_and_mul = triton_norm.silu_and_mul
+
+    def rope_and_write_kv(self, q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping):
+        self._attn.rope_and_write_kv(q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping)
+        return q
+
+    def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
+        o = torch.empty_like(q)
+        num_seqs = meta.seq_lens.shape[0]
+        self._attn.decode_attention(
+            q,
+            o,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            scale,
+            meta.num_decodes,
+            meta.num_splits,
+            sliding_window,
+        )
+        self._attn.prefill_attention(
+            q,
+            o,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            scale,
+            meta.num_decodes,
+            num_seqs - meta.num_decodes,
+            meta.max_query_len,
+            sliding_window,
+        )
+        return o
+
+
+def get_ops(name: str, device: torch.device | str) -> TorchOps | TritonOps:
+    """'auto': Triton on CUDA, the references elsewhere."""
+    if name == "auto":
+        name = "triton" if torch.device(device).type == "cuda" else "torch"
+    if name == "torch":
+        return TorchOps()
+    if name == "triton":
+        return TritonOps()
+    raise ValueError(f"unknown kernels {name!r}: choose auto, torch or triton")
