@@ -1,7 +1,8 @@
 """The `kvfleet` command line.
 
 kvfleet demo                 build (once) a small random-weight model, stream a generation on CPU
-kvfleet bench engine ...     the engine against transformers on the same weights and workload
+kvfleet bench engine ...     the engine against the hardware and transformers on the same workload
+kvfleet bench index ...      the Redis page index: lookup latency, publish throughput, memory per entry
 """
 
 from __future__ import annotations
@@ -66,18 +67,23 @@ def cmd_demo(args) -> None:
 def cmd_bench_engine(args) -> None:
     from cluster.bench import run_engine_bench
 
-    model = args.model or str(ensure_demo_model())
-    run_engine_bench(
-        model,
-        args.device,
-        args.num_requests,
-        args.min_prompt,
-        args.max_prompt,
-        args.output_len,
-        args.seed,
-        args.hf_batch_size,
-        not args.no_compare,
-        args.json,
+    if not args.model and not args.shape:
+        args.model = str(ensure_demo_model())
+    run_engine_bench(args)
+
+
+def cmd_bench_index(args) -> None:
+    from cluster.bench_index import run_index_bench
+
+    run_index_bench(
+        redis_url=args.redis_url,
+        pages=tuple(args.pages),
+        replicas=tuple(args.replicas),
+        iterations=args.iterations,
+        publish_pages=args.publish_pages,
+        event_pages=args.event_pages,
+        seed=args.seed,
+        json_path=args.json,
     )
 
 
@@ -96,18 +102,51 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    eng = bench.add_parser("engine", help="engine throughput against transformers.generate")
+    eng = bench.add_parser(
+        "engine",
+        help="engine speed against the hardware and transformers.generate",
+        description="GPU example (the issue's targets): kvfleet bench engine --shape llama3-8b --load-format dummy "
+        "--num-requests 1000 --min-prompt 128 --max-prompt 2048 --min-output 128 --max-output 512 "
+        "--hf-batch-size 64 --json bench/results/engine-h100.json",
+    )
     eng.add_argument("--model", help="model directory (default: the demo model)")
+    eng.add_argument("--shape", choices=["llama3-8b"], help="a model shape instead of a directory (with dummy)")
+    eng.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
     eng.add_argument("--device", default="auto")
+    eng.add_argument(
+        "--parts",
+        nargs="+",
+        default=["decode", "throughput", "attention"],
+        choices=["decode", "throughput", "attention"],
+        help="decode and attention run on GPU only",
+    )
     eng.add_argument("--num-requests", type=int, default=16)
     eng.add_argument("--min-prompt", type=int, default=32)
     eng.add_argument("--max-prompt", type=int, default=128)
-    eng.add_argument("--output-len", type=int, default=64)
+    eng.add_argument("--min-output", type=int, default=64)
+    eng.add_argument("--max-output", type=int, default=64)
     eng.add_argument("--seed", type=int, default=0)
+    eng.add_argument("--max-num-seqs", type=int, default=256)
+    eng.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    eng.add_argument("--max-model-len", type=int, default=None)
+    eng.add_argument("--enforce-eager", action="store_true")
+    eng.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8, 64, 256])
+    eng.add_argument("--decode-context", type=int, default=512, help="context tokens per sequence in decode steps")
     eng.add_argument("--hf-batch-size", type=int, default=16, help="transformers batch size (padded)")
     eng.add_argument("--no-compare", action="store_true", help="skip the transformers run")
     eng.add_argument("--json", help="also write the report here")
     eng.set_defaults(func=cmd_bench_engine)
+
+    idx = bench.add_parser("index", help="Redis page index: lookup latency, publish throughput, memory per entry")
+    idx.add_argument("--redis-url", help="an existing Redis (default: a private local server on a free port)")
+    idx.add_argument("--pages", type=int, nargs="+", default=[64, 512, 2048], help="prompt lengths, in pages")
+    idx.add_argument("--replicas", type=int, nargs="+", default=[8, 64], help="candidate replicas per lookup")
+    idx.add_argument("--iterations", type=int, default=300, help="lookups per (layout, pages, replicas) cell")
+    idx.add_argument("--publish-pages", type=int, default=200_000, help="pages published in the throughput run")
+    idx.add_argument("--event-pages", type=int, default=16, help="pages per KV event in the throughput run")
+    idx.add_argument("--seed", type=int, default=0)
+    idx.add_argument("--json", help="also write the report here")
+    idx.set_defaults(func=cmd_bench_index)
     return parser
 
 

@@ -1,0 +1,456 @@
+"""The shared page index: which replica holds which KV pages of which model, in Redis.
+
+Every replica publishes its page pool's KV events here (see `kvstore.publisher`); every router
+asks, in one round trip, how many *leading* pages of a prompt each candidate replica holds.
+The index is a cache of facts that expire: every entry has a TTL and is refreshed when the page
+is stored or reused again; a replica that dies stops refreshing, and its liveness key lets
+routers drop it at once.
+
+Schema (`ns` = `IndexConfig.namespace`, `model` = the model id; the braces around the model are
+a Redis Cluster hash tag, so all keys of one model live on one slot and one script can read them):
+
+    {ns}:{{model}}:pages:{replica}   ZSET   member = page hash as 16 raw bytes, big-endian
+                                            (`member.hex() == hash_to_str(h)`); score = the entry's
+                                            expiry, ms since the epoch on the server's clock.
+                                            Key TTL: `ttl_s`, renewed by every publish, so the whole
+                                            set of a replica that stops publishing disappears.
+    {ns}:{{model}}:live:{replica}    HASH   num_waiting, num_running, num_free_pages,
+                                            num_total_pages (decimal integers), written by the
+                                            replica's heartbeat. Key TTL: `heartbeat_ttl_s`.
+
+An entry is live iff its score is greater than now. `stored` and `touched` events ZADD the
+hashes with score now + ttl_s (a refresh); `removed` events ZREM them. Expired members are
+ignored by lookups and deleted by `trim` (the publisher calls it now and then). Raw 16-byte
+members take 88 bytes per (page, replica) entry against 103 for 32-hex-digit strings
+(valkey 8.1, libc malloc, 64 replicas x 2,048 pages; `cluster/bench_index.py`), and halve
+the bytes a lookup sends.
+
+A lookup is one EVALSHA of a read-only script: for each candidate, its liveness hash, then
+ZMSCORE over the prompt's hashes in order until the first missing or expired page. Its cost is
+therefore one check per (leading page held, candidate) -- 0.2 to 0.4 us each on the server --
+plus ~3 us per candidate: exactness (a hole in the middle ends the run) forbids skipping pages.
+
+Time is the Redis server's clock (`TIME` inside the scripts), so publishers and routers on
+different machines agree on expiry; tests may inject a clock instead.
+
+Lookups never raise: on a timeout (`timeout_ms`, default 20 ms) or any connection error they
+return {} ("nothing known": route by load), count it, and skip Redis for `retry_after_s`.
+Publishing, heartbeats and `clear` raise `redis.RedisError`; the publisher catches and counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Literal
+
+import redis
+import redis.asyncio
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from kvstore.block_pool import KVEvent, KVEventKind
+from kvstore.hashing import PageHash
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], int]  # milliseconds since the epoch
+
+
+class IndexConfig(BaseModel):
+    """Where the index lives and how long its facts last."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS) URL")
+    namespace: str = Field("kvfleet", description="first part of every key; lets clusters share one Redis")
+    username: str | None = Field(None, description="ACL user, used when redis_url names none")
+    password: str | None = Field(None, description="used when redis_url carries none")
+    tls: bool = Field(False, description="connect with TLS even if the URL says redis://")
+    tls_ca_certs: str | None = Field(None, description="CA bundle to verify the server against")
+    tls_certfile: str | None = Field(None, description="client certificate (mutual TLS)")
+    tls_keyfile: str | None = Field(None, description="client key (mutual TLS)")
+    tls_cert_reqs: Literal["required", "optional", "none"] = "required"
+    ttl_s: float = Field(300.0, gt=0, description="an entry expires this long after its page was last stored or hit")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="how often a replica reports its load")
+    heartbeat_ttl_s: float = Field(3.0, gt=0, description="a replica silent this long holds nothing for routers")
+    timeout_ms: float = Field(20.0, gt=0, description="lookup budget (socket timeout); over it, lookup answers {}")
+    connect_timeout_ms: float | None = Field(None, gt=0, description="default: timeout_ms")
+    publish_timeout_ms: float = Field(1000.0, gt=0, description="socket timeout of the publisher's writes")
+    retry_after_s: float = Field(1.0, ge=0, description="after an error, lookups answer {} and publishing waits")
+    max_queued_pages: int = Field(65536, ge=1, description="publisher queue bound, in page hashes; beyond it, drop")
+    max_batch_pages: int = Field(4096, ge=1, description="page hashes written per script call")
+    trim_interval_s: float = Field(60.0, gt=0, description="how often a publisher deletes its expired entries")
+
+    @field_validator("namespace")
+    @classmethod
+    def _no_hash_tag(cls, v: str) -> str:
+        if not v or "{" in v or "}" in v:
+            raise ValueError(f"namespace must be non-empty and free of '{{' and '}}', got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _heartbeat_outlives_interval(self) -> IndexConfig:
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_ttl_s ({self.heartbeat_ttl_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}), or live replicas would flicker out of the index"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What a replica's heartbeat reports (the router weighs it against prefix overlap)."""
+
+    num_waiting: int = 0
+    num_running: int = 0
+    num_free_pages: int = 0
+    num_total_pages: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicaMatch:
+    matched_pages: int  # leading pages of the prompt that the replica holds
+    load: ReplicaLoad
+
+
+@dataclass
+class LookupMetrics:
+    lookups: int = 0  # calls, answered or not
+    hits: int = 0  # answered with at least one replica holding at least one page
+    timeouts: int = 0
+    errors: int = 0  # connection and server errors other than timeouts
+    skipped: int = 0  # answered {} without asking, during retry_after_s after a failure
+
+
+_LOAD_FIELDS = ("num_waiting", "num_running", "num_free_pages", "num_total_pages")
+
+# KEYS: live_1, pages_1, live_2, pages_2, ...  ARGV[1]: now in ms (0: the server's clock);
+# ARGV[2]: the prompt's page hashes, 16 bytes each, concatenated.
+# Returns one string of 5 space-separated integers per candidate: matched pages (-1: no live
+# heartbeat), then its load fields (one bulk string parses ~10x faster than an array in redis-py).
+# Each candidate's run is scanned with ZMSCORE in chunks that double from SCAN_FIRST to SCAN_MAX
+# pages: a replica that misses early costs one small call, and a run that ends mid-chunk wastes
+# at most SCAN_MAX - 1 checks. The cost is one check per (leading page held, replica), about
+# 0.2 us each on the server: exactness (a hole ends the run) rules out skipping any.
+_LOOKUP_LUA = """#!lua flags=no-writes
+local now = tonumber(ARGV[1])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Scores come back as decimal integer strings: comparing (length, text) is comparing numbers,
+-- and a third cheaper than tonumber() on every score.
+local nows = string.format('%d', now)
+local nlen = #nows
+local blob = ARGV[2]
+local n = #blob / 16
+local members, split = {}, 0
+local out = {}
+for c = 1, #KEYS, 2 do
+  local load = redis.call('HMGET', KEYS[c], 'num_waiting', 'num_running', 'num_free_pages', 'num_total_pages')
+  if not load[1] then
+    out[#out + 1] = -1
+    for i = 1, 4 do out[#out + 1] = 0 end
+  else
+    local held, pos, chunk = 0, 1, SCAN_FIRST
+    while pos <= n do
+      local last = math.min(pos + chunk - 1, n)
+      while split < last do
+        split = split + 1
+        members[split] = string.sub(blob, split * 16 - 15, split * 16)
+      end
+      local scores = redis.call('ZMSCORE', KEYS[c + 1], unpack(members, pos, last))
+      local len, j = last - pos + 1, 1
+      while j <= len do
+        local s = scores[j]
+        if not s or #s < nlen or (#s == nlen and s <= nows) then break end
+        j = j + 1
+      end
+      held = held + j - 1
+      if j <= len then break end
+      pos = last + 1
+      if chunk < SCAN_MAX then chunk = chunk * 2 end
+    end
+    out[#out + 1] = held
+    for i = 1, 4 do out[#out + 1] = load[i] end
+  end
+end
+return table.concat(out, ' ')
+"""
+_SCAN_FIRST, _SCAN_MAX = 8, 64
+_LOOKUP_LUA = _LOOKUP_LUA.replace("SCAN_FIRST", str(_SCAN_FIRST)).replace("SCAN_MAX", str(_SCAN_MAX))
+# KEYS[1]: a replica's pages key. ARGV[1]: now in ms (0: the server's clock); ARGV[2]: ttl in ms;
+# ARGV[3]: 1 to delete expired entries first; then pairs (op, hashes): op '+' stores or refreshes,
+# '-' removes; hashes are 16 bytes each, concatenated. Ops apply in order.
+_PUBLISH_LUA = """
+local now = tonumber(ARGV[1])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local ttl = tonumber(ARGV[2])
+local key = KEYS[1]
+if ARGV[3] == '1' then redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now)) end
+local expiry = string.format('%d', now + ttl)
+for a = 4, #ARGV, 2 do
+  local blob = ARGV[a + 1]
+  local n = #blob / 16
+  local pos = 1
+  while pos <= n do
+    local last = math.min(pos + 511, n)
+    local args = {}
+    if ARGV[a] == '+' then
+      for i = pos, last do
+        args[#args + 1] = expiry
+        args[#args + 1] = string.sub(blob, i * 16 - 15, i * 16)
+      end
+      redis.call('ZADD', key, unpack(args))
+    else
+      for i = pos, last do args[#args + 1] = string.sub(blob, i * 16 - 15, i * 16) end
+      redis.call('ZREM', key, unpack(args))
+    end
+    pos = last + 1
+  end
+end
+if #ARGV > 3 then redis.call('PEXPIRE', key, math.floor(ttl)) end
+return 0
+"""
+
+
+def encode_hashes(hashes: Iterable[PageHash]) -> bytes:
+    """Page hashes as the index stores them: 16 big-endian bytes each, concatenated."""
+    return b"".join(map(int.to_bytes, hashes, repeat(16)))  # big-endian, the default
+
+
+def decode_member(member: bytes) -> PageHash:
+    return int.from_bytes(member, "big")
+
+
+class IndexKeys:
+    """Key names for one model in one namespace."""
+
+    def __init__(self, namespace: str, model_id: str):
+        if not model_id or "{" in model_id or "}" in model_id:
+            raise ValueError(f"model_id must be non-empty and free of '{{' and '}}', got {model_id!r}")
+        self.prefix = f"{namespace}:{{{model_id}}}"
+
+    def pages(self, replica_id: str) -> str:
+        return f"{self.prefix}:pages:{replica_id}"
+
+    def live(self, replica_id: str) -> str:
+        return f"{self.prefix}:live:{replica_id}"
+
+
+def _client_kwargs(config: IndexConfig, timeout_ms: float, connect_timeout_ms: float) -> tuple[str, dict]:
+    url = config.redis_url
+    if config.tls and url.startswith("redis://"):
+        url = "rediss://" + url.removeprefix("redis://")
+    kwargs: dict = dict(socket_timeout=timeout_ms / 1000, socket_connect_timeout=connect_timeout_ms / 1000)
+    if config.username is not None:
+        kwargs["username"] = config.username
+    if config.password is not None:
+        kwargs["password"] = config.password
+    if url.startswith("rediss://"):
+        kwargs.update(
+            ssl_ca_certs=config.tls_ca_certs,
+            ssl_certfile=config.tls_certfile,
+            ssl_keyfile=config.tls_keyfile,
+            ssl_cert_reqs=config.tls_cert_reqs,
+        )
+    return url, kwargs
+
+
+class _IndexBase:
+    def __init__(self, config: IndexConfig, model_id: str, clock: Clock | None):
+        self.config = config
+        self.model_id = model_id
+        self.keys = IndexKeys(config.namespace, model_id)
+        self.clock = clock
+        self.metrics = LookupMetrics()
+        self._down_until = 0.0  # time.monotonic() before which lookups answer {} at once
+        self._lookup_keys: dict[str, tuple[str, str]] = {}  # replica -> (live key, pages key)
+
+    def _now_arg(self) -> int:
+        return self.clock() if self.clock is not None else 0
+
+    def _lookup_args(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> tuple[list[str], list]:
+        cache = self._lookup_keys
+        if len(cache) > 65536:  # replica ids churn as replicas restart
+            cache.clear()
+        keys = []
+        for r in replicas:
+            pair = cache.get(r)
+            if pair is None:
+                pair = cache[r] = (self.keys.live(r), self.keys.pages(r))
+            keys += pair
+        return keys, [self._now_arg(), encode_hashes(hashes)]
+
+    def _skip(self) -> bool:
+        self.metrics.lookups += 1
+        if time.monotonic() < self._down_until:
+            self.metrics.skipped += 1
+            return True
+        return False
+
+    def _failed(self, e: Exception) -> None:
+        if isinstance(e, redis.TimeoutError):
+            self.metrics.timeouts += 1
+        else:
+            self.metrics.errors += 1
+        if self._down_until == 0.0:
+            logger.warning(
+                "page index at %s unanswered (%s: %s): routing by load only, retrying in %.1fs",
+                self.config.redis_url.rpartition("@")[2],
+                type(e).__name__,
+                e,
+                self.config.retry_after_s,
+            )
+        self._down_until = time.monotonic() + self.config.retry_after_s
+
+    def _answer(self, raw: bytes, replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
+        if self._down_until:
+            logger.info("page index answers again")
+            self._down_until = 0.0
+        values = list(map(int, raw.split()))
+        out = {}
+        for i, r in enumerate(replicas):
+            matched, *load = values[5 * i : 5 * i + 5]
+            if matched >= 0:
+                out[r] = ReplicaMatch(matched, ReplicaLoad(*load))
+        if any(m.matched_pages for m in out.values()):
+            self.metrics.hits += 1
+        return out
+
+
+def _leading(matches: dict[str, ReplicaMatch] | None, replicas: Sequence[str]) -> dict[str, int]:
+    if matches is None:
+        return {}
+    return {r: (m.matched_pages if (m := matches.get(r)) else 0) for r in replicas}
+
+
+class PageIndex(_IndexBase):
+    """The index for one model, with blocking I/O: publishing, heartbeats, and lookups.
+
+    Thread-safe (redis-py pools its connections). Lookups use a client with `timeout_ms`;
+    writes use another with `publish_timeout_ms`, so a slow batch never eats the lookup budget.
+    """
+
+    def __init__(self, config: IndexConfig, model_id: str, clock: Clock | None = None):
+        super().__init__(config, model_id, clock)
+        connect_ms = config.connect_timeout_ms or config.timeout_ms
+        url, kw = _client_kwargs(config, config.timeout_ms, connect_ms)
+        # No retries: a lookup gets one try within its budget; the publisher decides its own.
+        self._reader = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kw)
+        url, kw = _client_kwargs(config, config.publish_timeout_ms, max(connect_ms, config.publish_timeout_ms))
+        self._writer = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kw)
+        self._lookup_script = self._reader.register_script(_LOOKUP_LUA)
+        self._publish_script = self._writer.register_script(_PUBLISH_LUA)
+
+    # ------------------------------------------------------------------ reads (never raise)
+    def lookup(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, int]:
+        """Leading pages of `hashes` held by each candidate, in one round trip.
+
+        Every candidate is a key of the answer (0: holds no leading page, or no live heartbeat);
+        {} means the index could not answer in time (or there were no candidates).
+        """
+        return _leading(self._lookup(hashes, replicas), replicas)
+
+    def lookup_with_load(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
+        """Like `lookup`, with each replica's reported load, in the same round trip; only
+        replicas with a live heartbeat are keys of the answer."""
+        return self._lookup(hashes, replicas) or {}
+
+    def _lookup(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch] | None:
+        if not replicas or self._skip():
+            return None
+        keys, args = self._lookup_args(hashes, replicas)
+        try:
+            raw = self._lookup_script(keys, args)
+        except (redis.RedisError, OSError) as e:
+            self._failed(e)
+            return None
+        return self._answer(raw, replicas)
+
+    # ------------------------------------------------------------------ writes (raise redis.RedisError)
+    def publish(self, events: Iterable[KVEvent]) -> None:
+        """Apply events in order: stored/touched refresh entries to now + ttl_s, removed deletes them."""
+        ops: dict[str, list] = {}
+        for ev in events:
+            if not ev.hashes:
+                continue
+            op = b"-" if ev.kind == KVEventKind.REMOVED else b"+"
+            args = ops.setdefault(ev.replica_id, [])
+            if args and args[-2] == op:
+                args[-1] += encode_hashes(ev.hashes)
+            else:
+                args += (op, encode_hashes(ev.hashes))
+        for replica_id, args in ops.items():
+            self._run_publish(replica_id, args, trim=False)
+
+    def trim(self, replica_id: str) -> None:
+        """Delete the replica's expired entries (lookups ignore them anyway; this frees memory)."""
+        self._run_publish(replica_id, [], trim=True)
+
+    def heartbeat(self, replica_id: str, load: ReplicaLoad) -> None:
+        """Report the replica alive, with its load, for the next `heartbeat_ttl_s`."""
+        key = self.keys.live(replica_id)
+        pipe = self._writer.pipeline(transaction=True)
+        pipe.hset(key, mapping={f: int(getattr(load, f)) for f in _LOAD_FIELDS})
+        pipe.pexpire(key, int(self.config.heartbeat_ttl_s * 1000))
+        pipe.execute()
+
+    def leave(self, replica_id: str) -> None:
+        """Drop the replica's heartbeat at once (it is shutting down); its entries expire by TTL."""
+        self._writer.delete(self.keys.live(replica_id))
+
+    def clear(self, replica_id: str) -> None:
+        """Forget everything about the replica (it starts again under the same id)."""
+        self._writer.delete(self.keys.pages(replica_id), self.keys.live(replica_id))
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+    def _run_publish(self, replica_id: str, ops: list, trim: bool) -> None:
+        ttl_ms = int(self.config.ttl_s * 1000)
+        self._publish_script([self.keys.pages(replica_id)], [self._now_arg(), ttl_ms, int(trim), *ops])
+
+
+class AsyncPageIndex(_IndexBase):
+    """The router's side of the index on asyncio: lookups only, same semantics as `PageIndex`.
+
+    Its connections belong to the event loop that first uses it.
+    """
+
+    def __init__(self, config: IndexConfig, model_id: str, clock: Clock | None = None):
+        super().__init__(config, model_id, clock)
+        url, kw = _client_kwargs(config, config.timeout_ms, config.connect_timeout_ms or config.timeout_ms)
+        self._reader = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **kw)
+        self._lookup_script = self._reader.register_script(_LOOKUP_LUA)
+
+    async def lookup(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, int]:
+        return _leading(await self._lookup(hashes, replicas), replicas)
+
+    async def lookup_with_load(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
+        return await self._lookup(hashes, replicas) or {}
+
+    async def _lookup(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch] | None:
+        if not replicas or self._skip():
+            return None
+        keys, args = self._lookup_args(hashes, replicas)
+        try:
+            raw = await self._lookup_script(keys, args)
+        except (redis.RedisError, OSError) as e:
+            self._failed(e)
+            return None
+        return self._answer(raw, replicas)
+
+    async def aclose(self) -> None:
+        await self._reader.aclose()

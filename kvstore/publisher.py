@@ -1,0 +1,184 @@
+"""A replica's writer to the shared page index, off the engine's hot path.
+
+The engine hands its page pool's KV events to `submit`, which never blocks on Redis: it appends
+to a bounded in-memory queue (bounded in page hashes; when full, the oldest queued events are
+dropped and counted, since fresh facts route better than stale ones) and returns. A daemon
+thread drains the queue in batches of up to `max_batch_pages` hashes, one script call each,
+sends the heartbeat every `heartbeat_interval_s` with the load that `load_fn` reports, and trims
+expired entries every `trim_interval_s`.
+
+Before anything else the thread clears what the index holds under this replica id (left by an
+earlier life of the replica), retrying until Redis answers; events wait in the queue meanwhile.
+On a Redis error the thread drops the batch in hand, counts it, waits `retry_after_s`, and goes on:
+it recovers by itself when Redis returns. A dropped `removed` event leaves a stale entry that
+expires within `ttl_s`; a dropped `stored` one is written again at the page's next hit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import redis
+
+from kvstore.block_pool import KVEvent
+from kvstore.index import PageIndex, ReplicaLoad
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PublisherMetrics:
+    submitted_events: int = 0
+    published_events: int = 0  # events (or parts of events) written to Redis
+    published_pages: int = 0
+    dropped_events: int = 0  # by a full queue or a failed write
+    dropped_pages: int = 0
+    publish_errors: int = 0  # failed writes of a batch, a heartbeat, a trim or the first clear
+    heartbeats: int = 0
+
+
+class Publisher:
+    """Publishes one replica's KV events and heartbeats. `start()`, then `submit()` from the
+    engine, `close()` at shutdown. `load_fn` is called on the publisher thread: it must be
+    cheap and safe to call from there (reading a few ints is)."""
+
+    def __init__(self, index: PageIndex, replica_id: str, load_fn: Callable[[], ReplicaLoad] | None = None):
+        self.index = index
+        self.replica_id = replica_id
+        self.load_fn = load_fn or ReplicaLoad
+        self.metrics = PublisherMetrics()
+        cfg = index.config
+        self._max_queued = cfg.max_queued_pages
+        self._max_batch = cfg.max_batch_pages
+        self._lock = threading.Lock()
+        self._queue: deque[KVEvent] = deque()
+        self._queued_pages = 0
+        self._wake = threading.Event()
+        self._idle = threading.Event()  # set when the queue is empty and nothing is in flight
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False  # the last write failed (logged once per outage)
+
+    # ------------------------------------------------------------------ engine side
+    def submit(self, events: Iterable[KVEvent]) -> None:
+        """Queue events for the index; never blocks on Redis and never raises for it."""
+        dropped = dropped_pages = 0
+        with self._lock:
+            for ev in events:
+                if ev.replica_id != self.replica_id:
+                    raise ValueError(
+                        f"event of replica {ev.replica_id!r} submitted to the publisher of {self.replica_id!r}"
+                    )
+                self._queue.append(ev)
+                self._queued_pages += len(ev.hashes)
+                self.metrics.submitted_events += 1
+            while self._queued_pages > self._max_queued:
+                old = self._queue.popleft()
+                self._queued_pages -= len(old.hashes)
+                dropped += 1
+                dropped_pages += len(old.hashes)
+            self.metrics.dropped_events += dropped
+            self.metrics.dropped_pages += dropped_pages
+            if self._queue:
+                self._idle.clear()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Publisher:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"kv-publisher-{self.replica_id}", daemon=True)
+            self._thread.start()
+        return self
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every submitted event has been written (or dropped). True if it got there."""
+        return self._idle.wait(timeout_s)
+
+    def close(self, timeout_s: float = 1.0) -> None:
+        """Write what is queued (for up to `timeout_s`), withdraw the heartbeat, stop the thread."""
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        self.flush(timeout_s)
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()) + self.index.config.publish_timeout_ms / 1000)
+        self._thread = None
+
+    # ------------------------------------------------------------------ publisher thread
+    def _run(self) -> None:
+        cfg = self.index.config
+        while not self._stopping.is_set():
+            if self._try(self.index.clear, self.replica_id):
+                break
+            self._stopping.wait(cfg.retry_after_s)
+        next_heartbeat = next_trim = time.monotonic()
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                next_heartbeat = now + cfg.heartbeat_interval_s
+                if self._try(self.index.heartbeat, self.replica_id, self.load_fn()):
+                    self.metrics.heartbeats += 1
+                else:
+                    self._stopping.wait(cfg.retry_after_s)
+                    continue
+            if now >= next_trim:
+                next_trim = now + cfg.trim_interval_s
+                self._try(self.index.trim, self.replica_id)
+            batch, pages = self._take_batch()
+            if batch:
+                if self._try(self.index.publish, batch):
+                    self.metrics.published_events += len(batch)
+                    self.metrics.published_pages += pages
+                else:
+                    with self._lock:
+                        self.metrics.dropped_events += len(batch)
+                        self.metrics.dropped_pages += pages
+                    self._mark_idle_if_empty()
+                    self._stopping.wait(cfg.retry_after_s)
+                continue  # more may be queued: drain before sleeping
+            self._mark_idle_if_empty()
+            self._wake.wait(max(0.0, next_heartbeat - time.monotonic()))
+            self._wake.clear()
+        self._try(self.index.leave, self.replica_id)
+
+    def _take_batch(self) -> tuple[list[KVEvent], int]:
+        batch: list[KVEvent] = []
+        pages = 0
+        with self._lock:
+            while self._queue and pages < self._max_batch:
+                ev = self._queue.popleft()
+                room = self._max_batch - pages
+                if len(ev.hashes) > room:  # split: the rest goes back to the front, in order
+                    self._queue.appendleft(KVEvent(ev.kind, ev.hashes[room:], ev.replica_id))
+                    ev = KVEvent(ev.kind, ev.hashes[:room], ev.replica_id)
+                batch.append(ev)
+                pages += len(ev.hashes)
+            self._queued_pages -= pages
+        return batch, pages
+
+    def _mark_idle_if_empty(self) -> None:
+        with self._lock:
+            if not self._queue:
+                self._idle.set()
+
+    def _try(self, fn, *args) -> bool:
+        try:
+            fn(*args)
+        except (redis.RedisError, OSError) as e:
+            self.metrics.publish_errors += 1
+            if not self._failing:
+                self._failing = True
+                logger.warning(
+                    "page index write failed (%s: %s): dropping events until Redis answers", type(e).__name__, e
+                )
+            return False
+        if self._failing:
+            self._failing = False
+            logger.info("page index writes succeed again")
+        return True
