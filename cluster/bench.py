@@ -199,19 +199,21 @@ def measure_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     return 2 * src.numel() * src.element_size() / sorted(times)[len(times) // 2]
 
 
-def _time_cuda(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds of fn() over iters, timed with CUDA events."""
+def _time_cuda(fn, iters: int = 20, warmup: int = 3, repeats: int = 5) -> float:
+    """Seconds per call of fn(): `iters` calls back to back between two CUDA events (so the
+    GPU's queue, not one call's launch latency, sets the pace), median over `repeats`."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(iters):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / iters)
     return sorted(times)[len(times) // 2]
 
 
