@@ -109,6 +109,50 @@ def rope_and_write_kv(q, k, v, k_cache, v_cache, cos, sin, positions, slot_mappi
 
 
 @triton.jit
+def _attend_block(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    table_row,
+    n_offs,
+    n_mask,
+    allowed,
+    kvh,
+    qk_scale,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One online-softmax step over the keys `n_offs` of a sequence's pages (flash attention):
+    gather their K/V rows through the block table, score, rescale the running max/sum/output."""
+    d = tl.arange(0, HEAD_DIM)
+    page = tl.load(block_tables_ptr + table_row + n_offs // PAGE_SIZE, mask=n_mask, other=0)
+    rows = (page * PAGE_SIZE + n_offs % PAGE_SIZE) * NUM_KV_HEADS + kvh
+    k = tl.load(k_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(allowed, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr,
     o_ptr,
@@ -162,29 +206,28 @@ def _prefill_kernel(
     for n0 in range(start, end, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = n_offs < ctx_len
-        page = tl.load(block_tables_ptr + b * stride_bt + n_offs // PAGE_SIZE, mask=n_mask, other=0)
-        rows = (page * PAGE_SIZE + n_offs % PAGE_SIZE) * NUM_KV_HEADS + kvh
-        k = tl.load(k_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
         allowed = (n_offs[None, :] <= q_pos[:, None]) & n_mask[None, :]
         if USE_WINDOW:
             allowed &= n_offs[None, :] > q_pos[:, None] - sliding_window
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            b * stride_bt,
+            n_offs,
+            n_mask,
+            allowed,
+            kvh,
+            qk_scale,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            PAGE_SIZE,
+            IEEE,
+        )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
         o_ptr + (q_start + m_offs)[:, None] * stride_ot + h * stride_oh + d[None, :],
@@ -291,25 +334,25 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         n_offs = n0 + tl.arange(0, BLOCK_N)
         n_mask = n_offs < end
-        page = tl.load(block_tables_ptr + b * stride_bt + n_offs // PAGE_SIZE, mask=n_mask, other=0)
-        rows = (page * PAGE_SIZE + n_offs % PAGE_SIZE) * NUM_KV_HEADS + kvh
-        k = tl.load(k_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            block_tables_ptr,
+            b * stride_bt,
+            n_offs,
+            n_mask,
+            n_mask[None, :],
+            kvh,
+            qk_scale,
+            NUM_KV_HEADS,
+            HEAD_DIM,
+            PAGE_SIZE,
+            IEEE,
+        )
     # partials: o normalised within the split, lse in base 2 (-inf for an empty split)
     lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
