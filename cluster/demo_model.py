@@ -36,7 +36,14 @@ def corpus_text(max_bytes: int = 200_000) -> str:
 
 
 def train_tokenizer(vocab_size: int = 512, max_bytes: int = 60_000):
-    """A byte-level BPE `PreTrainedTokenizerFast` with <s>, </s> and <pad> specials."""
+    """A byte-level BPE tokenizer trained on `corpus_text(max_bytes)` (see train_tokenizer_on)."""
+    lines = corpus_text(max_bytes).splitlines(keepends=True)
+    return train_tokenizer_on(["".join(lines[i : i + 50]) for i in range(0, len(lines), 50)], vocab_size)
+
+
+def train_tokenizer_on(texts, vocab_size: int):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`, with specials <s> (0),
+    </s> (1) and <pad> (2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -49,9 +56,7 @@ def train_tokenizer(vocab_size: int = 512, max_bytes: int = 60_000):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = corpus_text(max_bytes)
-    lines = text.splitlines(keepends=True)
-    tok.train_from_iterator(["".join(lines[i : i + 50]) for i in range(0, len(lines), 50)], trainer)
+    tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", clean_up_tokenization_spaces=False
     )
