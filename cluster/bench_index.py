@@ -4,11 +4,13 @@ Runs against a private local server (`kvstore.redis_server`) unless given a `red
 namespace of its own that it deletes afterwards.
 
 - Lookup latency, end to end through `PageIndex.lookup` (client encoding, one EVALSHA, reply
-  parsing), p50/p99 over `iterations` lookups, for each prompt length x replica count, in two
-  layouts. *Realistic*: each of 8 prompts is held in full by 3 replicas and as a prefix of random
-  length by a quarter of them, and every replica also holds as many unrelated pages as a prompt
-  has. *Worst*: every replica holds every page of the prompt, so the script scans them all.
-  `server us` is the server's own time per call (INFO commandstats), the rest is the client.
+  parsing), p50/p99 over `iterations` lookups, for each lookup mode x layout x prompt length x
+  replica count. *Realistic*: each of 8 prompts is held in full by 3 replicas and as a prefix of
+  random length by a quarter of them, and every replica also holds as many unrelated pages as a
+  prompt has. *Worst* (for exact mode): every replica holds every page of the prompt, so exact
+  mode checks them all. Both layouts are prefix-closed, so both modes must give the same answers;
+  the bench checks that they do. `server us` is the server's own time per call (INFO
+  commandstats, which times the script's inner commands too), the rest is the client.
 - Publish throughput: one replica's `Publisher` fed events of `event_pages` pages from a loop, as
   the engine would, until all are written (page entries per second).
 - Memory: INFO used_memory before and after indexing replicas x pages entries, per entry, for
@@ -28,7 +30,7 @@ import redis
 
 from kvstore.block_pool import KVEvent, KVEventKind
 from kvstore.hashing import hash_to_str
-from kvstore.index import IndexConfig, PageIndex, ReplicaLoad
+from kvstore.index import IndexConfig, LookupMode, PageIndex, ReplicaLoad
 from kvstore.publisher import Publisher
 from kvstore.redis_server import LocalRedisServer
 
@@ -166,6 +168,7 @@ def run_index_bench(
     event_pages: int = 16,
     seed: int = 0,
     json_path: str | None = None,
+    lookup_modes: tuple[LookupMode, ...] = ("search", "exact"),
 ) -> dict:
     server = None if redis_url else LocalRedisServer().start()
     url = redis_url or server.url
@@ -178,27 +181,40 @@ def run_index_bench(
         "server": f"{info.get('server_name', 'redis')} {info.get('valkey_version', info['redis_version'])}",
         "allocator": admin.info("memory").get("mem_allocator"),
         "iterations": iterations,
+        "lookup_modes": list(lookup_modes),
         "lookup": [],
     }
     try:
         print(f"server: {report['server']} ({report['allocator']}), {url.rpartition('@')[2]}")
-        print(f"{'layout':<10}{'pages':>6}{'replicas':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'server us':>11}")
+        print(
+            f"{'mode':<8}{'layout':<10}{'pages':>6}{'replicas':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+            f"{'server us':>11}"
+        )
         for layout in ("realistic", "worst"):
             for n in pages:
                 for r in replicas:
-                    index = PageIndex(config, f"lookup-{layout}-{n}-{r}")
+                    model_id = f"lookup-{layout}-{n}-{r}"
                     names = [f"replica-{i}" for i in range(r)]
-                    prompts = _populate(index, rng, n, names, layout)
-                    row = {"layout": layout, "pages": n, "replicas": r}
-                    row |= _bench_lookup(index, admin, rng, prompts, names, iterations)
-                    report["lookup"].append(row)
-                    print(
-                        f"{layout:<10}{n:>6}{r:>9}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}{row['max_ms']:>9.3f}"
-                        f"{row['server_us_per_call']:>11.0f}"
-                    )
+                    writer = PageIndex(config, model_id)
+                    cell = f"{seed}:{layout}:{n}:{r}"  # the same index and prompts whichever modes run
+                    prompts = _populate(writer, random.Random(cell), n, names, layout)
+                    answers = {}
+                    for mode in lookup_modes:
+                        index = PageIndex(config.model_copy(update={"lookup_mode": mode}), model_id)
+                        answers[mode] = [index.lookup(p, names) for p in prompts]
+                        row = {"mode": mode, "layout": layout, "pages": n, "replicas": r}
+                        row |= _bench_lookup(index, admin, random.Random(cell), prompts, names, iterations)
+                        report["lookup"].append(row)
+                        print(
+                            f"{mode:<8}{layout:<10}{n:>6}{r:>9}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}"
+                            f"{row['max_ms']:>9.3f}{row['server_us_per_call']:>11.0f}"
+                        )
+                        index.close()
+                    if any(a != answers[lookup_modes[0]] for a in answers.values()):
+                        raise RuntimeError(f"lookup modes disagree on a prefix-closed index ({layout}, {n}, {r})")
                     for name in names:
-                        index.clear(name)
-                    index.close()
+                        writer.clear(name)
+                    writer.close()
 
         pub = report["publish"] = _bench_publish(config, rng, publish_pages, event_pages)
         print(

@@ -84,6 +84,7 @@ def cmd_bench_index(args) -> None:
         event_pages=args.event_pages,
         seed=args.seed,
         json_path=args.json,
+        lookup_modes=tuple(args.lookup_mode),
     )
 
 
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     idx.add_argument("--iterations", type=int, default=300, help="lookups per (layout, pages, replicas) cell")
     idx.add_argument("--publish-pages", type=int, default=200_000, help="pages published in the throughput run")
     idx.add_argument("--event-pages", type=int, default=16, help="pages per KV event in the throughput run")
+    idx.add_argument(
+        "--lookup-mode",
+        nargs="+",
+        choices=["search", "exact"],
+        default=["search", "exact"],
+        help="lookup modes to time (default: both)",
+    )
     idx.add_argument("--seed", type=int, default=0)
     idx.add_argument("--json", help="also write the report here")
     idx.set_defaults(func=cmd_bench_index)

@@ -25,10 +25,43 @@ members take 88 bytes per (page, replica) entry against 103 for 32-hex-digit str
 (valkey 8.1, libc malloc, 64 replicas x 2,048 pages; `cluster/bench_index.py`), and halve
 the bytes a lookup sends.
 
-A lookup is one EVALSHA of a read-only script: for each candidate, its liveness hash, then
-ZMSCORE over the prompt's hashes in order until the first missing or expired page. Its cost is
-therefore one check per (leading page held, candidate) -- 0.2 to 0.4 us each on the server --
-plus ~3 us per candidate: exactness (a hole in the middle ends the run) forbids skipping pages.
+A lookup is one EVALSHA of a read-only script: for each candidate, its liveness key, then its
+leading run, found one of two ways (`IndexConfig.lookup_mode`):
+
+- `exact`: ZMSCORE over the prompt's hashes in order, up to the first missing or expired page.
+  One check per (leading page held, candidate), 0.2 to 0.4 us each on the server: 2,048 pages
+  x 64 replicas that all hold them cost ~30 ms. Right whatever the index holds.
+- `search` (the default): galloping, then bisection. Page 0 alone (a candidate without it costs
+  one check), then pages 1, 3, 7, ..., 2^k - 1 and the last in one ZMSCORE, then a binary search
+  between the last of those held and the first not held: about 2 log2(pages) checks per
+  candidate; ~0.3 ms on the server for 2,048 pages x 64 replicas, whatever they hold.
+
+Search is right only while each replica's entries are *prefix-closed*: if it holds page i of a
+prompt's chain, it holds pages 0..i-1 too (all live). Then "page i held" is monotone in i and
+bisection finds where it flips. Two things should keep it so:
+(a) eviction: every sequence holding a cached page holds its ancestors' pages too (a prefix hit
+    acquires the whole leading run; a sequence caches its own pages in order), `BlockPool.free`
+    releases a page table last page first, and the free queue is LRU, so an ancestor is never
+    less recently used than its descendant and `removed` events take a chain from its tail;
+(b) expiry: a `touched` event refreshes a prefix hit's whole leading run at once, so a refresh
+    never leaves a descendant outliving its ancestors.
+Reading `kvstore/block_pool.py` with `workers/scheduler.py`, both have exceptions today (each
+is pinned by a test in tests/kvstore/test_index.py):
+(a) `BlockPool.commit` leaves a page uncached when another page already holds its hash, and the
+    sequence's later pages are cached with their parent on a page it does not hold. It happens
+    when a page-aligned prompt is fully cached (the scheduler recomputes its last page, to get
+    logits) or two sequences compute the same prefix at once. If that parent page is evicted
+    while the later pages stay, the chain has a hole.
+(b) a `stored` event refreshes only the new pages: the scheduler caches pages as chunked prefill
+    and decode fill them, so a page stored at t2 has ancestors last refreshed at t1 < t2, and
+    they expire up to t2 - t1 sooner. A later hit on a shorter prefix re-refreshes only that
+    prefix, which leaves a hole of expired pages between two live runs.
+Dropped events break it too: a `stored` or `touched` event lost to a full publisher queue, a
+failed batch, or a Redis restart that loses data. In all these cases, until the hole's pages
+are stored again or the pages past it expire or are evicted, search may over-report: a probe
+past the hole hits and the run is taken to reach it (exact mode counts up to the hole). The
+router then favours a replica that must recompute more than it was told. Users who prefer
+exactness at O(pages) cost set `lookup_mode="exact"`.
 
 Time is the Redis server's clock (`TIME` inside the scripts), so publishers and routers on
 different machines agree on expiry; tests may inject a clock instead.
@@ -60,6 +93,7 @@ from kvstore.hashing import PageHash
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], int]  # milliseconds since the epoch
+LookupMode = Literal["search", "exact"]
 
 
 class IndexConfig(BaseModel):
@@ -86,6 +120,11 @@ class IndexConfig(BaseModel):
     max_queued_pages: int = Field(65536, ge=1, description="publisher queue bound, in page hashes; beyond it, drop")
     max_batch_pages: int = Field(4096, ge=1, description="page hashes written per script call")
     trim_interval_s: float = Field(60.0, gt=0, description="how often a publisher deletes its expired entries")
+    lookup_mode: LookupMode = Field(
+        "search",
+        description="search: gallop and bisect each candidate's run, O(log pages), exact when entries are "
+        "prefix-closed (see kvstore.index); exact: check every leading page held, O(pages)",
+    )
 
     @field_validator("namespace")
     @classmethod
@@ -132,13 +171,12 @@ class LookupMetrics:
 _LOAD_FIELDS = ("num_waiting", "num_running", "num_free_pages", "num_total_pages")
 
 # KEYS: live_1, pages_1, live_2, pages_2, ...  ARGV[1]: now in ms (0: the server's clock);
-# ARGV[2]: the prompt's page hashes, 16 bytes each, concatenated.
-# Returns one string of 5 space-separated integers per candidate: matched pages (-1: no live
-# heartbeat), then its load fields (one bulk string parses ~10x faster than an array in redis-py).
-# Each candidate's run is scanned with ZMSCORE in chunks that double from SCAN_FIRST to SCAN_MAX
-# pages: a replica that misses early costs one small call, and a run that ends mid-chunk wastes
-# at most SCAN_MAX - 1 checks. The cost is one check per (leading page held, replica), about
-# 0.2 us each on the server: exactness (a hole ends the run) rules out skipping any.
+# ARGV[2]: the prompt's page hashes, 16 bytes each, concatenated (one string, sliced here with
+# string.sub where a page is probed, rather than one argument per page); ARGV[3]: '1' to return
+# the load fields too. Returns one string of space-separated integers (one bulk string parses ~10x
+# faster than an array in redis-py), per candidate: its matched pages (0 without a live
+# heartbeat); or with ARGV[3] = '1', its matched pages (-1 without a live heartbeat) and its four
+# load fields. `@HELD@` is the mode's definition of `held(key)`: the candidate's leading run.
 _LOOKUP_LUA = """#!lua flags=no-writes
 local now = tonumber(ARGV[1])
 if now == 0 then
@@ -151,41 +189,104 @@ local nows = string.format('%d', now)
 local nlen = #nows
 local blob = ARGV[2]
 local n = #blob / 16
-local members, split = {}, 0
+local members = {}
+local function member(i)
+  local m = members[i]
+  if not m then
+    m = string.sub(blob, i * 16 - 15, i * 16)
+    members[i] = m
+  end
+  return m
+end
+-- A score from ZSCORE / ZMSCORE is an entry that has not expired.
+local function live(s)
+  return s and (#s > nlen or (#s == nlen and s > nows))
+end
+-- The first of scores[1..len] that is missing or expired (len + 1: none). `live` inlined: in
+-- exact mode this runs once per page held.
+local function first_miss(scores, len)
+  local j = 1
+  while j <= len do
+    local s = scores[j]
+    if not s or #s < nlen or (#s == nlen and s <= nows) then return j end
+    j = j + 1
+  end
+  return j
+end
+@HELD@
 local out = {}
-for c = 1, #KEYS, 2 do
-  local load = redis.call('HMGET', KEYS[c], 'num_waiting', 'num_running', 'num_free_pages', 'num_total_pages')
-  if not load[1] then
-    out[#out + 1] = -1
-    for i = 1, 4 do out[#out + 1] = 0 end
-  else
-    local held, pos, chunk = 0, 1, SCAN_FIRST
-    while pos <= n do
-      local last = math.min(pos + chunk - 1, n)
-      while split < last do
-        split = split + 1
-        members[split] = string.sub(blob, split * 16 - 15, split * 16)
-      end
-      local scores = redis.call('ZMSCORE', KEYS[c + 1], unpack(members, pos, last))
-      local len, j = last - pos + 1, 1
-      while j <= len do
-        local s = scores[j]
-        if not s or #s < nlen or (#s == nlen and s <= nows) then break end
-        j = j + 1
-      end
-      held = held + j - 1
-      if j <= len then break end
-      pos = last + 1
-      if chunk < SCAN_MAX then chunk = chunk * 2 end
+if ARGV[3] == '1' then
+  for c = 1, #KEYS, 2 do
+    local load = redis.call('HMGET', KEYS[c], 'num_waiting', 'num_running', 'num_free_pages', 'num_total_pages')
+    if not load[1] then
+      out[#out + 1] = -1
+      for i = 1, 4 do out[#out + 1] = 0 end
+    else
+      out[#out + 1] = held(KEYS[c + 1])
+      for i = 1, 4 do out[#out + 1] = load[i] end
     end
-    out[#out + 1] = held
-    for i = 1, 4 do out[#out + 1] = load[i] end
+  end
+else
+  for c = 1, #KEYS, 2 do
+    out[#out + 1] = redis.call('EXISTS', KEYS[c]) == 1 and held(KEYS[c + 1]) or 0
   end
 end
 return table.concat(out, ' ')
 """
+# Exact: ZMSCORE over the pages in order, in chunks that double from SCAN_FIRST to SCAN_MAX
+# pages, until the first miss: a replica that misses early costs one small call, and a run that
+# ends mid-chunk wastes at most SCAN_MAX - 1 checks.
+_EXACT_RUN = """
+local split = 0  -- members[1..split] are sliced already
+local function held(key)
+  local got, pos, chunk = 0, 1, SCAN_FIRST
+  while pos <= n do
+    local last = math.min(pos + chunk - 1, n)
+    while split < last do
+      split = split + 1
+      members[split] = string.sub(blob, split * 16 - 15, split * 16)
+    end
+    local len = last - pos + 1
+    local j = first_miss(redis.call('ZMSCORE', key, unpack(members, pos, last)), len)
+    got = got + j - 1
+    if j <= len then break end
+    pos = last + 1
+    if chunk < SCAN_MAX then chunk = chunk * 2 end
+  end
+  return got
+end
+"""
+# Search: page 1 alone (most candidates miss there: one cheap call), then pages 2, 4, 8, ... and
+# n (1-based) in one ZMSCORE, then a binary search with ZSCORE between the last hit and the first
+# miss. Measured against 3-, 4-, 8- and 16-way splits of that gap, plain bisection costs the
+# least: a call with one member is cheaper than its extra members are worth. Valid only for
+# prefix-closed entries (the module docstring says when they are).
+_SEARCH_RUN = """
+local gallop, gallop_members = {}, {}
+local p = 2
+while p < n do
+  gallop[#gallop + 1] = p
+  p = p * 2
+end
+if n > 1 then gallop[#gallop + 1] = n end
+for i, q in ipairs(gallop) do gallop_members[i] = member(q) end
+local function held(key)
+  if n == 0 or not live(redis.call('ZSCORE', key, member(1))) then return 0 end
+  if n == 1 then return 1 end
+  local j = first_miss(redis.call('ZMSCORE', key, unpack(gallop_members)), #gallop)
+  if j > #gallop then return n end
+  local lo, hi = 1, gallop[j]  -- page lo is held (so, under the invariant, are 1..lo); hi is not
+  if j > 1 then lo = gallop[j - 1] end
+  while hi - lo > 1 do
+    local mid = math.floor((lo + hi) / 2)
+    if live(redis.call('ZSCORE', key, member(mid))) then lo = mid else hi = mid end
+  end
+  return lo
+end
+"""
 _SCAN_FIRST, _SCAN_MAX = 8, 64
-_LOOKUP_LUA = _LOOKUP_LUA.replace("SCAN_FIRST", str(_SCAN_FIRST)).replace("SCAN_MAX", str(_SCAN_MAX))
+_EXACT_RUN = _EXACT_RUN.replace("SCAN_FIRST", str(_SCAN_FIRST)).replace("SCAN_MAX", str(_SCAN_MAX))
+_LOOKUP_LUA = {"exact": _LOOKUP_LUA.replace("@HELD@", _EXACT_RUN), "search": _LOOKUP_LUA.replace("@HELD@", _SEARCH_RUN)}
 # KEYS[1]: a replica's pages key. ARGV[1]: now in ms (0: the server's clock); ARGV[2]: ttl in ms;
 # ARGV[3]: 1 to delete expired entries first; then pairs (op, hashes): op '+' stores or refreshes,
 # '-' removes; hashes are 16 bytes each, concatenated. Ops apply in order.
@@ -280,17 +381,17 @@ class _IndexBase:
     def _now_arg(self) -> int:
         return self.clock() if self.clock is not None else 0
 
-    def _lookup_args(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> tuple[list[str], list]:
+    def _lookup_args(self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool) -> tuple[list, list]:
         cache = self._lookup_keys
         if len(cache) > 65536:  # replica ids churn as replicas restart
             cache.clear()
         keys = []
         for r in replicas:
             pair = cache.get(r)
-            if pair is None:
-                pair = cache[r] = (self.keys.live(r), self.keys.pages(r))
+            if pair is None:  # bytes: redis-py packs them a third faster than str
+                pair = cache[r] = (self.keys.live(r).encode(), self.keys.pages(r).encode())
             keys += pair
-        return keys, [self._now_arg(), encode_hashes(hashes)]
+        return keys, [self._now_arg(), encode_hashes(hashes), int(with_load)]
 
     def _skip(self) -> bool:
         self.metrics.lookups += 1
@@ -314,25 +415,28 @@ class _IndexBase:
             )
         self._down_until = time.monotonic() + self.config.retry_after_s
 
-    def _answer(self, raw: bytes, replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
+    def _answered(self) -> None:
         if self._down_until:
             logger.info("page index answers again")
             self._down_until = 0.0
-        values = list(map(int, raw.split()))
+
+    def _counts(self, raw: bytes, replicas: Sequence[str]) -> dict[str, int]:
+        self._answered()
+        out = dict(zip(replicas, map(int, raw.split()), strict=True))
+        if any(out.values()):
+            self.metrics.hits += 1
+        return out
+
+    def _matches(self, raw: bytes, replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
+        self._answered()
+        values = map(int, raw.split())
         out = {}
-        for i, r in enumerate(replicas):
-            matched, *load = values[5 * i : 5 * i + 5]
+        for r, matched, *load in zip(replicas, *[values] * 5, strict=True):  # five values per replica
             if matched >= 0:
                 out[r] = ReplicaMatch(matched, ReplicaLoad(*load))
         if any(m.matched_pages for m in out.values()):
             self.metrics.hits += 1
         return out
-
-
-def _leading(matches: dict[str, ReplicaMatch] | None, replicas: Sequence[str]) -> dict[str, int]:
-    if matches is None:
-        return {}
-    return {r: (m.matched_pages if (m := matches.get(r)) else 0) for r in replicas}
 
 
 class PageIndex(_IndexBase):
@@ -350,7 +454,7 @@ class PageIndex(_IndexBase):
         self._reader = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kw)
         url, kw = _client_kwargs(config, config.publish_timeout_ms, max(connect_ms, config.publish_timeout_ms))
         self._writer = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **kw)
-        self._lookup_script = self._reader.register_script(_LOOKUP_LUA)
+        self._lookup_script = self._reader.register_script(_LOOKUP_LUA[config.lookup_mode])
         self._publish_script = self._writer.register_script(_PUBLISH_LUA)
 
     # ------------------------------------------------------------------ reads (never raise)
@@ -360,23 +464,24 @@ class PageIndex(_IndexBase):
         Every candidate is a key of the answer (0: holds no leading page, or no live heartbeat);
         {} means the index could not answer in time (or there were no candidates).
         """
-        return _leading(self._lookup(hashes, replicas), replicas)
+        raw = self._call(hashes, replicas, with_load=False)
+        return {} if raw is None else self._counts(raw, replicas)
 
     def lookup_with_load(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
         """Like `lookup`, with each replica's reported load, in the same round trip; only
         replicas with a live heartbeat are keys of the answer."""
-        return self._lookup(hashes, replicas) or {}
+        raw = self._call(hashes, replicas, with_load=True)
+        return {} if raw is None else self._matches(raw, replicas)
 
-    def _lookup(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch] | None:
+    def _call(self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool) -> bytes | None:
         if not replicas or self._skip():
             return None
-        keys, args = self._lookup_args(hashes, replicas)
+        keys, args = self._lookup_args(hashes, replicas, with_load)
         try:
-            raw = self._lookup_script(keys, args)
+            return self._lookup_script(keys, args)
         except (redis.RedisError, OSError) as e:
             self._failed(e)
             return None
-        return self._answer(raw, replicas)
 
     # ------------------------------------------------------------------ writes (raise redis.RedisError)
     def publish(self, events: Iterable[KVEvent]) -> None:
@@ -433,24 +538,25 @@ class AsyncPageIndex(_IndexBase):
         super().__init__(config, model_id, clock)
         url, kw = _client_kwargs(config, config.timeout_ms, config.connect_timeout_ms or config.timeout_ms)
         self._reader = redis.asyncio.Redis.from_url(url, retry=AsyncRetry(NoBackoff(), 0), **kw)
-        self._lookup_script = self._reader.register_script(_LOOKUP_LUA)
+        self._lookup_script = self._reader.register_script(_LOOKUP_LUA[config.lookup_mode])
 
     async def lookup(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, int]:
-        return _leading(await self._lookup(hashes, replicas), replicas)
+        raw = await self._call(hashes, replicas, with_load=False)
+        return {} if raw is None else self._counts(raw, replicas)
 
     async def lookup_with_load(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
-        return await self._lookup(hashes, replicas) or {}
+        raw = await self._call(hashes, replicas, with_load=True)
+        return {} if raw is None else self._matches(raw, replicas)
 
-    async def _lookup(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch] | None:
+    async def _call(self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool) -> bytes | None:
         if not replicas or self._skip():
             return None
-        keys, args = self._lookup_args(hashes, replicas)
+        keys, args = self._lookup_args(hashes, replicas, with_load)
         try:
-            raw = await self._lookup_script(keys, args)
+            return await self._lookup_script(keys, args)
         except (redis.RedisError, OSError) as e:
             self._failed(e)
             return None
-        return self._answer(raw, replicas)
 
     async def aclose(self) -> None:
         await self._reader.aclose()

