@@ -4,8 +4,9 @@
     async for delta in engine.generate(GenerateRequest(prompt_token_ids=ids, sampling=SamplingParams())):
         ...
 
-One asyncio task runs the loop: schedule a step, run it on the model (in a worker thread, so the
-event loop keeps streaming), apply the results, push `TokenDelta`s to each request's queue. All
+One asyncio task runs the loop: schedule a step, run it on the model (on GPU in a worker thread,
+so the event loop keeps streaming while the device works; on CPU inline), apply the results,
+push `TokenDelta`s to each request's queue. All
 scheduler and pool state is touched on the event loop's thread only; an abort that arrives while
 a step runs is applied as soon as the step returns. When a request ends by any path (finish,
 abort, a consumer that stops iterating) its pages go back to the pool.
@@ -273,7 +274,13 @@ class Engine:
                     raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting[0]!r} cannot be admitted")
                 self._step_running = True
                 try:
-                    result = await loop.run_in_executor(self._executor, self.runner.execute, out)
+                    if self.device.type == "cuda":
+                        result = await loop.run_in_executor(self._executor, self.runner.execute, out)
+                    else:
+                        # torch's CPU kernels give each calling thread its own OpenMP team; a
+                        # second thread doubles matmul time on a small machine (measured on 2
+                        # cores), so CPU steps compute here and the loop yields between steps.
+                        result = self.runner.execute(out)
                 finally:
                     self._step_running = False
                 self._apply(out, result)
