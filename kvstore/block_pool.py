@@ -130,15 +130,25 @@ class BlockPool:
                 else:
                     self._free[p] = None
 
-    def commit(self, pages: Sequence[int], hashes: Sequence[PageHash]) -> None:
-        """Register full, computed pages in the prefix cache under their hashes. A hash that
-        another page already holds (two sequences computed the same prefix at once) is left to
-        that page; this page stays uncached and is reused first when freed."""
+    def commit(self, pages: list[int], hashes: Sequence[PageHash]) -> None:
+        """Register full, computed pages in the prefix cache under their hashes.
+
+        Where another page already caches a hash (the same prefix computed twice: two sequences
+        at once, or a fully cached prompt whose last page is recomputed for its logits), the
+        caller's copy is swapped in `pages` for the cached page: a reference is taken on that
+        page and the copy is freed. So a sequence never holds an uncached twin of a cached page,
+        and its cached ancestors stay referenced as long as it runs."""
         if not self.enable_prefix_caching:
             return
         stored = []
-        for p, h in zip(pages, hashes, strict=True):
-            if self.page_hash[p] is not None or h in self._cached:
+        for i, (p, h) in enumerate(zip(pages, hashes, strict=True)):
+            if self.page_hash[p] is not None:
+                continue
+            cached = self._cached.get(h)
+            if cached is not None:
+                self.acquire([cached])
+                self.free([p])
+                pages[i] = cached
                 continue
             self.page_hash[p] = h
             self._cached[h] = p

@@ -40,22 +40,17 @@ Search is right only while each replica's entries are *prefix-closed*: if it hol
 prompt's chain, it holds pages 0..i-1 too (all live). Then "page i held" is monotone in i and
 bisection finds where it flips. Two things should keep it so:
 (a) eviction: every sequence holding a cached page holds its ancestors' pages too (a prefix hit
-    acquires the whole leading run; a sequence caches its own pages in order), `BlockPool.free`
-    releases a page table last page first, and the free queue is LRU, so an ancestor is never
-    less recently used than its descendant and `removed` events take a chain from its tail;
+    acquires the whole leading run; a sequence caches its own pages in order, and `commit` swaps
+    a recomputed twin of a cached page for the cached page itself), `BlockPool.free` releases a
+    page table last page first, and the free queue is LRU, so an ancestor is never less recently
+    used than its descendant and `removed` events take a chain from its tail;
 (b) expiry: a `touched` event refreshes a prefix hit's whole leading run at once, so a refresh
     never leaves a descendant outliving its ancestors.
-Reading `kvstore/block_pool.py` with `workers/scheduler.py`, both have exceptions today (each
-is pinned by a test in tests/kvstore/test_index.py):
-(a) `BlockPool.commit` leaves a page uncached when another page already holds its hash, and the
-    sequence's later pages are cached with their parent on a page it does not hold. It happens
-    when a page-aligned prompt is fully cached (the scheduler recomputes its last page, to get
-    logits) or two sequences compute the same prefix at once. If that parent page is evicted
-    while the later pages stay, the chain has a hole.
-(b) a `stored` event refreshes only the new pages: the scheduler caches pages as chunked prefill
-    and decode fill them, so a page stored at t2 has ancestors last refreshed at t1 < t2, and
-    they expire up to t2 - t1 sooner. A later hit on a shorter prefix re-refreshes only that
-    prefix, which leaves a hole of expired pages between two live runs.
+(b) has an exception today (pinned by a test in tests/kvstore/test_index.py): a `stored` event
+    refreshes only the new pages: the scheduler caches pages as chunked prefill and decode fill
+    them, so a page stored at t2 has ancestors last refreshed at t1 < t2, and they expire up to
+    t2 - t1 sooner. A later hit on a shorter prefix re-refreshes only that prefix, which leaves a
+    hole of expired pages between two live runs.
 Dropped events break it too: a `stored` or `touched` event lost to a full publisher queue, a
 failed batch, or a Redis restart that loses data. In all these cases, until the hole's pages
 are stored again or the pages past it expire or are evicted, search may over-report: a probe

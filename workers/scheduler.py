@@ -194,7 +194,9 @@ class Scheduler:
             full = s.end // ps
             if full > seq.num_committed_pages:
                 hashes = seq.hashes_for(full, ps, self.config.model_id)
-                self.pool.commit(seq.page_table[seq.num_committed_pages : full], hashes[seq.num_committed_pages : full])
+                pages = seq.page_table[seq.num_committed_pages : full]
+                self.pool.commit(pages, hashes[seq.num_committed_pages : full])  # may swap in cached twins
+                seq.page_table[seq.num_committed_pages : full] = pages
                 seq.num_committed_pages = full
             if token is None:
                 continue

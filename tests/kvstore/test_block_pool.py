@@ -85,13 +85,18 @@ def test_prefix_hits_emit_touched_events():
     assert [(e.kind, e.hashes) for e in pool.take_events()] == [(KVEventKind.TOUCHED, (7, 8))]
 
 
-def test_duplicate_hash_stays_with_the_first_page():
+def test_committing_a_duplicate_hash_swaps_in_the_cached_page():
     pool = BlockPool(4, 4)
     a, b = pool.allocate(1), pool.allocate(1)
+    copy = b[0]
     pool.commit(a, [5])
     pool.commit(b, [5])
-    assert pool.lookup_prefix([5]) == a
-    assert pool.page_hash[b[0]] is None
+    assert b == a and pool.ref_counts[a[0]] == 2  # the second holder now shares the cached page
+    assert pool.ref_counts[copy] == 0 and pool.page_hash[copy] is None
+    assert pool.num_free_pages == 3
+    pool.free(a)
+    pool.free(b)
+    assert pool.num_free_pages == 4 and pool.lookup_prefix([5]) == a
 
 
 def test_prefix_caching_off_caches_nothing():

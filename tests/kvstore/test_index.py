@@ -132,11 +132,10 @@ def test_search_mode_over_reports_past_a_hole_from_a_dropped_event_until_the_hol
     assert exact.lookup(prompt, ["a"]) == search.lookup(prompt, ["a"]) == {"a": 40}
 
 
-def test_search_mode_over_reports_when_the_pool_evicts_a_cached_page_it_recomputed(make_index):
-    """Pins a case where the page pool itself breaks prefix-closure (see kvstore.index): a fully
-    cached, page-aligned prompt has its last page recomputed (the scheduler needs its logits);
-    `commit` leaves that copy uncached, so the sequence's next pages are cached while their parent
-    sits on a page nobody holds, which the pool may evict first."""
+def test_a_recomputed_cached_page_leaves_no_hole_for_search_mode(make_index):
+    """A fully cached, page-aligned prompt has its last page recomputed (the scheduler needs its
+    logits); `commit` swaps the copy for the cached page, so the sequence keeps that page
+    referenced, the pool cannot evict it under the sequence's later pages, and both modes agree."""
     exact, search = make_index(lookup_mode="exact"), make_index()
     pool = BlockPool(10, PAGE, replica_id="a")
     search.heartbeat("a", ReplicaLoad())
@@ -145,12 +144,14 @@ def test_search_mode_over_reports_when_the_pool_evicts_a_cached_page_it_recomput
     serve(pool, tokens[:20])  # the 5-page prompt, cached on pages P0..P4, then freed
     hit = pool.lookup_prefix(hashes[:4])  # the same prompt again: pages 0-3 hit, page 4 is recomputed
     pool.acquire(hit)
+    cached_page_4 = pool.lookup_prefix(hashes[:5])[4]
     fresh = pool.allocate(4)  # page 4's copy, then the decoded pages 5-7
-    pool.commit(fresh, hashes[4:])  # page 4's hash stays on P4: the copy is left uncached
-    pool.allocate(pool.num_free_pages)  # another request takes the free pages: P4 is evicted
+    pool.commit(fresh, hashes[4:])
+    assert fresh[0] == cached_page_4  # the copy was swapped for the cached page
+    pool.allocate(pool.num_free_pages)  # another request takes every free page: nothing held is evicted
     search.publish(pool.take_events())
-    assert pool.lookup_prefix(hashes) == hit  # the pool's own view: a hole at page 4
-    assert exact.lookup(hashes, ["a"]) == {"a": 4}
+    assert pool.lookup_prefix(hashes) == hit + fresh
+    assert exact.lookup(hashes, ["a"]) == {"a": 8}
     assert search.lookup(hashes, ["a"]) == {"a": 8}
 
 

@@ -197,3 +197,29 @@ def test_full_pages_are_committed_as_they_complete(budget):
     s.add(seq("a", range(10, 23), max_tokens=4))  # 13 + 4 = 17 tokens
     run_to_end(s)
     assert s.pool.num_cached_pages == 4  # tokens 0..15 in 4 full pages; the 17th token's KV is never computed
+
+
+def test_the_same_prefix_computed_twice_at_once_ends_up_on_shared_pages():
+    s = make()
+    a, b = seq("a", range(10, 22), max_tokens=3), seq("b", range(10, 22), max_tokens=3)
+    s.add(a)
+    s.add(b)
+    step(s)  # both prefill the same 12 tokens (3 pages) in one step
+    assert a.page_table[:3] == b.page_table[:3]
+    assert all(s.pool.ref_counts[p] == 2 for p in a.page_table[:3])
+    run_to_end(s)
+    assert s.pool.num_free_pages == s.pool.num_pages
+
+
+def test_a_recomputed_last_page_of_a_cached_prompt_is_swapped_for_the_cached_page():
+    s = make()
+    first = seq("a", range(10, 22), max_tokens=1)  # 3 full pages, all cached when it finishes
+    s.add(first)
+    run_to_end(s)
+    cached = s.pool.lookup_prefix(first.page_hashes[:3])
+    again = seq("b", range(10, 22), max_tokens=2)
+    s.add(again)
+    step(s)  # pages 0-1 hit; page 2 is recomputed (its logits start the answer) into a copy
+    assert again.page_table[:3] == cached  # ... which commit swapped for the cached page
+    run_to_end(s)
+    assert s.pool.num_free_pages == s.pool.num_pages
