@@ -67,9 +67,6 @@ class ModelRunner:
             cfg.model_dir, model_config, cfg.dtype, cfg.device, cfg.max_model_len, self.ops, cfg.load_format, cfg.seed
         )
         self.sampler = Sampler(cfg.device, seed=cfg.seed)
-        self.num_sms = (
-            torch.cuda.get_device_properties(cfg.device).multi_processor_count if cfg.device.type == "cuda" else 132
-        )
         n, s = cfg.max_num_batched_tokens, cfg.max_num_seqs
         self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
         dev = dict(device=cfg.device)
@@ -185,11 +182,6 @@ class ModelRunner:
             num_splits=num_splits,
         )
 
-    def _graph_splits(self, batch: int) -> int:
-        from workers.kernels.triton_attention import decode_num_splits
-
-        return decode_num_splits(batch, self.model_config.num_kv_heads, self.cfg.max_model_len, self.num_sms)
-
     @torch.inference_mode()
     def _capture_decode_graphs(self) -> None:
         buckets = self.graph_buckets()
@@ -204,7 +196,9 @@ class ModelRunner:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for batch in reversed(buckets):
-                meta = self._decode_meta(batch, self._graph_splits(batch))
+                meta = self._decode_meta(
+                    batch, self.ops.decode_splits(batch, self.model_config.num_kv_heads, self.cfg.max_model_len)
+                )
                 for _ in range(2):  # warm up: compile kernels, settle allocations
                     self.model.compute_logits(self.model(self.input_ids[:batch], self.positions[:batch], meta))
                 graph = torch.cuda.CUDAGraph()
@@ -230,7 +224,10 @@ class ModelRunner:
         if bucket is not None:
             graph, graph_logits = self.graphs[bucket]
             graph.replay()
-            logits = graph_logits[torch.tensor(sample_rows, device=self.device)] if sample_rows else None
+            if len(sample_rows) == len(scheduled):  # every decode samples: rows 0..batch-1
+                logits = graph_logits[: len(scheduled)]
+            else:
+                logits = graph_logits[torch.tensor(sample_rows, device=self.device)] if sample_rows else None
         else:
             hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
             logits = self.model.compute_logits(hidden[self._token_rows(sample_rows, meta)]) if sample_rows else None
@@ -309,12 +306,7 @@ class ModelRunner:
         self.block_tables[:batch, :width].copy_(torch.from_numpy(tables[:batch, :width]), non_blocking=True)
         if bucket is not None:
             return sample_rows, n, None
-        if self.ops.name == "triton":
-            from workers.kernels.triton_attention import decode_num_splits
-
-            num_splits = decode_num_splits(num_decodes, self.model_config.num_kv_heads, max(seq_lens), self.num_sms)
-        else:
-            num_splits = 1
+        num_splits = self.ops.decode_splits(num_decodes, self.model_config.num_kv_heads, max(seq_lens))
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:n],
             block_tables=self.block_tables[:batch, : max(width, 1)],

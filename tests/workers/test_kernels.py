@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workers.kernels import reference, triton_attention, triton_norm
-from workers.kernels.ops import TorchOps, TritonOps
+from workers.kernels.ops import get_ops
 from workers.layers.attention import AttentionMetadata
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,8 +63,8 @@ def test_mixed_batch_attention_matches_reference(heads, kv_heads, head_dim):
     k_cache, v_cache = make_cache(64, page_size, kv_heads, head_dim)
     q = rand(sum(q_lens), heads, head_dim)
     meta = meta_for(q_lens, ctx_lens, tables, num_splits=3)
-    got = TritonOps().attention(q, k_cache, v_cache, meta, head_dim**-0.5, None)
-    want = TorchOps().attention(q, k_cache, v_cache, meta, head_dim**-0.5, None)
+    got = get_ops("triton", DEVICE).attention(q, k_cache, v_cache, meta, head_dim**-0.5, None)
+    want = get_ops("torch", DEVICE).attention(q, k_cache, v_cache, meta, head_dim**-0.5, None)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
@@ -90,8 +90,8 @@ def test_sliding_window_attention_matches_reference():
     k_cache, v_cache = make_cache(64, 4, 2, 64)
     q = rand(sum(q_lens), 4, 64)
     meta = meta_for(q_lens, ctx_lens, tables)
-    got = TritonOps().attention(q, k_cache, v_cache, meta, 0.125, 8)
-    want = TorchOps().attention(q, k_cache, v_cache, meta, 0.125, 8)
+    got = get_ops("triton", DEVICE).attention(q, k_cache, v_cache, meta, 0.125, 8)
+    want = get_ops("torch", DEVICE).attention(q, k_cache, v_cache, meta, 0.125, 8)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 

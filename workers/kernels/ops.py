@@ -16,6 +16,9 @@ class TorchOps:
     silu_and_mul = staticmethod(reference.silu_and_mul)
     rope_and_write_kv = staticmethod(reference.rope_and_write_kv)
 
+    def decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
+        return 1  # the reference attends each decode over its whole context at once
+
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
         query_start_loc, seq_lens = meta.host_lists()
         return reference.paged_attention(
@@ -26,12 +29,17 @@ class TorchOps:
 class TritonOps:
     name = "triton"
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
         from workers.kernels import triton_attention, triton_norm
 
         self._attn = triton_attention
         self.rms_norm = triton_norm.rms_norm
         self.silu_and_mul = triton_norm.silu_and_mul
+        self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+    def decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
+        """How many context splits the decode kernel uses (fixed per batch size in a CUDA graph)."""
+        return self._attn.decode_num_splits(num_seqs, num_kv_heads, max_seq_len, self._num_sms)
 
     def rope_and_write_kv(self, q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping):
         self._attn.rope_and_write_kv(q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping)
@@ -71,10 +79,11 @@ class TritonOps:
 
 def get_ops(name: str, device: torch.device | str) -> TorchOps | TritonOps:
     """'auto': Triton on CUDA, the references elsewhere."""
+    device = torch.device(device)
     if name == "auto":
-        name = "triton" if torch.device(device).type == "cuda" else "torch"
+        name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
         return TorchOps()
     if name == "triton":
-        return TritonOps()
+        return TritonOps(device)
     raise ValueError(f"unknown kernels {name!r}: choose auto, torch or triton")
