@@ -146,6 +146,10 @@ class ReplicaLoad:
     num_running: int = 0
     num_free_pages: int = 0
     num_total_pages: int = 0
+    # Cumulative counters, for `kvfleet status` (routers read only the four fields above).
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_requests_finished: int = 0
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,8 @@ class LookupMetrics:
     skipped: int = 0  # answered {} without asking, during retry_after_s after a failure
 
 
-_LOAD_FIELDS = ("num_waiting", "num_running", "num_free_pages", "num_total_pages")
+_LOAD_FIELDS = ("num_waiting", "num_running", "num_free_pages", "num_total_pages")  # what lookups read
+_HEARTBEAT_FIELDS = (*_LOAD_FIELDS, "prefix_cache_queries", "prefix_cache_hits", "num_requests_finished")
 
 # KEYS: live_1, pages_1, live_2, pages_2, ...  ARGV[1]: now in ms (0: the server's clock);
 # ARGV[2]: the prompt's page hashes, 16 bytes each, concatenated (one string, sliced here with
@@ -318,6 +323,10 @@ end
 if #ARGV > 3 then redis.call('PEXPIRE', key, math.floor(ttl)) end
 return 0
 """
+
+
+def _glob_escape(s: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
 def encode_hashes(hashes: Iterable[PageHash]) -> bytes:
@@ -502,9 +511,24 @@ class PageIndex(_IndexBase):
         """Report the replica alive, with its load, for the next `heartbeat_ttl_s`."""
         key = self.keys.live(replica_id)
         pipe = self._writer.pipeline(transaction=True)
-        pipe.hset(key, mapping={f: int(getattr(load, f)) for f in _LOAD_FIELDS})
+        pipe.hset(key, mapping={f: int(getattr(load, f)) for f in _HEARTBEAT_FIELDS})
         pipe.pexpire(key, int(self.config.heartbeat_ttl_s * 1000))
         pipe.execute()
+
+    def live_replicas(self) -> dict[str, ReplicaLoad]:
+        """Every replica of the model with a live heartbeat, and what it last reported (a SCAN
+        and one pipelined HMGET: for status pages, not for routing). Raises `redis.RedisError`."""
+        prefix = self.keys.live("")
+        keys = self._writer.scan_iter(match=_glob_escape(prefix) + "*", count=1000)
+        names = [k[len(prefix) :].decode() for k in keys]
+        pipe = self._writer.pipeline(transaction=False)
+        for name in names:
+            pipe.hmget(self.keys.live(name), _HEARTBEAT_FIELDS)
+        out = {}
+        for name, values in zip(names, pipe.execute(), strict=True):
+            if values[0] is not None:  # expired between the SCAN and the HMGET
+                out[name] = ReplicaLoad(*(int(v or 0) for v in values))
+        return dict(sorted(out.items()))
 
     def leave(self, replica_id: str) -> None:
         """Drop the replica's heartbeat at once (it is shutting down); its entries expire by TTL."""

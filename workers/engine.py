@@ -20,14 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kvstore.block_pool import BlockPool
+from kvstore.block_pool import BlockPool, KVEvent
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.model_runner import ModelRunner, RunnerConfig, StepResult
@@ -69,8 +69,13 @@ class _Stream:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig):
+    """`kv_event_sink`, if given, receives the page pool's KV events after every step (on the
+    event loop's thread; it must not block: the worker deployment hands them to a publisher's
+    queue). Without one the events are dropped, so they never pile up."""
+
+    def __init__(self, config: EngineConfig, kv_event_sink: Callable[[list[KVEvent]], None] | None = None):
         self.config = config
+        self._kv_event_sink = kv_event_sink
         self.model_config = ModelConfig.from_dir(config.model)
         self.model_id = config.model_id or Path(config.model).resolve().name
         self.device = _resolve_device(config.device)
@@ -288,6 +293,9 @@ class Engine:
                     if request_id in self._streams:
                         self._finish(self._streams[request_id], FinishReason.ABORT)
                 self._pending_aborts.clear()
+                events = self.pool.take_events()
+                if events and self._kv_event_sink is not None:
+                    self._kv_event_sink(events)
                 await asyncio.sleep(0)  # let consumers and new requests in between steps
         except asyncio.CancelledError:
             raise
@@ -335,6 +343,7 @@ class Engine:
             delta.num_prompt_tokens = seq.num_prompt_tokens
             delta.num_cached_prompt_tokens = seq.num_cached_prompt_tokens
             delta.num_completion_tokens = seq.num_output_tokens
+            delta.replica_id = self.config.replica_id
             del self._streams[seq.request_id]
         stream.queue.put_nowait(delta)
 

@@ -112,7 +112,7 @@ class TokenDelta:
 
     `text` is the newly decodable text; it may lag `token_ids` by a few tokens while a
     multi-byte character or a possible stop string is incomplete. The last delta of a
-    request has `finish_reason` set, and carries the usage counts.
+    request has `finish_reason` set, and carries the usage counts and the replica's id.
     """
 
     request_id: str
@@ -123,6 +123,7 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     num_completion_tokens: int = 0
+    replica_id: str = ""  # the engine's `EngineConfig.replica_id`, on the last delta
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,56 @@
+"""The Ray Serve application of a kvfleet cluster, built from a `ClusterConfig`.
+
+    GenerationIngress (router/ingress.py)  --DeploymentHandle, stream=True-->  TargetWorker x replicas
+
+The ingress is the `kvfleet.v1.Generation` servicer behind Serve's gRPC proxy (`grpc_options`
+lists its servicer functions); TargetWorker replicas are chosen by Serve's default request router
+(power of two choices over queue lengths) until the prefix-aware router lands.
+
+`build_app(config)` is for Python callers (local mode, tests); `app_builder` is the
+`import_path` target of a Serve config file (KubeRay's serveConfigV2): its `args` are a
+`ClusterConfig` as a mapping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from cluster.config import ClusterConfig
+from router.ingress import GRPC_SERVICER_FUNCTIONS, GenerationIngress
+from workers.deployment import TargetWorker
+
+
+def build_app(config: ClusterConfig) -> Application:
+    if config.index is None:
+        raise ValueError("config.index is None: start a Redis server first (local mode does) and set index.redis_url")
+    target = config.target
+    worker = serve.deployment(
+        TargetWorker,
+        name="TargetWorker",
+        num_replicas=target.replicas,
+        max_ongoing_requests=target.max_ongoing_requests,
+        health_check_period_s=target.health_check_period_s,
+        request_router_config=RequestRouterConfig(request_routing_stats_period_s=target.routing_stats_period_s),
+        ray_actor_options={"num_cpus": target.num_cpus, "num_gpus": config.target_num_gpus},
+    ).bind(config.engine, config.index, target.metrics_period_s)
+    ingress = serve.deployment(
+        GenerationIngress,
+        name="GenerationIngress",
+        num_replicas=config.ingress.replicas,
+        max_ongoing_requests=config.ingress.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ingress.num_cpus},
+    )
+    return ingress.bind(worker, config.engine, config.index)
+
+
+def grpc_options(config: ClusterConfig) -> dict[str, Any]:
+    return {"port": config.grpc.port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve config entry point: `import_path: cluster.app:app_builder`, `args:` a ClusterConfig."""
+    return build_app(ClusterConfig.model_validate(args))

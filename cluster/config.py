@@ -1,0 +1,117 @@
+"""`ClusterConfig`: one YAML file describes a whole kvfleet cluster, validated once (pydantic).
+
+    engine:                      # workers.config.EngineConfig: the model and every engine knob
+      model: /models/llama-3-8b
+      max_model_len: 8192
+    target: {replicas: 4, num_gpus: 1}
+    ingress: {replicas: 2}
+    grpc: {port: 50051}
+    index: {redis_url: redis://redis:6379/0}     # omit in local mode: a private server is started
+    ray: {address: auto}                         # omit in local mode: a local Ray is started
+
+Every other section nests the config model of the folder that owns it (`EngineConfig` from
+workers/, `IndexConfig` from kvstore/), so no field is declared twice. `kvfleet serve` with no
+file builds `ClusterConfig.local(model_dir)`: local Ray, private Redis, the demo model on CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from kvstore.index import IndexConfig
+from workers.config import EngineConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TargetConfig(_Section):
+    """The TargetWorker deployment: one replica per worker group (one engine)."""
+
+    replicas: int = Field(1, ge=1, description="Worker groups, each with its own engine and KV cache.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per worker group (1 until tensor parallelism lands).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
+    num_gpus: float | None = Field(
+        None, ge=0, description="GPUs Ray reserves per replica; default: tensor_parallel_size on a CUDA device, else 0."
+    )
+    max_ongoing_requests: int = Field(
+        1024, ge=1, description="Requests a replica holds at once (running + waiting in its engine)."
+    )
+    health_check_period_s: float = Field(5.0, gt=0, description="How often Serve checks each replica.")
+    routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load to routers.")
+    metrics_period_s: float = Field(1.0, gt=0, description="How often replicas update their gauges.")
+
+    @model_validator(mode="after")
+    def _tp(self) -> TargetConfig:
+        if self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size > 1 is not supported yet (tensor-parallel worker groups are coming)")
+        return self
+
+
+class IngressConfig(_Section):
+    """The ingress deployment: the gRPC servicer (validation, tokenization, page hashes)."""
+
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    max_ongoing_requests: int = Field(4096, ge=1, description="Streams one ingress replica serves at once.")
+
+
+class GrpcConfig(_Section):
+    port: int = Field(
+        50051, ge=0, le=65535, description="Port of Ray Serve's gRPC proxy on every node (0: a free port)."
+    )
+    http_port: int = Field(8000, ge=0, le=65535, description="Port of Serve's HTTP proxy (0: any free port).")
+    host: str = Field("0.0.0.0", description="Address the proxies listen on; local mode uses 127.0.0.1.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="An existing Ray cluster ('auto', 'ray://...'); None: start one.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: the machine's).")
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=0, le=65535)
+    namespace: str = "kvfleet"
+
+
+class ClusterConfig(_Section):
+    engine: EngineConfig
+    target: TargetConfig = TargetConfig()
+    ingress: IngressConfig = IngressConfig()
+    grpc: GrpcConfig = GrpcConfig()
+    index: IndexConfig | None = Field(
+        None, description="The shared page index; None: start a private Redis-protocol server (local mode)."
+    )
+    ray: RayConfig = RayConfig()
+    app_name: str = Field("kvfleet", description="Ray Serve application name (the gRPC 'application' metadata).")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.engine.replica_id:
+            raise ValueError("engine.replica_id is set by each worker replica; leave it out of the config")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id or Path(self.engine.model).resolve().name
+
+    @property
+    def target_num_gpus(self) -> float:
+        if self.target.num_gpus is not None:
+            return self.target.num_gpus
+        return float(self.target.tensor_parallel_size) if self.engine.device.startswith("cuda") else 0.0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ClusterConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    @classmethod
+    def local(cls, model_dir: str | Path, **engine) -> ClusterConfig:
+        """Local mode: a private Ray and Redis on this machine, gRPC on 127.0.0.1, CPU by default."""
+        engine = {"device": "cpu", **engine}
+        return cls(engine=EngineConfig(model=str(model_dir), **engine), grpc=GrpcConfig(host="127.0.0.1", http_port=0))

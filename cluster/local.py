@@ -1,0 +1,135 @@
+"""Running a kvfleet cluster from this process: `kvfleet serve` and the integration tests.
+
+`ServeCluster(config).start()` brings up, in order, what the config leaves to it:
+  1. a private Redis-protocol server on a free port, when `config.index` is None (local mode);
+  2. a local Ray with its dashboard, when `config.ray.address` is None (else it connects);
+  3. Ray Serve with its gRPC proxy (`config.grpc.port`) and the kvfleet application,
+     reporting progress while replicas load the model, and returning once all are RUNNING.
+`stop()` (or leaving the `with` block) takes down what it started, in reverse order.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+from cluster.config import ClusterConfig
+from kvstore.index import IndexConfig
+from kvstore.redis_server import LocalRedisServer, free_port
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class ClusterStartError(RuntimeError):
+    """The application did not reach RUNNING (a replica failed to start, or the wait timed out)."""
+
+
+class ServeCluster:
+    def __init__(self, config: ClusterConfig, progress: Callable[[str], None] = _stderr):
+        self.config = config
+        self.progress = progress
+        self.redis: LocalRedisServer | None = None
+        self._started_ray = False
+        self.grpc_port = config.grpc.port or free_port()
+        self.dashboard_url: str | None = None
+
+    @property
+    def grpc_target(self) -> str:
+        host = "127.0.0.1" if self.config.grpc.host in ("0.0.0.0", "::", "127.0.0.1") else self.config.grpc.host
+        return f"{host}:{self.grpc_port}"
+
+    def start(self, timeout_s: float = 600.0) -> ServeCluster:
+        import ray
+        from ray import serve
+
+        from cluster.app import build_app, grpc_options
+
+        try:
+            if self.config.index is None:
+                self.redis = LocalRedisServer().start()
+                self.config = self.config.model_copy(update={"index": IndexConfig(redis_url=self.redis.url)})
+                self.progress(f"page index: private Redis-protocol server at {self.redis.url}")
+            if self.config.ray.address is None and not ray.is_initialized():
+                rc = self.config.ray
+                context = ray.init(
+                    num_cpus=rc.num_cpus,
+                    namespace=rc.namespace,
+                    include_dashboard=True,
+                    dashboard_host=rc.dashboard_host,
+                    dashboard_port=rc.dashboard_port or None,
+                    logging_level="warning",
+                    log_to_driver=False,
+                )
+                self._started_ray = True
+                self.dashboard_url = getattr(context, "dashboard_url", None)
+            elif not ray.is_initialized():
+                context = ray.init(address=self.config.ray.address, namespace=self.config.ray.namespace)
+                self.dashboard_url = getattr(context, "dashboard_url", None)
+            if self.dashboard_url and "://" not in self.dashboard_url:
+                self.dashboard_url = f"http://{self.dashboard_url}"
+            http_port = self.config.grpc.http_port or free_port()
+            serve.start(
+                http_options={"host": self.config.grpc.host, "port": http_port},
+                grpc_options={**grpc_options(self.config), "port": self.grpc_port},
+            )
+            self.progress(
+                f"deploying {self.config.model_id}: {self.config.target.replicas} TargetWorker replica(s) "
+                f"on {self.config.engine.device}, {self.config.ingress.replicas} ingress replica(s)"
+            )
+            serve.run_many(
+                [serve.api.RunTarget(build_app(self.config), name=self.config.app_name, route_prefix="/")],
+                wait_for_applications_running=False,
+            )
+            self._wait_running(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_running(self, timeout_s: float) -> None:
+        from ray import serve
+
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while True:
+            app = serve.status().applications.get(self.config.app_name)
+            if app is not None:
+                parts = []
+                for name, dep in sorted(app.deployments.items()):
+                    counts = ", ".join(f"{n} {str(state).lower()}" for state, n in sorted(dep.replica_states.items()))
+                    parts.append(f"{name}: {counts or dep.status.value.lower()}")
+                line = f"  {app.status.value.lower()}: " + "; ".join(parts)
+                if line != last:
+                    self.progress(line)
+                    last = line
+                if app.status.value == "RUNNING":
+                    return
+                if app.status.value in ("DEPLOY_FAILED", "UNHEALTHY"):
+                    raise ClusterStartError(f"the application failed to start: {app.message}")
+            if time.monotonic() > deadline:
+                raise ClusterStartError(f"the application was not RUNNING after {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            finally:
+                if self._started_ray:
+                    ray.shutdown()
+                    self._started_ray = False
+        if self.redis is not None:
+            self.redis.close()
+            self.redis = None
+
+    def __enter__(self) -> ServeCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

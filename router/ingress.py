@@ -1,0 +1,235 @@
+"""`GenerationIngress`: the `kvfleet.v1.Generation` servicer, a Ray Serve deployment behind Serve's
+gRPC proxy.
+
+For each `Generate` it checks the model and the sampling parameters, tokenizes the prompt (text,
+token ids, or chat messages through the model's chat template), hashes its full pages (for the
+request router) and streams the chosen TargetWorker's deltas back as `GenerateResponse`s. Every
+refusal happens here, before a worker sees the request, with the gRPC code of DESIGN.md and a
+sentence that names the field:
+
+    InvalidRequestError    -> INVALID_ARGUMENT     ModelNotFoundError       -> NOT_FOUND
+    ResourceExhaustedError -> RESOURCE_EXHAUSTED   a worker died or is gone -> UNAVAILABLE
+
+When the client cancels (or its deadline passes) Serve cancels this generator; the `finally`
+cancels the worker's stream, whose engine aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from kvstore.hashing import page_hashes
+from kvstore.index import IndexConfig, PageIndex
+from protos.kvfleet.v1 import generation_pb2 as pb
+from router.api import (
+    ModelInfo,
+    ModelNotFoundError,
+    chat_messages,
+    check_model,
+    check_prompt_ids,
+    delta_to_proto,
+    sampling_from_proto,
+)
+from workers.config import EngineConfig
+from workers.models.config import ModelConfig
+from workers.request import EngineDeadError, GenerateRequest, InvalidRequestError, ResourceExhaustedError
+
+logger = logging.getLogger(__name__)
+
+GRPC_SERVICER_FUNCTIONS = [
+    "protos.kvfleet.v1.generation_pb2_grpc.add_GenerationServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+class RequestError(Exception):
+    """A request refused with a gRPC status code (set on the context before raising)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, outcome: str):
+        super().__init__(message)
+        self.code = code
+        self.outcome = outcome
+
+    def __reduce__(self):  # Serve pickles it to the proxy, which rebuilds it from these
+        return type(self), (self.code, str(self), self.outcome)
+
+
+def _status_of(exc: BaseException) -> RequestError:
+    """The gRPC status a client sees for an exception raised while serving its request."""
+    from ray import exceptions as rex
+    from ray.serve.exceptions import BackPressureError
+
+    cause = exc.cause if isinstance(exc, rex.RayTaskError) and exc.cause is not None else exc
+    if isinstance(cause, RequestError):
+        return cause
+    if isinstance(cause, InvalidRequestError):
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(cause), "invalid_argument")
+    if isinstance(cause, ModelNotFoundError):
+        return RequestError(grpc.StatusCode.NOT_FOUND, str(cause), "not_found")
+    if isinstance(cause, ResourceExhaustedError | BackPressureError):
+        return RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{cause} (retryable)", "resource_exhausted")
+    if isinstance(cause, rex.RayActorError | rex.ActorUnavailableError | EngineDeadError):
+        return RequestError(
+            grpc.StatusCode.UNAVAILABLE, f"the worker serving this request failed: {cause}", "unavailable"
+        )
+    logger.exception("request failed", exc_info=exc)
+    return RequestError(grpc.StatusCode.INTERNAL, f"internal error: {cause!r}", "internal")
+
+
+class GenerationIngress:
+    def __init__(self, target, engine_config: EngineConfig, index_config: IndexConfig | None):
+        from transformers import AutoTokenizer
+
+        from cluster.metrics import IngressMetrics
+
+        self.target = target  # DeploymentHandle of the TargetWorker deployment
+        model_config = ModelConfig.from_dir(engine_config.model)
+        model_id = engine_config.model_id or _dir_name(engine_config.model)
+        self.info = ModelInfo(
+            model_id=model_id,
+            max_model_len=engine_config.max_model_len or model_config.max_position_embeddings,
+            page_size=engine_config.page_size,
+            vocab_size=model_config.vocab_size,
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(engine_config.tokenizer or engine_config.model)
+        self.index = PageIndex(index_config, model_id) if index_config is not None else None
+        self.metrics = IngressMetrics(model_id)
+
+    # ------------------------------------------------------------------ Generation
+    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+        arrival = time.perf_counter()
+        first = None
+        completion_tokens = 0
+        outcome = "cancelled"
+        stream = None
+        finished = False
+        try:
+            engine_request, hashes = self._engine_request(request)
+            stream = self.target.options(stream=True).generate.remote(engine_request, page_hashes=hashes)
+            async for delta in stream:
+                if first is None and delta.token_ids:
+                    first = time.perf_counter()
+                completion_tokens += len(delta.token_ids)
+                finished = delta.finish_reason is not None
+                yield delta_to_proto(delta)
+            outcome = "ok"
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            status = _status_of(e)
+            outcome = status.outcome
+            self._refuse(grpc_context, status)
+            raise status from e
+        finally:
+            if stream is not None and not finished:
+                stream.cancel()  # the worker's engine aborts the request and frees its pages
+            self.metrics.finished(outcome, arrival, first, time.perf_counter(), completion_tokens)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+        try:
+            check_model(request.model, self.info)
+            add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            if request.WhichOneof("input") == "chat":
+                ids = self._render_chat(request.chat)
+            else:
+                ids = self.tokenizer.encode(request.text, add_special_tokens=add_special)
+            return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
+        except Exception as e:
+            status = _status_of(e)
+            self._refuse(grpc_context, status)
+            raise status from e
+
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
+        info = self.info
+        model = pb.ModelInfo(
+            id=info.model_id,
+            max_model_len=info.max_model_len,
+            page_size=info.page_size,
+            vocab_size=info.vocab_size,
+            has_chat_template=bool(getattr(self.tokenizer, "chat_template", None)),
+        )
+        return pb.ListModelsResponse(models=[model])
+
+    async def GetStatus(self, request: pb.GetStatusRequest, grpc_context=None) -> pb.GetStatusResponse:
+        try:
+            check_model(request.model, self.info)
+        except ModelNotFoundError as e:
+            status = _status_of(e)
+            self._refuse(grpc_context, status)
+            raise status from e
+        out = pb.GetStatusResponse(model=self.info.model_id)
+        if self.index is None:
+            return out
+        try:
+            replicas = await asyncio.to_thread(self.index.live_replicas)
+        except Exception as e:  # Redis down: say so rather than fail the status page
+            logger.warning("page index unreachable for status: %r", e)
+            return out
+        out.index_reachable = True
+        for name, load in replicas.items():
+            out.replicas.add(replica=name, **{f: getattr(load, f) for f in _STATUS_FIELDS})
+        return out
+
+    # ------------------------------------------------------------------ grpc.health.v1
+    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
+        """SERVING once this ingress is up (Serve only routes to replicas that passed their checks)."""
+        if request.service not in ("", "kvfleet.v1.Generation"):
+            status = RequestError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}", "not_found")
+            self._refuse(grpc_context, status)
+            raise status
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    # ------------------------------------------------------------------ internals
+    def _engine_request(self, request: pb.GenerateRequest) -> tuple[GenerateRequest, list[int]]:
+        check_model(request.model, self.info)
+        sampling = sampling_from_proto(request.sampling)
+        kind = request.WhichOneof("prompt")
+        if kind == "token_ids":
+            ids, field = list(request.token_ids.ids), "token_ids"
+        elif kind == "chat":
+            ids, field = self._render_chat(request.chat), "chat"
+        else:
+            add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            ids = self.tokenizer.encode(request.text, add_special_tokens=add_special) if request.text else []
+            field = "text"
+        check_prompt_ids(ids, self.info, field)
+        hashes = page_hashes(ids, self.info.page_size, self.info.model_id)
+        return GenerateRequest(ids, sampling, request_id=request.request_id or uuid.uuid4().hex), hashes
+
+    def _render_chat(self, chat: pb.Chat) -> list[int]:
+        messages = chat_messages(chat)
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError("chat", f"model {self.info.model_id!r} has no chat template: send text instead")
+        add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    @staticmethod
+    def _refuse(grpc_context, status: RequestError) -> None:
+        if grpc_context is not None:
+            grpc_context.set_code(status.code)
+            grpc_context.set_details(str(status))
+
+
+_STATUS_FIELDS = (
+    "num_waiting",
+    "num_running",
+    "num_free_pages",
+    "num_total_pages",
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "num_requests_finished",
+)
+
+
+def _dir_name(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).resolve().name
