@@ -124,3 +124,14 @@ def build_model_dir(
     tokenizer.save_pretrained(out)
     (out / "kvfleet-demo.json").write_text(json.dumps({"arch": arch, "seed": seed, "random_weights": True}))
     return out
+
+
+# The trained pair that ships with kvfleet (cluster/train_demo.py made it; see each README.md).
+DEMO_PAIR_DIR = Path(__file__).resolve().parent / "demo_models"
+DEMO_TARGET = "kvfleet-pycoder"
+DEMO_DRAFT = "kvfleet-pycoder-draft"
+
+
+def shipped_demo_pair() -> tuple[Path, Path]:
+    """The shipped (target, draft) model directories: absolute paths inside the installed package."""
+    return DEMO_PAIR_DIR / DEMO_TARGET, DEMO_PAIR_DIR / DEMO_DRAFT

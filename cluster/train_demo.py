@@ -4,13 +4,25 @@
     python -m cluster.train_demo train --data DIR --out DIR    # GPU: target, then its draft
 
 `prepare` trains a byte-level BPE tokenizer (8k) on the stdlib's `*.py` files and writes them as
-token ids, holding out every 20th file (sorted by path) for validation. `train` trains the
-target ("kvfleet-pycoder", a ~22M-parameter Llama) on next-token prediction, then distils the draft
-(~4.5M parameters, same tokenizer) from it: loss = alpha * KL(target || draft) + (1 - alpha) * CE,
-with the target's soft distribution at temperature 1 (Hinton et al. 2015; DistillSpec, Zhou et al.
-2023). It evaluates both on the held-out files beside a unigram baseline, measures how often the
-draft's greedy token equals the target's (the quantity speculative decoding lives on), and writes
-both as Hugging Face directories with a model card recording data, hyperparameters and results.
+token ids, `</s>` after each file, holding out every 20th file (sorted by path) for validation.
+The tokenizer puts `</s>` before each text it encodes with special tokens (as GPT-2 uses its
+<|endoftext|>): a prompt then starts a file, as every training file starts after one.
+
+`train` trains the target ("kvfleet-pycoder", a ~19M-parameter Llama) on next-token prediction,
+then distils the draft (~2.8M parameters, same tokenizer) from it: loss = alpha * KL(target ||
+draft) + (1 - alpha) * CE, with the target's soft distribution at temperature 1 (Hinton et al.
+2015; DistillSpec, Zhou et al. 2023). It evaluates both on the held-out files beside a unigram
+baseline, measures how often the draft's greedy token equals the target's (the quantity
+speculative decoding lives on), and writes both as Hugging Face directories with a model card
+recording data, hyperparameters and results.
+
+The stdlib is only ~8M tokens, so the target sees it several times: residual dropout (training
+only: the saved model is a plain Llama) and a cosine schedule short enough to end annealed before
+the dev loss turns keep it from memorising (an earlier 22M target without dropout picked an early,
+un-annealed checkpoint that its own 4.5M draft beat). Of two H100 runs with these shapes, of 1500
+and 3000 target steps, the shipped pair is the 1500-step one (these defaults): its held-out loss is
+higher (2.085 against 2.048), but its draft agrees with it on 75% of tokens against 69%, and the
+3000-step target's greedy `def fibonacci(n):` ran on inside its docstring.
 
 Deterministic given the seed and the step counts (up to the GPU's floating-point nondeterminism);
 a time limit per phase stops early and the card records the steps actually run.
@@ -45,11 +57,10 @@ class Shape:
 
 
 TARGET = Shape(
-    hidden_size=384, intermediate_size=1024, num_hidden_layers=12, num_attention_heads=6, num_key_value_heads=2
+    hidden_size=384, intermediate_size=1024, num_hidden_layers=10, num_attention_heads=6, num_key_value_heads=2
 )
-# A first run with a 4.5M draft (hidden 256) distilled so well that it matched the 22M target on
-# held-out text (the target overfits 8M tokens); this ~2.8M draft should leave the target ahead
-# (not yet measured: the next GPU run will tell).
+# Clearly smaller than the target (a 4.5M draft once matched it): 3 layers, most of its weights in
+# the embedding.
 DRAFT = Shape(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=1)
 
 
@@ -57,18 +68,20 @@ DRAFT = Shape(hidden_size=192, intermediate_size=512, num_hidden_layers=3, num_a
 class TrainConfig:
     seq_len: int = 512
     batch_size: int = 64
-    target_steps: int = 3000
-    draft_steps: int = 3000
+    target_steps: int = 1500  # ~6 passes over the training tokens
+    draft_steps: int = 2000
     lr: float = 1e-3
     draft_lr: float = 2e-3
     warmup: int = 200
     weight_decay: float = 0.1
     alpha: float = 0.8  # weight of the KL term in the draft's loss
+    dropout: float = 0.1  # on the target's attention and MLP outputs, while training
     seed: int = 0
-    time_limit_s: float = 240.0  # per phase
+    time_limit_s: float = 220.0  # per phase
     eval_tokens: int = 400_000
     eval_every: int = 100  # steps between dev-loss checks; the best checkpoint is kept (early stopping)
     dev_tokens: int = 65_536
+    sample_tokens: int = 64  # of the target's greedy sample in its card
 
 
 # ------------------------------------------------------------------ data (CPU)
@@ -79,6 +92,14 @@ def stdlib_files() -> list[Path]:
     return [f for f in sorted(STDLIB.rglob("*.py")) if "site-packages" not in f.parts]
 
 
+def mark_file_start(tokenizer):
+    """Make `</s>`, the file separator of the training data, the tokenizer's BOS: encoding with
+    special tokens (transformers' default, and kvfleet's ingress) puts it before the text."""
+    tokenizer.bos_token = tokenizer.eos_token
+    tokenizer.add_bos_token = True
+    return tokenizer
+
+
 def prepare(data_dir: Path, vocab_size: int = VOCAB_SIZE) -> dict:
     from cluster.demo_model import train_tokenizer_on
 
@@ -86,7 +107,7 @@ def prepare(data_dir: Path, vocab_size: int = VOCAB_SIZE) -> dict:
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
     val_idx = set(range(0, len(files), 20))
     train_texts = [t for i, t in enumerate(texts) if i not in val_idx]
-    tokenizer = train_tokenizer_on(train_texts, vocab_size)
+    tokenizer = mark_file_start(train_tokenizer_on(train_texts, vocab_size))
     data_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(data_dir / "tokenizer")
 
@@ -141,7 +162,7 @@ def _model(shape: Shape, seed: int, device):
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-        bos_token_id=0,
+        bos_token_id=EOS_ID,  # see mark_file_start
         eos_token_id=EOS_ID,
         pad_token_id=2,
         head_dim=64,
@@ -149,6 +170,23 @@ def _model(shape: Shape, seed: int, device):
     )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config).to(device)
+
+
+def add_residual_dropout(model, p: float) -> None:
+    """Dropout on every attention and MLP output while the model trains (transformers' Llama has
+    none); forward hooks, so the saved checkpoint stays a plain Llama."""
+    import torch.nn.functional as F
+
+    def hook(module, args, output):
+        if not module.training or p == 0:
+            return output
+        if isinstance(output, tuple):  # attention: (output, weights)
+            return (F.dropout(output[0], p, True), *output[1:])
+        return F.dropout(output, p, True)
+
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
 
 
 def _optimizer(model, lr, weight_decay, warmup, steps):
@@ -195,7 +233,7 @@ def dev_loss(model, tokens, seq_len: int, device, max_tokens: int) -> float:
 
 def _run(phase: str, model, steps: int, cfg: TrainConfig, loss_fn, lr: float, train, dev, device, log) -> dict:
     """Train for `steps` (or the time limit), checking the dev loss every `eval_every` steps and
-    ending with the weights of the best check (early stopping: a 22M model overfits 8M tokens)."""
+    ending with the weights of the best check (early stopping: a 19M model overfits 8M tokens)."""
     import torch
 
     opt, sched = _optimizer(model, lr, cfg.weight_decay, cfg.warmup, steps)
@@ -276,6 +314,25 @@ def evaluate(target, draft, train, val, seq_len: int, device, max_tokens: int = 
     }
 
 
+SAMPLE_PROMPT = "def fibonacci(n):"
+
+
+def greedy_continuation(model, tokenizer, prompt: str, device, max_new_tokens: int = 64) -> str:
+    """The model's greedy continuation of `prompt` (encoded with the file-start `</s>`) in float32
+    (no TF32), up to the end of file."""
+    import torch
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ids = torch.tensor([tokenizer.encode(prompt)], device=device)
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, log=print) -> dict:
     import torch
     import torch.nn.functional as F
@@ -289,6 +346,7 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, log=print) -> dict:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(data_dir / "tokenizer")
 
     target = _model(TARGET, cfg.seed, device)
+    add_residual_dropout(target, cfg.dropout)
 
     def lm_loss(x, y):
         return F.cross_entropy(target(x).logits.float().flatten(0, 1), y.flatten())
@@ -309,14 +367,19 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, log=print) -> dict:
     draft_run = _run(
         "draft", draft, cfg.draft_steps, cfg, distill_loss, cfg.draft_lr, train_tokens, dev_tokens, device, log
     )
+    for model in (target, draft):  # measure the weights that ship: rounded to bfloat16
+        model.to(torch.bfloat16).float()
     results = evaluate(target, draft, train_tokens, val_tokens, cfg.seq_len, device, cfg.eval_tokens)
     log(json.dumps(results))
+    sample = greedy_continuation(target, tokenizer, SAMPLE_PROMPT, device, cfg.sample_tokens)
+    log(f"{SAMPLE_PROMPT}{sample}")
     record = {
         "data": meta,
         "train_config": asdict(cfg),
         "target_run": target_run,
         "draft_run": draft_run,
         "results": results,
+        "sample": {"prompt": SAMPLE_PROMPT, "greedy_continuation": sample},
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "python": sys.version.split()[0],
@@ -336,10 +399,12 @@ def train(data_dir: Path, out_dir: Path, cfg: TrainConfig, log=print) -> dict:
 
 def _card(name: str, params: int, shape: Shape, run: dict, record: dict) -> str:
     r, d, c = record["results"], record["data"], record["train_config"]
-    lr = c["lr"] if name == "kvfleet-pycoder" else c["draft_lr"]
+    is_target = name == "kvfleet-pycoder"
+    lr = c["lr"] if is_target else c["draft_lr"]
+    dropout = f"residual dropout {c['dropout']} (attention and MLP outputs), " if is_target else ""
     role = (
         "the target: trained from scratch on next-token prediction"
-        if name == "kvfleet-pycoder"
+        if is_target
         else f"the draft for kvfleet-pycoder: distilled from it (loss = {c['alpha']} x KL(target || draft) + "
         f"{1 - c['alpha']:.1f} x cross-entropy, temperature 1)"
     )
@@ -351,20 +416,21 @@ tags: [code, python, kvfleet, speculative-decoding]
 # {name}
 
 A small Llama-architecture causal LM of Python code, shipped with kvfleet for its demo, its tests and
-speculative decoding; {role}. It writes Python that looks like the standard library's; it knows
-nothing else. Chat-free.
+speculative decoding. It writes Python that looks like the standard library's; it knows nothing else.
+Chat-free. This is {role}.
 
 - Parameters: {params / 1e6:.1f}M ({shape.num_hidden_layers} layers, hidden {shape.hidden_size},
   MLP {shape.intermediate_size}, {shape.num_attention_heads} heads of 64, {shape.num_key_value_heads} KV heads,
   tied embeddings), stored in bfloat16.
-- Tokenizer: byte-level BPE, {d["vocab_size"]} tokens, trained on the training files; `</s>` (id 1) separates files.
+- Tokenizer: byte-level BPE, {d["vocab_size"]} tokens, trained on the training files; `</s>` (id 1) separates files,
+  and the tokenizer puts one before each text it encodes with special tokens (a prompt starts a file).
 - Data: {d["source"]}: {d["files"]} files, {d["bytes"] / 1e6:.1f} MB, {d["train_tokens"]:,} training tokens and
   {d["val_tokens"]:,} held-out tokens ({d["val_rule"]}); sha256 of paths and contents {d["sha256"][:16]}...
-- Training: the checkpoint of step {run["best_step"]} of {run["steps_run"]} run, the lowest loss on the dev half of
-  the held-out files (checked every {c["eval_every"]} steps), in batches of {c["batch_size"]} x {c["seq_len"]} tokens
+- Training: the checkpoint of step {run["best_step"]} of {run["steps_run"]} run, the lowest loss on the dev files (every
+  other held-out file; checked every {c["eval_every"]} steps), in batches of {c["batch_size"]} x {c["seq_len"]} tokens
   ({run["tokens"] / 1e6:.0f}M tokens to that step; {run["seconds"]:.0f} s in all on {record["device"]}); AdamW
   (betas 0.9/0.95, weight decay {c["weight_decay"]}), peak LR {lr}, {c["warmup"]} warm-up steps, cosine to 10%,
-  bf16 autocast, seed {c["seed"]}.
+  {dropout}bf16 autocast, seed {c["seed"]}.
   Script: `python -m cluster.train_demo` in kvfleet.
 
 ## Held-out results ({r["val_tokens"]:,} tokens of the test files, never used to pick a checkpoint)
@@ -377,6 +443,21 @@ nothing else. Chat-free.
 
 Greedy agreement: the draft's most likely next token equals the target's at {r["greedy_agreement"]:.1%}
 of held-out positions (teacher-forced).
+{_sample_section(record) if is_target else ""}{_note(record)}"""
+
+
+def _note(record: dict) -> str:
+    return f"\n## Note\n\n{record['post_training']}\n" if record.get("post_training") else ""
+
+
+def _sample_section(record: dict) -> str:
+    sample = record["sample"]
+    return f"""
+## Greedy sample (float32, the prompt after the file-start `</s>`)
+
+```python
+{sample["prompt"]}{sample["greedy_continuation"]}
+```
 """
 
 
