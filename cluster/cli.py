@@ -1,75 +1,113 @@
 """The `kvfleet` command line.
 
-kvfleet demo                 build (once) a small random-weight model, stream a generation on CPU
+kvfleet serve [cluster.yaml] run a cluster (no file: local mode: local Ray, private Redis, the demo
+                             model kvfleet-pycoder on CPU, gRPC on 127.0.0.1:50051) until Ctrl-C
+kvfleet demo                 local mode, one streamed generation through the gRPC API, then shut down
+kvfleet generate "prompt"    a gRPC client: stream a generation from a running cluster
+kvfleet status               a running cluster's replicas: load, KV pages, prefix-cache hit rates
 kvfleet bench engine ...     the engine against the hardware and transformers on the same workload
+kvfleet bench api ...        the Ray Serve + gRPC path against the engine in-process (added TTFT, requests/s)
 kvfleet bench index ...      the Redis page index: lookup latency, publish throughput, memory per entry
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from pathlib import Path
 
-DEMO_DIR = Path(".cache/kvfleet/demo-model")
+
+def demo_model() -> Path:
+    """The shipped demo target, kvfleet-pycoder (a ~19M-parameter Llama trained on Python's stdlib)."""
+    from cluster.demo_model import shipped_demo_pair
+
+    target, _ = shipped_demo_pair()
+    if not (target / "config.json").is_file():
+        raise SystemExit(f"the demo model is missing from {target}: reinstall kvfleet or pass --model DIR")
+    return target
 
 
-def ensure_demo_model(path: Path = DEMO_DIR) -> Path:
-    """The demo model directory, built on first use (random weights until a trained pair ships)."""
-    if not (path / "config.json").is_file():
-        from cluster.demo_model import build_model_dir, train_tokenizer
+def _cluster_config(args):
+    from cluster.config import ClusterConfig
 
-        print(f"building the demo model in {path} (random weights, once)...", file=sys.stderr)
-        build_model_dir(
-            path,
-            "llama",
-            tokenizer=train_tokenizer(vocab_size=2048, max_bytes=400_000),
-            seed=0,
-            hidden_size=256,
-            intermediate_size=704,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-        )
-    return path
+    if args.config:
+        config = ClusterConfig.from_yaml(args.config)
+    else:
+        model = Path(args.model) if args.model else demo_model()
+        config = ClusterConfig.local(model, device=args.device)
+    updates = {}
+    if args.replicas is not None:
+        updates["target"] = config.target.model_copy(update={"replicas": args.replicas})
+    if args.port is not None:
+        updates["grpc"] = config.grpc.model_copy(update={"port": args.port})
+    return config.model_copy(update=updates) if updates else config
 
 
-async def _stream(engine, prompt: str, max_tokens: int, temperature: float, seed: int | None) -> None:
-    from workers.request import GenerateRequest, SamplingParams
+def cmd_serve(args) -> None:
+    import signal
+    import threading
 
-    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
-    request = GenerateRequest(ids, SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed))
-    print(prompt, end="", flush=True)
-    last = None
-    async for delta in engine.generate(request):
-        print(delta.text, end="", flush=True)
-        last = delta
-    print()
-    print(
-        f"[{last.finish_reason.value}: {last.num_prompt_tokens} prompt tokens, {last.num_completion_tokens} generated]",
-        file=sys.stderr,
-    )
-    await engine.shutdown()
+    from cluster.local import ServeCluster
+
+    config = _cluster_config(args)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    cluster = ServeCluster(config)
+    try:
+        cluster.start()
+        print(f"gRPC API     {cluster.grpc_target}   (kvfleet.v1.Generation; try: kvfleet generate --stream 'def f(')")
+        if cluster.dashboard_url:
+            print(f"dashboard    {cluster.dashboard_url}   (metrics: ray_kvfleet_*)")
+        print(f"page index   {cluster.config.index.redis_url}")
+        print(f"model        {config.model_id} ({config.target.replicas} replica(s) on {config.engine.device})")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("shutting down...", file=sys.stderr, flush=True)
+        cluster.stop()
 
 
 def cmd_demo(args) -> None:
-    from workers.config import EngineConfig
-    from workers.engine import Engine
+    """Local mode end to end: start the cluster, stream one generation through gRPC, shut down."""
+    from cluster.client import KvfleetClient
+    from cluster.local import ServeCluster
 
-    model = Path(args.model) if args.model else ensure_demo_model()
-    engine = Engine(EngineConfig(model=str(model), device=args.device))
-    asyncio.run(_stream(engine, args.prompt, args.max_tokens, args.temperature, args.seed))
+    config = _cluster_config(args)
+    with ServeCluster(config) as cluster:
+        print(f"gRPC API at {cluster.grpc_target}; streaming a generation:", file=sys.stderr, flush=True)
+        with KvfleetClient(cluster.grpc_target) as client:
+            print(args.prompt, end="", flush=True)
+            last = None
+            for chunk in client.generate(
+                args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+            ):
+                print(chunk.text, end="", flush=True)
+                last = chunk
+            print()
+        usage = last.usage
+        print(
+            f"[{last.finish_reason}: {usage.prompt_tokens} prompt tokens, {usage.completion_tokens} generated, "
+            f"served by replica {last.replica}]",
+            file=sys.stderr,
+        )
 
 
 def cmd_bench_engine(args) -> None:
     from cluster.bench import run_engine_bench
 
     if not args.model and not args.shape:
-        args.model = str(ensure_demo_model())
+        args.model = str(demo_model())
     run_engine_bench(args)
+
+
+def cmd_bench_api(args) -> None:
+    from cluster.bench_api import run_api_bench
+
+    run_api_bench(args)
 
 
 def cmd_bench_index(args) -> None:
@@ -93,14 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="stream one generation from the demo model")
-    demo.add_argument("--model", help="a Hugging Face model directory (default: the demo model)")
-    demo.add_argument("--device", default="cpu")
-    demo.add_argument("--prompt", default="def fibonacci(n):")
-    demo.add_argument("--max-tokens", type=int, default=48)
+    def cluster_options(p):
+        p.add_argument("config", nargs="?", help="cluster YAML (default: local mode with the demo model)")
+        p.add_argument("--model", help="local mode: a Hugging Face model directory (default: the demo model)")
+        p.add_argument("--device", default="cpu", help="local mode: cpu, cuda or auto")
+        p.add_argument("--replicas", type=int, help="TargetWorker replicas (overrides the config)")
+        p.add_argument("--port", type=int, help="gRPC port (overrides the config; default 50051)")
+
+    serve = sub.add_parser("serve", help="run a cluster until Ctrl-C (no config: local mode)")
+    cluster_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="local mode: stream one generation through the gRPC API, then stop")
+    cluster_options(demo)
+    demo.add_argument("--prompt", default="import os\n\n\ndef list_files(path):\n")
+    demo.add_argument("--max-tokens", type=int, default=64)
     demo.add_argument("--temperature", type=float, default=0.8)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+
+    from cluster.client_cli import add_client_commands
+
+    add_client_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     eng = bench.add_parser(
@@ -137,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--no-compare", action="store_true", help="skip the transformers run")
     eng.add_argument("--json", help="also write the report here")
     eng.set_defaults(func=cmd_bench_engine)
+
+    api = bench.add_parser(
+        "api",
+        help="the Ray Serve + gRPC path against the engine in-process: added TTFT, requests/s",
+        description="Starts a local cluster; default model: a tiny random Llama (the path's cost shows).",
+    )
+    api.add_argument("--model", help="model directory (default: a tiny random Llama built in a temp dir)")
+    api.add_argument("--device", default="cpu")
+    api.add_argument("--num-requests", type=int, default=200, help="1-token requests timed one at a time")
+    api.add_argument("--concurrency", type=int, default=32, help="streams in flight in the throughput run")
+    api.add_argument("--duration", type=float, default=20.0, help="seconds of the throughput run")
+    api.add_argument("--replicas", type=int, default=1, help="TargetWorker replicas")
+    api.add_argument("--seed", type=int, default=0)
+    api.add_argument("--json", help="also write the report here")
+    api.set_defaults(func=cmd_bench_api)
 
     idx = bench.add_parser("index", help="Redis page index: lookup latency, publish throughput, memory per entry")
     idx.add_argument("--redis-url", help="an existing Redis (default: a private local server on a free port)")

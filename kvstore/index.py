@@ -150,6 +150,7 @@ class ReplicaLoad:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     num_requests_finished: int = 0
+    num_requests_aborted: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,13 @@ class LookupMetrics:
 
 
 _LOAD_FIELDS = ("num_waiting", "num_running", "num_free_pages", "num_total_pages")  # what lookups read
-_HEARTBEAT_FIELDS = (*_LOAD_FIELDS, "prefix_cache_queries", "prefix_cache_hits", "num_requests_finished")
+_HEARTBEAT_FIELDS = (
+    *_LOAD_FIELDS,
+    "prefix_cache_queries",
+    "prefix_cache_hits",
+    "num_requests_finished",
+    "num_requests_aborted",
+)
 
 # KEYS: live_1, pages_1, live_2, pages_2, ...  ARGV[1]: now in ms (0: the server's clock);
 # ARGV[2]: the prompt's page hashes, 16 bytes each, concatenated (one string, sliced here with

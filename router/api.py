@@ -89,5 +89,5 @@ def delta_to_proto(delta: TokenDelta) -> pb.GenerateResponse:
         out.usage.prompt_tokens = delta.num_prompt_tokens
         out.usage.cached_prompt_tokens = delta.num_cached_prompt_tokens
         out.usage.completion_tokens = delta.num_completion_tokens
-        out.replica = delta.replica_id
+    out.replica = delta.replica_id
     return out

@@ -226,6 +226,7 @@ _STATUS_FIELDS = (
     "prefix_cache_queries",
     "prefix_cache_hits",
     "num_requests_finished",
+    "num_requests_aborted",
 )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -53,7 +54,11 @@ class TargetWorker:
         """Stream the engine's deltas. `page_hashes` (the prompt's, from the ingress) are for the
         request router; the engine hashes its own pages. Cancelling the call aborts the request."""
         self._ensure_metrics_task()
+        first = True
         async for delta in self.engine.generate(request):
+            if first:  # name the replica at once, so a client knows where its request runs
+                delta.replica_id = self.replica_id
+                first = False
             yield delta
 
     async def stats(self) -> EngineStats:
@@ -94,11 +99,15 @@ class TargetWorker:
             prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits,
             num_requests_finished=s.num_requests_finished,
+            num_requests_aborted=s.num_requests_aborted,
         )
 
     def _ensure_metrics_task(self) -> None:
         if self._metrics_task is None or self._metrics_task.done():
-            self._metrics_task = asyncio.get_running_loop().create_task(self._report_metrics())
+            # A fresh context: a task that inherits the request's Serve context outlives the
+            # request, and Serve then never delivers that request's cancellation (seen on 2.60).
+            loop = asyncio.get_running_loop()
+            self._metrics_task = loop.create_task(self._report_metrics(), context=contextvars.Context())
 
     async def _report_metrics(self) -> None:
         while True:

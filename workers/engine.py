@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -212,6 +213,7 @@ class Engine:
             num_decode_tokens=c.num_decode_tokens,
             num_preemptions=c.num_preemptions,
             num_requests_finished=c.num_requests_finished,
+            num_requests_aborted=c.num_requests_aborted,
         )
 
     async def shutdown(self) -> None:
@@ -262,7 +264,9 @@ class Engine:
         loop = asyncio.get_running_loop()
         if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
             self._wakeup = asyncio.Event()
-            self._loop_task = loop.create_task(self._run(), name="kvfleet-engine")
+            # A fresh context: the loop outlives the request that starts it and must not carry
+            # that request's context (a Ray Serve replica would never cancel that request).
+            self._loop_task = loop.create_task(self._run(), name="kvfleet-engine", context=contextvars.Context())
         self._wakeup.set()
 
     # ---------------------------------------------------------------- the loop

@@ -123,7 +123,7 @@ class TokenDelta:
     num_prompt_tokens: int = 0
     num_cached_prompt_tokens: int = 0
     num_completion_tokens: int = 0
-    replica_id: str = ""  # the engine's `EngineConfig.replica_id`, on the last delta
+    replica_id: str = ""  # the engine's `EngineConfig.replica_id`, on the last delta (and the first, in a cluster)
 
 
 @dataclass(frozen=True)
@@ -140,4 +140,5 @@ class EngineStats:
     num_prefill_tokens: int  # tokens computed as prompt (or recompute) since start
     num_decode_tokens: int  # tokens generated since start
     num_preemptions: int
-    num_requests_finished: int
+    num_requests_finished: int  # by any path, aborts included
+    num_requests_aborted: int = 0  # cancelled, past their deadline, or the engine shut down

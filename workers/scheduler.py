@@ -67,7 +67,8 @@ class SchedulerCounters:
     num_prefill_tokens: int = 0
     num_decode_tokens: int = 0
     num_preemptions: int = 0
-    num_requests_finished: int = 0
+    num_requests_finished: int = 0  # by any path, aborts included
+    num_requests_aborted: int = 0
 
 
 class Scheduler:
@@ -97,6 +98,8 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.counters.num_requests_finished += 1
+        if reason is FinishReason.ABORT:
+            self.counters.num_requests_aborted += 1
 
     @property
     def has_work(self) -> bool:

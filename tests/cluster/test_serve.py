@@ -1,0 +1,253 @@
+"""The cluster end to end on loopback: real Ray Serve, Redis and gRPC, 2 TargetWorker replicas of a
+tiny Llama on CPU (the `serve_cluster` fixture). Tests that break the cluster run last."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoTokenizer
+
+from protos.kvfleet.v1 import generation_pb2 as pb
+from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
+from workers.request import GenerateRequest, SamplingParams
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
+
+
+@pytest.fixture(scope="module")
+def stub(serve_cluster):
+    with grpc.insecure_channel(serve_cluster.grpc_target) as channel:
+        yield pb_grpc.GenerationStub(channel)
+
+
+def generate(stub, timeout=60, **kwargs) -> list[pb.GenerateResponse]:
+    return list(stub.Generate(pb.GenerateRequest(**kwargs), timeout=timeout))
+
+
+def wait_for_idle_replicas(stub, replicas=2, aborted=None, timeout_s=15.0) -> pb.GetStatusResponse:
+    """Poll heartbeats until `replicas` replicas report no sequences and every page free (and,
+    if given, `aborted` aborted requests in all: a fresh heartbeat, not one from before)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = stub.GetStatus(pb.GetStatusRequest())
+        idle = [
+            r
+            for r in status.replicas
+            if r.num_running == 0 and r.num_waiting == 0 and r.num_free_pages == r.num_total_pages
+        ]
+        done = len(idle) >= replicas and len(idle) == len(status.replicas)
+        if done and (aborted is None or sum(r.num_requests_aborted for r in status.replicas) == aborted):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replicas not idle (or not {aborted} aborted) after {timeout_s} s: {status}")
+        time.sleep(0.1)
+
+
+def test_streamed_greedy_text_equals_the_engines_output(stub, serve_cluster, make_engine, model_dirs):
+    responses = generate(stub, text=PROMPT, sampling=pb.SamplingParams(max_tokens=24, ignore_eos=True))
+    assert len(responses) > 1, "the output arrived in one message, not streamed"
+    assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
+    assert responses[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    ids = [t for r in responses for t in r.token_ids]
+    text = "".join(r.text for r in responses)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    prompt_ids = tokenizer.encode(PROMPT)
+    engine = make_engine("llama", page_size=4, num_pages=256, max_model_len=512)
+    want = asyncio.run(engine.complete(GenerateRequest(prompt_ids, SamplingParams(max_tokens=24, ignore_eos=True))))
+    assert ids == want.token_ids
+    assert text == want.text
+    usage = responses[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt_ids), 24)
+    assert responses[0].replica and responses[-1].replica == responses[0].replica
+    assert len({r.request_id for r in responses}) == 1
+
+
+def test_usage_counts_cached_prompt_tokens_when_a_replica_holds_the_prefix(stub):
+    ids = list(range(10, 10 + 41))  # 10 full pages of 4 tokens, and one more token
+    usages, replicas = [], []
+    for _ in range(3):  # 3 requests over 2 replicas: one replica serves the prefix twice
+        responses = generate(stub, token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=4))
+        usages.append(responses[-1].usage)
+        replicas.append(responses[-1].replica)
+    assert all(u.prompt_tokens == 41 and u.completion_tokens == 4 for u in usages)
+    for i, u in enumerate(usages):
+        seen_before = replicas[i] in replicas[:i]
+        # The engine recomputes at least the prompt's last token, so at most 10 pages are reused.
+        assert u.cached_prompt_tokens == (40 if seen_before else 0), (replicas, usages)
+
+
+def test_request_id_is_echoed_and_sampling_with_a_seed_is_reproducible(stub):
+    sampling = pb.SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    a = generate(stub, text=PROMPT, sampling=sampling, request_id="req-a")
+    b = generate(stub, text=PROMPT, sampling=sampling, request_id="req-b")
+    assert {r.request_id for r in a} == {"req-a"}
+    assert [t for r in a for t in r.token_ids] == [t for r in b for t in r.token_ids]
+
+
+def test_32_concurrent_streams_all_complete(serve_cluster):
+    async def one(stub, i):
+        n = 0
+        last = None
+        async for r in stub.Generate(
+            pb.GenerateRequest(text=f"{PROMPT}# {i}", sampling=pb.SamplingParams(max_tokens=16, ignore_eos=True)),
+            timeout=120,
+        ):
+            n += len(r.token_ids)
+            last = r
+        return n, last
+
+    async def main():
+        async with grpc.aio.insecure_channel(serve_cluster.grpc_target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            return await asyncio.gather(*(one(stub, i) for i in range(32)))
+
+    results = asyncio.run(main())
+    assert len(results) == 32
+    for n, last in results:
+        assert n == 16 and last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 16
+    assert len({last.replica for _, last in results}) == 2, "one replica served every stream"
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "code", "field"),
+    [
+        (dict(text=""), grpc.StatusCode.INVALID_ARGUMENT, "text"),
+        (dict(token_ids=pb.TokenIds(ids=[])), grpc.StatusCode.INVALID_ARGUMENT, "token_ids"),
+        (dict(token_ids=pb.TokenIds(ids=[5] * 513)), grpc.StatusCode.INVALID_ARGUMENT, "max_model_len"),
+        (dict(text="x", sampling=pb.SamplingParams(temperature=-0.5)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (dict(text="x", sampling=pb.SamplingParams(top_p=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (dict(text="x", sampling=pb.SamplingParams(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (dict(text="x", model="no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        (dict(chat=pb.Chat()), grpc.StatusCode.INVALID_ARGUMENT, "chat"),
+    ],
+    ids=["empty-text", "empty-ids", "too-long", "temperature", "top_p", "max_tokens", "model", "empty-chat"],
+)
+def test_bad_requests_get_the_right_code_and_name_the_field(stub, request_kwargs, code, field):
+    with pytest.raises(grpc.RpcError) as err:
+        generate(stub, **request_kwargs)
+    assert err.value.code() == code
+    assert field in err.value.details()
+    # ... and the cluster keeps serving.
+    assert generate(stub, text="x", sampling=pb.SamplingParams(max_tokens=2))[-1].usage.completion_tokens == 2
+
+
+def test_tokenize_list_models_and_health(stub, serve_cluster, model_dirs):
+    tokenizer = AutoTokenizer.from_pretrained(model_dirs["llama"])
+    out = stub.Tokenize(pb.TokenizeRequest(text=PROMPT))
+    assert list(out.token_ids) == tokenizer.encode(PROMPT)
+    assert "".join(out.tokens) == "".join(tokenizer.convert_ids_to_tokens(tokenizer.encode(PROMPT)))
+    (model,) = stub.ListModels(pb.ListModelsRequest()).models
+    assert (model.id, model.max_model_len, model.page_size) == ("llama", 512, 4)
+    with grpc.insecure_channel(serve_cluster.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_status_lists_both_replicas_with_their_pages(stub):
+    status = wait_for_idle_replicas(stub)
+    assert status.index_reachable and status.model == "llama"
+    assert len(status.replicas) == 2
+    assert all(r.num_total_pages == 256 for r in status.replicas)
+    assert sum(r.num_requests_finished for r in status.replicas) > 0
+
+
+def num_aborted(stub) -> int:
+    return sum(r.num_requests_aborted for r in wait_for_idle_replicas(stub).replicas)
+
+
+def test_a_cancelled_stream_is_aborted_and_frees_its_pages(stub):
+    aborted = num_aborted(stub)
+    call = stub.Generate(
+        pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=480, ignore_eos=True)), timeout=60
+    )
+    first = next(call)
+    assert first.replica
+    call.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    wait_for_idle_replicas(stub, aborted=aborted + 1)  # aborted in the engine, not run to its end
+
+
+def test_a_deadline_that_passes_aborts_the_request_and_frees_its_pages(stub):
+    def completed(status) -> int:  # requests that ran to their end
+        return sum(r.num_requests_finished - r.num_requests_aborted for r in status.replicas)
+
+    time.sleep(0.5)  # heartbeats (every 0.2 s) newer than every earlier request
+    before = completed(wait_for_idle_replicas(stub))
+    with pytest.raises(grpc.RpcError) as err:
+        # ~480 steps take about a second on CPU; the proxy gives up at 0.5 s and the replica aborts
+        # (or, if the deadline passed before the request reached it, never admits it).
+        generate(stub, timeout=0.5, text=PROMPT, sampling=pb.SamplingParams(max_tokens=480, ignore_eos=True))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1.0)  # fresh heartbeats (every 0.2 s), and time for a request that kept running to end
+    assert completed(wait_for_idle_replicas(stub)) == before
+
+
+def test_metrics_reach_rays_prometheus_export(stub, serve_cluster):
+    """The series the dashboard's metrics view charts, scraped where Ray exports them."""
+    import urllib.request
+
+    import ray
+
+    generate(stub, text=PROMPT, sampling=pb.SamplingParams(max_tokens=4))
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = [
+        'ray_kvfleet_requests_total{',
+        "ray_kvfleet_time_to_first_token_seconds_bucket{",
+        "ray_kvfleet_time_per_output_token_seconds_bucket{",
+        "ray_kvfleet_e2e_latency_seconds_bucket{",
+        "ray_kvfleet_queue_length{",
+        "ray_kvfleet_running_sequences{",
+        "ray_kvfleet_kv_page_usage_ratio{",
+        "ray_kvfleet_prefix_cache_hit_tokens_total{",
+    ]
+    deadline = time.monotonic() + 30
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        missing = [w for w in wanted if w not in text]
+        if not missing:
+            break
+        assert time.monotonic() < deadline, f"never exported: {missing}"
+        time.sleep(1)
+    lines = text.splitlines()
+    ok = [line for line in lines if line.startswith("ray_kvfleet_requests_total{") and 'outcome="ok"' in line]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
+    bad = [line for line in lines if 'outcome="invalid_argument"' in line]
+    assert bad and float(bad[0].rsplit(" ", 1)[1]) >= 1  # the bad-request tests above
+
+
+# ---------------------------------------------------------------------- these break the cluster: last
+def test_requests_succeed_while_redis_is_down(stub, serve_cluster):
+    redis = serve_cluster.redis_server
+    redis.stop()
+    try:
+        for _ in range(4):
+            last = generate(stub, text=PROMPT, sampling=pb.SamplingParams(max_tokens=4))[-1]
+            assert last.usage.completion_tokens == 4
+        assert not stub.GetStatus(pb.GetStatusRequest()).index_reachable
+    finally:
+        redis.start()
+    wait_for_idle_replicas(stub)  # the publishers found Redis again by themselves
+
+
+def test_killing_a_replica_mid_stream_ends_that_stream_unavailable(stub, serve_cluster):
+    import ray
+
+    call = stub.Generate(
+        pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingParams(max_tokens=480, ignore_eos=True)), timeout=60
+    )
+    victim = next(call).replica
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::kvfleet#TargetWorker#{victim}", namespace="serve"), no_restart=True)
+    with pytest.raises(grpc.RpcError) as err:
+        list(call)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # New requests succeed on the live replica (Serve starts a replacement meanwhile).
+    for _ in range(4):
+        last = generate(stub, text=PROMPT, sampling=pb.SamplingParams(max_tokens=4))[-1]
+        assert last.usage.completion_tokens == 4 and last.replica != victim
