@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -70,6 +71,7 @@ class ServeCluster:
                 self.dashboard_url = getattr(context, "dashboard_url", None)
             if self.dashboard_url and "://" not in self.dashboard_url:
                 self.dashboard_url = f"http://{self.dashboard_url}"
+            logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say it shorter
             http_port = self.config.grpc.http_port or free_port()
             serve.start(
                 http_options={"host": self.config.grpc.host, "port": http_port},
