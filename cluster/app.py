@@ -3,8 +3,9 @@
     GenerationIngress (router/ingress.py)  --DeploymentHandle, stream=True-->  TargetWorker x replicas
 
 The ingress is the `kvfleet.v1.Generation` servicer behind Serve's gRPC proxy (`grpc_options`
-lists its servicer functions); TargetWorker replicas are chosen by Serve's default request router
-(power of two choices over queue lengths) until the prefix-aware router lands.
+lists its servicer functions); the handle to TargetWorkers picks a replica for each request
+according to `config.routing`: kvfleet's prefix-aware router (router/prefix_router.py, the
+default), Serve's power of two choices, or round robin.
 
 `build_app(config)` is for Python callers (local mode, tests); `app_builder` is the
 `import_path` target of a Serve config file (KubeRay's serveConfigV2): its `args` are a
@@ -21,6 +22,7 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig
 from router.ingress import GRPC_SERVICER_FUNCTIONS, GenerationIngress
+from router.prefix_router import PrefixAwareRouter, RoundRobinRouter
 from workers.deployment import TargetWorker
 
 
@@ -34,7 +36,7 @@ def build_app(config: ClusterConfig) -> Application:
         num_replicas=target.replicas,
         max_ongoing_requests=target.max_ongoing_requests,
         health_check_period_s=target.health_check_period_s,
-        request_router_config=RequestRouterConfig(request_routing_stats_period_s=target.routing_stats_period_s),
+        request_router_config=_router_config(config),
         ray_actor_options={"num_cpus": target.num_cpus, "num_gpus": config.target_num_gpus},
     ).bind(config.engine, config.index, target.metrics_period_s)
     ingress = serve.deployment(
@@ -45,6 +47,19 @@ def build_app(config: ClusterConfig) -> Application:
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
     return ingress.bind(worker, config.engine, config.index)
+
+
+def _router_config(config: ClusterConfig) -> RequestRouterConfig:
+    period = config.target.routing_stats_period_s
+    policy = config.routing.policy
+    if policy == "power_of_two":
+        return RequestRouterConfig(request_routing_stats_period_s=period)
+    if policy == "round_robin":
+        return RequestRouterConfig(request_router_class=RoundRobinRouter, request_routing_stats_period_s=period)
+    kwargs = {"index": config.index.model_dump(), "model_id": config.model_id, "routing": config.routing.model_dump()}
+    return RequestRouterConfig(
+        request_router_class=PrefixAwareRouter, request_router_kwargs=kwargs, request_routing_stats_period_s=period
+    )
 
 
 def grpc_options(config: ClusterConfig) -> dict[str, Any]:

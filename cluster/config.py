@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvstore.index import IndexConfig
+from router.policy import RoutingConfig
 from workers.config import EngineConfig
 
 
@@ -83,6 +84,9 @@ class ClusterConfig(_Section):
     grpc: GrpcConfig = GrpcConfig()
     index: IndexConfig | None = Field(
         None, description="The shared page index; None: start a private Redis-protocol server (local mode)."
+    )
+    routing: RoutingConfig = Field(
+        RoutingConfig(), description="How the ingress picks a TargetWorker replica for each request (router/policy.py)."
     )
     ray: RayConfig = RayConfig()
     app_name: str = Field("kvfleet", description="Ray Serve application name (the gRPC 'application' metadata).")

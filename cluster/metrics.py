@@ -57,7 +57,33 @@ class IngressMetrics:
         self.cached_prompt_tokens.set_default_tags(tags)
         self.completion_tokens = Counter("kvfleet_completion_tokens_total", "Generated tokens.", ("model",))
         self.completion_tokens.set_default_tags(tags)
-        # Page-index lookups are made by the routing path (prefix-aware routing records them).
+
+    def finished(self, outcome: str, arrival: float, first: float | None, last: float, completion_tokens: int) -> None:
+        self.requests.inc(1, {"outcome": outcome})
+        if first is None:
+            return
+        self.ttft.observe(first - arrival)
+        self.e2e.observe(last - arrival)
+        if completion_tokens > 1:
+            self.tpot.observe((last - first) / (completion_tokens - 1))
+
+
+class RouterMetrics:
+    """Recorded by the prefix-aware request router, in every process holding a handle to workers."""
+
+    def __init__(self, model_id: str):
+        tags = {"model": model_id}
+        self.decisions = Counter(
+            "kvfleet_routing_decisions_total",
+            description="Routing decisions by reason: prefix_hit, spill (holder overloaded), load (nobody "
+            "held the prefix), fallback (page index unanswered), no_hashes.",
+            tag_keys=("model", "reason"),
+        )
+        self.decisions.set_default_tags(tags)
+        self.matched_pages = Counter(
+            "kvfleet_routing_matched_pages_total", "Leading prompt pages held by the chosen replicas.", ("model",)
+        )
+        self.matched_pages.set_default_tags(tags)
         self.index_lookup_latency = Histogram(
             "kvfleet_index_lookup_seconds",
             description="Latency of one page-index lookup (one Redis round trip).",
@@ -71,15 +97,6 @@ class IngressMetrics:
             tag_keys=("model",),
         )
         self.index_lookup_failures.set_default_tags(tags)
-
-    def finished(self, outcome: str, arrival: float, first: float | None, last: float, completion_tokens: int) -> None:
-        self.requests.inc(1, {"outcome": outcome})
-        if first is None:
-            return
-        self.ttft.observe(first - arrival)
-        self.e2e.observe(last - arrival)
-        if completion_tokens > 1:
-            self.tpot.observe((last - first) / (completion_tokens - 1))
 
 
 class WorkerMetrics:

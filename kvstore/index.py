@@ -574,6 +574,14 @@ class AsyncPageIndex(_IndexBase):
         raw = await self._call(hashes, replicas, with_load=True)
         return {} if raw is None else self._matches(raw, replicas)
 
+    async def try_lookup_with_load(
+        self, hashes: Sequence[PageHash], replicas: Sequence[str]
+    ) -> dict[str, ReplicaMatch] | None:
+        """Like `lookup_with_load`, but None when the index gave no answer (down, slow, or in its
+        retry pause), so a router can tell "nobody holds this" from "nobody knows"."""
+        raw = await self._call(hashes, replicas, with_load=True) if replicas else b""
+        return None if raw is None else self._matches(raw, replicas) if replicas else {}
+
     async def _call(self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool) -> bytes | None:
         if not replicas or self._skip():
             return None

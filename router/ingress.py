@@ -10,6 +10,10 @@ sentence that names the field:
     InvalidRequestError    -> INVALID_ARGUMENT     ModelNotFoundError       -> NOT_FOUND
     ResourceExhaustedError -> RESOURCE_EXHAUSTED   a worker died or is gone -> UNAVAILABLE
 
+The last message names the serving replica and the cached prompt tokens; so does the call's
+trailing metadata (`kvfleet-replica`, `kvfleet-cached-prompt-tokens`, and `kvfleet-ingress`, the
+ingress replica that routed it).
+
 When the client cancels (or its deadline passes) Serve cancels this generator; the `finally`
 cancels the worker's stream, whose engine aborts the request and frees its pages.
 """
@@ -85,11 +89,13 @@ def _status_of(exc: BaseException) -> RequestError:
 
 class GenerationIngress:
     def __init__(self, target, engine_config: EngineConfig, index_config: IndexConfig | None):
+        from ray import serve
         from transformers import AutoTokenizer
 
         from cluster.metrics import IngressMetrics
 
         self.target = target  # DeploymentHandle of the TargetWorker deployment
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         model_config = ModelConfig.from_dir(engine_config.model)
         model_id = engine_config.model_id or _dir_name(engine_config.model)
         self.info = ModelInfo(
@@ -118,6 +124,14 @@ class GenerationIngress:
                     first = time.perf_counter()
                 completion_tokens += len(delta.token_ids)
                 finished = delta.finish_reason is not None
+                if finished and grpc_context is not None:
+                    grpc_context.set_trailing_metadata(
+                        [
+                            ("kvfleet-replica", delta.replica_id),
+                            ("kvfleet-cached-prompt-tokens", str(delta.num_cached_prompt_tokens)),
+                            ("kvfleet-ingress", self.replica_id),
+                        ]
+                    )
                 yield delta_to_proto(delta)
             outcome = "ok"
         except (asyncio.CancelledError, GeneratorExit):

@@ -95,17 +95,18 @@ def make_index(redis_server):
 @pytest.fixture(scope="session")
 def serve_cluster(model_dirs):
     """One local kvfleet cluster for the session: a Ray started here (4 logical CPUs, no fixed
-    ports), a private Redis-protocol server, Ray Serve's gRPC proxy on a free port, and 2
-    TargetWorker replicas of the tiny Llama on CPU. Tests that break it (kill a replica, stop
-    Redis) run last in their module and leave it serving again."""
-    from cluster.config import ClusterConfig, GrpcConfig, RayConfig, TargetConfig
+    ports), a private Redis-protocol server, Ray Serve's gRPC proxy on a free port, 2 ingress
+    replicas and 3 TargetWorker replicas of the tiny Llama on CPU, routed prefix-aware. Tests
+    that break it (kill a replica, stop Redis) run last in their module and leave it serving."""
+    from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, RayConfig, TargetConfig
     from cluster.local import ServeCluster
     from kvstore.redis_server import LocalRedisServer, free_port
 
     config = ClusterConfig.local(model_dirs["llama"], page_size=4, num_pages=256, max_model_len=512)
     config = config.model_copy(
         update={
-            "target": TargetConfig(replicas=2, num_cpus=0.5, health_check_period_s=1.0, metrics_period_s=0.2),
+            "target": TargetConfig(replicas=3, num_cpus=0.5, health_check_period_s=1.0, metrics_period_s=0.2),
+            "ingress": IngressConfig(replicas=2, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
             "ray": RayConfig(num_cpus=4, dashboard_port=free_port()),
         }

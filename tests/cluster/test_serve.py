@@ -1,5 +1,5 @@
 """The cluster end to end on loopback: real Ray Serve, Redis and gRPC, 2 TargetWorker replicas of a
-tiny Llama on CPU (the `serve_cluster` fixture). Tests that break the cluster run last."""
+tiny Llama on CPU behind 2 ingress replicas (the `serve_cluster` fixture). Tests that break the cluster run last."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def generate(stub, timeout=60, **kwargs) -> list[pb.GenerateResponse]:
     return list(stub.Generate(pb.GenerateRequest(**kwargs), timeout=timeout))
 
 
-def wait_for_idle_replicas(stub, replicas=2, aborted=None, timeout_s=15.0) -> pb.GetStatusResponse:
+def wait_for_idle_replicas(stub, replicas=3, aborted=None, timeout_s=15.0) -> pb.GetStatusResponse:
     """Poll heartbeats until `replicas` replicas report no sequences and every page free (and,
     if given, `aborted` aborted requests in all: a fresh heartbeat, not one from before)."""
     deadline = time.monotonic() + timeout_s
@@ -70,7 +70,7 @@ def test_streamed_greedy_text_equals_the_engines_output(stub, serve_cluster, mak
 def test_usage_counts_cached_prompt_tokens_when_a_replica_holds_the_prefix(stub):
     ids = list(range(10, 10 + 41))  # 10 full pages of 4 tokens, and one more token
     usages, replicas = [], []
-    for _ in range(3):  # 3 requests over 2 replicas: one replica serves the prefix twice
+    for _ in range(3):
         responses = generate(stub, token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=4))
         usages.append(responses[-1].usage)
         replicas.append(responses[-1].replica)
@@ -110,7 +110,8 @@ def test_32_concurrent_streams_all_complete(serve_cluster):
     assert len(results) == 32
     for n, last in results:
         assert n == 16 and last.finish_reason == pb.FINISH_REASON_LENGTH and last.usage.completion_tokens == 16
-    assert len({last.replica for _, last in results}) == 2, "one replica served every stream"
+    # They share PROMPT's pages: the holder takes streams until it runs ahead, then they spill.
+    assert len({last.replica for _, last in results}) > 1, "one replica served every stream"
 
 
 @pytest.mark.parametrize(
@@ -151,7 +152,7 @@ def test_tokenize_list_models_and_health(stub, serve_cluster, model_dirs):
 def test_status_lists_both_replicas_with_their_pages(stub):
     status = wait_for_idle_replicas(stub)
     assert status.index_reachable and status.model == "llama"
-    assert len(status.replicas) == 2
+    assert len(status.replicas) == 3
     assert all(r.num_total_pages == 256 for r in status.replicas)
     assert sum(r.num_requests_finished for r in status.replicas) > 0
 

@@ -1,0 +1,113 @@
+"""The routing policy: which replica serves a request, from what each holds and how busy it is.
+
+Pure: no Ray, no Redis, no clock. `choose` takes one `ReplicaView` per candidate (its load), the
+number of the prompt's leading pages each one holds (from the shared page index; {} when the index
+gave no answer) and a `RoutingConfig`, and returns a `Decision`. The Ray Serve adapter
+(`router/prefix_router.py`) and the simulator (`cluster/bench_simulate.py`) both call it.
+
+The rule, in the words of SGLang's cache-aware router and llm-d's scorers, made explicit:
+
+1. A candidate is *eligible* unless it is overloaded relative to the least-loaded candidate:
+       load(r) - min_load  >  spill_abs_threshold + spill_rel_threshold * min_load
+   where load = requests in flight on the replica (running, waiting, or on their way), and a
+   replica whose free KV pages have fallen under `min_free_page_fraction` counts as overloaded too
+   (it would have to evict or preempt to take more).
+2. Among eligible candidates, the one holding the most leading pages wins (ties: the lower load,
+   then a random pick). If it holds at least `min_matched_pages`, the reason is PREFIX_HIT.
+3. Otherwise the least-loaded eligible candidate wins (ties broken at random): SPILL if an
+   ineligible candidate held the prefix (the popular prefix now gets a second holder), LOAD if
+   nobody held any of it, FALLBACK if the index gave no answer (route by load alone).
+
+So a popular prefix sticks to its holder until that holder runs `spill_abs_threshold` requests
+ahead of the idlest replica; then it spreads, and each new holder attracts its share.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RoutingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal["prefix_aware", "power_of_two", "round_robin"] = Field(
+        "prefix_aware", description="prefix_aware (kvfleet's), power_of_two (Ray Serve's default), round_robin"
+    )
+    spill_abs_threshold: float = Field(
+        4.0, ge=0, description="In-flight requests a holder may run ahead of the least-loaded replica before spilling."
+    )
+    spill_rel_threshold: float = Field(
+        0.5, ge=0, description="... plus this fraction of the least-loaded replica's in-flight requests."
+    )
+    min_matched_pages: int = Field(1, ge=1, description="Leading pages a replica must hold to count as a holder.")
+    min_free_page_fraction: float = Field(
+        0.02, ge=0, le=1, description="A replica with fewer free KV pages than this fraction is overloaded."
+    )
+
+
+class Reason(enum.StrEnum):
+    PREFIX_HIT = "prefix_hit"  # sent to the replica holding the longest prefix
+    SPILL = "spill"  # the holder was overloaded: sent to the least-loaded replica
+    LOAD = "load"  # no replica held any of the prompt: least loaded
+    FALLBACK = "fallback"  # the page index gave no answer: least loaded
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    replica_id: str
+    load: float  # requests in flight: running + waiting + routed but not yet admitted
+    num_free_pages: int = 0
+    num_total_pages: int = 0  # 0: unknown (no heartbeat yet)
+
+
+@dataclass(frozen=True)
+class Decision:
+    replica_id: str
+    reason: Reason
+    matched_pages: int  # leading pages the chosen replica holds
+
+
+def choose(
+    candidates: list[ReplicaView],
+    matched_pages: dict[str, int] | None,
+    config: RoutingConfig,
+    rng: random.Random | None = None,
+) -> Decision:
+    """The replica for one request. `matched_pages` maps replica id -> leading pages of the prompt
+    it holds (a missing replica holds none); None means the index gave no answer."""
+    if not candidates:
+        raise ValueError("no candidate replicas")
+    rng = rng or random
+    min_load = min(c.load for c in candidates)
+    limit = min_load + config.spill_abs_threshold + config.spill_rel_threshold * min_load
+
+    def overloaded(c: ReplicaView) -> bool:
+        short_of_pages = c.num_total_pages > 0 and c.num_free_pages < config.min_free_page_fraction * c.num_total_pages
+        return c.load > limit or (short_of_pages and c.load > min_load)
+
+    eligible = [c for c in candidates if not overloaded(c)] or [c for c in candidates if c.load == min_load]
+    held = matched_pages or {}
+
+    best_pages = max(held.get(c.replica_id, 0) for c in eligible)
+    if best_pages >= config.min_matched_pages:
+        holders = [c for c in eligible if held.get(c.replica_id, 0) == best_pages]
+        return Decision(_least_loaded(holders, rng).replica_id, Reason.PREFIX_HIT, best_pages)
+
+    chosen = _least_loaded(eligible, rng)
+    if matched_pages is None:
+        reason = Reason.FALLBACK
+    elif any(n >= config.min_matched_pages for n in held.values()):
+        reason = Reason.SPILL
+    else:
+        reason = Reason.LOAD
+    return Decision(chosen.replica_id, reason, held.get(chosen.replica_id, 0))
+
+
+def _least_loaded(candidates: list[ReplicaView], rng) -> ReplicaView:
+    low = min(c.load for c in candidates)
+    return rng.choice([c for c in candidates if c.load == low])

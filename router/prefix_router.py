@@ -1,0 +1,128 @@
+"""Ray Serve request routers for TargetWorkers: prefix-aware (kvfleet's) and round-robin (a baseline).
+
+`PrefixAwareRouter` runs inside every DeploymentHandle that routes to TargetWorkers (the ingress
+replicas hold them). For each request it reads the prompt's page hashes from the call's
+`page_hashes` keyword (the ingress computes them once), asks the shared page index in ONE round
+trip how many leading pages each candidate replica holds (with each replica's heartbeat), and lets
+`router.policy.choose` weigh that against load. Load is Serve's own count of requests in flight on
+each replica (its queue-length cache: fresh, updated as this handle sends requests), else the
+replica's last heartbeat. The chosen replica comes first; the others follow least loaded first,
+so Serve falls back to them if the chosen one refuses (its `max_ongoing_requests` is reached).
+
+Every router process reads the same index, so every ingress replica makes the same choice for
+the same prompt. If the index does not answer (Redis down or slower than its timeout) the router
+routes by load alone (reason FALLBACK) and counts it; it never fails a request for that.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from itertools import count
+from typing import Any
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from kvstore.index import AsyncPageIndex, IndexConfig, ReplicaMatch
+from router.policy import Decision, ReplicaView, RoutingConfig, choose
+
+logger = logging.getLogger(__name__)
+
+PAGE_HASHES_KWARG = "page_hashes"
+
+
+class PrefixAwareRouter(FIFOMixin, RequestRouter):
+    def initialize_state(self, index: dict[str, Any] | None = None, model_id: str = "", routing: dict | None = None):
+        self._index_config = IndexConfig.model_validate(index) if index is not None else None
+        self._model_id = model_id
+        self._config = RoutingConfig.model_validate(routing or {})
+        self._index: AsyncPageIndex | None = None
+        self._rng = random.Random()
+        self._metrics = None
+        self.last_decision: Decision | None = None
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        try:
+            return await self._choose(candidate_replicas, pending_request)
+        except Exception:
+            # Serve would retry a raising router forever and the request would hang: route by
+            # load instead, and say so.
+            logger.exception("prefix-aware routing failed; routing this request by load")
+            return [[r] for r in sorted(candidate_replicas, key=lambda r: self._view(r, None).load)]
+
+    async def _choose(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
+        hashes = pending_request.kwargs.get(PAGE_HASHES_KWARG) if pending_request is not None else None
+        ids = [r.replica_id.unique_id for r in candidate_replicas]
+        matches: dict[str, ReplicaMatch] | None = None
+        if hashes and self._index_config is not None:
+            index = self._ensure_index()
+            t0 = time.perf_counter()
+            matches = await index.try_lookup_with_load(hashes, ids)
+            metrics = self._ensure_metrics()
+            if matches is None:
+                metrics.index_lookup_failures.inc()
+            else:
+                metrics.index_lookup_latency.observe(time.perf_counter() - t0)
+        views = [self._view(r, (matches or {}).get(rid)) for r, rid in zip(candidate_replicas, ids, strict=True)]
+        matched = None if matches is None else {rid: m.matched_pages for rid, m in matches.items()}
+        if not hashes:
+            matched = {}  # nothing to match (a prompt shorter than a page): route by load
+        decision = choose(views, matched, self._config, self._rng)
+        self.last_decision = decision
+        metrics = self._ensure_metrics()
+        metrics.decisions.inc(1, {"reason": decision.reason.value if hashes else "no_hashes"})
+        if decision.matched_pages:
+            metrics.matched_pages.inc(decision.matched_pages)
+        by_id = dict(zip(ids, candidate_replicas, strict=True))
+        chosen = by_id[decision.replica_id]
+        rest = sorted((v for v in views if v.replica_id != decision.replica_id), key=lambda v: v.load)
+        return [[chosen]] + [[by_id[v.replica_id]] for v in rest]
+
+    # ------------------------------------------------------------------ internals
+    def _view(self, replica: RunningReplica, match: ReplicaMatch | None) -> ReplicaView:
+        in_flight = self.replica_queue_len_cache.get(replica.replica_id)
+        if match is not None:
+            load = match.load
+            heartbeat = load.num_waiting + load.num_running
+            return ReplicaView(
+                replica.replica_id.unique_id,
+                float(in_flight if in_flight is not None else heartbeat),
+                load.num_free_pages,
+                load.num_total_pages,
+            )
+        return ReplicaView(replica.replica_id.unique_id, float(in_flight or 0))
+
+    def _ensure_index(self) -> AsyncPageIndex:
+        if self._index is None:  # created on the router's event loop, which its connections belong to
+            self._index = AsyncPageIndex(self._index_config, self._model_id)
+        return self._index
+
+    def _ensure_metrics(self):
+        if self._metrics is None:
+            from cluster.metrics import RouterMetrics
+
+            self._metrics = RouterMetrics(self._model_id)
+        return self._metrics
+
+
+class RoundRobinRouter(FIFOMixin, RequestRouter):
+    """Each request to the next replica in turn (a baseline for `kvfleet bench serve --compare`)."""
+
+    def initialize_state(self, **_):
+        self._next = count()
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
+        i = next(self._next) % len(ordered)
+        return [[r] for r in ordered[i:] + ordered[:i]]

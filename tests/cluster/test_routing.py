@@ -1,0 +1,131 @@
+"""Prefix-aware routing end to end: real Ray Serve, Redis and gRPC on loopback, 3 TargetWorker
+replicas behind 2 ingress replicas (the `serve_cluster` fixture). The Redis test runs last."""
+
+from __future__ import annotations
+
+import random
+import time
+import urllib.request
+from collections import Counter
+
+import grpc
+import pytest
+
+from protos.kvfleet.v1 import generation_pb2 as pb
+from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
+
+PAGE = 4  # the fixture's page size
+
+
+@pytest.fixture(scope="module")
+def stub(serve_cluster):
+    with grpc.insecure_channel(serve_cluster.grpc_target) as channel:
+        yield pb_grpc.GenerationStub(channel)
+
+
+def prefixes(n: int, pages: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(pages * PAGE)] for _ in range(n)]
+
+
+def send(stub, ids: list[int]) -> tuple[pb.GenerateResponse, dict[str, str]]:
+    call = stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=2)))
+    responses = list(call)
+    return responses[-1], dict(call.trailing_metadata())
+
+
+def decisions(serve_cluster) -> Counter:
+    """kvfleet_routing_decisions_total by reason, summed over the ingress replicas, from Ray's
+    Prometheus export (the series the dashboard charts)."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = Counter()
+    for line in text.splitlines():
+        if line.startswith("ray_kvfleet_routing_decisions_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_each_prefix_group_sticks_to_one_replica_from_every_ingress(stub):
+    groups = prefixes(3, pages=24, seed=1)
+    rng = random.Random(2)
+    served: dict[int, Counter] = {g: Counter() for g in range(3)}
+    ingresses: dict[int, set] = {g: set() for g in range(3)}
+    cached: dict[int, list[int]] = {g: [] for g in range(3)}
+    for prefix in groups:  # warm-up: one request per group places its prefix
+        send(stub, prefix + [rng.randrange(3, 500) for _ in range(5)])
+    time.sleep(0.3)  # the holders' KV events reach the index
+    for _ in range(12):
+        for g, prefix in enumerate(groups):
+            last, trailer = send(stub, prefix + [rng.randrange(3, 500) for _ in range(5)])
+            served[g][last.replica] += 1
+            ingresses[g].add(trailer["kvfleet-ingress"])
+            cached[g].append(last.usage.cached_prompt_tokens)
+            assert trailer["kvfleet-replica"] == last.replica
+            assert int(trailer["kvfleet-cached-prompt-tokens"]) == last.usage.cached_prompt_tokens
+    for g in range(3):
+        _, n = served[g].most_common(1)[0]
+        assert n >= 0.9 * 12, f"group {g} spread over {served[g]}"
+        # Every request that landed on the holder reused the whole shared prefix.
+        assert sorted(cached[g])[-n:][0] >= 24 * PAGE, cached[g]
+    # Both ingress replicas routed requests of the groups, and made the same choices.
+    assert set().union(*ingresses.values()).__len__() == 2, ingresses
+
+
+def test_a_popular_prefix_spills_to_other_replicas_under_concurrent_load(serve_cluster):
+    """32 concurrent requests with one prefix: the holder takes them until it runs
+    spill_abs_threshold ahead, then others take them too (and become holders)."""
+    import asyncio
+
+    (prefix,) = prefixes(1, pages=16, seed=3)
+
+    async def main():
+        async with grpc.aio.insecure_channel(serve_cluster.grpc_target) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+
+            async def one(i):
+                req = pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=[*prefix, 7, i % 400 + 3]),
+                    sampling=pb.SamplingParams(max_tokens=48, ignore_eos=True),
+                )
+                last = None
+                async for r in stub.Generate(req, timeout=120):
+                    last = r
+                return last.replica
+
+            await one(0)  # the first holder
+            await asyncio.sleep(0.3)
+            return Counter(await asyncio.gather(*(one(i) for i in range(1, 33))))
+
+    served = asyncio.run(main())
+    assert len(served) >= 2, served
+    assert max(served.values()) < 32
+
+
+def test_requests_complete_while_redis_is_down_and_routing_falls_back(stub, serve_cluster):
+    (prefix,) = prefixes(1, pages=8, seed=4)
+    before = decisions(serve_cluster)["fallback"]
+    redis = serve_cluster.redis_server
+    redis.stop()
+    try:
+        for i in range(6):
+            last, _ = send(stub, [*prefix, i + 3])
+            assert last.usage.completion_tokens == 2
+    finally:
+        redis.start()
+    deadline = time.monotonic() + 30
+    while decisions(serve_cluster)["fallback"] < before + 6:
+        assert time.monotonic() < deadline, f"fallback decisions not counted: {decisions(serve_cluster)}"
+        time.sleep(1)
+    # Redis is back: the index answers again (after the router's retry pause) and prefixes route.
+    time.sleep(1.5)
+    hits = decisions(serve_cluster)["prefix_hit"]
+    for i in range(3):
+        send(stub, [*prefix, i + 50])
+    deadline = time.monotonic() + 30
+    while decisions(serve_cluster)["prefix_hit"] < hits + 2:
+        assert time.monotonic() < deadline, f"no prefix hits after Redis returned: {decisions(serve_cluster)}"
+        time.sleep(1)
