@@ -354,6 +354,12 @@ class _Retry:
     def timeout(self) -> float | None:
         return max(self.deadline - time.monotonic(), 1e-3) if self.deadline is not None else None
 
+    def deadline_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The deadline again, in-band: the ingress enforces it itself, because Ray Serve's gRPC
+        proxy does not always pass a passed deadline on to the replica (see router/ingress.py)."""
+        t = self.timeout()
+        return () if t is None else (("kvfleet-timeout-ms", str(max(1, int(t * 1000)))),)
+
     def delay(self, err: grpc.RpcError) -> float | None:
         """Seconds to wait before retrying after `err`, or None to give up."""
         code = err.code() if callable(getattr(err, "code", None)) else None
@@ -411,7 +417,9 @@ class KvfleetClient:
     def _stream(self, request: pb.GenerateRequest) -> Iterator[Chunk]:
         retry = _Retry(self.config)
         while True:
-            call = self._stub.Generate(request, timeout=retry.timeout(), metadata=self._metadata)
+            call = self._stub.Generate(
+                request, timeout=retry.timeout(), metadata=self._metadata + retry.deadline_metadata()
+            )
             received = False
             try:
                 for msg in call:
@@ -485,7 +493,9 @@ class AsyncKvfleetClient:
     async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[Chunk]:
         retry = _Retry(self.config)
         while True:
-            call = self._stub.Generate(request, timeout=retry.timeout(), metadata=self._metadata)
+            call = self._stub.Generate(
+                request, timeout=retry.timeout(), metadata=self._metadata + retry.deadline_metadata()
+            )
             received = False
             try:
                 async for msg in call:
