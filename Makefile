@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard protos/kvfleet/*/*.proto)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --ignore-requires-python "helm-sdkpy==0.1.32"
 	touch $(STAMP)
 
 demo: install

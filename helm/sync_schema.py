@@ -1,0 +1,207 @@
+"""Keep the chart's description of the kvfleet config in step with `cluster/config.py`.
+
+    python helm/sync_schema.py           rewrite helm/kvfleet/values.schema.json's `kvfleet` property
+                                         and the value tables of helm/kvfleet/README.md
+    python helm/sync_schema.py --check   exit 1 if either is stale (tests/helm runs this check)
+
+The `kvfleet:` values are a `ClusterConfig` mapping, rendered verbatim into the Serve
+application's args; their schema is `ClusterConfig.model_json_schema()` with references inlined,
+minus the fields the chart sets itself (`CHART_OWNED`: they follow from chart values, and
+values.schema.json refuses them under `kvfleet:` so that each setting has one place). Everything
+else in values.schema.json (the chart's own values) is written by hand; this script only reads it,
+to print the README tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "kvfleet"
+SCHEMA_PATH = CHART / "values.schema.json"
+README_PATH = CHART / "README.md"
+VALUES_PATH = CHART / "values.yaml"
+
+# ClusterConfig fields (dotted paths) the chart sets, and the chart values they follow from
+# (an empty tuple: set by kvfleet itself or fixed by the chart).
+CHART_OWNED: dict[str, tuple[str, ...]] = {
+    "engine.model": ("model.path",),
+    "engine.replica_id": (),  # each replica names itself; ClusterConfig refuses it
+    "target.replicas": ("target.replicas",),
+    "target.tensor_parallel_size": ("target.tensorParallelSize",),
+    "index.redis_url": ("redis.enabled", "redis.externalUrl"),
+    "ray": (),  # the application runs inside the KubeRay cluster: always {address: auto}
+}
+CHART_OWNED_NOTE = {
+    "engine.model": "from `model.path`",
+    "engine.replica_id": "set by each replica",
+    "target.replicas": "from `target.replicas`",
+    "target.tensor_parallel_size": "from `target.tensorParallelSize`",
+    "index.redis_url": "from `redis.enabled` / `redis.externalUrl`",
+    "ray": "`{address: auto}`: the application runs in the KubeRay cluster",
+}
+
+KVFLEET_DESCRIPTION = (
+    "A kvfleet cluster config (cluster/config.py ClusterConfig), passed verbatim as the Serve "
+    "application's args. Generated from ClusterConfig by helm/sync_schema.py; the fields the chart "
+    "sets are left out: " + ", ".join(sorted(CHART_OWNED)) + "."
+)
+
+BEGIN, END = "<!-- BEGIN GENERATED: values (helm/sync_schema.py) -->", "<!-- END GENERATED: values -->"
+
+
+def kvfleet_schema() -> dict[str, Any]:
+    """The JSON schema of the `kvfleet:` values: ClusterConfig's, inlined, minus CHART_OWNED."""
+    from cluster.config import ClusterConfig
+
+    raw = ClusterConfig.model_json_schema()
+    defs = raw.pop("$defs", {})
+    schema = _inline(raw, defs)
+    for path in CHART_OWNED:
+        *parents, leaf = path.split(".")
+        node = schema
+        for name in parents:
+            node = node["properties"][name]
+        node["properties"].pop(leaf)
+        if leaf in node.get("required", []):
+            node["required"].remove(leaf)
+            if not node["required"]:
+                del node["required"]
+    schema.pop("required", None)  # `engine` is required by ClusterConfig for engine.model, which the chart sets
+    schema["description"] = KVFLEET_DESCRIPTION
+    return schema
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Resolve `$ref`s, drop titles, and make optional sections plain objects (the chart always renders them)."""
+    if isinstance(node, list):
+        return [_inline(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    node.pop("title", None)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").rsplit("/", 1)[-1]])
+        target.pop("title", None)
+        if "description" in node:  # the field's description says more than the model's docstring
+            target["description"] = node.pop("description")
+        node.pop("default", None)  # a section's default is its fields' defaults
+        node = {**target, **node}
+    if "anyOf" in node:
+        options = [opt for opt in node["anyOf"] if opt != {"type": "null"}]
+        if len(options) == 1 and "$ref" in options[0]:  # `SectionConfig | None`: a section
+            node.pop("anyOf")
+            node.pop("default", None)
+            node = {**options[0], **node}
+            return _inline(node, defs)
+    out = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {name: _inline(prop, defs) for name, prop in value.items()}
+        else:
+            out[key] = _inline(value, defs)
+    return out
+
+
+def synced_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    schema = copy.deepcopy(schema)
+    schema["properties"]["kvfleet"] = kvfleet_schema()
+    return schema
+
+
+# ---------------------------------------------------------------------------------------- README
+
+
+def _rows(schema: dict[str, Any], values: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    rows = []
+    for name, prop in schema.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        value = values.get(name) if isinstance(values, dict) else None
+        if prop.get("type") == "object" and prop.get("properties") and path != "kvfleet":
+            rows += _rows(prop, value, path + ".")
+        elif path != "kvfleet":  # a chart value's default is values.yaml's; absent there: Kubernetes' own
+            default = _fmt(value) if isinstance(values, dict) and name in values else ""
+            rows.append((path, default, prop.get("description", "")))
+    return rows
+
+
+def _kvfleet_rows(schema: dict[str, Any], values: Any, prefix: str = "kvfleet.") -> list[tuple[str, str, str]]:
+    """The kvfleet config's fields: the chart's values.yaml default where it has one, else ClusterConfig's."""
+    rows = []
+    for name, prop in schema.get("properties", {}).items():
+        path = f"{prefix}{name}"
+        value = values.get(name) if isinstance(values, dict) else None
+        if prop.get("type") == "object" and prop.get("properties"):
+            rows += _kvfleet_rows(prop, value, path + ".")
+        else:
+            default = value if isinstance(values, dict) and name in values else prop.get("default")
+            rows.append((path, _fmt(default), prop.get("description", "")))
+    for owned, note in CHART_OWNED_NOTE.items():
+        parent = f"kvfleet.{owned}".rpartition(".")[0]
+        if parent + "." == prefix:
+            rows.append((f"kvfleet.{owned}", "(set by the chart)", note))
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    text = json.dumps(value, separators=(", ", ": ")) if not isinstance(value, str) else json.dumps(value)
+    return f"`{text}`"
+
+
+def _table(rows: list[tuple[str, str, str]]) -> str:
+    lines = ["| Value | Default | Description |", "| --- | --- | --- |"]
+    for path, default, description in rows:
+        description = " ".join(description.split()).replace("|", "\\|")
+        lines.append(f"| `{path}` | {default.replace('|', chr(92) + '|')} | {description} |")
+    return "\n".join(lines)
+
+
+def readme_tables(schema: dict[str, Any], values: dict[str, Any]) -> str:
+    chart = _table(_rows(schema, values))
+    kvfleet = _table(_kvfleet_rows(schema["properties"]["kvfleet"], values.get("kvfleet") or {}))
+    return (
+        f"{BEGIN}\n\n### Chart values\n\n{chart}\n\n### `kvfleet:` (the cluster config)\n\n"
+        f"{schema['properties']['kvfleet']['description']}\n\n{kvfleet}\n\n{END}"
+    )
+
+
+def synced_readme(readme: str, schema: dict[str, Any], values: dict[str, Any]) -> str:
+    start, end = readme.index(BEGIN), readme.index(END) + len(END)
+    return readme[:start] + readme_tables(schema, values) + readme[end:]
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is stale, change nothing")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+
+    schema = synced_schema(json.loads(SCHEMA_PATH.read_text()))
+    values = yaml.safe_load(VALUES_PATH.read_text())
+    outputs = {
+        SCHEMA_PATH: json.dumps(schema, indent=2) + "\n",
+        README_PATH: synced_readme(README_PATH.read_text(), schema, values),
+    }
+    stale = [path for path, text in outputs.items() if path.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is stale: run python helm/sync_schema.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.write_text(outputs[path])
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The Helm chart, rendered by Helm's own engine with the default values and every ci/ values file.
+
+What runs offline: `helm lint` (helm-python-sdk with values; helm-sdkpy's Lint in a subprocess,
+as the chart directory knows only its values.yaml), `helm template` (helm-python-sdk's render),
+values.schema.json (Helm validates the values while rendering), Kubernetes' schemas for the
+built-in kinds (kubernetes-validate, strict: unknown fields fail), KubeRay's RayService schema
+(tests/helm/schemas, with Kubernetes' definitions inside it), Ray Serve's own schema of the
+serveConfigV2, and kvfleet's ClusterConfig of the application's args. No cluster is contacted.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import referencing
+import yaml
+from pydantic import ValidationError
+
+from cluster.app import grpc_options
+from cluster.config import ClusterConfig, TargetConfig
+from tests.helm.rendering import CHART_DIR, NAMESPACE, RELEASE, VALUES_FILES, Rendered, render, values_of
+
+KUBE_VERSIONS = ["1.27", kubernetes_validate.utils.latest_version()]  # Chart.yaml: kubeVersion >= 1.27
+RAYSERVICE_SCHEMA = Path(__file__).parent / "schemas" / "rayservice-ray.io-v1.json"
+
+
+def _tensor_parallelism_supported() -> bool:
+    try:
+        TargetConfig(tensor_parallel_size=2)
+    except ValidationError:
+        return False
+    return True
+
+
+def _lint_errors(report: dict) -> list:
+    return [m for m in report["messages"] if m["severity"] >= 3] + list(report.get("errors") or [])
+
+
+# ---------------------------------------------------------------------------------------- helm lint
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda f: f or "default-values")
+def test_helm_lint_passes(values_file):
+    from helm_python import lint
+
+    report = lint(CHART_DIR, values_of(values_file) or None, strict=True, namespace=NAMESPACE)
+    assert report["total_charts_linted"] == 1
+    assert not _lint_errors(report), report
+
+
+_SDKPY_LINT = """
+import asyncio, json, sys
+import helm_sdkpy
+print(json.dumps(asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(sys.argv[1]))))
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"),
+    reason="helm-sdkpy ships its Helm library for linux-amd64 only",
+)
+@pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda f: f or "default-values")
+def test_helm_sdkpy_lint_passes(values_file, chart, tmp_path):
+    """helm-sdkpy's Lint reads the chart directory only: a values file is linted as a copy of the chart
+    whose values.yaml is the chart's defaults coalesced with it (what `helm lint -f FILE` lints)."""
+    chart_dir = CHART_DIR
+    if values_file:
+        chart_dir = tmp_path / "kvfleet"
+        shutil.copytree(CHART_DIR, chart_dir)
+        (chart_dir / "values.yaml").write_text(yaml.safe_dump(chart.merge_values(values_of(values_file))))
+    # A subprocess: helm-sdkpy and helm-python-sdk each carry a Go runtime, and one process gets one.
+    out = subprocess.run(
+        [sys.executable, "-c", _SDKPY_LINT, str(chart_dir)], capture_output=True, text=True, timeout=60, check=True
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["TotalChartsLinted"] == 1
+    severities = [m["Severity"] for m in report["Messages"]]
+    assert max(severities, default=0) < 3 and not report["Errors"], report  # 3: error (its texts come back empty)
+
+
+# ------------------------------------------------------------------------------ Kubernetes schemas
+
+
+def test_builtin_manifests_validate_against_kubernetes_schemas(rendered: Rendered):
+    kinds = set()
+    for manifest in rendered.manifests:
+        if manifest["apiVersion"] == "ray.io/v1":
+            continue
+        kinds.add(manifest["kind"])
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(manifest, version, strict=True)
+    assert {"Service", "ConfigMap", "Pod"} <= kinds
+
+
+def test_the_kubernetes_validator_refuses_unknown_fields(rendered: Rendered):
+    pod = json.loads(json.dumps(rendered.one("Pod", "-test-generate")))
+    pod["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(jsonschema.ValidationError):
+        kubernetes_validate.validate(pod, KUBE_VERSIONS[-1], strict=True)
+
+
+def _rayservice_validator() -> jsonschema.Draft202012Validator:
+    version = kubernetes_validate.utils.latest_version()
+    path = importlib.resources.files("kubernetes_validate") / "kubernetes-json-schema" / f"v{version}-local-strict"
+    definitions = referencing.Resource.from_contents(json.loads((path / "_definitions.json").read_text()))
+    schema = json.loads(RAYSERVICE_SCHEMA.read_text())
+    registry = referencing.Registry().with_resources(
+        [(definitions.id(), definitions), (schema["$id"], referencing.Resource.from_contents(schema))]
+    )
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+RAYSERVICE_VALIDATOR = _rayservice_validator()
+
+
+def test_rayservice_validates_against_the_kuberay_schema(rendered: Rendered):
+    errors = sorted(RAYSERVICE_VALIDATOR.iter_errors(rendered.rayservice), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+def test_the_kuberay_schema_refuses_what_kuberay_would_drop(rendered: Rendered):
+    bad = json.loads(json.dumps(rendered.rayservice))
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["rayStartParams"]["num-gpus"] = 1  # not a string
+    bad["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["portz"] = []
+    assert len(list(RAYSERVICE_VALIDATOR.iter_errors(bad))) == 2
+
+
+# ------------------------------------------------------------------------- the Serve application
+
+
+def test_serve_config_is_valid_for_ray_serve(rendered: Rendered):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(rendered.serve_config)
+    (app,) = config.applications
+    assert app.import_path == "cluster.app:app_builder"
+    assert app.route_prefix == "/"  # without one, Serve's gRPC proxy does not route to the application
+
+
+def test_application_args_parse_as_the_cluster_config(rendered: Rendered):
+    """With tensorParallelSize > 1 the args carry it (the pods are sized for it); kvfleet refuses it until
+    tensor-parallel groups land, and then this test asks for the whole config to parse."""
+    args = rendered.args
+    if args["target"]["tensor_parallel_size"] > 1 and not _tensor_parallelism_supported():
+        with pytest.raises(ValidationError, match="not supported yet"):
+            ClusterConfig.model_validate(args)
+        args = {**args, "target": {**args["target"], "tensor_parallel_size": 1}}  # all else must parse
+    config = ClusterConfig.model_validate(args)
+
+    values = rendered.values
+    assert config.engine.model == values["model"]["path"]
+    assert config.target.replicas == values["target"]["replicas"]
+    assert rendered.args["target"]["tensor_parallel_size"] == values["target"]["tensorParallelSize"]
+    assert config.ray.address == "auto"
+    assert config.index is not None
+    if values["redis"]["enabled"]:
+        assert (
+            config.index.redis_url
+            == f"redis://{rendered.one('Service', '-redis')['metadata']['name']}.{NAMESPACE}.svc:6379/0"
+        )
+    else:
+        assert config.index.redis_url == values["redis"]["externalUrl"]
+
+
+def _config(rendered: Rendered) -> ClusterConfig:
+    return ClusterConfig.model_validate(
+        {**rendered.args, "target": {**rendered.args["target"], "tensor_parallel_size": 1}}
+    )
+
+
+def test_serve_options_are_the_applications_own(rendered: Rendered):
+    config, serve = _config(rendered), rendered.serve_config
+    assert serve["grpc_options"] == grpc_options(config)
+    assert serve["http_options"] == {"host": config.grpc.host, "port": config.grpc.http_port}
+    assert serve["applications"][0]["name"] == config.app_name
+
+
+def test_configmap_holds_the_applications_config(rendered: Rendered):
+    configmap = rendered.one("ConfigMap", "-config")
+    assert yaml.safe_load(configmap["data"]["cluster.yaml"]) == rendered.args
+
+
+# ------------------------------------------------------------------------------- pods and Services
+
+
+def _container(group_or_head: dict) -> dict:
+    (container,) = group_or_head["template"]["spec"]["containers"]
+    return container
+
+
+def test_target_group_holds_replicas_times_tensor_parallel_gpus_in_whole_groups(rendered: Rendered):
+    values, group = rendered.values, rendered.worker_group("target")
+    tp, replicas, gpu = values["target"]["tensorParallelSize"], values["target"]["replicas"], values["gpuResourceName"]
+    per_pod = _container(group)["resources"]["limits"][gpu]
+    assert per_pod % tp == 0
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == math.ceil(replicas * tp / per_pod)
+    assert group["replicas"] * per_pod >= replicas * tp > (group["replicas"] - 1) * per_pod
+    assert _container(group)["resources"]["requests"][gpu] == per_pod
+    assert group["rayStartParams"]["num-gpus"] == str(per_pod)
+
+
+def test_draft_replicas_get_a_worker_group_of_their_own(rendered: Rendered):
+    groups = [g["groupName"] for g in rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    draft = rendered.values["draft"]
+    assert groups == (["target", "draft"] if draft["replicas"] else ["target"])
+    if draft["replicas"]:
+        group = rendered.worker_group("draft")
+        assert group["replicas"] == draft["replicas"]
+        assert _container(group)["resources"]["limits"][rendered.values["gpuResourceName"]] == draft["gpusPerPod"]
+
+
+def test_grpc_service_reaches_target_pods_ready_on_the_grpc_health_service(rendered: Rendered):
+    config = _config(rendered)
+    service = rendered.one("Service", "-grpc")
+    (port,) = service["spec"]["ports"]
+    pod = rendered.worker_group("target")["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = _container(rendered.worker_group("target"))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports[port["targetPort"]] == config.grpc.port
+    assert container["readinessProbe"]["grpc"] == {"port": config.grpc.port}
+    # The head keeps KubeRay's probes: KubeRay deploys the application only once the head is Ready.
+    assert "readinessProbe" not in _container(rendered.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"])
+
+
+def test_every_ray_pod_mounts_the_model_where_the_config_looks_for_it(rendered: Rendered):
+    model = rendered.values["model"]
+    cluster = rendered.rayservice["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        mounts = {m["name"]: m["mountPath"] for m in _container(group)["volumeMounts"]}
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        assert mounts["dshm"] == "/dev/shm" and volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        if model["source"] == "image":
+            assert "model" not in mounts
+            continue
+        assert model["path"].startswith(mounts["model"] + "/")
+        if model["source"] == "download":
+            (init,) = group["template"]["spec"]["initContainers"]
+            assert {"name": "MODEL_DIR", "value": model["path"]} in init["env"]
+            assert "emptyDir" in volumes["model"]
+
+
+def test_helm_test_hook_generates_through_the_grpc_service(rendered: Rendered):
+    pod = rendered.one("Pod", "-test-generate")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    service = rendered.one("Service", "-grpc")
+    assert (
+        env["KVFLEET_TARGET"] == f"{service['metadata']['name']}.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}"
+    )
+    assert "kvfleet generate" in pod["spec"]["containers"][0]["args"][0]
+
+
+def test_notes_tell_how_to_connect(rendered: Rendered):
+    assert f"{RELEASE}-kvfleet-grpc" in rendered.notes and "kvfleet generate" in rendered.notes
+
+
+# ------------------------------------------------------------------------------- values refused
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kvfleet": {"target": {"replicas": 3}}}, "additional properties 'replicas' not allowed"),
+        ({"kvfleet": {"engine": {"model": "/m"}}}, "additional properties 'model' not allowed"),
+        ({"kvfleet": {"index": {"redis_url": "redis://r"}}}, "additional properties 'redis_url' not allowed"),
+        ({"kvfleet": {"ray": {"address": "auto"}}}, "additional properties 'ray' not allowed"),
+        ({"kvfleet": {"engine": {"max_num_seq": 8}}}, "additional properties 'max_num_seq' not allowed"),
+        ({"kvfleet": {"engine": {"dtype": "int8"}}}, "must be one of"),
+        ({"target": {"replicas": 0}}, "minimum"),
+        ({"target": {"tensorParallelSize": 2, "gpusPerPod": 3}}, "must be a multiple of target.tensorParallelSize"),
+        ({"redis": {"enabled": False}}, "set redis.externalUrl"),
+        ({"model": {"source": "pvc", "path": "/models/m"}}, "set model.pvc.claimName"),
+        ({"model": {"source": "hostPath", "hostPath": {"path": "/data"}}}, "must be inside model.mountPath"),
+        ({"model": {"source": "download", "path": "/models/m"}}, "set model.download.image"),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else None,
+)
+def test_chart_refuses_values_with_a_sentence_that_names_them(chart, overrides, message):
+    with pytest.raises(Exception, match=message):
+        render(chart, overrides)
