@@ -7,6 +7,7 @@ kvfleet generate "prompt"    a gRPC client: stream a generation from a running c
 kvfleet status               a running cluster's replicas: load, KV pages, prefix-cache hit rates
 kvfleet bench engine ...     the engine against the hardware and transformers on the same workload
 kvfleet bench api ...        the Ray Serve + gRPC path against the engine in-process (added TTFT, requests/s)
+kvfleet bench serve ...      prefix-sharing conversations through the gRPC API, per routing policy (--compare)
 kvfleet bench index ...      the Redis page index: lookup latency, publish throughput, memory per entry
 """
 
@@ -204,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--seed", type=int, default=0)
     api.add_argument("--json", help="also write the report here")
     api.set_defaults(func=cmd_bench_api)
+
+    from cluster.bench_serve import add_serve_parser
+
+    add_serve_parser(bench)
 
     idx = bench.add_parser("index", help="Redis page index: lookup latency, publish throughput, memory per entry")
     idx.add_argument("--redis-url", help="an existing Redis (default: a private local server on a free port)")

@@ -222,6 +222,7 @@ def test_metrics_reach_rays_prometheus_export(stub, serve_cluster):
         "ray_kvfleet_running_sequences{",
         "ray_kvfleet_kv_page_usage_ratio{",
         "ray_kvfleet_prefix_cache_hit_tokens_total{",
+        'outcome="invalid_argument"',  # the bad-request tests above
     ]
     deadline = time.monotonic() + 30
     while True:
