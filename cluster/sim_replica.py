@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from dataclasses import dataclass
+from itertools import repeat
+from operator import rshift
 
 PAGE_SIZE = 16
 OWNER_SHIFT = 20  # page index < 2**20: prompts up to 16M tokens
@@ -50,8 +52,8 @@ class Request:
 
     __slots__ = (
         "answer_len", "arrival", "cached_tokens", "conv", "conv_owner", "e2e", "first_token", "id", "num_anon",
-        "pages", "prefill_left", "prompt_len", "prompt_pages", "reason", "replica", "router", "sys_id",
-        "sys_pages", "total_pages", "turn",
+        "pages", "passed_over", "prefill_left", "prompt_len", "prompt_pages", "reason", "replica", "router",
+        "sys_id", "sys_pages", "total_pages", "turn",
     )  # fmt: skip
 
     def __init__(self, rid, conv, turn, arrival, sys_id, sys_pages, conv_owner, prompt_len, answer_len):
@@ -65,10 +67,14 @@ class Request:
         self.first_token = self.e2e = -1.0
         self.replica = self.router = -1
         self.reason = ""
+        self.passed_over = False  # routed to a replica holding fewer of its leading pages than another
 
-    def key(self, page: int) -> int:
-        owner = self.sys_id if page < self.sys_pages else self.conv_owner
-        return owner << OWNER_SHIFT | page
+    def keys(self, start: int, stop: int) -> list[int]:
+        """The keys of pages start..stop-1 of this request's token stream."""
+        sp, sys_base, conv_base = self.sys_pages, self.sys_id << OWNER_SHIFT, self.conv_owner << OWNER_SHIFT
+        if stop <= sp:
+            return [sys_base | p for p in range(start, stop)]
+        return [sys_base | p for p in range(start, sp)] + [conv_base | p for p in range(max(start, sp), stop)]
 
 
 class HeldPages:
@@ -85,42 +91,49 @@ class HeldPages:
         self._runs: dict[tuple[int, int], tuple[int, int, float]] = {}
         self._levels: dict[int, tuple[int, float, dict[str, int], list[tuple[int, set[int]]]]] = {}
 
-    def add(self, r: int, key: int, value: float) -> None:
-        self.entries[r][key] = value
-        k = (r, key >> OWNER_SHIFT)
-        self._count[k] += 1
-        if self._count[k] == 1:
-            self.holders[k[1]].add(r)
-        self._version[k] += 1
-        self._owner_version[k[1]] += 1
+    def put(self, r: int, keys: list[int], value: float, new: bool = False) -> None:
+        """Set r's entries for `keys` to `value`, adding those it lacks (all of them if `new`)."""
+        entries = self.entries[r]
+        added = keys if new else [key for key in keys if key not in entries]
+        entries.update(dict.fromkeys(keys, value))
+        if added:
+            self._changed(r, added, 1)
 
-    def remove(self, r: int, key: int) -> None:
-        del self.entries[r][key]
-        k = (r, key >> OWNER_SHIFT)
-        self._count[k] -= 1
-        if self._count[k] == 0:
-            self.holders[k[1]].discard(r)
-        self._version[k] += 1
-        self._owner_version[k[1]] += 1
+    def remove(self, r: int, keys: list[int]) -> None:
+        deque(map(self.entries[r].pop, keys), 0)
+        self._changed(r, keys, -1)
 
-    def _run(self, r: int, owner: int, start: int, stop: int, now: float) -> tuple[int, float]:
+    def _changed(self, r: int, keys: list[int], sign: int) -> None:
+        for owner, n in Counter(map(rshift, keys, repeat(OWNER_SHIFT))).items():
+            k = (r, owner)
+            before = self._count[k]
+            self._count[k] = before + sign * n
+            if before == 0:
+                self.holders[owner].add(r)
+            elif before + sign * n == 0:
+                self.holders[owner].discard(r)
+            self._version[k] += 1
+            self._owner_version[owner] += 1
+
+    def _run(self, r: int, owner: int, start: int, stop: int, now: float) -> int:
         """Pages start, start+1, ... of `owner` held by r, up to the first missing one (or stop)."""
-        entries, base, p, until = self.entries[r], owner << OWNER_SHIFT, start, INF
+        entries, base, p = self.entries[r], owner << OWNER_SHIFT, start
         if self.expiring:
-            while p < stop and (e := entries.get(base | p, 0.0)) > now:
-                until = min(until, e)
+            while p < stop and entries.get(base | p, 0.0) > now:
                 p += 1
         else:
             while p < stop and (base | p) in entries:
                 p += 1
-        return p - start, until
+        return p - start
 
     def _sys_run(self, r: int, sys_id: int, sys_pages: int, now: float) -> int:
         k = (r, sys_id)
         cached = self._runs.get(k)
         if cached is not None and cached[0] == self._version[k] and now < cached[2]:
             return cached[1]
-        run, until = self._run(r, sys_id, 0, sys_pages, now)
+        run = self._run(r, sys_id, 0, sys_pages, now)
+        base, entries = sys_id << OWNER_SHIFT, self.entries[r]
+        until = min((entries[base | p] for p in range(run)), default=INF) if self.expiring else INF
         self._runs[k] = (self._version[k], run, until)
         return run
 
@@ -130,7 +143,7 @@ class HeldPages:
         run = self._sys_run(r, req.sys_id, sp, now) if sp else 0
         if run < sp:
             return run
-        return sp + self._run(r, req.conv_owner, sp, req.prompt_pages, now)[0]
+        return sp + self._run(r, req.conv_owner, sp, req.prompt_pages, now)
 
     def matched(self, req: Request, now: float) -> tuple[dict[str, int], list[tuple[int, set[int]]]]:
         """{replica id: leading pages held} for every holder, and the holders (indexes) grouped by that
@@ -155,7 +168,7 @@ class HeldPages:
         held = dict(held)
         extra: dict[int, set[int]] = defaultdict(set)
         for r in conv_holders:
-            if held.get(self.names[r], 0) == sp and (n := self._run(r, req.conv_owner, sp, req.prompt_pages, now)[0]):
+            if held.get(self.names[r], 0) == sp and (n := self._run(r, req.conv_owner, sp, req.prompt_pages, now)):
                 held[self.names[r]] = sp + n
                 extra[sp + n].add(r)
         return held, sorted(extra.items(), reverse=True) + levels
@@ -179,58 +192,56 @@ class PagePool:
         k = self.held.leading(self.replica, req, now)
         if k * PAGE_SIZE >= req.prompt_len:
             k -= 1  # a fully cached prompt recomputes its last page, for the logits
-        keys = [req.key(p) for p in range(k)]
-        ref = self.ref
+        keys = req.keys(0, k)
+        ref, lru = self.ref, self.lru
         need = req.total_pages - k
-        if self.num_free_pages - sum(1 for key in keys if ref[key] == 0) < need:
+        if self.num_free_pages - sum(map(lru.__contains__, keys)) < need:
             return False
         for key in keys:
-            if ref[key] == 0:
-                del self.lru[key]
-            ref[key] += 1
+            n = ref[key]
+            if not n:
+                del lru[key]
+            ref[key] = n + 1
         if keys and self.emit:
             self.emit("touched", self.replica, tuple(keys))
-        self._allocate(need)
+        evict = need - (self.num_pages - self.num_anon - len(ref))
+        if evict > 0:
+            removed = [lru.popitem(last=False)[0] for _ in range(evict)]
+            self.held.remove(self.replica, removed)
+            if self.emit:
+                self.emit("removed", self.replica, removed)
+        self.num_anon += need
         req.pages, req.num_anon, req.cached_tokens = keys, need, k * PAGE_SIZE
         return True
 
-    def _allocate(self, n: int) -> None:
-        evict = n - (self.num_pages - self.num_anon - len(self.ref))
-        if evict > 0:
-            removed = [self.lru.popitem(last=False)[0] for _ in range(evict)]
-            for key in removed:
-                self.held.remove(self.replica, key)
-            if self.emit:
-                self.emit("removed", self.replica, removed)
-        self.num_anon += n
-
     def commit(self, req: Request, upto: int) -> None:
         """Cache req's full pages up to `upto`; a page cached already is shared and the copy freed."""
-        ref, stored = self.ref, []
-        for p in range(len(req.pages), upto):
-            key = req.key(p)
-            n = ref.get(key)
-            if n is None:
-                self.held.add(self.replica, key, 1)
-                stored.append(key)
-            else:
-                if n == 0:
-                    del self.lru[key]
-                ref[key] = n + 1
-            req.pages.append(key)
-            req.num_anon -= 1
-            self.num_anon -= 1
-        if stored and self.emit:
-            self.emit("stored", self.replica, stored)
+        keys = req.keys(len(req.pages), upto)
+        if not keys:
+            return
+        ref, lru = self.ref, self.lru
+        stored = [key for key in keys if key not in ref]
+        if len(stored) < len(keys):
+            for key in keys:
+                if (n := ref.get(key)) is not None:
+                    if not n:
+                        del lru[key]
+                    ref[key] = n + 1
+        if stored:
+            self.held.put(self.replica, stored, 1, new=True)
+            if self.emit:
+                self.emit("stored", self.replica, stored)
+        req.pages.extend(keys)
+        req.num_anon -= len(keys)
+        self.num_anon -= len(keys)
 
     def release(self, req: Request) -> None:
         self.num_anon -= req.num_anon
         req.num_anon = 0
-        ref = self.ref
-        for key in reversed(req.pages):
-            ref[key] -= 1
-            if ref[key] == 0:
-                self.lru[key] = None
+        ref, pages = self.ref, req.pages[::-1]
+        counts = [ref[key] - 1 for key in pages]
+        ref.update(zip(pages, counts, strict=True))
+        self.lru.update(dict.fromkeys([key for key, n in zip(pages, counts, strict=True) if not n]))
         req.pages = []
 
 

@@ -1,0 +1,570 @@
+"""`kvfleet bench simulate`: the routing policy driving a discrete-event simulation of a cluster, without GPUs.
+
+A seeded workload of conversations (each on one of a few system prompts, Zipf-popular; turn t's
+prompt is the system prompt, the whole conversation so far and a new question; conversations start
+as a Poisson process and each turn follows the previous answer after an exponential think time) is
+routed to N simulated replicas (`cluster.sim_replica`: a page pool with an LRU prefix cache and an
+engine timed by a cost model) by one of these policies:
+
+- `prefix_aware`: `router.policy.choose` as the real router calls it: leading pages held from a
+  lagged copy of the page index (each replica's KV events land `index_lag_s` after they happen;
+  entries expire `index_ttl_s` after they were last stored or hit), loads as of each replica's last
+  heartbeat plus the requests this router sent or saw finish since then (requests are spread over
+  `routers` routers, which do not see each other's), free pages as of the last heartbeat;
+- `oracle`: the same `choose`, but with every replica's exact cache contents, load and free pages;
+- `round_robin`, `power_of_two` (two random replicas, the less loaded by the router's view),
+  `least_loaded` (by the router's view, ties at random).
+
+`choose` gets, by default, only the candidates that can win: the least-loaded replicas and, for
+the most pages held that some eligible holder holds, those of its eligible holders that are least
+loaded. The pruning mirrors the eligibility rule of `router/policy.py` so that the decisions are
+those of the full candidate list, random tie-breaks included (`full_candidates=True` passes every
+replica; a test checks they agree). It keeps a decision at 1,024 replicas under ~100 us.
+
+One simulated process: arrivals and completions are exact under the cost model; there is no
+network delay, no preemption (a request reserves pages for its whole answer) and no failure.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from cluster.sim_replica import PAGE_SIZE, CostModel, HeldPages, PagePool, Replica, Request
+from router.policy import ReplicaView, RoutingConfig, choose
+
+POLICIES = ("prefix_aware", "oracle", "round_robin", "power_of_two", "least_loaded")
+LOAD_VIEWS = ("serve", "heartbeat", "freshest")
+
+
+@dataclass(frozen=True)
+class Workload:
+    system_prompts: int = 32
+    system_prompt_tokens: int = 1024  # mean; each prompt's length is drawn from [1/2, 3/2] of it
+    prompt_zipf: float = 1.0  # popularity of the k-th system prompt ~ 1 / k**zipf
+    turns: int = 4  # per conversation
+    question_tokens: int = 128  # means; each drawn from [1/2, 3/2] of it
+    answer_tokens: int = 256
+    think_s: float = 5.0  # mean pause between an answer and the next question
+    rate_per_replica: float = 8.0  # requests/s at steady state, unless `rate` is set
+    rate: float | None = None
+    duration_s: float = 60.0  # conversations start until then, and turns due later are dropped ...
+    users: int | None = None  # ... unless this many conversations are asked for: then they all run to the end
+    warmup_s: float = 30.0  # measure the requests that arrive from then until duration_s
+
+
+@dataclass(frozen=True)
+class SimParams:
+    replicas: int = 256
+    policy: str = "prefix_aware"
+    workload: Workload = field(default_factory=Workload)
+    cost: CostModel = field(default_factory=CostModel)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    routers: int = 4
+    load_view: str = "serve"  # how a router knows loads: "serve" (Ray Serve's queue-length cache) or "heartbeat"
+    queue_len_cache_s: float = 10.0  # Serve's RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S
+    index_lag_s: float = 0.1
+    index_ttl_s: float = 300.0
+    heartbeat_s: float = 1.0
+    seed: int = 0
+    full_candidates: bool = False
+
+
+@dataclass
+class Report:
+    policy: str
+    replicas: int
+    requests: int
+    hit_rate: float  # cached prompt tokens / prompt tokens
+    ttft_mean: float
+    ttft_p50: float
+    ttft_p90: float
+    ttft_p99: float
+    e2e_p50: float
+    e2e_p99: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    mean_load: float  # time-averaged requests in flight per replica
+    max_load_ratio: float  # the most loaded replica's time-averaged load / the mean
+    max_served_ratio: float  # the most requests one replica served / the mean
+    measured_s: float  # the window measured: from warm-up to the last conversation start
+    wall_s: float
+    reasons: dict[str, int]
+    passed_over: int  # decisions that chose a replica holding fewer leading pages than another (index's view)
+
+
+@dataclass
+class Conversation:
+    id: int
+    sys_id: int
+    sys_len: int
+    start: float
+    questions: list[int]
+    answers: list[int]
+    thinks: list[float]
+
+
+def make_conversations(params: SimParams) -> list[Conversation]:
+    """The workload, from the seed alone: the same for every policy."""
+    w, rng = params.workload, random.Random(params.seed)
+    rate = w.rate if w.rate is not None else w.rate_per_replica * params.replicas
+
+    def around(mean: int) -> int:
+        return rng.randint(max(1, mean // 2), max(1, mean * 3 // 2))
+
+    sys_lens = [around(w.system_prompt_tokens) for _ in range(w.system_prompts)]
+    cum, total = [], 0.0
+    for k in range(w.system_prompts):
+        total += 1.0 / (k + 1) ** w.prompt_zipf
+        cum.append(total)
+    convs, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate / w.turns)  # each conversation brings `turns` requests
+        if (t > w.duration_s) if w.users is None else (len(convs) == w.users):
+            break
+        c = len(convs)
+        s = rng.choices(range(w.system_prompts), cum_weights=cum)[0]
+        n = w.turns
+        questions = [around(w.question_tokens) for _ in range(n)]
+        answers = [around(w.answer_tokens) for _ in range(n)]
+        thinks = [rng.expovariate(1 / w.think_s) if w.think_s > 0 else 0.0 for _ in range(n - 1)]
+        convs.append(Conversation(c, s, sys_lens[s], t, questions, answers, thinks))
+    return convs
+
+
+class LoadBook:
+    """Each replica's load as one router sees it, with the least-loaded ones kept at hand."""
+
+    def __init__(self, n: int):
+        self.load = [0] * n
+        self.buckets: dict[int, set[int]] = {0: set(range(n))}
+        self.min = 0
+
+    def set(self, i: int, value: int) -> None:
+        old = self.load[i]
+        if value == old:
+            return
+        bucket = self.buckets[old]
+        bucket.discard(i)
+        if not bucket:
+            del self.buckets[old]
+        self.load[i] = value
+        self.buckets.setdefault(value, set()).add(i)
+        if value < self.min:
+            self.min = value
+        elif old == self.min and old not in self.buckets:
+            self.min = min(self.buckets)
+
+    def add(self, i: int, delta: int) -> None:
+        self.set(i, self.load[i] + delta)
+
+    def least_loaded(self) -> list[int]:
+        return sorted(self.buckets[self.min])
+
+
+ARRIVE, WAKE, HEARTBEAT = 0, 1, 2
+
+
+class _Simulation:
+    def __init__(self, params: SimParams):
+        if params.policy not in POLICIES:
+            raise ValueError(f"unknown policy {params.policy!r}: choose from {', '.join(POLICIES)}")
+        if params.replicas < 2 or params.routers < 1:
+            raise ValueError("a simulation needs at least 2 replicas and 1 router")
+        self.p, n, cost, w = params, params.replicas, params.cost, params.workload
+        if w.users is None and w.warmup_s >= w.duration_s:
+            raise ValueError(f"--warmup-s ({w.warmup_s}) must be shorter than --duration-s ({w.duration_s})")
+        self.convs = make_conversations(params)
+        if not self.convs:
+            raise ValueError("the workload is empty: raise --duration-s, --rate or --users")
+        longest = max(c.sys_len + sum(c.questions) + sum(c.answers) for c in self.convs)
+        if -(-longest // PAGE_SIZE) > cost.pages_per_replica:
+            raise ValueError(
+                f"the longest conversation needs {-(-longest // PAGE_SIZE)} pages, more than a replica's "
+                f"{cost.pages_per_replica}: raise --pages-per-replica or shorten the workload"
+            )
+        if cost.max_batched_tokens <= cost.max_batch:
+            raise ValueError("--max-batched-tokens must exceed --max-batch (decodes take one token each)")
+        self.names = [f"r{i}" for i in range(n)]
+        self.index_of = {name: i for i, name in enumerate(self.names)}
+        self.cached = HeldPages(self.names, expiring=False)
+        self.index = HeldPages(self.names, expiring=True) if params.policy == "prefix_aware" else None
+        self.events: deque = deque()
+        emit = self._emit if self.index is not None else None
+        self.pools = [PagePool(i, cost.pages_per_replica, self.cached, emit) for i in range(n)]
+        self.replicas = [Replica(i, cost, self.pools[i], self) for i in range(n)]
+        if params.load_view not in LOAD_VIEWS:
+            raise ValueError(f"unknown load view {params.load_view!r}: choose from {', '.join(LOAD_VIEWS)}")
+        self.books = [LoadBook(n) for _ in range(params.routers)]
+        self.contact = [[-float("inf")] * n for _ in range(params.routers)]  # a router's last news of a replica
+        self.exact = LoadBook(n)
+        self.hb_free = [cost.pages_per_replica] * n
+        self.rng = random.Random(params.seed + 1)
+        self.rr = [self.rng.randrange(n) for _ in range(params.routers)]
+        self.heap: list = []
+        self.seq = self.num_requests = 0
+        self.now = 0.0
+        self.area, self.last = [0.0] * n, [0.0] * n
+        self.served = [0] * n
+        self.done: list[Request] = []
+        self.pending = 0  # requests arrived or due, not finished
+        self.cutoff = params.workload.duration_s if params.workload.users is None else float("inf")
+        self.window = (params.workload.warmup_s, self.cutoff)
+        self.num_sys = params.workload.system_prompts
+
+    # ------------------------------------------------------------- the event loop
+    def _push(self, t: float, kind: int, a, b=None) -> None:
+        self.seq += 1
+        self.pending += kind == ARRIVE
+        heapq.heappush(self.heap, (t, self.seq, kind, a, b))
+
+    def wake_at(self, t: float, replica: Replica, version: int) -> None:
+        self._push(t, WAKE, replica, version)
+
+    def run(self) -> list[Request]:
+        for c in self.convs:
+            self._push(c.start, ARRIVE, self._request(c, 0, c.start))
+        for i in range(self.p.replicas):
+            self._push(self.rng.uniform(0, self.p.heartbeat_s), HEARTBEAT, i)
+        while self.heap:
+            t, _, kind, a, b = heapq.heappop(self.heap)
+            self.now = t
+            if kind == WAKE:
+                a.wake(t, b)
+            elif kind == ARRIVE:
+                self._route(a, t)
+            elif self.pending:
+                self._heartbeat(a)
+                self._push(t + self.p.heartbeat_s, HEARTBEAT, a)
+        return self.done
+
+    def _request(self, c: Conversation, turn: int, t: float) -> Request:
+        ctx = c.sys_len + sum(c.questions[:turn]) + sum(c.answers[:turn])
+        self.num_requests += 1
+        return Request(
+            self.num_requests, c.id, turn, t, c.sys_id, c.sys_len // PAGE_SIZE, self.num_sys + c.id,
+            ctx + c.questions[turn], c.answers[turn],
+        )  # fmt: skip
+
+    def _heartbeat(self, i: int) -> None:
+        stale = self.now - self.p.queue_len_cache_s
+        for book, contact in zip(self.books, self.contact, strict=True):
+            if self.p.load_view != "serve" or contact[i] < stale:
+                book.set(i, self.exact.load[i])
+        self.hb_free[i] = self.pools[i].num_free_pages
+
+    def _news(self, r: int, i: int, delta: int) -> None:
+        """Router r sent replica i a request (+1) or saw one finish (-1)."""
+        if self.p.load_view == "heartbeat":
+            self.books[r].add(i, delta)  # the last heartbeat, plus what this router did since
+        elif delta > 0:  # Serve: the replica's answer to the send carries its exact count
+            self.books[r].set(i, self.exact.load[i])
+            self.contact[r][i] = self.now
+        elif self.p.load_view == "freshest" or self.contact[r][i] >= self.now - self.p.queue_len_cache_s:
+            self.books[r].add(i, -1)  # a cache entry that has expired is not decremented
+            self.contact[r][i] = self.now
+
+    def _in_flight(self, i: int, delta: int) -> None:
+        start, end = self.window
+        overlap = min(self.now, end) - max(self.last[i], start)
+        if overlap > 0:
+            self.area[i] += self.exact.load[i] * overlap
+        self.last[i] = self.now
+        self.exact.add(i, delta)
+
+    def first_token(self, req: Request, t: float) -> None:
+        req.first_token = t - req.arrival
+
+    def finished(self, req: Request, t: float) -> None:
+        req.e2e = t - req.arrival
+        self._in_flight(req.replica, -1)
+        if self.p.policy != "oracle":
+            self._news(req.router, req.replica, -1)
+        self.done.append(req)
+        self.pending -= 1
+        c = self.convs[req.conv]
+        if req.turn + 1 < len(c.questions) and (nxt := t + c.thinks[req.turn]) <= self.cutoff:
+            self._push(nxt, ARRIVE, self._request(c, req.turn + 1, nxt))
+
+    # ------------------------------------------------------------- the index and the routers
+    def _emit(self, kind: str, replica: int, keys) -> None:
+        self.events.append((self.now + self.p.index_lag_s, kind, replica, keys))
+
+    def _apply_index_events(self, t: float) -> None:
+        events, index, ttl = self.events, self.index, self.p.index_ttl_s
+        while events and events[0][0] <= t:
+            at, kind, r, keys = events.popleft()
+            if kind == "removed":
+                entries = index.entries[r]
+                index.remove(r, [key for key in keys if key in entries])
+            elif kind == "touched":  # a hit restarts the entries' TTL (its pages were stored, not removed)
+                index.entries[r].update(dict.fromkeys(keys, at + ttl))
+            else:
+                index.put(r, keys, at + ttl)
+
+    def _route(self, req: Request, t: float) -> None:
+        policy, n = self.p.policy, self.p.replicas
+        req.router = r = self.rng.randrange(self.p.routers)
+        book = self.exact if policy == "oracle" else self.books[r]
+        if policy == "prefix_aware":
+            self._apply_index_events(t)
+            i = self._choose(req, book, self.index, self.hb_free.__getitem__, t)
+        elif policy == "oracle":
+            i = self._choose(req, book, self.cached, lambda i: self.pools[i].num_free_pages, t)
+        elif policy == "round_robin":
+            i, self.rr[r] = self.rr[r] % n, self.rr[r] + 1
+        elif policy == "power_of_two":
+            a, b = self.rng.sample(range(n), 2)
+            la, lb = book.load[a], book.load[b]
+            i = a if la < lb else b if lb < la else self.rng.choice((a, b))
+        else:
+            i = self.rng.choice(book.least_loaded())
+        req.replica = i
+        if not req.reason:
+            req.reason = policy
+        self._in_flight(i, 1)
+        if policy != "oracle":
+            self._news(r, i, 1)
+        if self.window[0] <= t <= self.window[1]:
+            self.served[i] += 1
+        self.replicas[i].submit(req, t)
+
+    def _choose(self, req: Request, book: LoadBook, held_pages: HeldPages, free_of, t: float) -> int:
+        cfg, total = self.p.routing, self.p.cost.pages_per_replica
+        held, levels = held_pages.matched(req, t)
+        if self.p.full_candidates:
+            picked = range(self.p.replicas)
+        else:
+            # The least loaded always stay eligible; beyond them only the least-loaded eligible holders
+            # of the longest prefix that has any can win (router/policy.py's rule 1 and 2).
+            lowest = book.min
+            limit = lowest + cfg.spill_abs_threshold + cfg.spill_rel_threshold * lowest
+            short = cfg.min_free_page_fraction * total
+            picked = set(book.buckets[lowest])
+            loads = sorted(v for v in book.buckets if v <= limit)
+            for count, members in levels:
+                if count < cfg.min_matched_pages:
+                    break
+                for v in loads:
+                    hit = book.buckets[v] & members
+                    if v > lowest:
+                        hit = {i for i in hit if free_of(i) >= short}
+                    if hit:
+                        picked |= hit
+                        break
+                else:
+                    continue
+                break
+            picked = sorted(picked)
+        views = [ReplicaView(self.names[i], book.load[i], free_of(i), total) for i in picked]
+        decision = choose(views, held, cfg, self.rng)
+        req.reason = decision.reason.value
+        req.passed_over = decision.matched_pages < max(held.values(), default=0)
+        return self.index_of[decision.replica_id]
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+def simulate(params: SimParams) -> Report:
+    """One policy on one cluster size: route the workload, run it to the end, measure."""
+    started = time.perf_counter()
+    sim = _Simulation(params)
+    sim.run()
+    for i in range(params.replicas):
+        sim._in_flight(i, 0)  # close the load integrals
+    start, end = sim.window[0], min(sim.window[1], sim.now)
+    span = max(end - start, 1e-9)
+    done = [r for r in sim.done if start <= r.arrival <= end]
+    loads = [a / span for a in sim.area]
+    mean_load = sum(loads) / len(loads)
+    ttft = sorted(r.first_token for r in done)
+    e2e = sorted(r.e2e for r in done)
+    prompt = sum(r.prompt_len for r in done)
+    return Report(
+        policy=params.policy,
+        replicas=params.replicas,
+        requests=len(done),
+        hit_rate=sum(r.cached_tokens for r in done) / prompt,
+        ttft_mean=sum(ttft) / len(ttft),
+        ttft_p50=_percentile(ttft, 0.5),
+        ttft_p90=_percentile(ttft, 0.9),
+        ttft_p99=_percentile(ttft, 0.99),
+        e2e_p50=_percentile(e2e, 0.5),
+        e2e_p99=_percentile(e2e, 0.99),
+        requests_per_s=len(done) / span,
+        output_tokens_per_s=sum(r.answer_len for r in done) / span,
+        mean_load=mean_load,
+        max_load_ratio=max(loads) / mean_load if mean_load else 0.0,
+        max_served_ratio=max(sim.served) / (sum(sim.served) / len(sim.served)),
+        measured_s=span,
+        wall_s=time.perf_counter() - started,
+        reasons=dict(sorted(Counter(r.reason for r in done).items())),
+        passed_over=sum(r.passed_over for r in done),
+    )
+
+
+def _table(reports: list[Report]) -> str:
+    head = (
+        f"{'replicas':>8} {'policy':<13} {'requests':>8} {'hit rate':>8} {'TTFT mean':>9} {'p50':>7} {'p90':>7} "
+        f"{'p99':>7} {'e2e p50':>7} {'p99':>7} {'req/s':>7} {'load':>5} {'max/mean':>8} {'served':>6}  reasons"
+    )
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        reasons = " ".join(f"{k}={v}" for k, v in r.reasons.items())
+        lines.append(
+            f"{r.replicas:>8} {r.policy:<13} {r.requests:>8} {r.hit_rate:>8.1%} {r.ttft_mean * 1e3:>7.0f}ms "
+            f"{r.ttft_p50 * 1e3:>5.0f}ms {r.ttft_p90 * 1e3:>5.0f}ms {r.ttft_p99 * 1e3:>5.0f}ms {r.e2e_p50:>6.1f}s "
+            f"{r.e2e_p99:>6.1f}s {r.requests_per_s:>7.1f} {r.mean_load:>5.1f} {r.max_load_ratio:>7.2f}x "
+            f"{r.max_served_ratio:>5.2f}x  {reasons}"
+        )
+    return "\n".join(lines)
+
+
+def run_simulation(
+    params: SimParams, replicas: list[int], policies: list[str], json_path: str | None = None, echo=print
+) -> list[Report]:
+    """Every policy at every cluster size, on the same seeded workload; print a table (and write JSON)."""
+    reports = []
+    for n in replicas:
+        for policy in policies:
+            reports.append(simulate(replace(params, replicas=n, policy=policy)))
+            echo(f"  {n} replicas, {policy}: {reports[-1].wall_s:.1f} s", flush=True)
+    ok = _targets(reports)
+    echo(_table(reports) + ("\n" + ok if ok else ""))
+    if json_path:
+        out = {"params": _jsonable(params), "reports": [asdict(r) for r in reports]}
+        Path(json_path).write_text(json.dumps(out, indent=1))
+    return reports
+
+
+def _targets(reports: list[Report]) -> str:
+    """Issue 6's targets, for each size where both prefix_aware and oracle ran."""
+    by = defaultdict(dict)
+    for r in reports:
+        by[r.replicas][r.policy] = r
+    lines = []
+    for n, rs in by.items():
+        if "prefix_aware" in rs and "oracle" in rs:
+            pa, orc = rs["prefix_aware"], rs["oracle"]
+            ratio = pa.hit_rate / orc.hit_rate if orc.hit_rate else 1.0
+            lines.append(
+                f"{n} replicas: prefix_aware hit rate {ratio:.1%} of the oracle's (target >= 95%: "
+                f"{'met' if ratio >= 0.95 else 'NOT met'}); max load {pa.max_load_ratio:.2f}x the mean "
+                f"(target <= 1.5x: {'met' if pa.max_load_ratio <= 1.5 else 'NOT met'})"
+            )
+    return "\n".join(lines)
+
+
+def _jsonable(params: SimParams) -> dict:
+    out = {f.name: getattr(params, f.name) for f in fields(params)}
+    out["workload"], out["cost"] = asdict(params.workload), asdict(params.cost)
+    out["routing"] = params.routing.model_dump()
+    return out
+
+
+# ----------------------------------------------------------------- the command line
+def add_simulate_parser(bench_subparsers) -> None:
+    """`kvfleet bench simulate ...` (bench_subparsers: the `kvfleet bench` subparsers)."""
+    w, c, p, rc = Workload(), CostModel(), SimParams(), RoutingConfig()
+    sim = bench_subparsers.add_parser(
+        "simulate",
+        help="simulate routing policies on 8 to 1,024 replicas with a cost model (no GPUs)",
+        description="The routing policy of router/policy.py driving a discrete-event simulation: prompt-token "
+        "cache hit rate, TTFT, end-to-end latency and load balance per policy and cluster size. Example: "
+        "kvfleet bench simulate --replicas 8 64 256 1024 --json sim.json",
+    )
+    sim.add_argument("--replicas", type=int, nargs="+", default=[8, 64, 256])
+    sim.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    sim.add_argument("--seed", type=int, default=p.seed)
+    sim.add_argument("--json", help="also write the reports here")
+    g = sim.add_argument_group("workload")
+    g.add_argument("--system-prompts", type=int, default=w.system_prompts)
+    g.add_argument("--system-prompt-tokens", type=int, default=w.system_prompt_tokens, help="mean length")
+    g.add_argument("--prompt-zipf", type=float, default=w.prompt_zipf, help="popularity skew (0: uniform)")
+    g.add_argument("--turns", type=int, default=w.turns, help="per conversation")
+    g.add_argument("--question-tokens", type=int, default=w.question_tokens, help="mean")
+    g.add_argument("--answer-tokens", type=int, default=w.answer_tokens, help="mean")
+    g.add_argument("--rate-per-replica", type=float, default=w.rate_per_replica, help="requests/s (Poisson)")
+    g.add_argument("--rate", type=float, help="requests/s in all (overrides --rate-per-replica)")
+    g.add_argument("--think-s", type=float, default=w.think_s, help="mean pause between turns")
+    g.add_argument("--duration-s", type=float, default=w.duration_s, help="conversations start over this long")
+    g.add_argument("--users", type=int, help="conversations in all (default: rate x duration / turns)")
+    g.add_argument("--warmup-s", type=float, default=w.warmup_s, help="measure from then to the last start")
+    g = sim.add_argument_group("replica cost model")
+    g.add_argument("--pages-per-replica", type=int, default=c.pages_per_replica, help=f"KV pages of {PAGE_SIZE}")
+    g.add_argument("--max-batch", type=int, default=c.max_batch, help="sequences per step")
+    g.add_argument("--max-batched-tokens", type=int, default=c.max_batched_tokens, help="tokens per step")
+    g.add_argument("--step-overhead-ms", type=float, default=c.step_overhead_s * 1e3)
+    g.add_argument("--prefill-us-per-token", type=float, default=c.prefill_s_per_token * 1e6)
+    g.add_argument("--decode-us-per-seq", type=float, default=c.decode_s_per_seq * 1e6)
+    g = sim.add_argument_group("index and routers")
+    g.add_argument("--routers", type=int, default=p.routers, help="router processes (each sees its own requests)")
+    g.add_argument(
+        "--load-view",
+        choices=LOAD_VIEWS,
+        default=p.load_view,
+        help="serve: Ray Serve's queue-length cache (exact at each send, then own sends and completions; "
+        "the heartbeat once stale); heartbeat: the last heartbeat plus this router's sends and completions",
+    )
+    g.add_argument("--queue-len-cache-s", type=float, default=p.queue_len_cache_s, help="Serve's cache timeout")
+    g.add_argument("--index-lag-ms", type=float, default=p.index_lag_s * 1e3, help="KV event to index delay")
+    g.add_argument("--index-ttl-s", type=float, default=p.index_ttl_s)
+    g.add_argument("--heartbeat-ms", type=float, default=p.heartbeat_s * 1e3)
+    g.add_argument("--spill-abs-threshold", type=float, default=rc.spill_abs_threshold)
+    g.add_argument("--spill-rel-threshold", type=float, default=rc.spill_rel_threshold)
+    g.add_argument("--min-matched-pages", type=int, default=rc.min_matched_pages)
+    g.add_argument("--min-free-page-fraction", type=float, default=rc.min_free_page_fraction)
+    g.add_argument("--full-candidates", action="store_true", help="pass every replica to the policy (slow)")
+    sim.set_defaults(func=cmd_simulate)
+
+
+def params_from_args(args) -> SimParams:
+    return SimParams(
+        workload=Workload(
+            system_prompts=args.system_prompts,
+            system_prompt_tokens=args.system_prompt_tokens,
+            prompt_zipf=args.prompt_zipf,
+            turns=args.turns,
+            question_tokens=args.question_tokens,
+            answer_tokens=args.answer_tokens,
+            think_s=args.think_s,
+            rate_per_replica=args.rate_per_replica,
+            rate=args.rate,
+            duration_s=args.duration_s,
+            users=args.users,
+            warmup_s=args.warmup_s,
+        ),
+        cost=CostModel(
+            step_overhead_s=args.step_overhead_ms / 1e3,
+            prefill_s_per_token=args.prefill_us_per_token / 1e6,
+            decode_s_per_seq=args.decode_us_per_seq / 1e6,
+            max_batch=args.max_batch,
+            max_batched_tokens=args.max_batched_tokens,
+            pages_per_replica=args.pages_per_replica,
+        ),
+        routing=RoutingConfig(
+            spill_abs_threshold=args.spill_abs_threshold,
+            spill_rel_threshold=args.spill_rel_threshold,
+            min_matched_pages=args.min_matched_pages,
+            min_free_page_fraction=args.min_free_page_fraction,
+        ),
+        routers=args.routers,
+        load_view=args.load_view,
+        queue_len_cache_s=args.queue_len_cache_s,
+        index_lag_s=args.index_lag_ms / 1e3,
+        index_ttl_s=args.index_ttl_s,
+        heartbeat_s=args.heartbeat_ms / 1e3,
+        seed=args.seed,
+        full_candidates=args.full_candidates,
+    )
+
+
+def cmd_simulate(args) -> list[Report]:
+    return run_simulation(params_from_args(args), args.replicas, args.policies, args.json)
