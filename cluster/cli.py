@@ -53,10 +53,14 @@ def cmd_serve(args) -> None:
 
     config = _cluster_config(args)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     cluster = ServeCluster(config)
     try:
         cluster.start()
+        # Installed after Ray's own handlers (ray.init replaces SIGTERM's): both signals end the
+        # wait below and the cluster stops in order, also where SIGINT was ignored at start (a
+        # background job), so Python would raise no KeyboardInterrupt.
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         print(f"gRPC API     {cluster.grpc_target}   (kvfleet.v1.Generation; try: kvfleet generate --stream 'def f(')")
         if cluster.dashboard_url:
             print(f"dashboard    {cluster.dashboard_url}   (metrics: ray_kvfleet_*)")
