@@ -1,32 +1,37 @@
 """`kvfleet bench simulate`: the routing policy driving a discrete-event simulation of a cluster, without GPUs.
 
-A seeded workload of conversations (each on one of a few system prompts, Zipf-popular; turn t's
-prompt is the system prompt, the whole conversation so far and a new question; conversations start
-as a Poisson process and each turn follows the previous answer after an exponential think time) is
-routed to N simulated replicas (`cluster.sim_replica`: a page pool with an LRU prefix cache and an
-engine timed by a cost model) by one of these policies:
+A seeded workload of conversations that share prefixes (`cluster.sim_workload`) is routed to N
+simulated replicas (`cluster.sim_replica`: a page pool with an LRU prefix cache and an engine
+timed by a cost model), spread over `routers` router processes, by one of these policies:
 
-- `prefix_aware`: `router.policy.choose` as the real router calls it: leading pages held from a
-  lagged copy of the page index (each replica's KV events land `index_lag_s` after they happen;
-  entries expire `index_ttl_s` after they were last stored or hit), loads as of each replica's last
-  heartbeat plus the requests this router sent or saw finish since then (requests are spread over
-  `routers` routers, which do not see each other's), free pages as of the last heartbeat;
+- `prefix_aware`: `router.policy.choose` as `router/prefix_router.py` calls it. Leading pages held
+  come from a lagged copy of the page index: each replica's KV events land `index_lag_s` after they
+  happen; entries expire `index_ttl_s` after they were last stored or hit. Free pages are as of the
+  replica's last heartbeat (every `heartbeat_s`). Loads are each router's own view (`load_view`):
+  `serve`, Ray Serve's queue-length cache, which prefix_router.py reads: exact whenever this router
+  sends the replica a request (the replica's accept answer carries its count), then -1 for each of
+  this router's requests that finishes, and the heartbeat once the entry is `queue_len_cache_s`
+  old; `heartbeat`, the last heartbeat plus this router's sends and completions since; `freshest`,
+  both (each heartbeat and each send resets it);
 - `oracle`: the same `choose`, but with every replica's exact cache contents, load and free pages;
-- `round_robin`, `power_of_two` (two random replicas, the less loaded by the router's view),
-  `least_loaded` (by the router's view, ties at random).
+- `round_robin`, `power_of_two` (two random replicas, the less loaded in the router's view),
+  `least_loaded` (in the router's view, ties at random).
 
 `choose` gets, by default, only the candidates that can win: the least-loaded replicas and, for
 the most pages held that some eligible holder holds, those of its eligible holders that are least
-loaded. The pruning mirrors the eligibility rule of `router/policy.py` so that the decisions are
-those of the full candidate list, random tie-breaks included (`full_candidates=True` passes every
-replica; a test checks they agree). It keeps a decision at 1,024 replicas under ~100 us.
+loaded. The pruning mirrors the eligibility rule of `router/policy.py`, so the decisions are those
+of the full candidate list, random tie-breaks included (`full_candidates=True` passes every
+replica; a test checks that they agree); it makes a decision at 1,024 replicas cost O(holders),
+not ~1 ms.
 
-One simulated process: arrivals and completions are exact under the cost model; there is no
+Measured: the requests that arrive between `warmup_s` and `duration_s` (loads are averaged over
+the same window). Arrivals, steps and completions are exact under the cost model; there is no
 network delay, no preemption (a request reserves pages for its whole answer) and no failure.
 """
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import json
 import random
@@ -36,26 +41,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from cluster.sim_replica import PAGE_SIZE, CostModel, HeldPages, PagePool, Replica, Request
+from cluster.sim_workload import Conversation, Workload, make_conversations
 from router.policy import ReplicaView, RoutingConfig, choose
 
 POLICIES = ("prefix_aware", "oracle", "round_robin", "power_of_two", "least_loaded")
 LOAD_VIEWS = ("serve", "heartbeat", "freshest")
-
-
-@dataclass(frozen=True)
-class Workload:
-    system_prompts: int = 32
-    system_prompt_tokens: int = 1024  # mean; each prompt's length is drawn from [1/2, 3/2] of it
-    prompt_zipf: float = 1.0  # popularity of the k-th system prompt ~ 1 / k**zipf
-    turns: int = 4  # per conversation
-    question_tokens: int = 128  # means; each drawn from [1/2, 3/2] of it
-    answer_tokens: int = 256
-    think_s: float = 5.0  # mean pause between an answer and the next question
-    rate_per_replica: float = 8.0  # requests/s at steady state, unless `rate` is set
-    rate: float | None = None
-    duration_s: float = 60.0  # conversations start until then, and turns due later are dropped ...
-    users: int | None = None  # ... unless this many conversations are asked for: then they all run to the end
-    warmup_s: float = 30.0  # measure the requests that arrive from then until duration_s
 
 
 @dataclass(frozen=True)
@@ -66,7 +56,7 @@ class SimParams:
     cost: CostModel = field(default_factory=CostModel)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     routers: int = 4
-    load_view: str = "serve"  # how a router knows loads: "serve" (Ray Serve's queue-length cache) or "heartbeat"
+    load_view: str = "serve"  # how a router knows loads (LOAD_VIEWS; see above)
     queue_len_cache_s: float = 10.0  # Serve's RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S
     index_lag_s: float = 0.1
     index_ttl_s: float = 300.0
@@ -92,49 +82,10 @@ class Report:
     mean_load: float  # time-averaged requests in flight per replica
     max_load_ratio: float  # the most loaded replica's time-averaged load / the mean
     max_served_ratio: float  # the most requests one replica served / the mean
-    measured_s: float  # the window measured: from warm-up to the last conversation start
+    measured_s: float  # the window measured: from warmup_s to duration_s
     wall_s: float
     reasons: dict[str, int]
-    passed_over: int  # decisions that chose a replica holding fewer leading pages than another (index's view)
-
-
-@dataclass
-class Conversation:
-    id: int
-    sys_id: int
-    sys_len: int
-    start: float
-    questions: list[int]
-    answers: list[int]
-    thinks: list[float]
-
-
-def make_conversations(params: SimParams) -> list[Conversation]:
-    """The workload, from the seed alone: the same for every policy."""
-    w, rng = params.workload, random.Random(params.seed)
-    rate = w.rate if w.rate is not None else w.rate_per_replica * params.replicas
-
-    def around(mean: int) -> int:
-        return rng.randint(max(1, mean // 2), max(1, mean * 3 // 2))
-
-    sys_lens = [around(w.system_prompt_tokens) for _ in range(w.system_prompts)]
-    cum, total = [], 0.0
-    for k in range(w.system_prompts):
-        total += 1.0 / (k + 1) ** w.prompt_zipf
-        cum.append(total)
-    convs, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate / w.turns)  # each conversation brings `turns` requests
-        if (t > w.duration_s) if w.users is None else (len(convs) == w.users):
-            break
-        c = len(convs)
-        s = rng.choices(range(w.system_prompts), cum_weights=cum)[0]
-        n = w.turns
-        questions = [around(w.question_tokens) for _ in range(n)]
-        answers = [around(w.answer_tokens) for _ in range(n)]
-        thinks = [rng.expovariate(1 / w.think_s) if w.think_s > 0 else 0.0 for _ in range(n - 1)]
-        convs.append(Conversation(c, s, sys_lens[s], t, questions, answers, thinks))
-    return convs
+    passed_over: int  # decisions for a replica holding fewer of the prompt's pages than another did (router's view)
 
 
 class LoadBook:
@@ -179,7 +130,7 @@ class _Simulation:
         self.p, n, cost, w = params, params.replicas, params.cost, params.workload
         if w.users is None and w.warmup_s >= w.duration_s:
             raise ValueError(f"--warmup-s ({w.warmup_s}) must be shorter than --duration-s ({w.duration_s})")
-        self.convs = make_conversations(params)
+        self.convs = make_conversations(w, params.replicas, params.seed)
         if not self.convs:
             raise ValueError("the workload is empty: raise --duration-s, --rate or --users")
         longest = max(c.sys_len + sum(c.questions) + sum(c.answers) for c in self.convs)
@@ -413,16 +364,17 @@ def simulate(params: SimParams) -> Report:
 def _table(reports: list[Report]) -> str:
     head = (
         f"{'replicas':>8} {'policy':<13} {'requests':>8} {'hit rate':>8} {'TTFT mean':>9} {'p50':>7} {'p90':>7} "
-        f"{'p99':>7} {'e2e p50':>7} {'p99':>7} {'req/s':>7} {'load':>5} {'max/mean':>8} {'served':>6}  reasons"
+        f"{'p99':>7} {'e2e p50':>7} {'p99':>7} {'req/s':>7} {'load':>5} {'max/mean':>8} {'served':>6} "
+        f"{'passed':>6}  reasons"
     )
-    lines = [head, "-" * len(head)]
+    lines = [head, "-" * (len(head) + 20)]
     for r in reports:
         reasons = " ".join(f"{k}={v}" for k, v in r.reasons.items())
         lines.append(
             f"{r.replicas:>8} {r.policy:<13} {r.requests:>8} {r.hit_rate:>8.1%} {r.ttft_mean * 1e3:>7.0f}ms "
             f"{r.ttft_p50 * 1e3:>5.0f}ms {r.ttft_p90 * 1e3:>5.0f}ms {r.ttft_p99 * 1e3:>5.0f}ms {r.e2e_p50:>6.1f}s "
             f"{r.e2e_p99:>6.1f}s {r.requests_per_s:>7.1f} {r.mean_load:>5.1f} {r.max_load_ratio:>7.2f}x "
-            f"{r.max_served_ratio:>5.2f}x  {reasons}"
+            f"{r.max_served_ratio:>5.2f}x {r.passed_over:>6}  {reasons}"
         )
     return "\n".join(lines)
 
@@ -454,10 +406,12 @@ def _targets(reports: list[Report]) -> str:
         if "prefix_aware" in rs and "oracle" in rs:
             pa, orc = rs["prefix_aware"], rs["oracle"]
             ratio = pa.hit_rate / orc.hit_rate if orc.hit_rate else 1.0
+            worst = max(pa.max_load_ratio, pa.max_served_ratio)
             lines.append(
-                f"{n} replicas: prefix_aware hit rate {ratio:.1%} of the oracle's (target >= 95%: "
-                f"{'met' if ratio >= 0.95 else 'NOT met'}); max load {pa.max_load_ratio:.2f}x the mean "
-                f"(target <= 1.5x: {'met' if pa.max_load_ratio <= 1.5 else 'NOT met'})"
+                f"{n} replicas: prefix_aware's hit rate is {ratio:.1%} of the oracle's ({pa.hit_rate:.1%} vs "
+                f"{orc.hit_rate:.1%}; target >= 95%: {'met' if ratio >= 0.95 else 'NOT met'}); its busiest replica "
+                f"ran {pa.max_load_ratio:.2f}x the mean load and served {pa.max_served_ratio:.2f}x the mean "
+                f"requests (target <= 1.5x: {'met' if worst <= 1.5 else 'NOT met'})"
             )
     return "\n".join(lines)
 
@@ -479,6 +433,7 @@ def add_simulate_parser(bench_subparsers) -> None:
         description="The routing policy of router/policy.py driving a discrete-event simulation: prompt-token "
         "cache hit rate, TTFT, end-to-end latency and load balance per policy and cluster size. Example: "
         "kvfleet bench simulate --replicas 8 64 256 1024 --json sim.json",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     sim.add_argument("--replicas", type=int, nargs="+", default=[8, 64, 256])
     sim.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
@@ -495,8 +450,10 @@ def add_simulate_parser(bench_subparsers) -> None:
     g.add_argument("--rate", type=float, help="requests/s in all (overrides --rate-per-replica)")
     g.add_argument("--think-s", type=float, default=w.think_s, help="mean pause between turns")
     g.add_argument("--duration-s", type=float, default=w.duration_s, help="conversations start over this long")
-    g.add_argument("--users", type=int, help="conversations in all (default: rate x duration / turns)")
-    g.add_argument("--warmup-s", type=float, default=w.warmup_s, help="measure from then to the last start")
+    g.add_argument("--users", type=int, help="run exactly this many conversations to their end instead")
+    g.add_argument(
+        "--warmup-s", type=float, default=w.warmup_s, help="measure requests arriving from then to --duration-s"
+    )
     g = sim.add_argument_group("replica cost model")
     g.add_argument("--pages-per-replica", type=int, default=c.pages_per_replica, help=f"KV pages of {PAGE_SIZE}")
     g.add_argument("--max-batch", type=int, default=c.max_batch, help="sequences per step")
@@ -510,8 +467,9 @@ def add_simulate_parser(bench_subparsers) -> None:
         "--load-view",
         choices=LOAD_VIEWS,
         default=p.load_view,
-        help="serve: Ray Serve's queue-length cache (exact at each send, then own sends and completions; "
-        "the heartbeat once stale); heartbeat: the last heartbeat plus this router's sends and completions",
+        help="how a router knows loads. serve (what prefix_router.py reads): Ray Serve's queue-length cache, "
+        "exact at each send, minus this router's completions, the heartbeat once stale; heartbeat: the last "
+        "heartbeat plus this router's sends and completions; freshest: both",
     )
     g.add_argument("--queue-len-cache-s", type=float, default=p.queue_len_cache_s, help="Serve's cache timeout")
     g.add_argument("--index-lag-ms", type=float, default=p.index_lag_s * 1e3, help="KV event to index delay")
