@@ -8,6 +8,7 @@ kvfleet status               a running cluster's replicas: load, KV pages, prefi
 kvfleet bench engine ...     the engine against the hardware and transformers on the same workload
 kvfleet bench api ...        the Ray Serve + gRPC path against the engine in-process (added TTFT, requests/s)
 kvfleet bench serve ...      prefix-sharing conversations through the gRPC API, per routing policy (--compare)
+kvfleet bench simulate ...   the routing policy in a discrete-event simulation of 8 to 1,024 replicas
 kvfleet bench index ...      the Redis page index: lookup latency, publish throughput, memory per entry
 """
 
@@ -211,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_bench_api)
 
     from cluster.bench_serve import add_serve_parser
+    from cluster.bench_simulate import add_simulate_parser
 
     add_serve_parser(bench)
+    add_simulate_parser(bench)
 
     idx = bench.add_parser("index", help="Redis page index: lookup latency, publish throughput, memory per entry")
     idx.add_argument("--redis-url", help="an existing Redis (default: a private local server on a free port)")

@@ -13,7 +13,8 @@ The rule, in the words of SGLang's cache-aware router and llm-d's scorers, made 
    replica whose free KV pages have fallen under `min_free_page_fraction` counts as overloaded too
    (it would have to evict or preempt to take more).
 2. Among eligible candidates, the one holding the most leading pages wins (ties: the lower load,
-   then a random pick). If it holds at least `min_matched_pages`, the reason is PREFIX_HIT.
+   then a random pick). If it holds at least `min_matched_pages`, the reason is PREFIX_HIT, or
+   SPILL if an overloaded candidate held more of the prompt.
 3. Otherwise the least-loaded eligible candidate wins (ties broken at random): SPILL if an
    ineligible candidate held the prefix (the popular prefix now gets a second holder), LOAD if
    nobody held any of it, FALLBACK if the index gave no answer (route by load alone).
@@ -94,9 +95,12 @@ def choose(
     held = matched_pages or {}
 
     best_pages = max(held.get(c.replica_id, 0) for c in eligible)
+    passed_over = max(held.values(), default=0) > best_pages  # the holders not eligible held more
     if best_pages >= config.min_matched_pages:
         holders = [c for c in eligible if held.get(c.replica_id, 0) == best_pages]
-        return Decision(_least_loaded(holders, rng).replica_id, Reason.PREFIX_HIT, best_pages)
+        # A longer holder was overloaded: a partial holder takes the request, and that is a spill.
+        reason = Reason.SPILL if passed_over else Reason.PREFIX_HIT
+        return Decision(_least_loaded(holders, rng).replica_id, reason, best_pages)
 
     chosen = _least_loaded(eligible, rng)
     if matched_pages is None:

@@ -34,6 +34,11 @@ def test_after_a_spill_the_second_holder_attracts_the_prefix():
     assert (d.replica_id, d.reason) == ("r1", Reason.PREFIX_HIT)
 
 
+def test_passing_over_an_overloaded_longer_holder_for_a_partial_one_is_a_spill():
+    d = choose(views(9, 1, 1), {"r0": 8, "r1": 3}, CONFIG)
+    assert (d.replica_id, d.reason, d.matched_pages) == ("r1", Reason.SPILL, 3)
+
+
 def test_the_longest_prefix_holder_wins_among_several():
     d = choose(views(1, 1, 1, 1), {"r0": 2, "r1": 9, "r3": 4}, CONFIG)
     assert (d.replica_id, d.matched_pages) == ("r1", 9)
