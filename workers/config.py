@@ -50,6 +50,13 @@ class EngineConfig(BaseModel):
     skip_tokenizer_init: bool = Field(
         False, description="No tokenizer: deltas carry token ids only, no text or stop strings."
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks (GPUs) the model is split over, Megatron-style; rank 0 schedules and samples."
+    )
+    tp_backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="'auto': NCCL on GPU, gloo on CPU.")
+    tp_timeout_s: float = Field(
+        120.0, gt=0, description="A collective that waits longer fails: a dead rank stops the engine, never hangs it."
+    )
     replica_id: str = Field("", description="Names this engine in KV events (set by the deployment).")
 
     @model_validator(mode="after")

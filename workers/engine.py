@@ -81,7 +81,14 @@ class Engine:
         self.model_id = config.model_id or Path(config.model).resolve().name
         self.device = _resolve_device(config.device)
         dtype = _resolve_dtype(config.dtype, self.model_config.dtype, self.device)
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = resolve_max_model_len(config, self.model_config)
+        self.ranks = None  # ranks 1..n-1 of a tensor-parallel group (workers/group.py)
+        tp = None
+        if config.tensor_parallel_size > 1:
+            from workers.group import RankGroup
+
+            self.ranks = RankGroup(config)
+            tp = self.ranks.join_as_rank0(self.device)
 
         self.tokenizer = None
         eos = set(self.model_config.eos_token_ids)
@@ -92,26 +99,7 @@ class Engine:
             if self.tokenizer.eos_token_id is not None:
                 eos.add(self.tokenizer.eos_token_id)
 
-        self.runner = ModelRunner(
-            RunnerConfig(
-                model_dir=config.model,
-                device=self.device,
-                dtype=dtype,
-                load_format=config.load_format,
-                seed=config.seed,
-                page_size=config.page_size,
-                max_model_len=self.max_model_len,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                kernels=config.kernels,
-                num_pages=config.num_pages,
-                gpu_memory_utilization=config.gpu_memory_utilization,
-                cpu_kv_cache_gib=config.cpu_kv_cache_gib,
-                cuda_graphs=not config.enforce_eager,
-                max_graph_batch_size=config.max_graph_batch_size,
-            ),
-            self.model_config,
-        )
+        self.runner = build_runner(config, self.model_config, self.device, tp)
         num_pages = self.runner.num_pages
         if num_pages * config.page_size < self.max_model_len:
             raise ValueError(
@@ -146,15 +134,6 @@ class Engine:
             config.page_size,
             self.max_model_len,
         )
-
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        wanted = self.config.max_model_len or limit
-        if wanted > limit:
-            raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings ({limit})")
-        if self.config.max_num_batched_tokens < wanted and not self.config.enable_chunked_prefill:
-            raise ValueError("with chunked prefill off, max_num_batched_tokens must be >= max_model_len")
-        return wanted
 
     # ---------------------------------------------------------------- public API
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
@@ -225,6 +204,14 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         self._executor.shutdown(wait=True)
+        self.close_group()
+
+    def close_group(self) -> None:
+        """Release the other ranks of a tensor-parallel group (no-op without one)."""
+        if self.ranks is not None:
+            self.runner.stop_ranks()
+            self.ranks.close()
+            self.ranks = None
 
     # ---------------------------------------------------------------- admission
     def _admit(self, request: GenerateRequest) -> _Stream:
@@ -350,6 +337,41 @@ class Engine:
             delta.replica_id = self.config.replica_id
             del self._streams[seq.request_id]
         stream.queue.put_nowait(delta)
+
+
+def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    limit = model_config.max_position_embeddings
+    wanted = config.max_model_len or limit
+    if wanted > limit:
+        raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings ({limit})")
+    if config.max_num_batched_tokens < wanted and not config.enable_chunked_prefill:
+        raise ValueError("with chunked prefill off, max_num_batched_tokens must be >= max_model_len")
+    return wanted
+
+
+def build_runner(config: EngineConfig, model_config: ModelConfig, device: torch.device, tp=None) -> ModelRunner:
+    """The model runner of one rank (the whole model without tensor parallelism)."""
+    return ModelRunner(
+        RunnerConfig(
+            model_dir=config.model,
+            device=device,
+            dtype=_resolve_dtype(config.dtype, model_config.dtype, device),
+            load_format=config.load_format,
+            seed=config.seed,
+            page_size=config.page_size,
+            max_model_len=resolve_max_model_len(config, model_config),
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            kernels=config.kernels,
+            num_pages=config.num_pages,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+            cuda_graphs=not config.enforce_eager,
+            max_graph_batch_size=config.max_graph_batch_size,
+        ),
+        model_config,
+        tp,
+    )
 
 
 def _resolve_device(name: str) -> torch.device:

@@ -9,6 +9,13 @@ Each step's batch is laid out decodes first (sequences with one new token, then 
 as the attention kernels expect. A step made only of decodes replays the CUDA graph captured for
 the smallest batch-size bucket that holds it (padding rows write no KV and attend to nothing);
 anything else runs eagerly.
+
+In a tensor-parallel group (`TPInfo.size` > 1) every rank holds a runner over its shard of the
+weights and KV heads. Rank 0 schedules and samples: each step it broadcasts the step's plan (token
+ids, positions, slot mapping, sequence lengths, query starts, page tables, the rows that need
+logits) as one packed int64 tensor after an 8-int header; the other ranks (`serve_ranks`) fill
+their buffers from it and run the same forward, whose all-reduces and logit gather need them.
+Steps run eagerly there (no CUDA graphs yet).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import torch
 
 from workers.kernels.ops import get_ops
 from workers.layers.attention import AttentionMetadata
+from workers.layers.parallel import TPInfo
 from workers.models.config import ModelConfig
 from workers.models.loader import load_model
 from workers.request import StepLogprobs
@@ -56,16 +64,30 @@ class RunnerConfig:
     max_graph_batch_size: int
 
 
+_HEADER = 8  # op, tokens, seqs, table width, decodes, max query len, decode splits, logit rows
+_STEP, _STOP = 1, 0
+
+
 class ModelRunner:
-    def __init__(self, cfg: RunnerConfig, model_config: ModelConfig):
+    def __init__(self, cfg: RunnerConfig, model_config: ModelConfig, tp: TPInfo | None = None):
         self.cfg = cfg
         self.model_config = model_config
+        self.tp = tp or TPInfo()
         self.device = cfg.device
         self.page_size = cfg.page_size
         self.ops = get_ops(cfg.kernels, cfg.device)
         self.model = load_model(
-            cfg.model_dir, model_config, cfg.dtype, cfg.device, cfg.max_model_len, self.ops, cfg.load_format, cfg.seed
+            cfg.model_dir,
+            model_config,
+            cfg.dtype,
+            cfg.device,
+            cfg.max_model_len,
+            self.ops,
+            cfg.load_format,
+            cfg.seed,
+            self.tp,
         )
+        self.num_kv_heads = self.model.num_local_kv_heads
         self.sampler = Sampler(cfg.device, seed=cfg.seed)
         n, s = cfg.max_num_batched_tokens, cfg.max_num_seqs
         self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
@@ -78,10 +100,16 @@ class ModelRunner:
         self.block_tables = torch.zeros(s, self.max_pages_per_seq, dtype=torch.int32, **dev)
         self._host_tables = np.zeros((s, self.max_pages_per_seq), dtype=np.int32)
         self.num_pages = cfg.num_pages or self._num_pages_from_memory()
+        if self.tp.size > 1:  # every rank's pool has the same pages: the smallest any rank can hold
+            import torch.distributed as dist
+
+            n = torch.tensor([self.num_pages], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MIN, group=self.tp.group)
+            self.num_pages = int(n.item())
         self._allocate_kv_cache(self.num_pages)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
-        if cfg.cuda_graphs and cfg.device.type == "cuda" and self.ops.name == "triton":
+        if cfg.cuda_graphs and cfg.device.type == "cuda" and self.ops.name == "triton" and self.tp.size == 1:
             self._capture_decode_graphs()
 
     # ---------------------------------------------------------------- memory
@@ -89,11 +117,11 @@ class ModelRunner:
     def page_bytes(self) -> int:
         mc = self.model_config
         elem = torch.empty((), dtype=self.cfg.dtype).element_size()
-        return 2 * mc.num_layers * self.page_size * mc.num_kv_heads * mc.head_dim * elem
+        return 2 * mc.num_layers * self.page_size * self.num_kv_heads * mc.head_dim * elem
 
     def _allocate_kv_cache(self, num_pages: int) -> None:
         mc = self.model_config
-        shape = (num_pages, self.page_size, mc.num_kv_heads, mc.head_dim)
+        shape = (num_pages, self.page_size, self.num_kv_heads, mc.head_dim)
         for attn in self.model.attention_layers():
             attn.k_cache = torch.zeros(shape, dtype=self.cfg.dtype, device=self.device)
             attn.v_cache = torch.zeros(shape, dtype=self.cfg.dtype, device=self.device)
@@ -197,7 +225,7 @@ class ModelRunner:
         with torch.cuda.stream(stream):
             for batch in reversed(buckets):
                 meta = self._decode_meta(
-                    batch, self.ops.decode_splits(batch, self.model_config.num_kv_heads, self.cfg.max_model_len)
+                    batch, self.ops.decode_splits(batch, self.num_kv_heads, self.cfg.max_model_len)
                 )
                 for _ in range(2):  # warm up: compile kernels, settle allocations
                     self.model.compute_logits(self.model(self.input_ids[:batch], self.positions[:batch], meta))
@@ -229,8 +257,11 @@ class ModelRunner:
             else:
                 logits = graph_logits[torch.tensor(sample_rows, device=self.device)] if sample_rows else None
         else:
+            token_rows = self._token_rows(sample_rows, meta)
+            if self.tp.size > 1:
+                self._broadcast_plan(num_tokens, meta, token_rows)
             hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
-            logits = self.model.compute_logits(hidden[self._token_rows(sample_rows, meta)]) if sample_rows else None
+            logits = self.model.compute_logits(hidden[token_rows]) if sample_rows else None
         if logits is None:
             return StepResult(sampled, logprobs)
         # the sequences that sample, in batch order
@@ -252,6 +283,71 @@ class ModelRunner:
             logprobs[i] = result.logprobs[row]
         return StepResult(sampled, logprobs)
 
+    # ---------------------------------------------------------------- tensor parallelism
+    def _broadcast_plan(self, num_tokens: int, meta: AttentionMetadata, token_rows: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        batch, width = meta.block_tables.shape
+        header = [_STEP, num_tokens, batch, width, meta.num_decodes, meta.max_query_len, meta.num_splits]
+        header.append(token_rows.numel())
+        dist.broadcast(torch.tensor(header, dtype=torch.int64, device=self.device), src=0, group=self.tp.group)
+        payload = torch.cat(
+            [
+                self.input_ids[:num_tokens],
+                self.positions[:num_tokens],
+                self.slot_mapping[:num_tokens],
+                meta.seq_lens.to(torch.int64),
+                meta.query_start_loc.to(torch.int64),
+                meta.block_tables.reshape(-1).to(torch.int64),
+                token_rows.to(torch.int64),
+            ]
+        )
+        dist.broadcast(payload, src=0, group=self.tp.group)
+
+    def stop_ranks(self) -> None:
+        """Rank 0: release the other ranks from `serve_ranks`."""
+        if self.tp.size > 1 and self.tp.rank == 0:
+            import torch.distributed as dist
+
+            header = torch.zeros(_HEADER, dtype=torch.int64, device=self.device)
+            dist.broadcast(header, src=0, group=self.tp.group)
+
+    @torch.inference_mode()
+    def serve_ranks(self) -> None:
+        """Ranks 1..n-1: run rank 0's steps on this shard until rank 0 stops the group."""
+        import torch.distributed as dist
+
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
+        while True:
+            dist.broadcast(header, src=0, group=self.tp.group)
+            op, n, batch, width, num_decodes, max_query_len, num_splits, rows = header.tolist()
+            if op == _STOP:
+                return
+            sizes = [n, n, n, batch, batch + 1, batch * width, rows]
+            payload = torch.empty(sum(sizes), dtype=torch.int64, device=self.device)
+            dist.broadcast(payload, src=0, group=self.tp.group)
+            ids, pos, slots, seq_lens, qsl, tables, token_rows = payload.split(sizes)
+            self.input_ids[:n].copy_(ids)
+            self.positions[:n].copy_(pos)
+            self.slot_mapping[:n].copy_(slots)
+            self.seq_lens[:batch].copy_(seq_lens)
+            self.query_start_loc[: batch + 1].copy_(qsl)
+            self.block_tables[:batch, :width].copy_(tables.view(batch, width))
+            meta = AttentionMetadata(
+                slot_mapping=self.slot_mapping[:n],
+                block_tables=self.block_tables[:batch, :width],
+                seq_lens=self.seq_lens[:batch],
+                query_start_loc=self.query_start_loc[: batch + 1],
+                num_decodes=num_decodes,
+                max_query_len=max_query_len,
+                num_splits=num_splits,
+                seq_lens_cpu=seq_lens.tolist(),
+                query_start_loc_cpu=qsl.tolist(),
+            )
+            hidden = self.model(self.input_ids[:n], self.positions[:n], meta)
+            if rows:
+                self.model.compute_logits(hidden[token_rows])
+
     def _bucket(self, batch: int) -> int | None:
         """The smallest captured batch size that holds `batch` decodes, if any."""
         i = bisect.bisect_left(self._graph_sizes, batch)
@@ -260,7 +356,7 @@ class ModelRunner:
     def _token_rows(self, sample_rows: list[int], meta: AttentionMetadata) -> torch.Tensor:
         """Rows of the flat token batch whose logits are needed: each sampling sequence's last."""
         qsl = meta.query_start_loc_cpu
-        return torch.tensor([qsl[b + 1] - 1 for b in sample_rows], device=self.device)
+        return torch.tensor([qsl[b + 1] - 1 for b in sample_rows], dtype=torch.int64, device=self.device)
 
     def _prepare(self, out: SchedulerOutput, order: list[int], num_decodes: int, bucket: int | None):
         """Fill the step buffers in batch order, padded to the graph's `bucket` if one replays;
@@ -306,7 +402,7 @@ class ModelRunner:
         self.block_tables[:batch, :width].copy_(torch.from_numpy(tables[:batch, :width]), non_blocking=True)
         if bucket is not None:
             return sample_rows, n, None
-        num_splits = self.ops.decode_splits(num_decodes, self.model_config.num_kv_heads, max(seq_lens))
+        num_splits = self.ops.decode_splits(num_decodes, self.num_kv_heads, max(seq_lens))
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:n],
             block_tables=self.block_tables[:batch, : max(width, 1)],

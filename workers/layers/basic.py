@@ -27,23 +27,31 @@ class RMSNorm(nn.Module):
 
 
 class MergedLinear(nn.Module):
-    """y = x W^T (+ b) where W stacks `part_sizes` rows of several checkpoint tensors."""
+    """y = x W^T (+ b) where W stacks the rows of several checkpoint tensors (q, k, v or gate, up).
 
-    def __init__(self, in_features: int, part_sizes: list[int], bias: bool):
+    Each part is `(checkpoint_rows, start, rows)`: this layer holds rows [start, start + rows) of a
+    checkpoint tensor of `checkpoint_rows` rows (all of them without tensor parallelism; a rank's
+    share with it, see workers/layers/parallel.py). A plain int means the whole tensor."""
+
+    def __init__(self, in_features: int, parts: list[int | tuple[int, int, int]], bias: bool):
         super().__init__()
-        self.part_sizes = list(part_sizes)
+        self.parts = [(p, 0, p) if isinstance(p, int) else tuple(p) for p in parts]
+        self.part_sizes = [rows for _, _, rows in self.parts]
         self.offsets = [0]
-        for size in part_sizes:
+        for size in self.part_sizes:
             self.offsets.append(self.offsets[-1] + size)
         self.weight = nn.Parameter(torch.empty(self.offsets[-1], in_features))
         self.bias = nn.Parameter(torch.empty(self.offsets[-1])) if bias else None
 
-    def load_part(self, part: int, name: str, tensor: torch.Tensor) -> None:
+    def load_part(self, part: int, name: str, tensor) -> None:
+        from workers.layers.parallel import read_rows, shape_of
+
         target = self.weight if name == "weight" else self.bias
-        lo, hi = self.offsets[part], self.offsets[part + 1]
-        if tensor.shape[0] != hi - lo:
-            raise ValueError(f"part {part} of {name}: expected {hi - lo} rows, got {tuple(tensor.shape)}")
-        target.data[lo:hi].copy_(tensor)
+        checkpoint_rows, start, rows = self.parts[part]
+        if shape_of(tensor)[0] != checkpoint_rows:
+            raise ValueError(f"part {part} of {name}: expected {checkpoint_rows} rows, got {shape_of(tensor)}")
+        lo = self.offsets[part]
+        target.data[lo : lo + rows].copy_(read_rows(tensor, start, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

@@ -1,4 +1,5 @@
-"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm).
+"""One decoder for the Llama family: Llama 2/3, Mistral, Qwen2 (q/k/v bias), Qwen3 (q/k RMSNorm),
+whole or as one rank's shard of a tensor-parallel group (`TPInfo`; workers/layers/parallel.py).
 
 Parameter names follow the Hugging Face checkpoints except for the merged projections
 (`qkv_proj` = q, k, v; `gate_up_proj` = gate, up), which `load_weights` fills part by part.
@@ -17,20 +18,35 @@ from torch import nn
 
 from workers.layers.attention import AttentionMetadata
 from workers.layers.basic import MergedLinear, RMSNorm, RotaryTables
+from workers.layers.parallel import (
+    ParallelLMHead,
+    RowParallelLinear,
+    TPInfo,
+    VocabParallelEmbedding,
+    full,
+    shape_of,
+    shard_heads,
+    split,
+)
 from workers.models.config import ModelConfig
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryTables, ops):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryTables, ops, tp: TPInfo):
         super().__init__()
         self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        shard = shard_heads(cfg.num_heads, cfg.num_kv_heads, tp)
+        hd = self.head_dim = cfg.head_dim
+        self.num_heads, self.num_kv_heads = shard.num_heads, shard.num_kv_heads
+        self.q_size = self.num_heads * hd
+        self.kv_size = self.num_kv_heads * hd
+        self.scale = hd**-0.5
         self.sliding_window = cfg.sliding_window
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        kv_part = (cfg.num_kv_heads * hd, shard.kv_start * hd, self.kv_size)
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, [(cfg.num_heads * hd, shard.q_start * hd, self.q_size), kv_part, kv_part], cfg.qkv_bias
+        )
+        self.o_proj = RowParallelLinear(cfg.num_heads * hd, cfg.hidden_size, cfg.o_bias, tp)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
@@ -56,24 +72,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops):
+    def __init__(self, cfg: ModelConfig, ops, tp: TPInfo):
         super().__init__()
         self.ops = ops
-        self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [self.intermediate] * 2, cfg.mlp_bias)
-        self.down_proj = nn.Linear(self.intermediate, cfg.hidden_size, bias=cfg.mlp_bias)
+        start, self.intermediate = split(cfg.intermediate_size, tp)
+        part = (cfg.intermediate_size, start, self.intermediate)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, [part, part], cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, tp)
 
     def forward(self, x):
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryTables, ops):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryTables, ops, tp: TPInfo):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.self_attn = Attention(cfg, rotary, ops)
+        self.self_attn = Attention(cfg, rotary, ops, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = MLP(cfg, ops, tp)
 
     def forward(self, positions, x, residual, meta):
         if residual is None:
@@ -87,11 +104,11 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, ops):
+    def __init__(self, cfg: ModelConfig, max_positions: int, ops, tp: TPInfo):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         self.rotary = RotaryTables(cfg.head_dim, max_positions, cfg.rope)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, ops) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary, ops, tp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
     def forward(self, input_ids, positions, meta):
@@ -113,27 +130,38 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, ops):
+    def __init__(self, cfg: ModelConfig, max_positions: int, ops, tp: TPInfo | None = None):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_positions, ops)
+        self.tp = tp = tp or TPInfo()
+        self.model = LlamaModel(cfg, max_positions, ops, tp)
         if cfg.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        return self.model.layers[0].self_attn.num_kv_heads
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary on rank 0 (None on the other ranks of a TP group)."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        logits = F.linear(hidden, weight)
+        if self.tp.size == 1:
+            return logits
+        logits = self.tp.gather_last_dim(logits)
+        return None if logits is None else logits[..., : self.config.vocab_size]
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors in; fail if any parameter is left unloaded."""
+        """Copy checkpoint tensors in (this rank's shard of each: the values may be lazy
+        safetensors slices, read only where the shard lies); fail if any parameter is left unloaded."""
         params = dict(self.named_parameters())
         modules = dict(self.named_modules())
         loaded: set[str] = set()
@@ -152,10 +180,14 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            param = params[name]
-            if param.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
-            param.data.copy_(tensor)
+            module = modules[module_name]
+            if isinstance(module, RowParallelLinear | VocabParallelEmbedding | ParallelLMHead):
+                module.load(leaf, tensor)
+            else:
+                param = params[name]
+                if tuple(param.shape) != shape_of(tensor):
+                    raise ValueError(f"{name}: checkpoint shape {shape_of(tensor)} != model {tuple(param.shape)}")
+                param.data.copy_(full(tensor))
             loaded.add(name)
         missing = []
         for name in params:

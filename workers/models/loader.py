@@ -10,11 +10,14 @@ from pathlib import Path
 
 import torch
 
+from workers.layers.parallel import TPInfo
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
 
 
-def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:
+    """(name, lazy slice) of every checkpoint tensor: indexing a slice reads only those rows, so a
+    tensor-parallel rank reads only its shard."""
     from safetensors import safe_open
 
     files = sorted(model_dir.glob("*.safetensors"))
@@ -23,7 +26,7 @@ def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is no dict)
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
 def load_model(
@@ -35,9 +38,10 @@ def load_model(
     ops,
     load_format: str = "auto",
     seed: int = 0,
+    tp: TPInfo | None = None,
 ) -> LlamaForCausalLM:
     with torch.device(device):
-        model = LlamaForCausalLM(cfg, max_positions, ops)
+        model = LlamaForCausalLM(cfg, max_positions, ops, tp)
     # Rotary tables stay float32 (cast per use, as HF does); parameters take the model dtype.
     for p in model.parameters():
         p.data = p.data.to(dtype)
