@@ -30,6 +30,14 @@ def build_app(config: ClusterConfig) -> Application:
     if config.index is None:
         raise ValueError("config.index is None: start a Redis server first (local mode does) and set index.redis_url")
     target = config.target
+    per_rank = {"CPU": target.num_cpus, "GPU": config.target_num_gpus}
+    placement = {}
+    if target.tensor_parallel_size > 1:
+        # One bundle per rank on one node: the replica (rank 0) takes bundle 0, workers/group.py
+        # places ranks 1..n-1 in the others.
+        placement = dict(
+            placement_group_bundles=[per_rank] * target.tensor_parallel_size, placement_group_strategy="STRICT_PACK"
+        )
     worker = serve.deployment(
         TargetWorker,
         name="TargetWorker",
@@ -38,7 +46,8 @@ def build_app(config: ClusterConfig) -> Application:
         health_check_period_s=target.health_check_period_s,
         request_router_config=_router_config(config),
         ray_actor_options={"num_cpus": target.num_cpus, "num_gpus": config.target_num_gpus},
-    ).bind(config.engine, config.index, target.metrics_period_s)
+        **placement,
+    ).bind(config.worker_engine, config.index, target.metrics_period_s)
     ingress = serve.deployment(
         GenerationIngress,
         name="GenerationIngress",

@@ -34,10 +34,12 @@ class TargetConfig(_Section):
     """The TargetWorker deployment: one replica per worker group (one engine)."""
 
     replicas: int = Field(1, ge=1, description="Worker groups, each with its own engine and KV cache.")
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per worker group (1 until tensor parallelism lands).")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Ranks (GPUs) per worker group: the model is split over them, Megatron-style."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per rank of a replica.")
     num_gpus: float | None = Field(
-        None, ge=0, description="GPUs Ray reserves per replica; default: tensor_parallel_size on a CUDA device, else 0."
+        None, ge=0, description="GPUs Ray reserves per rank of a replica; default: 1 on a CUDA device, else 0."
     )
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Requests a replica holds at once (running + waiting in its engine)."
@@ -45,12 +47,6 @@ class TargetConfig(_Section):
     health_check_period_s: float = Field(5.0, gt=0, description="How often Serve checks each replica.")
     routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load to routers.")
     metrics_period_s: float = Field(1.0, gt=0, description="How often replicas update their gauges.")
-
-    @model_validator(mode="after")
-    def _tp(self) -> TargetConfig:
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet (tensor-parallel worker groups are coming)")
-        return self
 
 
 class IngressConfig(_Section):
@@ -95,7 +91,14 @@ class ClusterConfig(_Section):
     def _check(self) -> ClusterConfig:
         if self.engine.replica_id:
             raise ValueError("engine.replica_id is set by each worker replica; leave it out of the config")
+        if self.engine.tensor_parallel_size not in (1, self.target.tensor_parallel_size):
+            raise ValueError("set the tensor-parallel size as target.tensor_parallel_size, not engine's")
         return self
+
+    @property
+    def worker_engine(self) -> EngineConfig:
+        """The engine config each TargetWorker replica runs (with the group's tensor-parallel size)."""
+        return self.engine.model_copy(update={"tensor_parallel_size": self.target.tensor_parallel_size})
 
     @property
     def model_id(self) -> str:
@@ -103,9 +106,10 @@ class ClusterConfig(_Section):
 
     @property
     def target_num_gpus(self) -> float:
+        """GPUs per rank of a worker group (a replica reserves one bundle of these per rank)."""
         if self.target.num_gpus is not None:
             return self.target.num_gpus
-        return float(self.target.tensor_parallel_size) if self.engine.device.startswith("cuda") else 0.0
+        return 1.0 if self.engine.device.startswith("cuda") else 0.0
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:

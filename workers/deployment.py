@@ -71,6 +71,8 @@ class TargetWorker:
     def check_health(self) -> None:
         if self.engine._dead is not None:
             raise EngineDeadError(f"replica {self.replica_id}: the engine loop died: {self.engine._dead!r}")
+        if self.engine.ranks is not None and not self.engine.ranks.alive():
+            raise EngineDeadError(f"replica {self.replica_id}: a rank of its tensor-parallel group died")
 
     async def __del__(self) -> None:
         # Serve calls this on graceful shutdown: withdraw the heartbeat so routers drop us at once.

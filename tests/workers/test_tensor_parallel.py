@@ -78,3 +78,71 @@ def test_kv_heads_replicate_when_ranks_outnumber_them():
 def test_impossible_splits_are_refused_with_a_reason(heads, kv, tp):
     with pytest.raises(ValueError, match=r"tensor_parallel_size|KV heads"):
         shard_heads(heads, kv, TPInfo(rank=0, size=tp))
+
+
+def test_a_group_in_a_ray_placement_group_serves_and_a_dead_rank_fails_it_fast(serve_cluster, model_dirs):
+    """The deployment's path: rank 0 in an actor of a placement group, rank 1 an actor in bundle 1.
+    (Ray is the session cluster's; the group needs 2 bundles of 0.25 CPU.)"""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote
+    class Host:
+        def __init__(self, model: str):
+            self.engine = Engine(
+                EngineConfig(
+                    model=model,
+                    device="cpu",
+                    page_size=4,
+                    num_pages=64,
+                    max_model_len=128,
+                    tensor_parallel_size=2,
+                    tp_timeout_s=10,
+                )
+            )
+
+        async def greedy(self, ids: list[int]) -> list[int]:
+            out = await self.engine.complete(GenerateRequest(ids, SamplingParams(max_tokens=8, ignore_eos=True)))
+            return out.token_ids
+
+        def ranks(self):
+            return self.engine.ranks.in_ray, self.engine.ranks.alive(), self.engine.ranks._actors
+
+    pg = placement_group([{"CPU": 0.25}, {"CPU": 0.25}], strategy="STRICT_PACK")
+    ray.get(pg.ready(), timeout=60)
+    try:
+        host = Host.options(
+            num_cpus=0.25,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0, placement_group_capture_child_tasks=True),
+        ).remote(str(model_dirs["llama"]))
+        ids = [5, 17, 42, 99, 7]
+        in_ray, alive, actors = ray.get(host.ranks.remote(), timeout=120)
+        assert in_ray and alive and len(actors) == 1
+        expected = run_one(model_dirs["llama"], ids)
+        assert ray.get(host.greedy.remote(ids), timeout=60) == expected
+
+        ray.kill(actors[0])
+        t0 = time.monotonic()
+        with pytest.raises(Exception, match=r"engine|rank|Connection|closed|timed out"):
+            ray.get(host.greedy.remote(ids), timeout=60)
+        assert time.monotonic() - t0 < 30, "a dead rank hung the engine"
+        assert ray.get(host.ranks.remote())[1] is False  # the replica's health check fails on this
+        ray.kill(host)
+    finally:
+        remove_placement_group(pg)
+
+
+def run_one(model_dir, ids: list[int]) -> list[int]:
+    engine = Engine(EngineConfig(model=str(model_dir), device="cpu", page_size=4, num_pages=64, max_model_len=128))
+
+    async def main():
+        try:
+            out = await engine.complete(GenerateRequest(ids, SamplingParams(max_tokens=8, ignore_eos=True)))
+            return out.token_ids
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
