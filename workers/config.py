@@ -10,6 +10,36 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding (workers/spec_decode.py): a proposer guesses, the target verifies exactly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["ngram", "draft"] = Field(
+        "ngram", description="'ngram': prompt lookup, no model; 'draft': an in-process draft model (draft_model)."
+    )
+    draft_model: str | None = Field(None, description="Draft model directory (same tokenizer as the target).")
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="Most tokens proposed per sequence per step (k).")
+    adaptive: bool = Field(True, description="Choose k per step from the measured acceptance rate and draft cost.")
+    max_batch_size: int = Field(
+        32, ge=1, description="Decodes in a step above which it runs without speculation (throughput first)."
+    )
+    ngram_min: int = Field(1, ge=1, description="Shortest suffix the n-gram proposer looks up.")
+    ngram_max: int = Field(3, ge=1, description="Longest suffix the n-gram proposer looks up.")
+    draft_num_pages: int | None = Field(
+        None, ge=1, description="KV pages of the draft's pool; default: as many as the target's."
+    )
+    retry_after_s: float = Field(5.0, gt=0, description="After a proposer failure, decode alone this long.")
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeculativeConfig:
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("speculative.method 'draft' needs speculative.draft_model")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("speculative.ngram_min must be <= ngram_max")
+        return self
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,6 +88,7 @@ class EngineConfig(BaseModel):
         120.0, gt=0, description="A collective that waits longer fails: a dead rank stops the engine, never hangs it."
     )
     replica_id: str = Field("", description="Names this engine in KV events (set by the deployment).")
+    speculative: SpeculativeConfig | None = Field(None, description="Speculative decoding; None: off.")
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:

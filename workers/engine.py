@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from workers.request import (
 )
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.sequence import Sequence
+from workers.spec_decode import NgramProposer, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +120,7 @@ class Engine:
             ),
             self.pool,
         )
+        self.spec = self._speculative_decoder(dtype) if config.speculative else None
         self._streams: dict[str, _Stream] = {}
         self._pending_aborts: list[str] = []
         self._step_running = False
@@ -133,6 +136,18 @@ class Engine:
             num_pages,
             config.page_size,
             self.max_model_len,
+        )
+
+    def _speculative_decoder(self, dtype: torch.dtype) -> SpeculativeDecoder:
+        spec = self.config.speculative
+        if spec.method == "ngram":
+            proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
+        else:
+            from workers.draft import DraftModel
+
+            proposer = DraftModel.for_target(self, spec, dtype)
+        return SpeculativeDecoder(
+            proposer, spec.num_speculative_tokens, spec.adaptive, spec.max_batch_size, spec.retry_after_s
         )
 
     # ---------------------------------------------------------------- public API
@@ -193,6 +208,19 @@ class Engine:
             num_preemptions=c.num_preemptions,
             num_requests_finished=c.num_requests_finished,
             num_requests_aborted=c.num_requests_aborted,
+            **(self._spec_stats() if self.spec is not None else {}),
+        )
+
+    def _spec_stats(self) -> dict:
+        st = self.spec.stats
+        return dict(
+            spec_steps=st.num_steps,
+            spec_proposed_tokens=st.num_proposed,
+            spec_accepted_tokens=st.num_accepted,
+            spec_emitted_tokens=st.num_emitted,
+            spec_draft_calls=st.num_draft_calls,
+            spec_draft_time_s=st.draft_time_s,
+            spec_failures=st.num_failures,
         )
 
     async def shutdown(self) -> None:
@@ -268,17 +296,31 @@ class Engine:
                 out = self.scheduler.schedule()
                 if out.is_empty:
                     raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting[0]!r} cannot be admitted")
+                on_gpu = self.device.type == "cuda"
                 self._step_running = True
                 try:
-                    if self.device.type == "cuda":
+                    if self.spec is not None:
+                        plan = self.spec.plan(out, self.scheduler)
+                        if plan.entries:
+                            if on_gpu:
+                                proposals = await loop.run_in_executor(self._executor, self.spec.propose, plan)
+                            else:
+                                proposals = self.spec.propose(plan)
+                            if proposals is not None:
+                                self.spec.attach(out, self.scheduler, plan, proposals)
+                    t0 = time.perf_counter()
+                    if on_gpu:
                         result = await loop.run_in_executor(self._executor, self.runner.execute, out)
                     else:
                         # torch's CPU kernels give each calling thread its own OpenMP team; a
                         # second thread doubles matmul time on a small machine (measured on 2
                         # cores), so CPU steps compute here and the loop yields between steps.
                         result = self.runner.execute(out)
+                    step_time = time.perf_counter() - t0
                 finally:
                     self._step_running = False
+                if self.spec is not None:
+                    self.spec.record(out, result.sampled, step_time)
                 self._apply(out, result)
                 for request_id in self._pending_aborts:
                     if request_id in self._streams:
@@ -305,22 +347,33 @@ class Engine:
     def _apply(self, out: SchedulerOutput, result: StepResult) -> None:
         advanced = self.scheduler.update(out, result.sampled)
         logprobs_of = {s.seq.request_id: lp for s, lp in zip(out.scheduled, result.logprobs, strict=True)}
-        for seq in advanced:
+        for seq, tokens in advanced:
             stream = self._streams.get(seq.request_id)
             if stream is None:
                 continue
-            token = seq.token_ids[-1]
             text = ""
-            # A stop token (EOS or stop_token_ids) ends the output without adding its text.
-            stopped_by_token = seq.finish_reason is FinishReason.STOP
-            if not stopped_by_token and stream.detokenizer is not None:
-                text, stopped = stream.detokenizer.add([token])
-                if stopped and not seq.is_finished:
-                    self.scheduler.finish(seq, FinishReason.STOP)
-                if seq.is_finished and not stopped:
+            for i, token in enumerate(tokens):
+                last = i == len(tokens) - 1
+                # A stop token (EOS or stop_token_ids) ends the output without adding its text;
+                # the scheduler ends a verification's tokens at one, so only the last can be.
+                if stream.detokenizer is None or (last and seq.finish_reason is FinishReason.STOP):
+                    continue
+                piece, stopped = stream.detokenizer.add([token])
+                text += piece
+                if stopped:
+                    # A stop string ends the output here, even inside a verification's tokens.
+                    if not last:
+                        del seq.token_ids[seq.num_tokens - (len(tokens) - 1 - i) :]
+                        del tokens[i + 1 :]
+                        if seq.is_finished:  # by a later token, which no longer exists
+                            seq.finish_reason = FinishReason.STOP
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq, FinishReason.STOP)
+                    break
+                if last and seq.is_finished:
                     text += stream.detokenizer.flush()
             lp = logprobs_of[seq.request_id]
-            self._push(stream, [token], text, [lp] if lp is not None else None)
+            self._push(stream, tokens, text, [lp] if lp is not None else None)
 
     def _finish(self, stream: _Stream, reason: FinishReason) -> None:
         self.scheduler.finish(stream.seq, reason)
@@ -336,6 +389,8 @@ class Engine:
             delta.num_completion_tokens = seq.num_output_tokens
             delta.replica_id = self.config.replica_id
             del self._streams[seq.request_id]
+            if self.spec is not None:
+                self.spec.release(seq.request_id)
         stream.queue.put_nowait(delta)
 
 
@@ -368,6 +423,7 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, device: torch.
             cpu_kv_cache_gib=config.cpu_kv_cache_gib,
             cuda_graphs=not config.enforce_eager,
             max_graph_batch_size=config.max_graph_batch_size,
+            num_speculative_tokens=config.speculative.num_speculative_tokens if config.speculative else 0,
         ),
         model_config,
         tp,

@@ -35,13 +35,14 @@ from workers.models.loader import load_model
 from workers.request import StepLogprobs
 from workers.sampling import Sampler, SamplingInputs, make_generator
 from workers.scheduler import SchedulerOutput
+from workers.spec_decode import verify
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class StepResult:
-    sampled: list[int | None]  # one per scheduled sequence; None where it did not sample
+    sampled: list[int | list[int] | None]  # per scheduled entry: a token, a verification's tokens, or None
     logprobs: list[StepLogprobs | None]
 
 
@@ -62,6 +63,13 @@ class RunnerConfig:
     cpu_kv_cache_gib: float
     cuda_graphs: bool
     max_graph_batch_size: int
+    num_speculative_tokens: int = 0  # most proposed tokens a sequence verifies in one step
+
+    @property
+    def max_num_rows(self) -> int:
+        """Attention rows of a step: a verification takes one per token (k + 1 per sequence)."""
+        rows = self.max_num_seqs * (1 + self.num_speculative_tokens)
+        return max(self.max_num_seqs, min(rows, self.max_num_batched_tokens))
 
 
 _HEADER = 8  # op, tokens, seqs, table width, decodes, max query len, decode splits, logit rows
@@ -89,7 +97,7 @@ class ModelRunner:
         )
         self.num_kv_heads = self.model.num_local_kv_heads
         self.sampler = Sampler(cfg.device, seed=cfg.seed)
-        n, s = cfg.max_num_batched_tokens, cfg.max_num_seqs
+        n, s = cfg.max_num_batched_tokens, cfg.max_num_rows
         self.max_pages_per_seq = -(-cfg.max_model_len // cfg.page_size)
         dev = dict(device=cfg.device)
         self.input_ids = torch.zeros(n, dtype=torch.int64, **dev)
@@ -196,7 +204,7 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- graphs
     def graph_buckets(self) -> list[int]:
-        top = min(self.cfg.max_graph_batch_size, self.cfg.max_num_seqs)
+        top = min(self.cfg.max_graph_batch_size, self.cfg.max_num_rows)
         return [b for b in [1, 2, 4, *range(8, top + 1, 8)] if b <= top]
 
     def _decode_meta(self, batch: int, num_splits: int) -> AttentionMetadata:
@@ -241,47 +249,75 @@ class ModelRunner:
     # ---------------------------------------------------------------- steps
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
+        """Run a step and choose its tokens: sample the plain entries, verify the speculative ones
+        (workers/spec_decode.py), in one pass over the logits."""
         scheduled = out.scheduled
-        order = [i for i, s in enumerate(scheduled) if s.num_tokens == 1]
-        num_decodes = len(order)
-        order += [i for i, s in enumerate(scheduled) if s.num_tokens != 1]
-        bucket = self._bucket(len(scheduled)) if num_decodes == len(scheduled) else None
-        sample_rows, num_tokens, meta = self._prepare(out, order, num_decodes, bucket)
-        sampled: list[int | None] = [None] * len(scheduled)
+        logits, entry_rows = self.forward(out)
+        sampled: list[int | list[int] | None] = [None] * len(scheduled)
         logprobs: list[StepLogprobs | None] = [None] * len(scheduled)
+        if logits is None:
+            return StepResult(sampled, logprobs)
+        for i, rows in enumerate(entry_rows):
+            seq = scheduled[i].seq
+            if rows and seq.sampling.seed is not None and seq.generator is None:
+                seq.generator = make_generator(seq.sampling.seed, self.device)
+        plain = [i for i, rows in enumerate(entry_rows) if rows and not scheduled[i].draft_token_ids]
+        spec = [i for i, rows in enumerate(entry_rows) if rows and scheduled[i].draft_token_ids]
+        if plain:
+            plain_rows = [entry_rows[i][0] for i in plain]
+            in_order = plain_rows == list(range(logits.shape[0]))
+            plain_logits = logits if in_order else logits[torch.tensor(plain_rows, device=self.device)]
+            seqs = [scheduled[i].seq for i in plain]
+            result = self.sampler(
+                plain_logits,
+                SamplingInputs(
+                    params=[seq.sampling for seq in seqs],
+                    generators=[seq.generator for seq in seqs],
+                    token_history=[seq.token_ids for seq in seqs],
+                ),
+            )
+            for row, i in enumerate(plain):
+                sampled[i] = result.token_ids[row]
+                logprobs[i] = result.logprobs[row]
+        if spec:
+            verified = verify(self.sampler, logits, [scheduled[i] for i in spec], [entry_rows[i] for i in spec])
+            for i, tokens in zip(spec, verified, strict=True):
+                sampled[i] = tokens
+        return StepResult(sampled, logprobs)
+
+    @torch.inference_mode()
+    def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor | None, list[list[int]]]:
+        """Run the model over a step; returns the logits of the tokens that need them and, per
+        scheduled entry, its rows of those logits: the last token's if it samples, every token's
+        for a verification (k proposed tokens + 1)."""
+        scheduled = out.scheduled
+        order = [i for i, s in enumerate(scheduled) if s.is_decode]
+        num_decode_entries = len(order)
+        order += [i for i, s in enumerate(scheduled) if not s.is_decode]
+        num_decode_rows = sum(scheduled[i].num_tokens for i in order[:num_decode_entries])
+        only_decodes = num_decode_entries == len(scheduled)
+        bucket = self._bucket(num_decode_rows) if only_decodes else None
+        token_rows, entry_rows, num_tokens, meta = self._prepare(out, order, num_decode_entries, bucket)
         if bucket is not None:
             graph, graph_logits = self.graphs[bucket]
             graph.replay()
-            if len(sample_rows) == len(scheduled):  # every decode samples: rows 0..batch-1
-                logits = graph_logits[: len(scheduled)]
+            if not token_rows:
+                return None, entry_rows
+            if len(token_rows) == num_tokens:  # every row's logits: rows 0..n-1
+                logits = graph_logits[:num_tokens]
             else:
-                logits = graph_logits[torch.tensor(sample_rows, device=self.device)] if sample_rows else None
+                logits = graph_logits[torch.tensor(token_rows, device=self.device)]
         else:
-            token_rows = self._token_rows(sample_rows, meta)
             if self.tp.size > 1:
-                self._broadcast_plan(num_tokens, meta, token_rows)
+                rows = torch.tensor(token_rows, dtype=torch.int64, device=self.device)
+                self._broadcast_plan(num_tokens, meta, rows)
             hidden = self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
-            logits = self.model.compute_logits(hidden[token_rows]) if sample_rows else None
-        if logits is None:
-            return StepResult(sampled, logprobs)
-        # the sequences that sample, in batch order
-        positions_sampling = [order[b] for b in sample_rows]
-        seqs = [scheduled[i].seq for i in positions_sampling]
-        for seq in seqs:
-            if seq.sampling.seed is not None and seq.generator is None:
-                seq.generator = make_generator(seq.sampling.seed, self.device)
-        result = self.sampler(
-            logits,
-            SamplingInputs(
-                params=[seq.sampling for seq in seqs],
-                generators=[seq.generator for seq in seqs],
-                token_history=[seq.token_ids for seq in seqs],
-            ),
-        )
-        for row, i in enumerate(positions_sampling):
-            sampled[i] = result.token_ids[row]
-            logprobs[i] = result.logprobs[row]
-        return StepResult(sampled, logprobs)
+            if not token_rows:
+                return None, entry_rows
+            if len(token_rows) != num_tokens:
+                hidden = hidden[torch.tensor(token_rows, device=self.device)]
+            logits = self.model.compute_logits(hidden)
+        return logits, entry_rows
 
     # ---------------------------------------------------------------- tensor parallelism
     def _broadcast_plan(self, num_tokens: int, meta: AttentionMetadata, token_rows: torch.Tensor) -> None:
@@ -349,49 +385,59 @@ class ModelRunner:
                 self.model.compute_logits(hidden[token_rows])
 
     def _bucket(self, batch: int) -> int | None:
-        """The smallest captured batch size that holds `batch` decodes, if any."""
+        """The smallest captured batch size that holds `batch` decode rows, if any."""
         i = bisect.bisect_left(self._graph_sizes, batch)
         return self._graph_sizes[i] if i < len(self._graph_sizes) else None
 
-    def _token_rows(self, sample_rows: list[int], meta: AttentionMetadata) -> torch.Tensor:
-        """Rows of the flat token batch whose logits are needed: each sampling sequence's last."""
-        qsl = meta.query_start_loc_cpu
-        return torch.tensor([qsl[b + 1] - 1 for b in sample_rows], dtype=torch.int64, device=self.device)
-
-    def _prepare(self, out: SchedulerOutput, order: list[int], num_decodes: int, bucket: int | None):
-        """Fill the step buffers in batch order, padded to the graph's `bucket` if one replays;
-        returns (batch rows that sample, number of tokens, eager metadata or None)."""
+    def _prepare(self, out: SchedulerOutput, order: list[int], num_decode_entries: int, bucket: int | None):
+        """Fill the step buffers, decode rows first (one per token of a decode or verification
+        entry: each attends to the context up to and including itself, through the same page
+        table, so k + 1 tokens verify in one decode-kernel pass), then prefill chunks; padded to
+        the graph's `bucket` if one replays. Returns (tokens whose logits are needed, their
+        indices per scheduled entry, number of tokens, eager metadata or None)."""
         ps = self.page_size
         scheduled = out.scheduled
-        batch = len(order)
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens: list[int] = []
-        sample_rows: list[int] = []
+        token_rows: list[int] = []
+        entry_rows: list[list[int]] = [[] for _ in scheduled]
         tables = self._host_tables
         width = 0
-        for row, i in enumerate(order):
+        row = 0  # attention rows: one per decode token, one per prefill chunk
+        for j, i in enumerate(order):
             s = scheduled[i]
             seq = s.seq
             table = seq.page_table
-            tables[row, : len(table)] = table
             width = max(width, len(table))
-            if s.num_tokens == 1:
-                p = s.start
-                input_ids.append(seq.token_ids[p])
-                positions.append(p)
-                slots.append(table[p // ps] * ps + p % ps)
-            else:
-                pos = np.arange(s.start, s.end)
-                input_ids += seq.token_ids[s.start : s.end]
-                positions += pos.tolist()
-                slots += (np.asarray(table)[pos // ps] * ps + pos % ps).tolist()
+            if j < num_decode_entries:
+                for p in range(s.start, s.end):
+                    tables[row, : len(table)] = table
+                    input_ids.append(s.token_at(p))
+                    positions.append(p)
+                    slots.append(table[p // ps] * ps + p % ps)
+                    query_start_loc.append(query_start_loc[-1] + 1)
+                    seq_lens.append(p + 1)
+                    if s.draft_token_ids or (s.sample and p == s.end - 1):
+                        entry_rows[i].append(len(token_rows))
+                        token_rows.append(row)
+                    row += 1
+                continue
+            tables[row, : len(table)] = table
+            pos = np.arange(s.start, s.end)
+            input_ids += seq.token_ids[s.start : s.end]
+            positions += pos.tolist()
+            slots += (np.asarray(table)[pos // ps] * ps + pos % ps).tolist()
             query_start_loc.append(query_start_loc[-1] + s.num_tokens)
             seq_lens.append(s.end)
             if s.sample:
-                sample_rows.append(row)
+                entry_rows[i].append(len(token_rows))
+                token_rows.append(query_start_loc[-1] - 1)
+            row += 1
+        batch = row
+        num_decodes = sum(scheduled[i].num_tokens for i in order[:num_decode_entries])
         n = len(input_ids)
         pad = (bucket or batch) - batch  # padding rows of a graph replay: no KV write, empty context
         self.input_ids[: n + pad].copy_(torch.tensor(input_ids + [0] * pad), non_blocking=True)
@@ -401,7 +447,7 @@ class ModelRunner:
         self.query_start_loc[: batch + 1].copy_(torch.tensor(query_start_loc, dtype=torch.int32), non_blocking=True)
         self.block_tables[:batch, :width].copy_(torch.from_numpy(tables[:batch, :width]), non_blocking=True)
         if bucket is not None:
-            return sample_rows, n, None
+            return token_rows, entry_rows, n, None
         num_splits = self.ops.decode_splits(num_decodes, self.num_kv_heads, max(seq_lens))
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:n],
@@ -409,9 +455,9 @@ class ModelRunner:
             seq_lens=self.seq_lens[:batch],
             query_start_loc=self.query_start_loc[: batch + 1],
             num_decodes=num_decodes,
-            max_query_len=max(s.num_tokens for s in scheduled),
+            max_query_len=max([1, *(scheduled[i].num_tokens for i in order[num_decode_entries:])]),
             num_splits=num_splits,
             seq_lens_cpu=seq_lens,
             query_start_loc_cpu=query_start_loc,
         )
-        return sample_rows, n, meta
+        return token_rows, entry_rows, n, meta

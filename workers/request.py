@@ -142,3 +142,10 @@ class EngineStats:
     num_preemptions: int
     num_requests_finished: int  # by any path, aborts included
     num_requests_aborted: int = 0  # cancelled, past their deadline, or the engine shut down
+    spec_steps: int = 0  # speculative verifications (one per sequence per step)
+    spec_proposed_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_emitted_tokens: int = 0  # tokens those verifications emitted (accepted + one each)
+    spec_draft_calls: int = 0
+    spec_draft_time_s: float = 0.0  # time spent proposing (draft forwards or round trips)
+    spec_failures: int = 0  # proposer calls that failed; the target carried on alone

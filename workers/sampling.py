@@ -93,6 +93,25 @@ class Sampler:
                 )
         return SamplerOutput(token_ids, logprobs)
 
+    def process(self, logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]]) -> torch.Tensor:
+        """The scores `__call__` draws from, per row, in float32: repetition penalty, then for
+        sampled rows temperature, top-k, top-p and min-p (a greedy row's argmax is its token; a
+        sampled row's softmax is the distribution its token is drawn from). The speculative
+        verifier and the draft model use it, so they honour exactly what the sampler honours."""
+        scores = logits.float()
+        penalty_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        if penalty_rows:
+            scores = self._penalize(scores, penalty_rows, params, history)
+        sample_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if sample_rows:
+            idx = self._index(sample_rows)
+            sub = [params[i] for i in sample_rows]
+            processed = scores[idx]
+            if any(p.temperature != 1.0 for p in sub):
+                processed = self._divide(processed, [p.temperature for p in sub])
+            scores = scores.index_copy(0, idx, self._filter(processed, sub))
+        return scores
+
     # ------------------------------------------------------------------ steps
     def _index(self, rows: list[int]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)

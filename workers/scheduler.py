@@ -37,16 +37,32 @@ class SchedulerConfig:
 
 @dataclass
 class ScheduledSeq:
-    """One sequence's part of a step: compute tokens [start, start + num_tokens)."""
+    """One sequence's part of a step: compute tokens [start, start + num_tokens).
+
+    A speculative entry (`draft_token_ids` set by `Scheduler.add_draft_tokens`) computes the
+    sequence's last token and the k proposed tokens after it, each as its own decode row with
+    logits, for the verifier; `draft_probs` is the proposer's [k, vocab] distribution, or None
+    where the proposal was deterministic (n-gram, greedy draft)."""
 
     seq: Sequence
     start: int
     num_tokens: int
     sample: bool  # the step reaches the sequence's last token: sample the next one
+    draft_token_ids: list[int] = field(default_factory=list)
+    draft_probs: object | None = None  # torch.Tensor [k, vocab] float32; object keeps this module torch-free
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        """Computed as one decode row per token (a plain decode or a verification)."""
+        return self.num_tokens == 1 or bool(self.draft_token_ids)
+
+    def token_at(self, position: int) -> int:
+        n = self.seq.num_tokens
+        return self.seq.token_ids[position] if position < n else self.draft_token_ids[position - n]
 
 
 @dataclass
@@ -180,16 +196,49 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.counters.num_preemptions += 1
 
+    # ---------------------------------------------------------------- speculation
+    def add_draft_tokens(self, out: SchedulerOutput, s: ScheduledSeq, tokens: list[int], probs=None) -> bool:
+        """Turn a planned decode into a verification of `tokens`, if the step's token budget and
+        the free pages allow it (speculation never preempts). Returns whether it did."""
+        k = len(tokens)
+        if not k or s.num_tokens != 1 or not s.sample:
+            return False
+        if out.num_batched_tokens + k > self.config.max_num_batched_tokens:
+            return False
+        seq = s.seq
+        if seq.is_finished:
+            return False
+        need = self._pages_needed(seq, s.end + k)
+        if need > self.pool.num_free_pages:
+            return False
+        seq.page_table.extend(self.pool.allocate(need))
+        s.num_tokens += k
+        s.draft_token_ids = list(tokens)
+        s.draft_probs = probs
+        out.num_batched_tokens += k
+        return True
+
+    def max_draft_tokens(self, seq: Sequence) -> int:
+        """The most proposed tokens worth verifying for `seq`: a step emits at most k + 1 tokens,
+        and positions stay below max_model_len."""
+        left = seq.sampling.max_tokens - seq.num_output_tokens - 1
+        return max(0, min(left, self.config.max_model_len - seq.num_tokens - 1))
+
     # ---------------------------------------------------------------- results
-    def update(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+    def update(self, out: SchedulerOutput, sampled: list[int | list[int] | None]) -> list[tuple[Sequence, list[int]]]:
         """Apply a step: advance computed tokens, cache full pages, append sampled tokens
-        (one per scheduled entry, None where nothing was sampled) and finish sequences that hit
-        a stop condition. Returns the sequences that received a token."""
+        (per scheduled entry: a token, the tokens a verification emitted, or None where nothing
+        was sampled) and finish sequences that hit a stop condition. A verification keeps the
+        KV of its accepted tokens and gives back the pages past them. Returns each sequence
+        that received tokens, with those tokens (a stop condition drops the ones after it)."""
         ps = self.page_size
         advanced = []
         for s, token in zip(out.scheduled, sampled, strict=True):
             seq = s.seq
             if seq.is_finished:  # aborted while the step ran
+                continue
+            if s.draft_token_ids:
+                advanced.append((seq, self._apply_verified(s, token)))
                 continue
             seq.num_computed_tokens = s.end
             if s.end <= seq.num_prompt_tokens or s.num_tokens > 1:
@@ -205,11 +254,43 @@ class Scheduler:
                 continue
             seq.token_ids.append(token)
             self.counters.num_decode_tokens += 1
-            advanced.append(seq)
+            advanced.append((seq, [token]))
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.finish(seq, reason)
         return advanced
+
+    def _apply_verified(self, s: ScheduledSeq, tokens: list[int]) -> list[int]:
+        """The verifier emitted `tokens`: accepted drafts, then its own token. The KV of the
+        last token and the accepted drafts is valid; the rejected drafts' is not (later steps
+        overwrite it), and the pages past the valid KV go back to the pool."""
+        seq = s.seq
+        ps = self.page_size
+        emitted = []
+        reason = None
+        for token in tokens:
+            seq.token_ids.append(token)
+            emitted.append(token)
+            self.counters.num_decode_tokens += 1
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                break
+        if reason is not None:
+            self.finish(seq, reason)
+            return emitted
+        seq.num_computed_tokens = seq.num_tokens - 1
+        keep = -(-seq.num_computed_tokens // ps)
+        if len(seq.page_table) > keep:
+            self.pool.free(seq.page_table[keep:])
+            del seq.page_table[keep:]
+        full = seq.num_computed_tokens // ps
+        if full > seq.num_committed_pages:
+            hashes = seq.hashes_for(full, ps, self.config.model_id)
+            pages = seq.page_table[seq.num_committed_pages : full]
+            self.pool.commit(pages, hashes[seq.num_committed_pages : full])
+            seq.page_table[seq.num_committed_pages : full] = pages
+            seq.num_committed_pages = full
+        return emitted
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.sampling

@@ -1,0 +1,241 @@
+"""`DraftModel`: a small model that proposes tokens for the target, in the target's process.
+
+It is an engine of the draft model without a loop: its own `ModelRunner` (weights, paged KV
+cache, CUDA graphs), its own `BlockPool` with prefix caching, and one session per request. The
+proposal API is stateless (the target's token ids and k), the work incremental: a session
+remembers which tokens its KV holds, and each call computes only what changed since its last
+call: the tokens the target accepted or corrected (1-2 per step, as decode rows) or, the first
+time, the prompt past its cached pages (a prefill chunk); then k - 1 more decodes.
+
+Invariants:
+- a session's pages hold the KV of its first `num_computed_tokens` tokens; the ones the target
+  has verified (its token ids) are committed to the prefix cache page by page, the speculative
+  ones never are, so a cached page never holds a guess;
+- every page a session holds goes back to the pool when the request ends (`release`), or when
+  the pool runs short and the session is the least recently used.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from kvstore.block_pool import BlockPool
+from workers.config import SpeculativeConfig
+from workers.model_runner import ModelRunner, RunnerConfig
+from workers.models.config import ModelConfig
+from workers.sampling import make_generator
+from workers.scheduler import ScheduledSeq, SchedulerOutput
+from workers.sequence import Sequence
+from workers.spec_decode import Proposals
+
+# Catch-ups up to this many tokens run as decode rows (a graph replay); longer ones as prefill.
+_MAX_DECODE_ROWS = 8
+
+
+class DraftModel:
+    def __init__(self, runner_config: RunnerConfig, model_config: ModelConfig, model_id: str):
+        self.runner = ModelRunner(runner_config, model_config)
+        self.model_id = model_id
+        self.page_size = runner_config.page_size
+        self.max_num_batched_tokens = runner_config.max_num_batched_tokens
+        self.pool = BlockPool(self.runner.num_pages, self.page_size, True, f"draft:{model_id}")
+        self.sessions: OrderedDict[str, Sequence] = OrderedDict()  # least recently used first
+        self.device = runner_config.device
+        self.vocab_size = model_config.vocab_size
+
+    @classmethod
+    def for_target(cls, engine, spec: SpeculativeConfig, dtype: torch.dtype) -> DraftModel:
+        """A draft beside `engine`'s target: same device, dtype, page size and limits."""
+        from pathlib import Path
+
+        mc = ModelConfig.from_dir(spec.draft_model)
+        if mc.vocab_size != engine.model_config.vocab_size:
+            raise ValueError(
+                f"the draft's vocabulary ({mc.vocab_size}) differs from the target's "
+                f"({engine.model_config.vocab_size}): a draft must share the target's tokenizer"
+            )
+        cfg = engine.config
+        rows = cfg.max_num_seqs * (1 + spec.num_speculative_tokens)
+        runner_config = RunnerConfig(
+            model_dir=spec.draft_model,
+            device=engine.device,
+            dtype=dtype,
+            load_format=cfg.load_format,
+            seed=cfg.seed,
+            page_size=cfg.page_size,
+            max_model_len=engine.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=max(cfg.max_num_batched_tokens, rows),
+            kernels=cfg.kernels,
+            num_pages=spec.draft_num_pages or engine.runner.num_pages,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            cpu_kv_cache_gib=cfg.cpu_kv_cache_gib,
+            cuda_graphs=not cfg.enforce_eager,
+            max_graph_batch_size=min(cfg.max_graph_batch_size, cfg.max_num_seqs),
+            num_speculative_tokens=_MAX_DECODE_ROWS - 1,  # rows of a catch-up
+        )
+        return cls(runner_config, mc, Path(spec.draft_model).resolve().name)
+
+    # ------------------------------------------------------------------ the API
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:
+        """Up to num_tokens[i] tokens after seqs[i].token_ids, drawn as the target's sampler
+        would draw from the draft's distribution (greedy: its argmax); with their
+        distributions for sampled requests."""
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        live = []  # (index, session, k) of the sequences that got their pages
+        for i, (seq, k) in enumerate(zip(seqs, num_tokens, strict=True)):
+            session = self._sync(seq, k, keep={s.request_id for s in seqs})
+            if session is not None:
+                live.append((i, session, k))
+        if not live:
+            return Proposals(tokens, [None] * len(seqs))
+        # Step 0: catch up with the target's tokens; the last one's logits give the first draft.
+        last_logits = self._catch_up([s for _, s, _ in live])
+        self._draw(live, last_logits, seqs, tokens, probs)
+        for step in range(1, max(k for _, _, k in live)):
+            active = [(i, s, k) for i, s, k in live if k > step]
+            out = SchedulerOutput(
+                [ScheduledSeq(s, s.num_tokens - 1, 1, True) for _, s, _ in active], num_batched_tokens=len(active)
+            )
+            logits, _ = self.runner.forward(out)
+            for _, s, _ in active:
+                s.num_computed_tokens = s.num_tokens
+            self._draw(active, logits, seqs, tokens, probs)
+        self.pool.take_events()  # nobody indexes the draft's pages: drop its KV events
+        result = [None] * len(seqs)
+        for i, _, _ in live:
+            if probs[i]:
+                result[i] = torch.stack(probs[i])
+        return Proposals(tokens, result)
+
+    def release(self, request_id: str) -> None:
+        session = self.sessions.pop(request_id, None)
+        if session is not None:
+            self.pool.free(session.page_table)
+            session.page_table = []
+
+    # ------------------------------------------------------------------ internals
+    def _sync(self, seq: Sequence, k: int, keep: set[str]) -> Sequence | None:
+        """The request's session, its tokens set to the target's and its KV rolled back to their
+        longest common prefix, with pages for k more; None if the pool cannot hold it."""
+        ps = self.page_size
+        target = seq.token_ids
+        n = len(target)
+        session = self.sessions.get(seq.request_id)
+        if session is None:
+            session = Sequence(seq.request_id, target, seq.sampling)
+            cached = self.pool.lookup_prefix(session.hashes_for((n - 1) // ps, ps, self.model_id))
+            self.pool.acquire(cached)
+            session.page_table = list(cached)
+            session.num_computed_tokens = session.num_committed_pages = len(cached)
+            session.num_computed_tokens *= ps
+            self.sessions[seq.request_id] = session
+        else:
+            self.sessions.move_to_end(seq.request_id)
+            mine = session.token_ids
+            # The target only appends: its tokens before our last sync are ours too.
+            m = min(session.num_computed_tokens, n)
+            start = min(session.num_prompt_tokens, m)
+            for j in range(start, m):
+                if mine[j] != target[j]:
+                    m = j
+                    break
+            session.num_computed_tokens = min(m, n - 1)
+            session.token_ids = list(target)
+        session.num_prompt_tokens = n  # here: how many tokens the target has verified
+        need = -(-(n + k - 1) // ps) - len(session.page_table)
+        while need > self.pool.num_free_pages:
+            victim = next((r for r in self.sessions if r not in keep), None)
+            if victim is None:
+                return None
+            self.release(victim)
+        if need > 0:
+            session.page_table.extend(self.pool.allocate(need))
+        return session
+
+    def _catch_up(self, sessions: list[Sequence]) -> torch.Tensor:
+        """Compute each session's uncomputed tokens; returns the last token's logits per session."""
+        last: list[torch.Tensor | None] = [None] * len(sessions)
+        pending = list(range(len(sessions)))
+        while pending:
+            out = SchedulerOutput()
+            budget = self.max_num_batched_tokens
+            which = []
+            for j in pending:
+                s = sessions[j]
+                left = s.num_tokens - s.num_computed_tokens
+                if left <= _MAX_DECODE_ROWS and left <= budget:
+                    # decode rows: the tokens past the first count as "drafts" so that every
+                    # row is computed as a decode (the runner returns all their logits)
+                    head = s.token_ids[: s.num_computed_tokens + 1]
+                    tail = s.token_ids[s.num_computed_tokens + 1 :]
+                    s.token_ids = head
+                    entry = ScheduledSeq(s, s.num_computed_tokens, left, True, draft_token_ids=tail)
+                    out.scheduled.append(entry)
+                    which.append((j, entry, left))
+                    budget -= left
+                elif budget > 0:
+                    n = min(left, budget)
+                    entry = ScheduledSeq(s, s.num_computed_tokens, n, n == left)
+                    out.scheduled.append(entry)
+                    which.append((j, entry, n))
+                    budget -= n
+            if not which:
+                raise RuntimeError("the draft's token budget holds no catch-up")
+            # decode entries first, as the runner lays them out
+            logits, entry_rows = self.runner.forward(out)
+            done = []
+            for (j, entry, n), rows in zip(which, entry_rows, strict=True):
+                s = sessions[j]
+                if entry.draft_token_ids:
+                    s.token_ids = s.token_ids + entry.draft_token_ids
+                s.num_computed_tokens += n
+                if s.num_computed_tokens == s.num_tokens:
+                    last[j] = logits[rows[-1]]
+                    done.append(j)
+            pending = [j for j in pending if j not in done]
+        for s in sessions:
+            self._commit(s)
+        return torch.stack(last)
+
+    def _commit(self, s: Sequence) -> None:
+        """Cache the full pages of the target-verified tokens (`num_prompt_tokens` of them here)."""
+        ps = self.page_size
+        full = min(s.num_prompt_tokens, s.num_computed_tokens) // ps
+        if full > s.num_committed_pages:
+            hashes = s.hashes_for(full, ps, self.model_id)
+            pages = s.page_table[s.num_committed_pages : full]
+            self.pool.commit(pages, hashes[s.num_committed_pages : full])
+            s.page_table[s.num_committed_pages : full] = pages
+            s.num_committed_pages = full
+
+    def _draw(self, live, logits: torch.Tensor, seqs, tokens, probs) -> None:
+        """Pick each live session's next draft token from its row of `logits`, as the target's
+        sampler would (same params and history), and append it to the session."""
+        sampler = self.runner.sampler
+        params = [seqs[i].sampling for i, _, _ in live]
+        history = [s.token_ids for _, s, _ in live]
+        scores = sampler.process(logits, params, history)
+        choice = scores.argmax(dim=-1)
+        sampled = [r for r, (i, _, _) in enumerate(live) if not seqs[i].sampling.greedy]
+        q = None
+        if sampled:
+            idx = torch.tensor(sampled, device=self.device)
+            q = scores[idx].softmax(dim=-1)
+            noise = torch.empty_like(q)
+            for row, r in enumerate(sampled):
+                seq = seqs[live[r][0]]
+                if seq.sampling.seed is not None and seq.generator is None:
+                    seq.generator = make_generator(seq.sampling.seed, self.device)
+                noise[row].exponential_(generator=seq.generator or sampler.generator)
+            choice = choice.index_copy(0, idx, (q / noise).argmax(dim=-1))
+        chosen = choice.tolist()
+        row_of = {r: row for row, r in enumerate(sampled)}
+        for r, (i, s, _) in enumerate(live):
+            tokens[i].append(chosen[r])
+            s.token_ids.append(chosen[r])
+            if r in row_of:
+                probs[i].append(q[row_of[r]])
