@@ -110,6 +110,12 @@ def cmd_bench_engine(args) -> None:
     run_engine_bench(args)
 
 
+def cmd_bench_spec(args) -> None:
+    from cluster.bench_spec import run_spec_bench
+
+    run_spec_bench(args)
+
+
 def cmd_bench_api(args) -> None:
     from cluster.bench_api import run_api_bench
 
@@ -195,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--no-compare", action="store_true", help="skip the transformers run")
     eng.add_argument("--json", help="also write the report here")
     eng.set_defaults(func=cmd_bench_engine)
+
+    from cluster.bench_spec import add_arguments as add_spec_arguments
+
+    spec = bench.add_parser(
+        "spec",
+        help="speculative decoding: acceptance, tokens per step vs theory, speedup per proposer and k",
+        description="kvfleet bench spec --device cuda --json bench/results/spec-h100.json",
+    )
+    add_spec_arguments(spec)
+    spec.set_defaults(func=cmd_bench_spec)
 
     api = bench.add_parser(
         "api",

@@ -126,6 +126,20 @@ class WorkerMetrics:
             "kvfleet_index_dropped_pages_total", "Page hashes dropped (publisher queue full or Redis down)."
         )
         self.index_errors = counter("kvfleet_index_publish_errors_total", "Failed writes to the page index.")
+        # Speculative decoding (zero when the engine does not speculate).
+        self.spec_proposed = counter("kvfleet_spec_proposed_tokens_total", "Draft tokens verified by the target.")
+        self.spec_accepted = counter("kvfleet_spec_accepted_tokens_total", "Draft tokens the target accepted.")
+        self.spec_steps = counter("kvfleet_spec_verify_steps_total", "Verifications (one per sequence per step).")
+        self.spec_failures = counter(
+            "kvfleet_spec_proposer_failures_total", "Proposer calls that failed (the target decoded alone)."
+        )
+        self.spec_acceptance = gauge("kvfleet_spec_acceptance_rate", "Accepted / proposed draft tokens since start.")
+        self.spec_mean_length = gauge(
+            "kvfleet_spec_mean_accepted_length", "Tokens emitted per verification since start (accepted + 1)."
+        )
+        self.spec_draft_rtt = gauge(
+            "kvfleet_spec_draft_time_seconds", "Mean time of one proposer call (draft forwards or round trip)."
+        )
         self._last: dict[str, int] = {}
 
     def update(self, stats, publisher_metrics=None) -> None:
@@ -138,6 +152,14 @@ class WorkerMetrics:
         self._advance(self.prefix_queries, "q", stats.prefix_cache_queries)
         self._advance(self.prefix_hits, "h", stats.prefix_cache_hits)
         self._advance(self.preemptions, "p", stats.num_preemptions)
+        if stats.spec_steps:
+            self._advance(self.spec_proposed, "sp", stats.spec_proposed_tokens)
+            self._advance(self.spec_accepted, "sa", stats.spec_accepted_tokens)
+            self._advance(self.spec_steps, "ss", stats.spec_steps)
+            self.spec_acceptance.set(stats.spec_accepted_tokens / max(1, stats.spec_proposed_tokens))
+            self.spec_mean_length.set(stats.spec_emitted_tokens / stats.spec_steps)
+            self.spec_draft_rtt.set(stats.spec_draft_time_s / max(1, stats.spec_draft_calls))
+        self._advance(self.spec_failures, "sf", stats.spec_failures)
         if publisher_metrics is not None:
             self._advance(self.index_published_pages, "ip", publisher_metrics.published_pages)
             self._advance(self.index_dropped_pages, "id", publisher_metrics.dropped_pages)

@@ -69,7 +69,7 @@ class DraftModel:
             max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=max(cfg.max_num_batched_tokens, rows),
             kernels=cfg.kernels,
-            num_pages=spec.draft_num_pages or engine.runner.num_pages,
+            num_pages=spec.draft_num_pages or _default_num_pages(engine, mc, dtype),
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             cpu_kv_cache_gib=cfg.cpu_kv_cache_gib,
             cuda_graphs=not cfg.enforce_eager,
@@ -239,3 +239,15 @@ class DraftModel:
             s.token_ids.append(chosen[r])
             if r in row_of:
                 probs[i].append(q[row_of[r]])
+
+
+def _default_num_pages(engine, mc: ModelConfig, dtype: torch.dtype) -> int:
+    """As many pages as the target's pool (the same tokens), or on GPU what half the free memory
+    holds if less: the target's pool has taken its share of gpu_memory_utilization already."""
+    pages = engine.runner.num_pages
+    if engine.device.type == "cuda":
+        elem = torch.empty((), dtype=dtype).element_size()
+        page_bytes = 2 * mc.num_layers * engine.config.page_size * mc.num_kv_heads * mc.head_dim * elem
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        pages = min(pages, int(free * 0.5 // page_bytes))
+    return max(1, pages)
