@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 from kvstore.hashing import PageHash
 from kvstore.index import IndexConfig, PageIndex, ReplicaLoad
@@ -92,17 +92,8 @@ class TargetWorker:
 
     def _load(self) -> ReplicaLoad:
         # Called on the publisher thread: reads a few ints, no locks needed for a heartbeat.
-        s = self.engine.stats()
-        return ReplicaLoad(
-            num_waiting=s.num_waiting,
-            num_running=s.num_running,
-            num_free_pages=s.num_free_pages,
-            num_total_pages=s.num_total_pages,
-            prefix_cache_queries=s.prefix_cache_queries,
-            prefix_cache_hits=s.prefix_cache_hits,
-            num_requests_finished=s.num_requests_finished,
-            num_requests_aborted=s.num_requests_aborted,
-        )
+        stats = self.engine.stats()
+        return ReplicaLoad(**{f.name: getattr(stats, f.name) for f in fields(ReplicaLoad)})
 
     def _ensure_metrics_task(self) -> None:
         if self._metrics_task is None or self._metrics_task.done():

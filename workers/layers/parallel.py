@@ -130,8 +130,8 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class VocabParallelEmbedding(nn.Module):
-    """Rows [start, start + size) of the (padded) vocabulary on each rank."""
+class _VocabShard(nn.Module):
+    """Rows [start, start + shard) of the vocabulary (padded to a multiple of tp) on each rank."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo):
         super().__init__()
@@ -147,6 +147,8 @@ class VocabParallelEmbedding(nn.Module):
         if rows:
             self.weight.data[:rows].copy_(read_rows(tensor, self.start, rows))
 
+
+class VocabParallelEmbedding(_VocabShard):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
@@ -157,15 +159,5 @@ class VocabParallelEmbedding(nn.Module):
         return self.tp.all_reduce(x)
 
 
-class ParallelLMHead(nn.Module):
-    """Logits of this rank's vocabulary slice; `gather` assembles the full rows on rank 0."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, tp: TPInfo):
-        super().__init__()
-        self.tp = tp
-        self.vocab_size = vocab_size
-        self.shard = -(-vocab_size // tp.size)
-        self.start = tp.rank * self.shard
-        self.weight = nn.Parameter(torch.empty(self.shard, hidden_size))
-
-    load = VocabParallelEmbedding.load
+class ParallelLMHead(_VocabShard):
+    """Logits of this rank's vocabulary slice (the model gathers them to rank 0)."""
