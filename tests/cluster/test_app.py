@@ -1,0 +1,42 @@
+"""The Serve application built from a config (no cluster started: the deployments' options)."""
+
+import pytest
+
+from cluster.app import build_app
+from cluster.config import ClusterConfig, TargetConfig
+from kvstore.index import IndexConfig
+from workers.config import EngineConfig
+
+
+def worker_deployment(config: ClusterConfig):
+    # Application -> ingress bound deployment -> its first init argument, the workers' handle
+    return build_app(config)._bound_deployment.init_args[0]._bound_deployment
+
+
+def config(model_dir, **target) -> ClusterConfig:
+    return ClusterConfig.local(model_dir).model_copy(
+        update={"target": TargetConfig(**target), "index": IndexConfig(redis_url="redis://127.0.0.1:1/0")}
+    )
+
+
+def test_a_tensor_parallel_group_reserves_one_bundle_per_rank_on_one_node(model_dirs):
+    worker = worker_deployment(config(model_dirs["llama"], tensor_parallel_size=2, num_cpus=0.5, num_gpus=1))
+    assert worker._replica_config.placement_group_bundles == [{"CPU": 0.5, "GPU": 1.0}] * 2
+    assert worker._replica_config.placement_group_strategy == "STRICT_PACK"
+    assert worker.ray_actor_options["num_gpus"] == 1.0  # rank 0, the replica itself, in bundle 0
+    engine_config = worker.init_args[0]
+    assert engine_config.tensor_parallel_size == 2
+
+
+def test_a_single_rank_group_needs_no_placement_group(model_dirs):
+    worker = worker_deployment(config(model_dirs["llama"]))
+    assert worker._replica_config.placement_group_bundles is None
+    assert worker.init_args[0].tensor_parallel_size == 1
+
+
+def test_the_tensor_parallel_size_is_set_once_in_the_target_section(model_dirs):
+    with pytest.raises(ValueError, match=r"target\.tensor_parallel_size"):
+        ClusterConfig(
+            engine=EngineConfig(model=str(model_dirs["llama"]), tensor_parallel_size=2),
+            target=TargetConfig(tensor_parallel_size=4),
+        )
