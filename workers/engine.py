@@ -170,7 +170,12 @@ class Engine:
 
             proposer = DraftModel.for_target(self, spec, dtype)
         return SpeculativeDecoder(
-            proposer, spec.num_speculative_tokens, spec.adaptive, spec.max_batch_size, spec.retry_after_s
+            proposer,
+            spec.num_speculative_tokens,
+            spec.adaptive,
+            spec.max_batch_size,
+            spec.retry_after_s,
+            vocab_size=self.model_config.vocab_size,
         )
 
     def _max_model_len(self) -> int:

@@ -264,8 +264,10 @@ class SpeculativeDecoder:
         max_batch_size: int = 32,
         retry_after_s: float = 5.0,
         probe_every: int = 16,
+        vocab_size: int = 2**31,
     ):
         self.proposer = proposer
+        self.vocab_size = vocab_size
         self.k_max = k_max
         self.adaptive = adaptive
         self.max_batch_size = max_batch_size
@@ -327,6 +329,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         try:
             proposals = self.proposer.propose([s.seq for s in plan.entries], plan.num_tokens)
+            self._check(proposals, plan)
         except Exception as exc:  # the proposer is an optimisation: its failure must not fail requests
             self.stats.num_failures += 1
             self._paused_until = time.monotonic() + self.retry_after_s
@@ -339,6 +342,16 @@ class SpeculativeDecoder:
         if self._step_time:
             self._cost = 0.8 * self._cost + 0.2 * (elapsed / proposed / self._step_time)
         return proposals
+
+    def _check(self, proposals: Proposals, plan: _Plan) -> None:
+        """A proposer (a remote one especially) must not be able to break the target's step."""
+        if len(proposals.token_ids) != len(plan.entries) or len(proposals.probs) != len(plan.entries):
+            raise ValueError(f"{len(proposals.token_ids)} proposals for {len(plan.entries)} sequences")
+        for tokens, probs in zip(proposals.token_ids, proposals.probs, strict=True):
+            if any(not 0 <= t < self.vocab_size for t in tokens):
+                raise ValueError(f"a proposed token is outside the vocabulary [0, {self.vocab_size})")
+            if probs is not None and (probs.shape[0] < len(tokens) or probs.shape[1] != self.vocab_size):
+                raise ValueError(f"draft probabilities of shape {tuple(probs.shape)} for {len(tokens)} tokens")
 
     def attach(self, out: SchedulerOutput, scheduler: Scheduler, plan: _Plan, proposals: Proposals) -> None:
         guesses = zip(plan.entries, plan.num_tokens, proposals.token_ids, proposals.probs, strict=True)
