@@ -1,6 +1,7 @@
 """The Ray Serve application of a kvfleet cluster, built from a `ClusterConfig`.
 
     GenerationIngress (router/ingress.py)  --DeploymentHandle, stream=True-->  TargetWorker x replicas
+                                                   (optional) TargetWorker --one call per step--> DraftWorker x replicas
 
 The ingress is the `kvfleet.v1.Generation` servicer behind Serve's gRPC proxy (`grpc_options`
 lists its servicer functions); the handle to TargetWorkers picks a replica for each request
@@ -23,7 +24,7 @@ from ray.serve.config import RequestRouterConfig
 from cluster.config import ClusterConfig
 from router.ingress import GRPC_SERVICER_FUNCTIONS, GenerationIngress
 from router.prefix_router import PrefixAwareRouter, RoundRobinRouter
-from workers.deployment import TargetWorker
+from workers.deployment import DraftWorker, TargetWorker
 
 
 def build_app(config: ClusterConfig) -> Application:
@@ -38,6 +39,17 @@ def build_app(config: ClusterConfig) -> Application:
         placement = dict(
             placement_group_bundles=[per_rank] * target.tensor_parallel_size, placement_group_strategy="STRICT_PACK"
         )
+    engine, draft, draft_timeout_s = config.worker_engine, None, 0.5
+    if config.draft is not None:
+        draft = serve.deployment(
+            DraftWorker,
+            name="DraftWorker",
+            num_replicas=config.draft.replicas,
+            max_ongoing_requests=config.draft.max_ongoing_requests,
+            ray_actor_options={"num_cpus": config.draft.num_cpus, "num_gpus": config.draft_num_gpus},
+        ).bind(config.draft.engine_config(config.engine), config.draft.num_speculative_tokens)
+        engine = engine.model_copy(update={"speculative": config.draft.speculative()})
+        draft_timeout_s = config.draft.timeout_s
     worker = serve.deployment(
         TargetWorker,
         name="TargetWorker",
@@ -47,7 +59,7 @@ def build_app(config: ClusterConfig) -> Application:
         request_router_config=_router_config(config),
         ray_actor_options={"num_cpus": target.num_cpus, "num_gpus": config.target_num_gpus},
         **placement,
-    ).bind(config.worker_engine, config.index, target.metrics_period_s)
+    ).bind(engine, config.index, target.metrics_period_s, draft, draft_timeout_s)
     ingress = serve.deployment(
         GenerationIngress,
         name="GenerationIngress",

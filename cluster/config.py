@@ -6,6 +6,7 @@
     target: {replicas: 4, num_gpus: 1}
     ingress: {replicas: 2}
     grpc: {port: 50051}
+    draft: {model: /models/llama-3-1b, replicas: 2, num_speculative_tokens: 4}   # optional
     index: {redis_url: redis://redis:6379/0}     # omit in local mode: a private server is started
     ray: {address: auto}                         # omit in local mode: a local Ray is started
 
@@ -23,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvstore.index import IndexConfig
 from router.policy import RoutingConfig
-from workers.config import EngineConfig
+from workers.config import EngineConfig, SpeculativeConfig
 
 
 class _Section(BaseModel):
@@ -47,6 +48,47 @@ class TargetConfig(_Section):
     health_check_period_s: float = Field(5.0, gt=0, description="How often Serve checks each replica.")
     routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load to routers.")
     metrics_period_s: float = Field(1.0, gt=0, description="How often replicas update their gauges.")
+
+
+class DraftConfig(_Section):
+    """Draft replicas for speculative decoding: DraftWorker deployments of a small model that share
+    the target's tokenizer. Target workers send each step's proposal requests to them in one call
+    and verify exactly; when the replicas are slow or down, the target decodes alone."""
+
+    model: str = Field(description="Draft model directory (same tokenizer and vocabulary as the target).")
+    replicas: int = Field(1, ge=1, description="DraftWorker replicas, each with its own paged KV cache.")
+    num_speculative_tokens: int = Field(4, ge=1, le=16, description="Most tokens proposed per sequence per step (k).")
+    adaptive: bool = Field(True, description="Choose k per step from the measured acceptance rate and draft cost.")
+    max_batch_size: int = Field(32, ge=1, description="Decodes in a step above which targets do not speculate.")
+    timeout_s: float = Field(0.5, gt=0, description="A proposal call slower than this is dropped for that step.")
+    retry_after_s: float = Field(5.0, gt=0, description="After a failed call, targets decode alone this long.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per draft replica.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per draft replica; default: 1 on CUDA, else 0.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Proposal calls one draft replica holds at once.")
+    num_pages: int | None = Field(None, ge=1, description="KV pages of each draft replica's pool.")
+
+    def engine_config(self, target: EngineConfig) -> EngineConfig:
+        """The draft replica's engine settings: the target's, for the draft model."""
+        return target.model_copy(
+            update={
+                "model": self.model,
+                "model_id": None,
+                "tokenizer": None,
+                "speculative": None,
+                "num_pages": self.num_pages,
+                "skip_tokenizer_init": True,
+                "tensor_parallel_size": 1,
+            }
+        )
+
+    def speculative(self) -> SpeculativeConfig:
+        return SpeculativeConfig(
+            method="replicas",
+            num_speculative_tokens=self.num_speculative_tokens,
+            adaptive=self.adaptive,
+            max_batch_size=self.max_batch_size,
+            retry_after_s=self.retry_after_s,
+        )
 
 
 class IngressConfig(_Section):
@@ -84,6 +126,7 @@ class ClusterConfig(_Section):
     routing: RoutingConfig = Field(
         RoutingConfig(), description="How the ingress picks a TargetWorker replica for each request (router/policy.py)."
     )
+    draft: DraftConfig | None = Field(None, description="Draft replicas for speculative decoding; None: none.")
     ray: RayConfig = RayConfig()
     app_name: str = Field("kvfleet", description="Ray Serve application name (the gRPC 'application' metadata).")
 
@@ -93,12 +136,22 @@ class ClusterConfig(_Section):
             raise ValueError("engine.replica_id is set by each worker replica; leave it out of the config")
         if self.engine.tensor_parallel_size not in (1, self.target.tensor_parallel_size):
             raise ValueError("set the tensor-parallel size as target.tensor_parallel_size, not engine's")
+        if self.draft is not None and self.engine.speculative is not None:
+            raise ValueError("set either draft (draft replicas) or engine.speculative (in-process), not both")
         return self
 
     @property
     def worker_engine(self) -> EngineConfig:
         """The engine config each TargetWorker replica runs (with the group's tensor-parallel size)."""
         return self.engine.model_copy(update={"tensor_parallel_size": self.target.tensor_parallel_size})
+
+    @property
+    def draft_num_gpus(self) -> float:
+        if self.draft is None:
+            return 0.0
+        if self.draft.num_gpus is not None:
+            return self.draft.num_gpus
+        return 1.0 if self.engine.device.startswith("cuda") else 0.0
 
     @property
     def model_id(self) -> str:

@@ -15,8 +15,10 @@ class SpeculativeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["ngram", "draft"] = Field(
-        "ngram", description="'ngram': prompt lookup, no model; 'draft': an in-process draft model (draft_model)."
+    method: Literal["ngram", "draft", "replicas"] = Field(
+        "ngram",
+        description="'ngram': prompt lookup, no model; 'draft': an in-process draft model (draft_model); "
+        "'replicas': DraftWorker replicas (the cluster's draft section sets this).",
     )
     draft_model: str | None = Field(None, description="Draft model directory (same tokenizer as the target).")
     num_speculative_tokens: int = Field(4, ge=1, le=16, description="Most tokens proposed per sequence per step (k).")

@@ -20,18 +20,31 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict, fields
 
+import torch
+
 from kvstore.hashing import PageHash
 from kvstore.index import IndexConfig, PageIndex, ReplicaLoad
 from kvstore.publisher import Publisher
 from workers.config import EngineConfig
 from workers.engine import Engine
 from workers.request import EngineDeadError, EngineStats, GenerateRequest, TokenDelta
+from workers.spec_decode import DraftBatch, DraftReply, RemoteDraftProposer
 
 logger = logging.getLogger(__name__)
 
 
 class TargetWorker:
-    def __init__(self, engine_config: EngineConfig, index_config: IndexConfig | None, metrics_period_s: float = 1.0):
+    def __init__(
+        self,
+        engine_config: EngineConfig,
+        index_config: IndexConfig | None,
+        metrics_period_s: float = 1.0,
+        draft=None,
+        draft_timeout_s: float = 0.5,
+    ):
+        """`draft`: a DeploymentHandle to DraftWorker replicas (then engine_config.speculative's
+        method is 'replicas'); each engine step's proposals go out as one call, and a call
+        slower than `draft_timeout_s` or failing leaves that step (and a few more) unspeculated."""
         from ray import serve
 
         from cluster.metrics import WorkerMetrics
@@ -39,7 +52,12 @@ class TargetWorker:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         config = engine_config.model_copy(update={"replica_id": self.replica_id})
         self.publisher: Publisher | None = None
-        self.engine = Engine(config, kv_event_sink=self._publish)
+        proposer = None
+        if draft is not None:
+            proposer = RemoteDraftProposer(_draft_call(draft, draft_timeout_s), torch.device("cpu"))
+        self.engine = Engine(config, kv_event_sink=self._publish, proposer=proposer)
+        if proposer is not None:
+            proposer.device = self.engine.device
         if index_config is not None:
             index = PageIndex(index_config, self.engine.model_id)
             self.publisher = Publisher(index, self.replica_id, self._load).start()
@@ -106,3 +124,36 @@ class TargetWorker:
         while True:
             self.metrics.update(self.engine.stats(), self.publisher.metrics if self.publisher else None)
             await asyncio.sleep(self._metrics_period_s)
+
+
+def _draft_call(handle, timeout_s: float):
+    """A blocking call to the draft replicas (the engine makes it off its event loop)."""
+
+    def call(batch: DraftBatch) -> list[DraftReply]:
+        response = handle.propose.remote(batch)
+        try:
+            return response.result(timeout_s=timeout_s)
+        except BaseException:
+            response.cancel()
+            raise
+
+    return call
+
+
+class DraftWorker:
+    """A draft replica: one draft model with its own paged KV cache and prefix caching
+    (workers/draft.py), answering each target step's batched proposal call. Calls run one at a
+    time on the replica's event loop; sessions of requests that ended are released by the next
+    call (`DraftBatch.released`) or evicted when its pool runs short."""
+
+    def __init__(self, engine_config: EngineConfig, num_speculative_tokens: int):
+        from workers.draft import DraftModel
+
+        self.model = DraftModel.standalone(engine_config, num_speculative_tokens)
+        logger.info("DraftWorker serves %s (%d pages)", self.model.model_id, self.model.pool.num_pages)
+
+    async def propose(self, batch: DraftBatch) -> list[DraftReply]:
+        return self.model.serve(batch)
+
+    def check_health(self) -> None:
+        pass

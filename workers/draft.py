@@ -28,7 +28,7 @@ from workers.models.config import ModelConfig
 from workers.sampling import make_generator
 from workers.scheduler import ScheduledSeq, SchedulerOutput
 from workers.sequence import Sequence
-from workers.spec_decode import Proposals
+from workers.spec_decode import DraftBatch, DraftReply, Proposals
 
 # Catch-ups up to this many tokens run as decode rows (a graph replay); longer ones as prefill.
 _MAX_DECODE_ROWS = 8
@@ -44,6 +44,53 @@ class DraftModel:
         self.sessions: OrderedDict[str, Sequence] = OrderedDict()  # least recently used first
         self.device = runner_config.device
         self.vocab_size = model_config.vocab_size
+
+    @classmethod
+    def standalone(cls, config, num_speculative_tokens: int) -> DraftModel:
+        """A draft replica's model from an `EngineConfig` of the draft (cluster/config.py's draft section)."""
+        from pathlib import Path
+
+        from workers.engine import _resolve_device, _resolve_dtype
+
+        mc = ModelConfig.from_dir(config.model)
+        device = _resolve_device(config.device)
+        runner_config = RunnerConfig(
+            model_dir=config.model,
+            device=device,
+            dtype=_resolve_dtype(config.dtype, mc.dtype, device),
+            load_format=config.load_format,
+            seed=config.seed,
+            page_size=config.page_size,
+            max_model_len=config.max_model_len or mc.max_position_embeddings,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs * _MAX_DECODE_ROWS),
+            kernels=config.kernels,
+            num_pages=config.num_pages,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+            cuda_graphs=not config.enforce_eager,
+            max_graph_batch_size=config.max_graph_batch_size,
+            num_speculative_tokens=max(num_speculative_tokens, _MAX_DECODE_ROWS) - 1,
+        )
+        return cls(runner_config, mc, config.model_id or Path(config.model).resolve().name)
+
+    def serve(self, batch: DraftBatch) -> list[DraftReply]:
+        """A draft replica's answer to one batched call. A seeded request draws from a generator
+        seeded by (seed, its length), so its proposals repeat whichever replica answers."""
+        for request_id in batch.released:
+            self.release(request_id)
+        seqs = []
+        for r in batch.requests:
+            seq = Sequence(r.request_id, r.token_ids, r.sampling)
+            if r.sampling.seed is not None:
+                seed = (r.sampling.seed * 1_000_003 + len(r.token_ids)) & 0x7FFFFFFFFFFF
+                seq.generator = make_generator(seed, self.device)
+            seqs.append(seq)
+        proposals = self.propose(seqs, [r.num_tokens for r in batch.requests])
+        return [
+            DraftReply(t, None if q is None else q.float().cpu().numpy())
+            for t, q in zip(proposals.token_ids, proposals.probs, strict=True)
+        ]
 
     @classmethod
     def for_target(cls, engine, spec: SpeculativeConfig, dtype: torch.dtype) -> DraftModel:

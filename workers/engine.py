@@ -46,7 +46,7 @@ from workers.request import (
 )
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.sequence import Sequence
-from workers.spec_decode import NgramProposer, SpeculativeDecoder
+from workers.spec_decode import NgramProposer, Proposer, SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,14 @@ class Engine:
     event loop's thread; it must not block: the worker deployment hands them to a publisher's
     queue). Without one the events are dropped, so they never pile up."""
 
-    def __init__(self, config: EngineConfig, kv_event_sink: Callable[[list[KVEvent]], None] | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv_event_sink: Callable[[list[KVEvent]], None] | None = None,
+        proposer: Proposer | None = None,
+    ):
         self.config = config
+        self._proposer = proposer  # for speculative.method 'replicas': the deployment's RemoteDraftProposer
         self._kv_event_sink = kv_event_sink
         self.model_config = ModelConfig.from_dir(config.model)
         self.model_id = config.model_id or Path(config.model).resolve().name
@@ -142,12 +148,21 @@ class Engine:
         spec = self.config.speculative
         if spec.method == "ngram":
             proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
+        elif spec.method == "replicas":
+            if self._proposer is None:
+                raise ValueError("speculative.method 'replicas' needs a proposer (the worker deployment passes one)")
+            proposer = self._proposer
         else:
             from workers.draft import DraftModel
 
             proposer = DraftModel.for_target(self, spec, dtype)
         return SpeculativeDecoder(
-            proposer, spec.num_speculative_tokens, spec.adaptive, spec.max_batch_size, spec.retry_after_s
+            proposer,
+            spec.num_speculative_tokens,
+            spec.adaptive,
+            spec.max_batch_size,
+            spec.retry_after_s,
+            vocab_size=self.model_config.vocab_size,
         )
 
     # ---------------------------------------------------------------- public API
@@ -302,7 +317,7 @@ class Engine:
                     if self.spec is not None:
                         plan = self.spec.plan(out, self.scheduler)
                         if plan.entries:
-                            if on_gpu:
+                            if on_gpu or getattr(self.spec.proposer, "blocking", False):
                                 proposals = await loop.run_in_executor(self._executor, self.spec.propose, plan)
                             else:
                                 proposals = self.spec.propose(plan)

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from workers.request import SamplingParams
 from workers.sampling import Sampler
 from workers.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from workers.sequence import Sequence
@@ -74,6 +77,64 @@ class NgramProposer:
 
     def release(self, request_id: str) -> None:
         pass
+
+
+@dataclass
+class ProposalRequest:
+    """One sequence's part of a call to a draft replica: stateless (its tokens and k), so any
+    replica can answer; the one that answered before answers fastest (its KV holds the prefix)."""
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    num_tokens: int
+
+
+@dataclass
+class DraftBatch:
+    """All sequences of one target step, in one call; `released` are requests that ended."""
+
+    requests: list[ProposalRequest]
+    released: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DraftReply:
+    token_ids: list[int]
+    probs: np.ndarray | None  # [len(token_ids), vocab] float32: q exactly as drawn from; None: greedy
+
+
+class RemoteDraftProposer:
+    """Proposals from draft replicas through `call` (a DeploymentHandle call with a timeout, in
+    the worker deployment): one batched call per step. A call that raises or times out raises
+    here, and `SpeculativeDecoder.propose` turns that into decoding without speculation.
+
+    `blocking`: the engine runs it off the event loop (it waits on the network)."""
+
+    blocking = True
+
+    def __init__(self, call: Callable[[DraftBatch], list[DraftReply]], device: torch.device):
+        self.call = call
+        self.device = device
+        self._released: list[str] = []
+
+    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:
+        batch = DraftBatch(
+            [
+                ProposalRequest(s.request_id, list(s.token_ids), s.sampling, k)
+                for s, k in zip(seqs, num_tokens, strict=True)
+            ],
+            self._released,
+        )
+        self._released = []
+        replies = self.call(batch)
+        return Proposals(
+            [r.token_ids for r in replies],
+            [None if r.probs is None else torch.from_numpy(r.probs).to(self.device) for r in replies],
+        )
+
+    def release(self, request_id: str) -> None:
+        self._released.append(request_id)
 
 
 # ---------------------------------------------------------------------- the verifier
@@ -203,8 +264,10 @@ class SpeculativeDecoder:
         max_batch_size: int = 32,
         retry_after_s: float = 5.0,
         probe_every: int = 16,
+        vocab_size: int = 2**31,
     ):
         self.proposer = proposer
+        self.vocab_size = vocab_size
         self.k_max = k_max
         self.adaptive = adaptive
         self.max_batch_size = max_batch_size
@@ -266,6 +329,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         try:
             proposals = self.proposer.propose([s.seq for s in plan.entries], plan.num_tokens)
+            self._check(proposals, plan)
         except Exception as exc:  # the proposer is an optimisation: its failure must not fail requests
             self.stats.num_failures += 1
             self._paused_until = time.monotonic() + self.retry_after_s
@@ -278,6 +342,16 @@ class SpeculativeDecoder:
         if self._step_time:
             self._cost = 0.8 * self._cost + 0.2 * (elapsed / proposed / self._step_time)
         return proposals
+
+    def _check(self, proposals: Proposals, plan: _Plan) -> None:
+        """A proposer (a remote one especially) must not be able to break the target's step."""
+        if len(proposals.token_ids) != len(plan.entries) or len(proposals.probs) != len(plan.entries):
+            raise ValueError(f"{len(proposals.token_ids)} proposals for {len(plan.entries)} sequences")
+        for tokens, probs in zip(proposals.token_ids, proposals.probs, strict=True):
+            if any(not 0 <= t < self.vocab_size for t in tokens):
+                raise ValueError(f"a proposed token is outside the vocabulary [0, {self.vocab_size})")
+            if probs is not None and (probs.shape[0] < len(tokens) or probs.shape[1] != self.vocab_size):
+                raise ValueError(f"draft probabilities of shape {tuple(probs.shape)} for {len(tokens)} tokens")
 
     def attach(self, out: SchedulerOutput, scheduler: Scheduler, plan: _Plan, proposals: Proposals) -> None:
         guesses = zip(plan.entries, plan.num_tokens, proposals.token_ids, proposals.probs, strict=True)

@@ -24,22 +24,13 @@ import kubernetes_validate
 import pytest
 import referencing
 import yaml
-from pydantic import ValidationError
 
 from cluster.app import grpc_options
-from cluster.config import ClusterConfig, TargetConfig
+from cluster.config import ClusterConfig
 from tests.helm.rendering import CHART_DIR, NAMESPACE, RELEASE, VALUES_FILES, Rendered, render, values_of
 
 KUBE_VERSIONS = ["1.27", kubernetes_validate.utils.latest_version()]  # Chart.yaml: kubeVersion >= 1.27
 RAYSERVICE_SCHEMA = Path(__file__).parent / "schemas" / "rayservice-ray.io-v1.json"
-
-
-def _tensor_parallelism_supported() -> bool:
-    try:
-        TargetConfig(tensor_parallel_size=2)
-    except ValidationError:
-        return False
-    return True
 
 
 def _lint_errors(report: dict) -> list:
@@ -148,19 +139,13 @@ def test_serve_config_is_valid_for_ray_serve(rendered: Rendered):
 
 
 def test_application_args_parse_as_the_cluster_config(rendered: Rendered):
-    """With tensorParallelSize > 1 the args carry it (the pods are sized for it); kvfleet refuses it until
-    tensor-parallel groups land, and then this test asks for the whole config to parse."""
-    args = rendered.args
-    if args["target"]["tensor_parallel_size"] > 1 and not _tensor_parallelism_supported():
-        with pytest.raises(ValidationError, match="not supported yet"):
-            ClusterConfig.model_validate(args)
-        args = {**args, "target": {**args["target"], "tensor_parallel_size": 1}}  # all else must parse
-    config = ClusterConfig.model_validate(args)
+    """The whole config parses, tensor parallelism (tp2-values) included."""
+    config = ClusterConfig.model_validate(rendered.args)
 
     values = rendered.values
     assert config.engine.model == values["model"]["path"]
     assert config.target.replicas == values["target"]["replicas"]
-    assert rendered.args["target"]["tensor_parallel_size"] == values["target"]["tensorParallelSize"]
+    assert config.target.tensor_parallel_size == values["target"]["tensorParallelSize"]
     assert config.ray.address == "auto"
     assert config.index is not None
     if values["redis"]["enabled"]:
@@ -173,9 +158,7 @@ def test_application_args_parse_as_the_cluster_config(rendered: Rendered):
 
 
 def _config(rendered: Rendered) -> ClusterConfig:
-    return ClusterConfig.model_validate(
-        {**rendered.args, "target": {**rendered.args["target"], "tensor_parallel_size": 1}}
-    )
+    return ClusterConfig.model_validate(rendered.args)
 
 
 def test_serve_options_are_the_applications_own(rendered: Rendered):

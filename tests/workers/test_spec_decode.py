@@ -12,7 +12,7 @@ import torch
 from cluster.demo_model import shipped_demo_pair
 from workers.config import SpeculativeConfig
 from workers.request import FinishReason, GenerateRequest, SamplingParams
-from workers.spec_decode import NgramProposer, expected_tokens
+from workers.spec_decode import NgramProposer, Proposals, expected_tokens
 
 TARGET, DRAFT = (str(p) for p in shipped_demo_pair())
 PROMPTS = [
@@ -259,6 +259,34 @@ async def test_a_failing_proposer_never_fails_a_request_and_speculation_resumes(
     assert await run_all(engine, params, PROMPTS) == plain
     st = engine.stats()
     assert st.spec_failures == 3 and st.spec_accepted_tokens > 0
+
+
+class _BrokenProposer:
+    """Answers with the wrong number of proposals, tokens outside the vocabulary, or bad q."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def propose(self, seqs, num_tokens):
+        self.calls += 1
+        n = len(seqs)
+        if self.calls % 3 == 1:
+            return Proposals([[5]] * (n + 1), [None] * (n + 1))
+        if self.calls % 3 == 2:
+            return Proposals([[10**6]] * n, [None] * n)
+        return Proposals([[5, 6]] * n, [torch.ones(1, 3)] * n)
+
+    def release(self, request_id):
+        pass
+
+
+async def test_malformed_proposals_are_failures_not_errors(pair_dirs, make_pair_engine):
+    params = [SamplingParams(max_tokens=20, ignore_eos=True) for _ in PROMPTS]
+    plain = await run_all(make_pair_engine(), params, PROMPTS)
+    engine = make_pair_engine(spec("ngram", retry_after_s=0.001))
+    engine.spec.proposer = _BrokenProposer()
+    assert await run_all(engine, params, PROMPTS) == plain
+    assert engine.stats().spec_failures >= 3 and engine.stats().spec_proposed_tokens == 0
 
 
 def test_ngram_proposer_continues_the_latest_match_of_the_longest_suffix():
