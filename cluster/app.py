@@ -1,12 +1,14 @@
 """The Ray Serve application of a kvfleet cluster, built from a `ClusterConfig`.
 
     GenerationIngress (router/ingress.py)  --DeploymentHandle, stream=True-->  TargetWorker x replicas
-                                                   (optional) TargetWorker --one call per step--> DraftWorker x replicas
+                  (optional) TargetWorker --one call per draft replica per step, sticky-->  DraftWorker x replicas
 
 The ingress is the `kvfleet.v1.Generation` servicer behind Serve's gRPC proxy (`grpc_options`
 lists its servicer functions); the handle to TargetWorkers picks a replica for each request
 according to `config.routing`: kvfleet's prefix-aware router (router/prefix_router.py, the
-default), Serve's power of two choices, or round robin.
+default), Serve's power of two choices, or round robin. Proposal calls to DraftWorkers always go
+through the sticky prefix-aware router (StickyPrefixRouter, keyed by the draft model's id): each
+sequence keeps hitting the draft replica that holds its draft KV.
 
 `build_app(config)` is for Python callers (local mode, tests); `app_builder` is the
 `import_path` target of a Serve config file (KubeRay's serveConfigV2): its `args` are a
@@ -23,7 +25,7 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig
 from router.ingress import GRPC_SERVICER_FUNCTIONS, GenerationIngress
-from router.prefix_router import PrefixAwareRouter, RoundRobinRouter
+from router.prefix_router import PrefixAwareRouter, RoundRobinRouter, StickyPrefixRouter
 from workers.deployment import DraftWorker, TargetWorker
 
 
@@ -41,13 +43,23 @@ def build_app(config: ClusterConfig) -> Application:
         )
     engine, draft, draft_timeout_s = config.worker_engine, None, 0.5
     if config.draft is not None:
+        draft_router = RequestRouterConfig(
+            request_router_class=StickyPrefixRouter,
+            request_router_kwargs={
+                "index": config.index.model_dump(),
+                "model_id": config.draft_model_id,
+                "routing": config.routing.model_dump(),
+            },
+            request_routing_stats_period_s=target.routing_stats_period_s,
+        )
         draft = serve.deployment(
             DraftWorker,
             name="DraftWorker",
             num_replicas=config.draft.replicas,
             max_ongoing_requests=config.draft.max_ongoing_requests,
+            request_router_config=draft_router,
             ray_actor_options={"num_cpus": config.draft.num_cpus, "num_gpus": config.draft_num_gpus},
-        ).bind(config.draft.engine_config(config.engine), config.draft.num_speculative_tokens)
+        ).bind(config.draft.engine_config(config.engine), config.draft.num_speculative_tokens, config.index)
         engine = engine.model_copy(update={"speculative": config.draft.speculative()})
         draft_timeout_s = config.draft.timeout_s
     worker = serve.deployment(
@@ -59,7 +71,7 @@ def build_app(config: ClusterConfig) -> Application:
         request_router_config=_router_config(config),
         ray_actor_options={"num_cpus": target.num_cpus, "num_gpus": config.target_num_gpus},
         **placement,
-    ).bind(engine, config.index, target.metrics_period_s, draft, draft_timeout_s)
+    ).bind(engine, config.index, target.metrics_period_s, draft, draft_timeout_s, config.draft_model_id)
     ingress = serve.deployment(
         GenerationIngress,
         name="GenerationIngress",

@@ -154,6 +154,13 @@ class ClusterConfig(_Section):
         return 1.0 if self.engine.device.startswith("cuda") else 0.0
 
     @property
+    def draft_model_id(self) -> str:
+        """The draft model's id: the draft replicas index their pages under it ("" without a draft)."""
+        if self.draft is None:
+            return ""
+        return Path(self.draft.model).resolve().name
+
+    @property
     def model_id(self) -> str:
         return self.engine.model_id or Path(self.engine.model).resolve().name
 

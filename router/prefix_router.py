@@ -1,4 +1,5 @@
-"""Ray Serve request routers for TargetWorkers: prefix-aware (kvfleet's) and round-robin (a baseline).
+"""Ray Serve request routers: prefix-aware (kvfleet's) and round-robin (a baseline) for TargetWorkers,
+and the sticky prefix-aware router for DraftWorkers.
 
 `PrefixAwareRouter` runs inside every DeploymentHandle that routes to TargetWorkers (the ingress
 replicas hold them). For each request it reads the prompt's page hashes from the call's
@@ -12,6 +13,12 @@ so Serve falls back to them if the chosen one refuses (its `max_ongoing_requests
 Every router process reads the same index, so every ingress replica makes the same choice for
 the same prompt. If the index does not answer (Redis down or slower than its timeout) the router
 routes by load alone (reason FALLBACK) and counts it; it never fails a request for that.
+
+`StickyPrefixRouter` routes proposal calls to DraftWorkers (initialised with the DRAFT model's id,
+under which the draft replicas publish their pages): a call that names a replica in its
+`draft_replica` keyword goes there while that replica is a candidate (the target pins each
+sequence to the replica holding its draft KV: workers/draft_client.py); any other call is routed
+by its `page_hashes` like a request to TargetWorkers.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from router.policy import Decision, ReplicaView, RoutingConfig, choose
 logger = logging.getLogger(__name__)
 
 PAGE_HASHES_KWARG = "page_hashes"
+DRAFT_REPLICA_KWARG = "draft_replica"
 
 
 class PrefixAwareRouter(FIFOMixin, RequestRouter):
@@ -110,6 +118,28 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
 
             self._metrics = RouterMetrics(self._model_id)
         return self._metrics
+
+
+class StickyPrefixRouter(PrefixAwareRouter):
+    async def _choose(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
+        pin = pending_request.kwargs.get(DRAFT_REPLICA_KWARG) if pending_request is not None else None
+        if pin:
+            pinned = next((r for r in candidate_replicas if r.replica_id.unique_id == pin), None)
+            if pinned is not None:
+                # The others follow least loaded first: Serve falls back to them only if the
+                # pinned replica refuses (its max_ongoing_requests reached).
+                rest = sorted(
+                    (r for r in candidate_replicas if r is not pinned), key=lambda r: self._view(r, None).load
+                )
+                return [[pinned]] + [[r] for r in rest]
+            self.num_pin_misses += 1  # the replica has gone: route as a new sequence
+        return await super()._choose(candidate_replicas, pending_request)
+
+    def initialize_state(self, **kwargs):
+        super().initialize_state(**kwargs)
+        self.num_pin_misses = 0
 
 
 class RoundRobinRouter(FIFOMixin, RequestRouter):

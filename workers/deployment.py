@@ -9,6 +9,12 @@ Around the engine the replica runs a publisher thread (KV events and heartbeats 
 index, never blocking the engine) and a periodic task that updates its metrics. Serve polls
 `record_routing_stats` for the load it reports to routers, and `check_health`, which fails once
 the engine loop has died so Serve replaces the replica.
+
+`DraftWorker` is a draft replica. It publishes its pool's pages to the same index under its own
+Serve replica id and the draft model's id, and names itself in every reply, so that targets can
+route each sequence's proposal calls to the replica holding its draft KV
+(workers/draft_client.py; the draft deployment's router is router/prefix_router.py's
+StickyPrefixRouter).
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -26,9 +33,10 @@ from kvstore.hashing import PageHash
 from kvstore.index import IndexConfig, PageIndex, ReplicaLoad
 from kvstore.publisher import Publisher
 from workers.config import EngineConfig
+from workers.draft_client import DraftCall, DraftClientStats, RoutedDraftProposer
 from workers.engine import Engine
 from workers.request import EngineDeadError, EngineStats, GenerateRequest, TokenDelta
-from workers.spec_decode import DraftBatch, DraftReply, RemoteDraftProposer
+from workers.spec_decode import DraftBatch, DraftReply
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +49,13 @@ class TargetWorker:
         metrics_period_s: float = 1.0,
         draft=None,
         draft_timeout_s: float = 0.5,
+        draft_model_id: str = "",
     ):
-        """`draft`: a DeploymentHandle to DraftWorker replicas (then engine_config.speculative's
-        method is 'replicas'); each engine step's proposals go out as one call, and a call
-        slower than `draft_timeout_s` or failing leaves that step (and a few more) unspeculated."""
+        """`draft`: a DeploymentHandle to DraftWorker replicas of the model `draft_model_id` (then
+        engine_config.speculative's method is 'replicas'); each engine step sends one call per
+        draft replica holding some of its sequences, pinned, plus routed calls for new ones. The
+        sequences of a call slower than `draft_timeout_s`, or failing, are not speculated that
+        step and re-route; when every call of a step fails, the target decodes alone a while."""
         from ray import serve
 
         from cluster.metrics import WorkerMetrics
@@ -54,7 +65,12 @@ class TargetWorker:
         self.publisher: Publisher | None = None
         proposer = None
         if draft is not None:
-            proposer = RemoteDraftProposer(_draft_call(draft, draft_timeout_s), torch.device("cpu"))
+            if not draft_model_id:
+                raise ValueError("draft_model_id is required with draft replicas: their pages are indexed under it")
+            proposer = RoutedDraftProposer(
+                _draft_submit(draft), torch.device("cpu"), config.page_size, draft_model_id, draft_timeout_s
+            )
+        self.proposer = proposer
         self.engine = Engine(config, kv_event_sink=self._publish, proposer=proposer)
         if proposer is not None:
             proposer.device = self.engine.device
@@ -81,6 +97,10 @@ class TargetWorker:
 
     async def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    async def draft_stats(self) -> DraftClientStats | None:
+        """How this replica's proposal calls went (None without draft replicas)."""
+        return None if self.proposer is None else self.proposer.stats
 
     def record_routing_stats(self) -> dict[str, int]:
         """What routers see of this replica's load (Ray Serve polls it every routing_stats_period_s)."""
@@ -126,34 +146,113 @@ class TargetWorker:
             await asyncio.sleep(self._metrics_period_s)
 
 
-def _draft_call(handle, timeout_s: float):
-    """A blocking call to the draft replicas (the engine makes it off its event loop)."""
+def _draft_submit(handle):
+    """Send one `DraftCall` through the DraftWorker handle; its router reads the keywords."""
+    from router.prefix_router import DRAFT_REPLICA_KWARG, PAGE_HASHES_KWARG
 
-    def call(batch: DraftBatch) -> list[DraftReply]:
-        response = handle.propose.remote(batch)
-        try:
-            return response.result(timeout_s=timeout_s)
-        except BaseException:
-            response.cancel()
-            raise
+    def submit(call: DraftCall):
+        kwargs = {PAGE_HASHES_KWARG: call.page_hashes, DRAFT_REPLICA_KWARG: call.replica_id}
+        return handle.propose.remote(call.batch, **kwargs)
 
-    return call
+    return submit
+
+
+@dataclass
+class DraftWorkerStats:
+    replica_id: str
+    model_id: str
+    num_calls: int = 0
+    num_sequences: int = 0  # proposal requests answered (one per sequence per call)
+    num_new_sessions: int = 0  # requests seen here for the first time
+    num_cached_prompt_tokens: int = 0  # of their tokens, found in this replica's prefix cache
+    num_sessions: int = 0
+    num_free_pages: int = 0
+    num_total_pages: int = 0
+    calls_per_request: dict[str, int] = field(default_factory=dict)  # the latest requests seen
 
 
 class DraftWorker:
     """A draft replica: one draft model with its own paged KV cache and prefix caching
-    (workers/draft.py), answering each target step's batched proposal call. Calls run one at a
-    time on the replica's event loop; sessions of requests that ended are released by the next
-    call (`DraftBatch.released`) or evicted when its pool runs short."""
+    (workers/draft.py), answering proposal calls. Calls run one at a time on the replica's event
+    loop; sessions of requests that ended are released by the next call (`DraftBatch.released`)
+    or evicted when its pool runs short. With `index_config`, its KV events and heartbeats go to
+    the shared page index under its Serve replica id and the draft model's id."""
 
-    def __init__(self, engine_config: EngineConfig, num_speculative_tokens: int):
+    _MAX_TRACKED_REQUESTS = 4096
+
+    def __init__(
+        self, engine_config: EngineConfig, num_speculative_tokens: int, index_config: IndexConfig | None = None
+    ):
         from workers.draft import DraftModel
 
         self.model = DraftModel.standalone(engine_config, num_speculative_tokens)
-        logger.info("DraftWorker serves %s (%d pages)", self.model.model_id, self.model.pool.num_pages)
+        self.replica_id = _serve_replica_id()
+        self.counters = DraftWorkerStats(self.replica_id, self.model.model_id)
+        self._calls_per_request: OrderedDict[str, int] = OrderedDict()
+        self.publisher: Publisher | None = None
+        if index_config is not None and self.replica_id:
+            index = PageIndex(index_config, self.model.model_id)
+            self.publisher = Publisher(index, self.replica_id, self._load).start()
+            self.model.publish_kv_events(self.publisher.submit, self.replica_id)
+        logger.info(
+            "DraftWorker %s serves %s (%d pages)", self.replica_id, self.model.model_id, self.model.pool.num_pages
+        )
 
-    async def propose(self, batch: DraftBatch) -> list[DraftReply]:
-        return self.model.serve(batch)
+    async def propose(
+        self, batch: DraftBatch, page_hashes: list[PageHash] | None = None, draft_replica: str | None = None
+    ) -> list[DraftReply]:
+        """`page_hashes` and `draft_replica` are for the request router (StickyPrefixRouter)."""
+        st = self.counters
+        for r in batch.requests:
+            if r.request_id not in self.model.sessions:
+                st.num_new_sessions += 1
+                st.num_cached_prompt_tokens += self.model.cached_prefix_tokens(r.token_ids)
+            self._calls_per_request[r.request_id] = self._calls_per_request.get(r.request_id, 0) + 1
+            self._calls_per_request.move_to_end(r.request_id)
+        while len(self._calls_per_request) > self._MAX_TRACKED_REQUESTS:
+            self._calls_per_request.popitem(last=False)
+        replies = self.model.serve(batch)
+        for reply in replies:
+            reply.replica_id = self.replica_id
+        st.num_calls += 1
+        st.num_sequences += len(batch.requests)
+        return replies
+
+    async def stats(self, draft_replica: str | None = None) -> DraftWorkerStats:
+        """This replica's counters (`draft_replica`: pin the call to that replica)."""
+        pool = self.model.pool
+        return DraftWorkerStats(
+            **{
+                **asdict(self.counters),
+                "num_sessions": len(self.model.sessions),
+                "num_free_pages": pool.num_free_pages,
+                "num_total_pages": pool.num_pages,
+                "calls_per_request": dict(self._calls_per_request),
+            }
+        )
 
     def check_health(self) -> None:
         pass
+
+    async def __del__(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+            with contextlib.suppress(Exception):
+                self.publisher.index.leave(self.replica_id)
+            self.publisher.index.close()
+
+    def _load(self) -> ReplicaLoad:
+        pool = self.model.pool
+        return ReplicaLoad(
+            num_running=len(self.model.sessions), num_free_pages=pool.num_free_pages, num_total_pages=pool.num_pages
+        )
+
+
+def _serve_replica_id() -> str:
+    """This Serve replica's id; "" when not running as one (a plain Ray actor, a test)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:
+        return ""

@@ -22,6 +22,7 @@ from collections import OrderedDict
 import torch
 
 from kvstore.block_pool import BlockPool
+from kvstore.hashing import page_hashes
 from workers.config import SpeculativeConfig
 from workers.model_runner import ModelRunner, RunnerConfig
 from workers.models.config import ModelConfig
@@ -91,6 +92,18 @@ class DraftModel:
             DraftReply(t, None if q is None else q.float().cpu().numpy())
             for t, q in zip(proposals.token_ids, proposals.probs, strict=True)
         ]
+
+    def publish_kv_events(self, sink, replica_id: str) -> None:
+        """Hand this pool's KV events to `sink` as they happen, under `replica_id`: a draft replica
+        indexes its pages so that proposal calls route to the replica that holds a sequence."""
+        self.pool.replica_id = replica_id
+        self.pool.event_sink = sink
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Tokens of `token_ids` that a new session would find in the prefix cache (read-only)."""
+        ps = self.page_size
+        full = (len(token_ids) - 1) // ps
+        return ps * len(self.pool.lookup_prefix(page_hashes(token_ids[: full * ps], ps, self.model_id)))
 
     @classmethod
     def for_target(cls, engine, spec: SpeculativeConfig, dtype: torch.dtype) -> DraftModel:

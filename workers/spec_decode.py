@@ -102,6 +102,7 @@ class DraftBatch:
 class DraftReply:
     token_ids: list[int]
     probs: np.ndarray | None  # [len(token_ids), vocab] float32: q exactly as drawn from; None: greedy
+    replica_id: str = ""  # the draft replica that answered (its Serve replica id; "" outside Serve)
 
 
 class RemoteDraftProposer:

@@ -1,0 +1,140 @@
+"""The target's side of draft replicas without Ray: how a step's sequences become calls (pinned
+per replica, routed by page hashes for new ones), releases, failures and the step's deadline."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kvstore.hashing import page_hashes
+from workers.draft_client import DraftRoutes, RoutedDraftProposer
+from workers.request import SamplingParams
+from workers.sequence import Sequence
+from workers.spec_decode import DraftReply
+
+PS, MODEL = 4, "draft-model"
+GREEDY = SamplingParams(max_tokens=8)
+
+
+def seq(request_id: str, tokens: list[int]) -> Sequence:
+    return Sequence(request_id, tokens, GREEDY)
+
+
+def test_new_sequences_are_grouped_by_first_page_and_routed_by_the_drafts_page_hashes():
+    routes = DraftRoutes(PS, MODEL)
+    shared = [1, 2, 3, 4, 5, 6, 7, 8]
+    seqs = [seq("a", [*shared, 9]), seq("b", [7, 7, 7, 7, 1]), seq("c", [*shared, 10, 11]), seq("d", [5])]
+    calls = routes.plan(seqs, [2, 2, 2, 2])
+    assert [c.replica_id for c in calls] == [None, None, None]
+    assert [c.indices for c in calls] == [[0, 2], [1], [3]]
+    # the hashes the draft pool publishes: the draft model's id and page size, whole pages only
+    assert calls[0].page_hashes == page_hashes([*shared, 9], PS, MODEL)
+    assert calls[2].page_hashes == []  # shorter than a page: routed by load
+    assert [r.num_tokens for r in calls[0].batch.requests] == [2, 2]
+
+
+def test_assigned_sequences_go_out_as_one_pinned_call_per_replica_with_their_releases():
+    routes = DraftRoutes(PS, MODEL)
+    seqs = [seq(r, [1, 2, 3, 4, 5]) for r in "abcd"]
+    (first,) = routes.plan(seqs, [3] * 4)
+    routes.answered(first, [DraftReply([], None, "r1" if i % 2 else "r0") for i in range(4)])
+    assert routes.assigned == {"a": "r0", "b": "r1", "c": "r0", "d": "r1"}
+    routes.release("b")
+    routes.release("unknown")  # never assigned: nothing to release anywhere
+    calls = routes.plan(seqs[:1] + seqs[2:] + [seq("e", [1, 2, 3, 4, 5])], [3] * 4)
+    by_replica = {c.replica_id: c for c in calls}
+    assert set(by_replica) == {"r0", "r1", None}
+    assert [r.request_id for r in by_replica["r0"].batch.requests] == ["a", "c"]
+    assert by_replica["r0"].batch.released == []
+    assert [r.request_id for r in by_replica["r1"].batch.requests] == ["d"]
+    assert by_replica["r1"].batch.released == ["b"]  # the replica that held it releases it
+    assert by_replica["r0"].page_hashes is None  # pinned calls need no hashes
+    assert routes.released == {}
+
+
+def test_a_failed_call_drops_its_assignments_so_its_sequences_re_route():
+    routes = DraftRoutes(PS, MODEL)
+    seqs = [seq("a", [1, 2, 3, 4, 5]), seq("b", [9, 9, 9, 9, 9])]
+    for call in routes.plan(seqs, [2, 2]):
+        routes.answered(call, [DraftReply([], None, "r0")] * len(call.indices))
+    routes.release("gone")
+    (call,) = routes.plan(seqs, [2, 2])
+    assert call.replica_id == "r0"
+    assert routes.failed(call) == 2
+    assert routes.assigned == {}
+    assert all(c.replica_id is None for c in routes.plan(seqs, [2, 2]))
+
+
+class FakeCall:
+    def __init__(self, replies=None, error=None, delay=0.0):
+        self.replies, self.error, self.delay = replies, error, delay
+        self.cancelled = False
+
+    def result(self, timeout_s=None):
+        if self.delay > timeout_s:
+            time.sleep(timeout_s)
+            raise TimeoutError("slow replica")
+        if self.error:
+            raise self.error
+        return self.replies
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def make_proposer(behaviour, timeout_s=0.2):
+    """`behaviour(call) -> FakeCall`; the proposer answers over fake pending calls."""
+    sent = []
+
+    def submit(call):
+        sent.append(call)
+        return behaviour(call)
+
+    proposer = RoutedDraftProposer(submit, torch.device("cpu"), PS, MODEL, timeout_s)
+    return proposer, sent
+
+
+def test_a_failing_or_slow_replica_costs_only_its_sequences_their_proposals():
+    replica_of = {"a": "r0", "b": "r1", "c": "r2"}
+
+    def behaviour(call):
+        rid = replica_of[call.batch.requests[0].request_id]
+        replies = [DraftReply([7, 8], np.full((2, 5), 0.2, np.float32), rid) for _ in call.indices]
+        if call.replica_id == "r1":
+            return FakeCall(error=RuntimeError("actor died"))
+        if call.replica_id == "r2":
+            return FakeCall(replies, delay=10.0)
+        return FakeCall(replies)
+
+    proposer, sent = make_proposer(behaviour)
+    seqs = [seq("a", [1] * 5), seq("b", [2] * 5), seq("c", [3] * 5)]
+    first = proposer.propose(seqs, [2, 2, 2])  # routed: every call answers
+    assert first.token_ids == [[7, 8]] * 3 and first.probs[0].shape == (2, 5)
+    assert proposer.routes.assigned == replica_of
+    start = time.monotonic()
+    second = proposer.propose(seqs, [2, 2, 2])  # pinned: r1 fails, r2 misses the deadline
+    assert time.monotonic() - start < 0.2 + 0.1, "the step waited past its deadline"
+    assert second.token_ids == [[7, 8], [], []] and second.probs[1] is None
+    assert sorted(c.replica_id for c in sent[3:]) == ["r0", "r1", "r2"]
+    assert proposer.routes.assigned == {"a": "r0"}
+    st = proposer.stats
+    assert (st.num_calls, st.num_pinned_calls, st.num_routed_calls) == (6, 3, 3)
+    assert (st.num_failed_calls, st.num_dropped, st.num_moved) == (2, 2, 0)
+
+
+def test_a_step_whose_every_call_fails_raises_so_the_decoder_falls_back():
+    proposer, _ = make_proposer(lambda call: FakeCall(error=RuntimeError("no replica")))
+    with pytest.raises(RuntimeError, match="every draft call"):
+        proposer.propose([seq("a", [1] * 5)], [2])
+    assert proposer.stats.num_failed_calls == 1
+
+
+def test_a_sequence_answered_off_its_pin_moves_to_the_replica_that_answered():
+    answer = {"rid": "r0"}
+    proposer, _ = make_proposer(lambda call: FakeCall([DraftReply([1], None, answer["rid"])] * len(call.indices)))
+    s = [seq("a", [1] * 5)]
+    proposer.propose(s, [1])
+    answer["rid"] = "r1"  # r0 has gone; the router sent the pinned call elsewhere
+    proposer.propose(s, [1])
+    assert proposer.routes.assigned == {"a": "r1"} and proposer.stats.num_moved == 1
