@@ -1,15 +1,23 @@
 """`kvfleet bench spec`: what speculative decoding buys, per proposer and k, against no
 speculation in the same run.
 
-For each batch size, each proposer (n-gram, the in-process draft) and each k, one engine
+For each batch size, each proposer (n-gram, the in-process draft, draft replicas) and each k, one engine
 generates the same requests (the demo pair by default, greedy unless --temperature) with k fixed;
 the same engine with speculation switched off gives the baseline. Reported per row: acceptance
 rate a (accepted / proposed), mean tokens per target step per sequence (accepted + 1) beside the
 theory (1 - a^(k+1)) / (1 - a) for that a, and the decode speedup (output tokens per second over
 the baseline's). Wall times cover whole requests (prompts are short: decode dominates).
 
+`--proposers replicas` starts a local Ray (`--ray-cpus`, no fixed port), a private Redis for the
+page index and Ray Serve (no proxies), deploys `--draft-replicas` DraftWorkers behind their sticky
+prefix-aware router, and drives the target engine here in-process through a real
+DeploymentHandle (workers/draft_client.py's RoutedDraftProposer): the same rows as the
+in-process draft, so the two compare in one run; the report's `replicas_vs_in_process` gives
+the ratio of their tok/s per (batch, k).
+
     kvfleet bench spec --device cuda --json bench/results/spec-h100.json
-    python -m cluster.bench_spec ...      (no Ray needed)
+    kvfleet bench spec --proposers draft replicas --json bench/results/spec-cpu-replicas.json
+    python -m cluster.bench_spec ...      (no Ray needed without `replicas`)
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -67,18 +76,71 @@ def _timed(engine: Engine, prompts, params, repeats: int) -> tuple[float, list[l
     return best, outputs
 
 
-def _engine(args, speculative: SpeculativeConfig, max_batch: int) -> Engine:
-    return Engine(
-        EngineConfig(
-            model=args.target,
-            device=args.device,
-            dtype=args.dtype,
-            max_num_seqs=max_batch,
-            max_model_len=args.max_model_len,
-            num_pages=args.num_pages,
-            speculative=speculative,
-        )
+def _engine_config(args, speculative: SpeculativeConfig | None, max_batch: int) -> EngineConfig:
+    return EngineConfig(
+        model=args.target,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=max_batch,
+        max_model_len=args.max_model_len,
+        num_pages=args.num_pages,
+        speculative=speculative,
     )
+
+
+def _engine(args, speculative: SpeculativeConfig, max_batch: int, proposer=None) -> Engine:
+    return Engine(_engine_config(args, speculative, max_batch), proposer=proposer)
+
+
+class _DraftReplicas:
+    """A local Ray, a private Redis and `args.draft_replicas` DraftWorkers served behind their
+    sticky prefix-aware router, as cluster/app.py deploys them; `proposer` talks to them."""
+
+    def __init__(self, args, max_batch: int, k_max: int):
+        import ray
+        from ray import serve
+        from ray.serve.config import RequestRouterConfig
+
+        from kvstore.index import IndexConfig
+        from kvstore.redis_server import LocalRedisServer
+        from router.prefix_router import StickyPrefixRouter
+        from workers.deployment import DraftWorker, _draft_submit
+        from workers.draft_client import RoutedDraftProposer
+
+        self.redis = LocalRedisServer().start()
+        index = IndexConfig(redis_url=self.redis.url)
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        serve.start(proxy_location="Disabled")
+        target = _engine_config(args, None, max_batch)
+        draft = target.model_copy(
+            update={"model": args.draft, "tokenizer": None, "skip_tokenizer_init": True, "tensor_parallel_size": 1}
+        )
+        self.model_id = Path(args.draft).resolve().name
+        router = RequestRouterConfig(
+            request_router_class=StickyPrefixRouter,
+            request_router_kwargs={"index": index.model_dump(), "model_id": self.model_id},
+            request_routing_stats_period_s=0.5,
+        )
+        app = serve.deployment(
+            DraftWorker,
+            name="DraftWorker",
+            num_replicas=args.draft_replicas,
+            max_ongoing_requests=64,
+            request_router_config=router,
+            ray_actor_options={"num_cpus": args.draft_num_cpus},
+        ).bind(draft, k_max, index)
+        handle = serve.run(app, name="kvfleet-bench-spec", route_prefix=None)
+        self.proposer = RoutedDraftProposer(
+            _draft_submit(handle), torch.device("cpu"), target.page_size, self.model_id, args.draft_timeout_s
+        )
+
+    def close(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+        self.redis.close()
 
 
 def run_spec_bench(args) -> dict:
@@ -96,6 +158,9 @@ def run_spec_bench(args) -> dict:
     }
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0, ignore_eos=True)
     warm = SamplingParams(max_tokens=8, temperature=args.temperature, seed=0, ignore_eos=True)
+    if "replicas" in args.proposers:
+        report["draft_replicas"] = args.draft_replicas
+        report["ray_cpus"] = args.ray_cpus
     for method in args.proposers:
         spec = SpeculativeConfig(
             method=method,
@@ -104,7 +169,10 @@ def run_spec_bench(args) -> dict:
             adaptive=False,
             max_batch_size=max_batch,
         )
-        engine = _engine(args, spec, max_batch)
+        replicas = _DraftReplicas(args, max_batch, k_max) if method == "replicas" else None
+        engine = _engine(args, spec, max_batch, replicas.proposer if replicas else None)
+        if replicas is not None:
+            replicas.proposer.device = engine.device
         decoder = engine.spec
         tok = engine.tokenizer
         for batch in args.batch_sizes:
@@ -158,12 +226,30 @@ def run_spec_bench(args) -> dict:
         engine.spec = decoder
         asyncio.run(engine.shutdown())
         del engine
+        if replicas is not None:
+            report["draft_client"] = asdict(replicas.proposer.stats)
+            replicas.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    report["replicas_vs_in_process"] = _ratios(report["rows"])
+    for r in report["replicas_vs_in_process"]:
+        print(f"replicas / in-process draft: batch {r['batch']:>3}  k={r['k']}  {r['tok_per_s_ratio']:.3f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    """tok/s of draft replicas over the in-process draft's, per (batch, k) both ran."""
+    local = {(r["batch"], r["k"]): r for r in rows if r["proposer"] == "draft"}
+    out = []
+    for r in rows:
+        twin = local.get((r["batch"], r["k"]))
+        if r["proposer"] == "replicas" and twin is not None:
+            ratio = r["tok_per_s"] / twin["tok_per_s"]
+            out.append({"batch": r["batch"], "k": r["k"], "tok_per_s_ratio": round(ratio, 3)})
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -172,7 +258,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=str(draft))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--proposers", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft"])
+    p.add_argument("--proposers", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft", "replicas"])
+    p.add_argument("--draft-replicas", type=int, default=2, help="DraftWorker replicas (proposer 'replicas')")
+    p.add_argument("--draft-num-cpus", type=float, default=1.0, help="CPUs Ray reserves per draft replica")
+    p.add_argument("--draft-timeout-s", type=float, default=5.0, help="a step's deadline for its proposal calls")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: the machine's)")
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--max-tokens", type=int, default=128)
