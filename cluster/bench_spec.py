@@ -104,7 +104,7 @@ class _DraftReplicas:
         from kvstore.index import IndexConfig
         from kvstore.redis_server import LocalRedisServer
         from router.prefix_router import StickyPrefixRouter
-        from workers.deployment import DraftWorker, _draft_submit
+        from workers.deployment import DraftWorker, draft_submit
         from workers.draft_client import RoutedDraftProposer
 
         self.redis = LocalRedisServer().start()
@@ -131,7 +131,7 @@ class _DraftReplicas:
         ).bind(draft, k_max, index)
         handle = serve.run(app, name="kvfleet-bench-spec", route_prefix=None)
         self.proposer = RoutedDraftProposer(
-            _draft_submit(handle), torch.device("cpu"), target.page_size, self.model_id, args.draft_timeout_s
+            draft_submit(handle), torch.device("cpu"), target.page_size, self.model_id, args.draft_timeout_s
         )
 
     def close(self) -> None:

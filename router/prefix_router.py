@@ -37,7 +37,7 @@ from router.policy import Decision, ReplicaView, RoutingConfig, choose
 logger = logging.getLogger(__name__)
 
 PAGE_HASHES_KWARG = "page_hashes"
-DRAFT_REPLICA_KWARG = "draft_replica"
+DRAFT_REPLICA_KWARG = "draft_replica"  # DraftWorker.propose's keyword: the replica a call is pinned to
 
 
 class PrefixAwareRouter(FIFOMixin, RequestRouter):

@@ -68,7 +68,7 @@ class TargetWorker:
             if not draft_model_id:
                 raise ValueError("draft_model_id is required with draft replicas: their pages are indexed under it")
             proposer = RoutedDraftProposer(
-                _draft_submit(draft), torch.device("cpu"), config.page_size, draft_model_id, draft_timeout_s
+                draft_submit(draft), torch.device("cpu"), config.page_size, draft_model_id, draft_timeout_s
             )
         self.proposer = proposer
         self.engine = Engine(config, kv_event_sink=self._publish, proposer=proposer)
@@ -146,13 +146,12 @@ class TargetWorker:
             await asyncio.sleep(self._metrics_period_s)
 
 
-def _draft_submit(handle):
-    """Send one `DraftCall` through the DraftWorker handle; its router reads the keywords."""
-    from router.prefix_router import DRAFT_REPLICA_KWARG, PAGE_HASHES_KWARG
+def draft_submit(handle):
+    """`submit` for a RoutedDraftProposer: one `DraftCall` through a DraftWorker DeploymentHandle.
+    The keywords are for the deployment's request router (StickyPrefixRouter reads them)."""
 
     def submit(call: DraftCall):
-        kwargs = {PAGE_HASHES_KWARG: call.page_hashes, DRAFT_REPLICA_KWARG: call.replica_id}
-        return handle.propose.remote(call.batch, **kwargs)
+        return handle.propose.remote(call.batch, page_hashes=call.page_hashes, draft_replica=call.replica_id)
 
     return submit
 
