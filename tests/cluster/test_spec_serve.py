@@ -138,7 +138,7 @@ def test_greedy_output_through_draft_replicas_equals_the_plain_engines_and_each_
         assert stats[holder].calls_per_request[f"greedy-{i}"] > 3
 
 
-def test_requests_sharing_a_long_prefix_meet_on_the_draft_replica_that_caches_it(stub, plain_engine):
+def test_requests_sharing_a_long_prefix_meet_on_the_draft_replica_that_caches_it(stub, plain_engine, spec_app):
     first = list(
         stub.Generate(
             pb.GenerateRequest(text=PREFIX + "a = 1\n", sampling=greedy(8), request_id="share-1"),
@@ -150,6 +150,18 @@ def test_requests_sharing_a_long_prefix_meet_on_the_draft_replica_that_caches_it
     before = draft_stats()
     (holder,) = holders(before, "share-1")
     time.sleep(0.5)  # the holder's publisher thread writes its pages to the index
+    # the draft replicas' pages and heartbeats, in the shared index under the draft model's id
+    from kvstore.hashing import page_hashes
+    from kvstore.index import PageIndex
+
+    index = PageIndex(spec_app.index, spec_app.draft_model_id)
+    try:
+        assert set(index.live_replicas()) == set(before)
+        hashes = page_hashes(plain_engine.tokenizer.encode(PREFIX), 4, spec_app.draft_model_id)
+        held = index.lookup(hashes, list(before))
+        assert held.get(holder, 0) >= len(hashes) - 1 and not any(held.get(r, 0) for r in before if r != holder)
+    finally:
+        index.close()
     list(
         stub.Generate(
             pb.GenerateRequest(text=PREFIX + "b = 2\n", sampling=greedy(8), request_id="share-2"),
