@@ -321,6 +321,11 @@ class DraftModel:
         choices, qs = [], []
         for j in range(steps):
             if j:
+                if sampled is None and history is None:  # greedy: all the steps in one graph
+                    looped = self.runner.decode_loop(plan, choices[0])
+                    if looped is not None:
+                        choices += looped.unbind(0)
+                        break
                 logits = self.runner.decode_step(plan, j - 1, choices[-1])
             choice, q = self._draw(logits, params, generators, sampled, history)
             choices.append(choice)

@@ -130,6 +130,10 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_pages)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
+        # greedy decode loops (`decode_loop`), captured on first use: (bucket, steps) -> graph,
+        # its metadata input [steps, 3, bucket] and its tokens [steps + 1, bucket]
+        self._loops: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._loop_pool = None
         if cfg.cuda_graphs and cfg.device.type == "cuda" and self.ops.name == "triton" and self.tp.size == 1:
             self._capture_decode_graphs()
 
@@ -209,6 +213,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the graphs, the KV cache and the weights (e.g. before another model uses the GPU)."""
         self.graphs.clear()
+        self._loops.clear()
         self._graph_sizes = []
         self._allocate_kv_cache(0)
         self.model = None
@@ -396,6 +401,55 @@ class ModelRunner:
             query_start_loc_cpu=list(range(n + 1)),
         )
         return self.model.compute_logits(self.model(self.input_ids[:n], self.positions[:n], meta))
+
+    @torch.inference_mode()
+    def decode_loop(self, plan: DecodePlan, first: torch.Tensor) -> torch.Tensor | None:
+        """All of `plan`'s steps as one graph replay, each step's input the argmax of the step
+        before (greedy drafting), the first step's `first` ([rows] int64 on the device). Returns
+        the tokens the steps drew, [steps, rows] on the device, or None where no graph serves
+        (CPU, eager, tensor parallelism): then `decode_step` per step. One launch instead of
+        five per step: on a small model each launch costs about as much as its kernel."""
+        if plan.bucket is None or self.device.type != "cuda":
+            return None
+        steps = plan.meta.shape[0]
+        key = (plan.bucket, steps)
+        if key not in self._loops:
+            self._capture_loop(*key)
+        graph, meta, tokens = self._loops[key]
+        n = plan.num_rows
+        meta.copy_(plan.meta)
+        tokens[0, :n].copy_(first)
+        self.block_tables[:n, : plan.tables.shape[1]].copy_(plan.tables)
+        graph.replay()
+        return tokens[1:, :n]
+
+    def _capture_loop(self, bucket: int, steps: int) -> None:
+        meta = torch.zeros(steps, 3, bucket, dtype=torch.int64, device=self.device)
+        meta[:, 1] = -1  # until a plan fills it: padding rows (the warm-up writes no KV)
+        tokens = torch.zeros(steps + 1, bucket, dtype=torch.int64, device=self.device)
+        attn = self._decode_meta(bucket, self.ops.decode_splits(bucket, self.num_kv_heads, self.cfg.max_model_len))
+
+        def body():
+            for j in range(steps):
+                self.input_ids[:bucket].copy_(tokens[j])
+                self.positions[:bucket].copy_(meta[j, 0])
+                self.slot_mapping[:bucket].copy_(meta[j, 1])
+                self.seq_lens[:bucket].copy_(meta[j, 2])
+                hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], attn)
+                tokens[j + 1].copy_(self.model.compute_logits(hidden).argmax(dim=-1))
+
+        if self._loop_pool is None:  # its own pool: the decode graphs' outputs live in theirs
+            self._loop_pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            body()  # warm up
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._loop_pool, stream=stream, capture_error_mode="thread_local"):
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._loops[(bucket, steps)] = (graph, meta, tokens)
+        logger.debug("captured a %d-step greedy decode loop for %d rows", steps, bucket)
 
     # ---------------------------------------------------------------- tensor parallelism
     def _broadcast_plan(self, num_tokens: int, meta: AttentionMetadata, token_rows: torch.Tensor) -> None:
