@@ -26,7 +26,7 @@ from kvstore.hashing import page_hashes
 from workers.config import SpeculativeConfig
 from workers.model_runner import ModelRunner, RunnerConfig
 from workers.models.config import ModelConfig
-from workers.sampling import make_generator
+from workers.sampling import make_generator, upload
 from workers.scheduler import ScheduledSeq, SchedulerOutput
 from workers.sequence import Sequence
 from workers.spec_decode import DraftBatch, DraftReply, Proposals
@@ -133,7 +133,8 @@ class DraftModel:
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             cpu_kv_cache_gib=cfg.cpu_kv_cache_gib,
             cuda_graphs=not cfg.enforce_eager,
-            max_graph_batch_size=min(cfg.max_graph_batch_size, cfg.max_num_seqs),
+            # a catch-up after a fully accepted proposal computes two rows per sequence
+            max_graph_batch_size=min(cfg.max_graph_batch_size, 2 * cfg.max_num_seqs),
             num_speculative_tokens=_MAX_DECODE_ROWS - 1,  # rows of a catch-up
         )
         return cls(runner_config, mc, Path(spec.draft_model).resolve().name)
@@ -142,33 +143,40 @@ class DraftModel:
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:
         """Up to num_tokens[i] tokens after seqs[i].token_ids, drawn as the target's sampler
         would draw from the draft's distribution (greedy: its argmax); with their
-        distributions for sampled requests."""
+        distributions for sampled requests.
+
+        The drawn tokens stay on the device and feed the next step's input (`plan_decodes`: the
+        positions, slots and page tables of all k - 1 steps are known before the first), so the
+        host waits on the device once per call, not once per token. A repetition penalty needs
+        each step's tokens on the host (the history it penalises): such a batch syncs per step."""
         tokens: list[list[int]] = [[] for _ in seqs]
-        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         live = []  # (index, session, k) of the sequences that got their pages
+        keep = {s.request_id for s in seqs}
         for i, (seq, k) in enumerate(zip(seqs, num_tokens, strict=True)):
-            session = self._sync(seq, k, keep={s.request_id for s in seqs})
+            session = self._sync(seq, k, keep)
             if session is not None:
                 live.append((i, session, k))
         if not live:
             return Proposals(tokens, [None] * len(seqs))
-        # Step 0: catch up with the target's tokens; the last one's logits give the first draft.
-        last_logits = self._catch_up([s for _, s, _ in live])
-        self._draw(live, last_logits, seqs, tokens, probs)
-        for step in range(1, max(k for _, _, k in live)):
-            active = [(i, s, k) for i, s, k in live if k > step]
-            out = SchedulerOutput(
-                [ScheduledSeq(s, s.num_tokens - 1, 1, True) for _, s, _ in active], num_batched_tokens=len(active)
-            )
-            logits, _ = self.runner.forward(out)
-            for _, s, _ in active:
-                s.num_computed_tokens = s.num_tokens
-            self._draw(active, logits, seqs, tokens, probs)
-        self.pool.take_events()  # nobody indexes the draft's pages: drop its KV events
-        result = [None] * len(seqs)
+        sessions = [s for _, s, _ in live]
+        params = [seqs[i].sampling for i, _, _ in live]
+        ks = [k for _, _, k in live]
         for i, _, _ in live:
-            if probs[i]:
-                result[i] = torch.stack(probs[i])
+            seq = seqs[i]
+            if seq.sampling.seed is not None and seq.generator is None:
+                seq.generator = make_generator(seq.sampling.seed, self.device)
+        generators = [seqs[i].generator for i, _, _ in live]
+        # Step 0: catch up with the target's tokens; the last one's logits give the first draft.
+        logits = self._catch_up(sessions)
+        drafted, q = self._draw_all(sessions, ks, params, generators, logits)
+        self.pool.take_events()  # nobody indexes the draft's pages: drop its KV events
+        result: list[torch.Tensor | None] = [None] * len(seqs)
+        sampled = 0
+        for r, (i, _, k) in enumerate(live):
+            tokens[i] = drafted[r][:k]
+            if not params[r].greedy:
+                result[i] = q[sampled, :k]
+                sampled += 1
         return Proposals(tokens, result)
 
     def release(self, request_id: str) -> None:
@@ -218,7 +226,8 @@ class DraftModel:
 
     def _catch_up(self, sessions: list[Sequence]) -> torch.Tensor:
         """Compute each session's uncomputed tokens; returns the last token's logits per session."""
-        last: list[torch.Tensor | None] = [None] * len(sessions)
+        pieces: list[torch.Tensor] = []
+        order: list[int] = []  # the session of each row of cat(pieces)
         pending = list(range(len(sessions)))
         while pending:
             out = SchedulerOutput()
@@ -245,21 +254,29 @@ class DraftModel:
                     budget -= n
             if not which:
                 raise RuntimeError("the draft's token budget holds no catch-up")
-            # decode entries first, as the runner lays them out
             logits, entry_rows = self.runner.forward(out)
-            done = []
-            for (j, entry, n), rows in zip(which, entry_rows, strict=True):
+            rows = []
+            for (j, entry, n), entry_rows_j in zip(which, entry_rows, strict=True):
                 s = sessions[j]
                 if entry.draft_token_ids:
                     s.token_ids = s.token_ids + entry.draft_token_ids
                 s.num_computed_tokens += n
                 if s.num_computed_tokens == s.num_tokens:
-                    last[j] = logits[rows[-1]]
-                    done.append(j)
-            pending = [j for j in pending if j not in done]
+                    rows.append(entry_rows_j[-1])
+                    order.append(j)
+            if rows:
+                # A graph's logits are its output buffer, which the next replay overwrites: a
+                # view may be kept only when no other forward follows.
+                done = set(order)
+                pending = [j for j in pending if j not in done]
+                whole = rows == list(range(logits.shape[0])) and not pending and not pieces
+                pieces.append(logits if whole else logits[upload(rows, torch.int64, self.device)])
         for s in sessions:
             self._commit(s)
-        return torch.stack(last)
+        last = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if order != sorted(order):
+            last = last[upload(sorted(range(len(order)), key=order.__getitem__), torch.int64, self.device)]
+        return last
 
     def _commit(self, s: Sequence) -> None:
         """Cache the full pages of the target-verified tokens (`num_prompt_tokens` of them here)."""
@@ -272,33 +289,71 @@ class DraftModel:
             s.page_table[s.num_committed_pages : full] = pages
             s.num_committed_pages = full
 
-    def _draw(self, live, logits: torch.Tensor, seqs, tokens, probs) -> None:
-        """Pick each live session's next draft token from its row of `logits`, as the target's
-        sampler would (same params and history), and append it to the session."""
+    def _draw(
+        self, logits: torch.Tensor, params: list, generators: list, sampled: torch.Tensor | None, history=None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's next draft token, on the device, as the target's sampler would pick it
+        (same params; `history` for a repetition penalty): greedy rows their argmax, sampled rows
+        a draw from q = softmax of the processed scores (returned for those rows, in order).
+        `sampled` indexes the sampled rows (None: every row is greedy)."""
+        if sampled is None and history is None:
+            return logits.argmax(dim=-1), None  # exact in any float dtype: no float32 copy
         sampler = self.runner.sampler
-        params = [seqs[i].sampling for i, _, _ in live]
-        history = [s.token_ids for _, s, _ in live]
         scores = sampler.process(logits, params, history)
-        choice = scores.argmax(dim=-1)
-        sampled = [r for r, (i, _, _) in enumerate(live) if not seqs[i].sampling.greedy]
-        q = None
-        if sampled:
-            idx = torch.tensor(sampled, device=self.device)
-            q = scores[idx].softmax(dim=-1)
-            noise = torch.empty_like(q)
-            for row, r in enumerate(sampled):
-                seq = seqs[live[r][0]]
-                if seq.sampling.seed is not None and seq.generator is None:
-                    seq.generator = make_generator(seq.sampling.seed, self.device)
-                noise[row].exponential_(generator=seq.generator or sampler.generator)
-            choice = choice.index_copy(0, idx, (q / noise).argmax(dim=-1))
-        chosen = choice.tolist()
-        row_of = {r: row for row, r in enumerate(sampled)}
-        for r, (i, s, _) in enumerate(live):
-            tokens[i].append(chosen[r])
-            s.token_ids.append(chosen[r])
-            if r in row_of:
-                probs[i].append(q[row_of[r]])
+        if sampled is None:
+            return scores.argmax(dim=-1), None
+        rows = [r for r, p in enumerate(params) if not p.greedy]
+        every = len(rows) == len(params)
+        q = (scores if every else scores[sampled]).softmax(dim=-1)
+        noise = torch.empty_like(q)
+        if all(generators[r] is None for r in rows):
+            noise.exponential_(generator=sampler.generator)
+        else:
+            for j, r in enumerate(rows):
+                noise[j].exponential_(generator=generators[r] or sampler.generator)
+        drawn = (q / noise).argmax(dim=-1)
+        return (drawn if every else scores.argmax(dim=-1).index_copy(0, sampled, drawn)), q
+
+    def _draw_all(self, sessions, ks, params, generators, logits) -> tuple[list[list[int]], torch.Tensor | None]:
+        """All k tokens of every session from the catch-up's `logits`: step j's tokens are step
+        j + 1's input on the device, so the host waits once, at the end. Appends each session's
+        tokens (the last one not yet computed). Returns them and, if some rows sample, q
+        [sampled rows, k_max, vocab] (in row order). A repetition penalty needs each step's
+        tokens on the host (the history it penalises): such a batch syncs once per step."""
+        steps = max(ks)
+        rows = [r for r, p in enumerate(params) if not p.greedy]
+        sampled = upload(rows, torch.int64, self.device) if rows else None
+        history = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            history = [list(s.token_ids) for s in sessions]
+        plan = None
+        if steps > 1:
+            # plan step j computes draft j (position n + j) of the rows that want draft j + 1
+            starts = [s.num_tokens for s in sessions]
+            plan = self.runner.plan_decodes(starts, [k - 1 for k in ks], steps - 1, [s.page_table for s in sessions])
+        choices, qs = [], []
+        for j in range(steps):
+            if j:
+                if sampled is None and history is None:  # greedy: all the steps in one graph
+                    looped = self.runner.decode_loop(plan, choices[0])
+                    if looped is not None:
+                        choices += looped.unbind(0)
+                        break
+                logits = self.runner.decode_step(plan, j - 1, choices[-1])
+            choice, q = self._draw(logits, params, generators, sampled, history)
+            choices.append(choice)
+            qs.append(q)
+            if history is not None:
+                for h, t in zip(history, choice.tolist(), strict=True):
+                    h.append(t)
+        out = torch.stack(choices, dim=1).tolist()
+        for s, k, row in zip(sessions, ks, out, strict=True):
+            s.token_ids.extend(row[:k])
+            s.num_computed_tokens = s.num_tokens - 1
+        q_all = None
+        if rows:  # [sampled rows, k_max, vocab]
+            q_all = torch.stack(qs, dim=1)
+        return out, q_all
 
 
 def _default_num_pages(engine, mc: ModelConfig, dtype: torch.dtype) -> int:

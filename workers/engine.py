@@ -7,8 +7,9 @@
 One asyncio task runs the loop: schedule a step, run it on the model (on GPU in a worker thread,
 so the event loop keeps streaming while the device works; on CPU inline), apply the results,
 push `TokenDelta`s to each request's queue. All
-scheduler and pool state is touched on the event loop's thread only; an abort that arrives while
-a step runs is applied as soon as the step returns. When a request ends by any path (finish,
+scheduler and pool state is touched on the event loop's thread only, except a speculative step's
+draft pages, which the step thread allocates (`_step`) while the loop only queues new requests;
+an abort that arrives while a step runs is applied as soon as the step returns. When a request ends by any path (finish,
 abort, a consumer that stops iterating) its pages go back to the pool.
 
 If a step raises, the loop stops and logs it: every open stream gets `EngineDeadError` (with the
@@ -314,24 +315,20 @@ class Engine:
                 on_gpu = self.device.type == "cuda"
                 self._step_running = True
                 try:
-                    if self.spec is not None:
-                        plan = self.spec.plan(out, self.scheduler)
-                        if plan.entries:
-                            if on_gpu or getattr(self.spec.proposer, "blocking", False):
-                                proposals = await loop.run_in_executor(self._executor, self.spec.propose, plan)
-                            else:
-                                proposals = self.spec.propose(plan)
-                            if proposals is not None:
-                                self.spec.attach(out, self.scheduler, plan, proposals)
-                    t0 = time.perf_counter()
+                    plan = self.spec.plan(out, self.scheduler) if self.spec is not None else None
                     if on_gpu:
-                        result = await loop.run_in_executor(self._executor, self.runner.execute, out)
+                        # one hop to the step thread for the proposal and the target step: a
+                        # hop costs about as much as a small model's step
+                        result, step_time = await loop.run_in_executor(self._executor, self._step, out, plan)
                     else:
+                        if plan is not None and plan.entries and getattr(self.spec.proposer, "blocking", False):
+                            proposals = await loop.run_in_executor(self._executor, self.spec.propose, plan)
+                            self._attach(out, plan, proposals)
+                            plan = None
                         # torch's CPU kernels give each calling thread its own OpenMP team; a
                         # second thread doubles matmul time on a small machine (measured on 2
                         # cores), so CPU steps compute here and the loop yields between steps.
-                        result = self.runner.execute(out)
-                    step_time = time.perf_counter() - t0
+                        result, step_time = self._step(out, plan)
                 finally:
                     self._step_running = False
                 if self.spec is not None:
@@ -358,6 +355,21 @@ class Engine:
             self._streams.clear()
             # The error now reaches every open stream and every later call (`_dead`); the task
             # ends here rather than re-raising into a result nobody awaits.
+
+    def _step(self, out: SchedulerOutput, plan) -> tuple[StepResult, float]:
+        """Propose (if `plan` has entries), attach the proposals, run the target step; returns
+        its result and the target step's own time. On GPU this runs on the step thread, while
+        the loop thread only queues new requests and defers aborts (`_step_running`), so the
+        drafts' pages come from the pool with nobody else touching it."""
+        if plan is not None and plan.entries:
+            self._attach(out, plan, self.spec.propose(plan))
+        t0 = time.perf_counter()
+        result = self.runner.execute(out)
+        return result, time.perf_counter() - t0
+
+    def _attach(self, out: SchedulerOutput, plan, proposals) -> None:
+        if proposals is not None:
+            self.spec.attach(out, self.scheduler, plan, proposals)
 
     def _apply(self, out: SchedulerOutput, result: StepResult) -> None:
         advanced = self.scheduler.update(out, result.sampled)

@@ -33,7 +33,7 @@ from workers.layers.parallel import TPInfo
 from workers.models.config import ModelConfig
 from workers.models.loader import load_model
 from workers.request import StepLogprobs
-from workers.sampling import Sampler, SamplingInputs, make_generator
+from workers.sampling import Sampler, SamplingInputs, make_generator, upload
 from workers.scheduler import SchedulerOutput
 from workers.spec_decode import verify
 
@@ -44,6 +44,19 @@ logger = logging.getLogger(__name__)
 class StepResult:
     sampled: list[int | list[int] | None]  # per scheduled entry: a token, a verification's tokens, or None
     logprobs: list[StepLogprobs | None]
+
+
+@dataclass
+class DecodePlan:
+    """Decode steps whose every input but the tokens is known before the first one runs (see
+    `ModelRunner.plan_decodes`), one row per sequence. The draft's steps feed
+    each step's drawn tokens (on the device) into the next, so nothing waits on the host."""
+
+    num_rows: int
+    bucket: int | None  # the graph replayed for each step; None: eager
+    meta: torch.Tensor  # [steps, 3, rows or bucket] int64 on the device: positions, slots, seq_lens
+    tables: torch.Tensor  # [rows, width] int32 on the device
+    seq_lens: list[list[int]]  # per step, for an eager step's metadata
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,10 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_pages)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_sizes: list[int] = []
+        # greedy decode loops (`decode_loop`), captured on first use: (bucket, steps) -> graph,
+        # its metadata input [steps, 3, bucket] and its tokens [steps + 1, bucket]
+        self._loops: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._loop_pool = None
         if cfg.cuda_graphs and cfg.device.type == "cuda" and self.ops.name == "triton" and self.tp.size == 1:
             self._capture_decode_graphs()
 
@@ -196,6 +213,7 @@ class ModelRunner:
     def release(self) -> None:
         """Drop the graphs, the KV cache and the weights (e.g. before another model uses the GPU)."""
         self.graphs.clear()
+        self._loops.clear()
         self._graph_sizes = []
         self._allocate_kv_cache(0)
         self.model = None
@@ -266,7 +284,7 @@ class ModelRunner:
         if plain:
             plain_rows = [entry_rows[i][0] for i in plain]
             in_order = plain_rows == list(range(logits.shape[0]))
-            plain_logits = logits if in_order else logits[torch.tensor(plain_rows, device=self.device)]
+            plain_logits = logits if in_order else logits[upload(plain_rows, torch.int64, self.device)]
             seqs = [scheduled[i].seq for i in plain]
             result = self.sampler(
                 plain_logits,
@@ -306,7 +324,7 @@ class ModelRunner:
             if len(token_rows) == num_tokens:  # every row's logits: rows 0..n-1
                 logits = graph_logits[:num_tokens]
             else:
-                logits = graph_logits[torch.tensor(token_rows, device=self.device)]
+                logits = graph_logits[upload(token_rows, torch.int64, self.device)]
         else:
             if self.tp.size > 1:
                 rows = torch.tensor(token_rows, dtype=torch.int64, device=self.device)
@@ -315,9 +333,123 @@ class ModelRunner:
             if not token_rows:
                 return None, entry_rows
             if len(token_rows) != num_tokens:
-                hidden = hidden[torch.tensor(token_rows, device=self.device)]
+                hidden = hidden[upload(token_rows, torch.int64, self.device)]
             logits = self.model.compute_logits(hidden)
         return logits, entry_rows
+
+    # ---------------------------------------------------------------- device-fed decodes
+    def plan_decodes(
+        self, starts: list[int], num_steps: list[int], steps: int, page_tables: list[list[int]]
+    ) -> DecodePlan:
+        """Upload, once, the metadata of `steps` decode steps over one row per page table: row r
+        computes positions starts[r], starts[r] + 1, ... for num_steps[r] steps, then sits out
+        (writes no KV, attends to the context it has; its logits mean nothing). The tokens
+        before starts[r] must be computed."""
+        ps = self.page_size
+        rows = len(starts)
+        bucket = self._bucket(rows) if self.tp.size == 1 else None
+        width = bucket or rows
+        meta = np.zeros((steps, 3, width), dtype=np.int64)
+        meta[:, 1, :] = -1  # padding rows: no KV write, empty context
+        host_lens = [[0] * rows for _ in range(steps)]
+        for r, (start, n, table) in enumerate(zip(starts, num_steps, page_tables, strict=True)):
+            for j in range(steps):
+                if j < n:
+                    p = start + j
+                    slot = table[p // ps] * ps + p % ps
+                else:
+                    p, slot = start + n - 1, -1
+                meta[j, :, r] = (p, slot, p + 1)
+                host_lens[j][r] = p + 1
+        tw = max(1, max(len(t) for t in page_tables))
+        tables = np.zeros((rows, tw), dtype=np.int32)
+        for r, table in enumerate(page_tables):
+            tables[r, : len(table)] = table
+        dev = self.device
+        return DecodePlan(rows, bucket, upload(meta, torch.int64, dev), upload(tables, torch.int32, dev), host_lens)
+
+    @torch.inference_mode()
+    def decode_step(self, plan: DecodePlan, step: int, input_ids: torch.Tensor) -> torch.Tensor:
+        """Step `step` of `plan` on `input_ids` ([rows] int64, on the device); returns the rows'
+        logits (a graph's output buffer: read it before the next step). Device-to-device copies
+        and a graph replay only: no host sync."""
+        n = plan.num_rows
+        meta = plan.meta[step]
+        width = meta.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:width].copy_(meta[0])
+        self.slot_mapping[:width].copy_(meta[1])
+        self.seq_lens[:width].copy_(meta[2])
+        tw = plan.tables.shape[1]
+        if step == 0:  # the plan's steps are consecutive: nothing else uses the runner between them
+            self.block_tables[:n, :tw].copy_(plan.tables)
+        if plan.bucket is not None:
+            graph, graph_logits = self.graphs[plan.bucket]
+            graph.replay()
+            return graph_logits[:n]
+        self.query_start_loc[: n + 1].copy_(torch.arange(n + 1, dtype=torch.int32), non_blocking=True)
+        lens = plan.seq_lens[step]
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:n],
+            block_tables=self.block_tables[:n, :tw],
+            seq_lens=self.seq_lens[:n],
+            query_start_loc=self.query_start_loc[: n + 1],
+            num_decodes=n,
+            max_query_len=1,
+            num_splits=self.ops.decode_splits(n, self.num_kv_heads, max(lens)),
+            seq_lens_cpu=lens,
+            query_start_loc_cpu=list(range(n + 1)),
+        )
+        return self.model.compute_logits(self.model(self.input_ids[:n], self.positions[:n], meta))
+
+    @torch.inference_mode()
+    def decode_loop(self, plan: DecodePlan, first: torch.Tensor) -> torch.Tensor | None:
+        """All of `plan`'s steps as one graph replay, each step's input the argmax of the step
+        before (greedy drafting), the first step's `first` ([rows] int64 on the device). Returns
+        the tokens the steps drew, [steps, rows] on the device, or None where no graph serves
+        (CPU, eager, tensor parallelism): then `decode_step` per step. One launch instead of
+        five per step: on a small model each launch costs about as much as its kernel."""
+        if plan.bucket is None or self.device.type != "cuda":
+            return None
+        steps = plan.meta.shape[0]
+        key = (plan.bucket, steps)
+        if key not in self._loops:
+            self._capture_loop(*key)
+        graph, meta, tokens = self._loops[key]
+        n = plan.num_rows
+        meta.copy_(plan.meta)
+        tokens[0, :n].copy_(first)
+        self.block_tables[:n, : plan.tables.shape[1]].copy_(plan.tables)
+        graph.replay()
+        return tokens[1:, :n]
+
+    def _capture_loop(self, bucket: int, steps: int) -> None:
+        meta = torch.zeros(steps, 3, bucket, dtype=torch.int64, device=self.device)
+        meta[:, 1] = -1  # until a plan fills it: padding rows (the warm-up writes no KV)
+        tokens = torch.zeros(steps + 1, bucket, dtype=torch.int64, device=self.device)
+        attn = self._decode_meta(bucket, self.ops.decode_splits(bucket, self.num_kv_heads, self.cfg.max_model_len))
+
+        def body():
+            for j in range(steps):
+                self.input_ids[:bucket].copy_(tokens[j])
+                self.positions[:bucket].copy_(meta[j, 0])
+                self.slot_mapping[:bucket].copy_(meta[j, 1])
+                self.seq_lens[:bucket].copy_(meta[j, 2])
+                hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], attn)
+                tokens[j + 1].copy_(self.model.compute_logits(hidden).argmax(dim=-1))
+
+        if self._loop_pool is None:  # its own pool: the decode graphs' outputs live in theirs
+            self._loop_pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            body()  # warm up
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._loop_pool, stream=stream, capture_error_mode="thread_local"):
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._loops[(bucket, steps)] = (graph, meta, tokens)
+        logger.debug("captured a %d-step greedy decode loop for %d rows", steps, bucket)
 
     # ---------------------------------------------------------------- tensor parallelism
     def _broadcast_plan(self, num_tokens: int, meta: AttentionMetadata, token_rows: torch.Tensor) -> None:

@@ -38,6 +38,16 @@ class SamplerOutput:
     logprobs: list[StepLogprobs | None]  # None for rows whose params.logprobs is None
 
 
+def upload(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list or array on `device` without waiting for the device (a plain
+    `torch.tensor(..., device=cuda)` waits for every queued kernel): through pinned memory, which
+    the caching host allocator keeps until the copy has run."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     """A request's own RNG; it lives on the logits' device so noise never crosses devices."""
     return torch.Generator(device=device).manual_seed(seed)
@@ -93,16 +103,23 @@ class Sampler:
                 )
         return SamplerOutput(token_ids, logprobs)
 
-    def process(self, logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]]) -> torch.Tensor:
+    def process(
+        self, logits: torch.Tensor, params: list[SamplingParams], history: list[list[int]] | None
+    ) -> torch.Tensor:
         """The scores `__call__` draws from, per row, in float32: repetition penalty, then for
         sampled rows temperature, top-k, top-p and min-p (a greedy row's argmax is its token; a
         sampled row's softmax is the distribution its token is drawn from). The speculative
-        verifier and the draft model use it, so they honour exactly what the sampler honours."""
+        verifier and the draft model use it, so they honour exactly what the sampler honours.
+        `history` may be None when no row has a repetition penalty."""
         scores = logits.float()
         penalty_rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         if penalty_rows:
             scores = self._penalize(scores, penalty_rows, params, history)
         sample_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if len(sample_rows) == scores.shape[0]:  # no row to carry over unchanged
+            if any(p.temperature != 1.0 for p in params):
+                scores = self._divide(scores, [p.temperature for p in params])
+            return self._filter(scores, params)
         if sample_rows:
             idx = self._index(sample_rows)
             sub = [params[i] for i in sample_rows]
@@ -114,11 +131,11 @@ class Sampler:
 
     # ------------------------------------------------------------------ steps
     def _index(self, rows: list[int]) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+        return upload(rows, torch.long, self.device)
 
     def _row_values(self, values: list[float]) -> torch.Tensor:
         """A [rows, 1] float32 column, to broadcast one parameter per row over the vocabulary."""
-        return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
+        return upload(values, torch.float32, self.device).unsqueeze(1)
 
     def _divide(self, scores: torch.Tensor, values: list[float]) -> torch.Tensor:
         """Row i divided by values[i], rounded as HF's `scores / python_float` is: on CUDA PyTorch
@@ -135,11 +152,11 @@ class Sampler:
         logit < 0 multiplied by the penalty, logit >= 0 divided; ids >= vocab are ignored."""
         vocab = scores.shape[1]
         lengths = [len(history[i]) for i in rows]
-        ids = torch.tensor([t for i in rows for t in history[i]], dtype=torch.long, device=self.device)
+        ids = upload([t for i in rows for t in history[i]], torch.long, self.device)
         # output_size spares the device a sync to learn the length.
         row_of_id = torch.repeat_interleave(
             torch.arange(len(rows), device=self.device),
-            torch.tensor(lengths, device=self.device),
+            upload(lengths, torch.long, self.device),
             output_size=sum(lengths),
         )
         # One spare column absorbs out-of-vocabulary ids, as HF does, then is dropped.
@@ -183,7 +200,7 @@ class Sampler:
         top_k = [min(p.top_k, vocab) if p.top_k > 0 else 0 for p in params]
         if any(top_k):
             # Like HF, keep every token tied with the k-th largest (so possibly more than k).
-            k = torch.tensor(top_k, dtype=torch.long, device=self.device).unsqueeze(1)
+            k = upload(top_k, torch.long, self.device).unsqueeze(1)
             kth = scores.topk(max(top_k), dim=-1).values.gather(1, (k - 1).clamp(min=0))
             kth = kth.masked_fill(k == 0, _NEG_INF)
             scores = scores.masked_fill(scores < kth, _NEG_INF)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from workers.request import SamplingParams
-from workers.sampling import Sampler
+from workers.sampling import Sampler, upload
 from workers.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from workers.sequence import Sequence
 
@@ -143,72 +143,95 @@ def verify(
     sampler: Sampler, logits: torch.Tensor, entries: list[ScheduledSeq], entry_rows: list[list[int]]
 ) -> list[list[int]]:
     """The tokens each verification emits: its accepted drafts, then one token of the target's
-    (the correction at the first rejection, or the bonus after k acceptances)."""
+    (the correction at the first rejection, or the bonus after k acceptances).
+
+    One device-to-host transfer for the whole batch (the chosen tokens, with the sampled rows'
+    accept flags); greedy rows compare their drafts with the argmax on the host."""
     device = logits.device
     rows = [r for rs in entry_rows for r in rs]
-    x = logits if rows == list(range(logits.shape[0])) else logits[torch.tensor(rows, device=device)]
-    params, history, drafts = [], [], []
-    starts = []
+    x = logits if rows == list(range(logits.shape[0])) else logits[upload(rows, torch.int64, device)]
+    starts, drafts = [], []  # per row: the draft it checks (0 on the bonus row)
     for s in entries:
-        starts.append(len(params))
-        k = len(s.draft_token_ids)
-        for j in range(k + 1):
-            params.append(s.seq.sampling)
-            history.append(s.seq.token_ids + s.draft_token_ids[:j] if j else s.seq.token_ids)
-            drafts.append(s.draft_token_ids[j] if j < k else 0)
-    scores = sampler.process(x, params, history)
-    choice = scores.argmax(dim=-1)
-    accept = choice == torch.tensor(drafts, device=device)
+        starts.append(len(drafts))
+        drafts += s.draft_token_ids
+        drafts.append(0)
     sampled = [i for i, s in enumerate(entries) if not s.seq.sampling.greedy]
-    if sampled:
-        srows = [starts[i] + j for i in sampled for j in range(len(entries[i].draft_token_ids) + 1)]
-        idx = torch.tensor(srows, device=device)
-        p = scores[idx].softmax(dim=-1)
-        q = torch.zeros_like(p)
-        d = torch.tensor([drafts[r] for r in srows], device=device)
+    penalty = any(s.seq.sampling.repetition_penalty != 1.0 for s in entries)
+    if not sampled and not penalty:
+        choice_l = x.argmax(dim=-1).tolist()  # exact in any float dtype: no float32 copy
+        return _emitted(entries, starts, choice_l, None, {})
+    params, history = [], [] if penalty else None
+    for s in entries:
+        k = len(s.draft_token_ids)
+        params += [s.seq.sampling] * (k + 1)
+        if penalty:
+            history += [s.seq.token_ids + s.draft_token_ids[:j] for j in range(k + 1)]
+    scores = sampler.process(x, params, history)
+    if not sampled:
+        return _emitted(entries, starts, scores.argmax(dim=-1).tolist(), None, {})
+    srows, dp_rows, dp, oh_rows, gens = [], [], [], [], []
+    for i in sampled:
+        s = entries[i]
+        k = len(s.draft_token_ids)
+        first = len(srows)
+        srows += range(starts[i], starts[i] + k + 1)
+        if s.draft_probs is not None:
+            dp_rows += range(first, first + k)
+            dp.append(s.draft_probs)
+        else:  # a deterministic proposal: q is one-hot on the draft
+            oh_rows += range(first, first + k)
+        gens.append((k + 1, s.seq.generator))
+    idx = upload(srows, torch.int64, device)
+    d = upload([drafts[r] for r in srows], torch.int64, device)
+    p = (scores if len(srows) == scores.shape[0] else scores[idx]).softmax(dim=-1)
+    q = torch.zeros_like(p)  # the bonus rows draw from p itself: no draft, q = 0 there
+    if dp:
+        q[upload(dp_rows, torch.int64, device)] = torch.cat(dp).to(q.dtype)
+    if oh_rows:
+        oh = upload(oh_rows, torch.int64, device)
+        q[oh, d[oh]] = 1.0
+    noise = torch.empty_like(p)
+    uniform = torch.empty(len(srows), device=device)
+    if all(g is None for _, g in gens):
+        uniform.uniform_(generator=sampler.generator)
+        noise.exponential_(generator=sampler.generator)
+    else:
         offset = 0
-        last_rows = []
-        for i in sampled:
-            s = entries[i]
-            k = len(s.draft_token_ids)
-            if s.draft_probs is not None:
-                q[offset : offset + k] = s.draft_probs
-            else:
-                q[torch.arange(offset, offset + k, device=device), d[offset : offset + k]] = 1.0
-            last_rows.append(offset + k)
-            offset += k + 1
-        # The bonus row draws from p itself: no draft, q = 0 there.
-        noise = torch.empty_like(p)
-        uniform = torch.empty(len(srows), device=device)
-        offset = 0
-        for i in sampled:
-            n = len(entries[i].draft_token_ids) + 1
-            gen = entries[i].seq.generator or sampler.generator
+        for n, gen in gens:
+            gen = gen or sampler.generator
             uniform[offset : offset + n].uniform_(generator=gen)
             noise[offset : offset + n].exponential_(generator=gen)
             offset += n
-        ar = torch.arange(len(srows), device=device)
-        p_x, q_x = p[ar, d], q[ar, d]
-        ok = uniform * q_x < p_x
-        residual = (p - q).clamp_(min=0)
-        # p == q leaves nothing (and then rejection had probability 0): fall back to p.
-        empty = residual.sum(dim=-1, keepdim=True) <= 0
-        residual = torch.where(empty, p, residual)
-        token = residual.div_(noise).argmax(dim=-1)
-        choice = choice.index_copy(0, idx, token)
-        accept = accept.index_copy(0, idx, ok)
-    choice_l, accept_l = choice.tolist(), accept.tolist()
+    p_x = p.gather(1, d[:, None]).squeeze(1)
+    q_x = q.gather(1, d[:, None]).squeeze(1)
+    ok = uniform * q_x < p_x
+    residual = (p - q).clamp_(min=0)
+    # p == q leaves nothing (and then rejection had probability 0): fall back to p.
+    empty = residual.sum(dim=-1, keepdim=True) <= 0
+    residual = torch.where(empty, p, residual)
+    token = residual.div_(noise).argmax(dim=-1)
+    choice = token if len(srows) == scores.shape[0] else scores.argmax(dim=-1).index_copy(0, idx, token)
+    both = torch.cat([choice, ok.to(choice.dtype)]).tolist()
+    n = choice.shape[0]
+    return _emitted(entries, starts, both[:n], both[n:], {r: j for j, r in enumerate(srows)})
+
+
+def _emitted(entries, starts, choice: list[int], ok: list[int] | None, ok_row: dict[int, int]) -> list[list[int]]:
+    """Per entry: its drafts while accepted, then the target's token at the first rejection
+    (or the bonus). A greedy row accepts its draft when it is the argmax; a sampled row as the
+    rejection test said (`ok[ok_row[r]]`)."""
     out = []
     for s, start in zip(entries, starts, strict=True):
-        k = len(s.draft_token_ids)
         emitted = []
-        for j in range(k + 1):
+        for j, t in enumerate(s.draft_token_ids):
             r = start + j
-            if j < k and accept_l[r]:
-                emitted.append(s.draft_token_ids[j])
+            if ok[ok_row[r]] if r in ok_row else choice[r] == t:
+                emitted.append(t)
                 continue
-            emitted.append(choice_l[r])
+            emitted.append(choice[r])
             break
+        else:
+            emitted.append(choice[start + len(s.draft_token_ids)])
         out.append(emitted)
     return out
 

@@ -95,6 +95,27 @@ async def test_greedy_output_is_identical_with_speculation(pair_dirs, make_pair_
     assert_pools_empty(engine)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+async def test_greedy_output_is_identical_with_speculation_on_cuda_with_graphs(pair_dirs, make_pair_engine, method):
+    """On GPU the draft's steps feed their tokens to each other on the device and replay CUDA
+    graphs (catch-up and decode steps), the verifier compares on the host: still the target's
+    greedy output, token for token, alone and in a batch with sequences of unequal k."""
+    cuda = dict(device="cuda", num_pages=1024)
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (48, 40, 33, 45)]
+    plain = make_pair_engine(**cuda)
+    want_alone = await run_all(plain, params[:1], PROMPTS[:1])
+    want = await run_all(plain, params, PROMPTS)
+    engine = make_pair_engine(spec(method, k=4, adaptive=False), **cuda)
+    assert engine.runner.graphs
+    if method == "draft":
+        assert engine.spec.proposer.runner.graphs
+    assert await run_all(engine, params[:1], PROMPTS[:1]) == want_alone
+    assert await run_all(engine, params, PROMPTS) == want
+    assert engine.stats().spec_accepted_tokens > 0
+    assert_pools_empty(engine)
+
+
 async def test_greedy_output_is_identical_with_a_draft_that_disagrees(model_dirs, make_engine):
     """A random draft (another tiny model) is rejected nearly always: every step then emits the
     target's own correction, which must still be its greedy choice."""
