@@ -112,6 +112,7 @@ def serve_cluster(model_dirs):
         }
     )
     from kvstore.index import IndexConfig
+
     # The cluster's own Redis, with fast heartbeats so status reads are fresh within a second.
     redis = LocalRedisServer().start()
     config = config.model_copy(

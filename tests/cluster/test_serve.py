@@ -214,7 +214,7 @@ def test_metrics_reach_rays_prometheus_export(stub, serve_cluster):
     generate(stub, text=PROMPT, sampling=pb.SamplingParams(max_tokens=4))
     port = ray.nodes()[0]["MetricsExportPort"]
     wanted = [
-        'ray_kvfleet_requests_total{',
+        "ray_kvfleet_requests_total{",
         "ray_kvfleet_time_to_first_token_seconds_bucket{",
         "ray_kvfleet_time_per_output_token_seconds_bucket{",
         "ray_kvfleet_e2e_latency_seconds_bucket{",
