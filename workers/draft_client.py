@@ -151,6 +151,7 @@ class RoutedDraftProposer:
         self.timeout_s = timeout_s
         self.routes = DraftRoutes(page_size, model_id)
         self.stats = DraftClientStats()
+        self._quiet_until = 0.0
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:
         calls = self.routes.plan(seqs, num_tokens)
@@ -190,8 +191,14 @@ class RoutedDraftProposer:
         self.stats.num_assigned = len(self.routes.assigned)
         if calls and not answered:
             raise RuntimeError(f"every draft call of the step failed ({len(calls)}): {errors[0]!r}") from errors[0]
-        if errors:
-            logger.warning("%d of %d draft calls failed this step: %r", len(errors), len(calls), errors[0])
+        if errors and time.monotonic() >= self._quiet_until:  # a dead replica fails every step until Serve drops it
+            self._quiet_until = time.monotonic() + 10.0
+            logger.warning(
+                "%d of %d draft calls failed this step (next warning in 10 s at the earliest): %r",
+                len(errors),
+                len(calls),
+                errors[0],
+            )
         return Proposals(tokens, probs)
 
     def release(self, request_id: str) -> None:
