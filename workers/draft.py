@@ -51,29 +51,17 @@ class DraftModel:
         """A draft replica's model from an `EngineConfig` of the draft (cluster/config.py's draft section)."""
         from pathlib import Path
 
-        from workers.engine import _resolve_device, _resolve_dtype
+        from workers.engine import _resolve_device, runner_config
 
         mc = ModelConfig.from_dir(config.model)
-        device = _resolve_device(config.device)
-        runner_config = RunnerConfig(
-            model_dir=config.model,
-            device=device,
-            dtype=_resolve_dtype(config.dtype, mc.dtype, device),
-            load_format=config.load_format,
-            seed=config.seed,
-            page_size=config.page_size,
-            max_model_len=config.max_model_len or mc.max_position_embeddings,
-            max_num_seqs=config.max_num_seqs,
+        rc = runner_config(
+            config,
+            mc,
+            _resolve_device(config.device),
             max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs * _MAX_DECODE_ROWS),
-            kernels=config.kernels,
-            num_pages=config.num_pages,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            cpu_kv_cache_gib=config.cpu_kv_cache_gib,
-            cuda_graphs=not config.enforce_eager,
-            max_graph_batch_size=config.max_graph_batch_size,
             num_speculative_tokens=max(num_speculative_tokens, _MAX_DECODE_ROWS) - 1,
         )
-        return cls(runner_config, mc, config.model_id or Path(config.model).resolve().name)
+        return cls(rc, mc, config.model_id or Path(config.model).resolve().name)
 
     def serve(self, batch: DraftBatch) -> list[DraftReply]:
         """A draft replica's answer to one batched call. A seeded request draws from a generator

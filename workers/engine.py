@@ -433,28 +433,31 @@ def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> in
 
 def build_runner(config: EngineConfig, model_config: ModelConfig, device: torch.device, tp=None) -> ModelRunner:
     """The model runner of one rank (the whole model without tensor parallelism)."""
-    return ModelRunner(
-        RunnerConfig(
-            model_dir=config.model,
-            device=device,
-            dtype=_resolve_dtype(config.dtype, model_config.dtype, device),
-            load_format=config.load_format,
-            seed=config.seed,
-            page_size=config.page_size,
-            max_model_len=resolve_max_model_len(config, model_config),
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            kernels=config.kernels,
-            num_pages=config.num_pages,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            cpu_kv_cache_gib=config.cpu_kv_cache_gib,
-            cuda_graphs=not config.enforce_eager,
-            max_graph_batch_size=config.max_graph_batch_size,
-            num_speculative_tokens=config.speculative.num_speculative_tokens if config.speculative else 0,
-        ),
-        model_config,
-        tp,
+    return ModelRunner(runner_config(config, model_config, device), model_config, tp)
+
+
+def runner_config(config: EngineConfig, model_config: ModelConfig, device: torch.device, **overrides) -> RunnerConfig:
+    """The runner settings an engine config implies on `device`; `overrides` replace single fields
+    (a draft replica's model sizes its steps for its catch-ups and proposals)."""
+    fields = dict(
+        model_dir=config.model,
+        device=device,
+        dtype=_resolve_dtype(config.dtype, model_config.dtype, device),
+        load_format=config.load_format,
+        seed=config.seed,
+        page_size=config.page_size,
+        max_model_len=resolve_max_model_len(config, model_config),
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        kernels=config.kernels,
+        num_pages=config.num_pages,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        cpu_kv_cache_gib=config.cpu_kv_cache_gib,
+        cuda_graphs=not config.enforce_eager,
+        max_graph_batch_size=config.max_graph_batch_size,
+        num_speculative_tokens=config.speculative.num_speculative_tokens if config.speculative else 0,
     )
+    return RunnerConfig(**{**fields, **overrides})
 
 
 def _resolve_device(name: str) -> torch.device:
