@@ -33,7 +33,7 @@ def build_app(config: ClusterConfig) -> Application:
     if config.index is None:
         raise ValueError("config.index is None: start a Redis server first (local mode does) and set index.redis_url")
     target = config.target
-    per_rank = {"CPU": target.num_cpus, "GPU": config.target_num_gpus}
+    per_rank = {"CPU": target.num_cpus, "GPU": config.target_num_gpus, **target.ray_resources}
     placement = {}
     if target.tensor_parallel_size > 1:
         # One bundle per rank on one node: the replica (rank 0) takes bundle 0, workers/group.py
@@ -58,7 +58,7 @@ def build_app(config: ClusterConfig) -> Application:
             num_replicas=config.draft.replicas,
             max_ongoing_requests=config.draft.max_ongoing_requests,
             request_router_config=draft_router,
-            ray_actor_options={"num_cpus": config.draft.num_cpus, "num_gpus": config.draft_num_gpus},
+            ray_actor_options=_actor_options(config.draft.num_cpus, config.draft_num_gpus, config.draft.ray_resources),
         ).bind(config.draft.engine_config(config.engine), config.draft.num_speculative_tokens, config.index)
         engine = engine.model_copy(update={"speculative": config.draft.speculative()})
         draft_timeout_s = config.draft.timeout_s
@@ -69,7 +69,7 @@ def build_app(config: ClusterConfig) -> Application:
         max_ongoing_requests=target.max_ongoing_requests,
         health_check_period_s=target.health_check_period_s,
         request_router_config=_router_config(config),
-        ray_actor_options={"num_cpus": target.num_cpus, "num_gpus": config.target_num_gpus},
+        ray_actor_options=_actor_options(target.num_cpus, config.target_num_gpus, target.ray_resources),
         **placement,
     ).bind(engine, config.index, target.metrics_period_s, draft, draft_timeout_s, config.draft_model_id)
     ingress = serve.deployment(
@@ -80,6 +80,13 @@ def build_app(config: ClusterConfig) -> Application:
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
     return ingress.bind(worker, config.engine, config.index)
+
+
+def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:
+    options: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if resources:
+        options["resources"] = dict(resources)
+    return options
 
 
 def _router_config(config: ClusterConfig) -> RequestRouterConfig:

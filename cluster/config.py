@@ -48,6 +48,11 @@ class TargetConfig(_Section):
     health_check_period_s: float = Field(5.0, gt=0, description="How often Serve checks each replica.")
     routing_stats_period_s: float = Field(1.0, gt=0, description="How often replicas report their load to routers.")
     metrics_period_s: float = Field(1.0, gt=0, description="How often replicas update their gauges.")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each rank of a replica asks for, e.g. {'kvfleet-target': 1}: with nodes that "
+        "advertise them (the Helm chart's target pods do), target replicas land there and nowhere else.",
+    )
 
 
 class DraftConfig(_Section):
@@ -66,6 +71,11 @@ class DraftConfig(_Section):
     num_gpus: float | None = Field(None, ge=0, description="GPUs per draft replica; default: 1 on CUDA, else 0.")
     max_ongoing_requests: int = Field(64, ge=1, description="Proposal calls one draft replica holds at once.")
     num_pages: int | None = Field(None, ge=1, description="KV pages of each draft replica's pool.")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each draft replica asks for, e.g. {'kvfleet-draft': 1}: with nodes that "
+        "advertise them (the Helm chart's draft pods do), draft replicas land there and nowhere else.",
+    )
 
     def engine_config(self, target: EngineConfig) -> EngineConfig:
         """The draft replica's engine settings: the target's, for the draft model."""

@@ -36,6 +36,11 @@ CHART_OWNED: dict[str, tuple[str, ...]] = {
     "engine.replica_id": (),  # each replica names itself; ClusterConfig refuses it
     "target.replicas": ("target.replicas",),
     "target.tensor_parallel_size": ("target.tensorParallelSize",),
+    "target.ray_resources": (),  # {kvfleet-target: 1}: target replicas only on target pods
+    "draft.model": ("draft.modelPath",),
+    "draft.replicas": ("draft.replicas", "draft.gpusPerPod"),
+    "draft.num_gpus": ("draft.gpusPerPod",),
+    "draft.ray_resources": (),  # {kvfleet-draft: 1}: draft replicas only on draft pods
     "index.redis_url": ("redis.enabled", "redis.externalUrl"),
     "ray": (),  # the application runs inside the KubeRay cluster: always {address: auto}
 }
@@ -44,6 +49,11 @@ CHART_OWNED_NOTE = {
     "engine.replica_id": "set by each replica",
     "target.replicas": "from `target.replicas`",
     "target.tensor_parallel_size": "from `target.tensorParallelSize`",
+    "target.ray_resources": "`{kvfleet-target: 1}`: target replicas run on target pods only",
+    "draft.model": "from `draft.modelPath`",
+    "draft.replicas": "one per draft GPU: `draft.replicas` x `draft.gpusPerPod` (x 1 with no GPUs)",
+    "draft.num_gpus": "1, or 0 when `draft.gpusPerPod` is 0",
+    "draft.ray_resources": "`{kvfleet-draft: 1}`: draft replicas run on draft pods only",
     "index.redis_url": "from `redis.enabled` / `redis.externalUrl`",
     "ray": "`{address: auto}`: the application runs in the KubeRay cluster",
 }

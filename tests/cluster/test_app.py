@@ -3,7 +3,7 @@
 import pytest
 
 from cluster.app import build_app
-from cluster.config import ClusterConfig, TargetConfig
+from cluster.config import ClusterConfig, DraftConfig, TargetConfig
 from kvstore.index import IndexConfig
 from workers.config import EngineConfig
 
@@ -40,3 +40,19 @@ def test_the_tensor_parallel_size_is_set_once_in_the_target_section(model_dirs):
             engine=EngineConfig(model=str(model_dirs["llama"]), tensor_parallel_size=2),
             target=TargetConfig(tensor_parallel_size=4),
         )
+
+
+def test_custom_ray_resources_pin_targets_and_drafts_to_their_nodes(model_dirs):
+    """The Helm chart's pods advertise kvfleet-target / kvfleet-draft; the replicas ask for them."""
+    cfg = config(
+        model_dirs["llama"], tensor_parallel_size=2, num_gpus=1, ray_resources={"kvfleet-target": 1}
+    ).model_copy(
+        update={"draft": DraftConfig(model=str(model_dirs["llama"]), replicas=3, ray_resources={"kvfleet-draft": 1})}
+    )
+    worker = worker_deployment(cfg)
+    assert worker._replica_config.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0, "kvfleet-target": 1.0}] * 2
+    assert worker.ray_actor_options["resources"] == {"kvfleet-target": 1.0}  # fits bundle 0
+    draft = worker.init_args[3]._bound_deployment  # TargetWorker(engine, index, period, draft handle, ...)
+    assert draft.num_replicas == 3
+    assert draft.ray_actor_options["resources"] == {"kvfleet-draft": 1.0}
+    assert "resources" not in worker_deployment(config(model_dirs["llama"])).ray_actor_options

@@ -14,6 +14,7 @@ import importlib.resources
 import json
 import math
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -196,10 +197,29 @@ def test_draft_replicas_get_a_worker_group_of_their_own(rendered: Rendered):
     groups = [g["groupName"] for g in rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
     draft = rendered.values["draft"]
     assert groups == (["target", "draft"] if draft["replicas"] else ["target"])
-    if draft["replicas"]:
-        group = rendered.worker_group("draft")
-        assert group["replicas"] == draft["replicas"]
-        assert _container(group)["resources"]["limits"][rendered.values["gpuResourceName"]] == draft["gpusPerPod"]
+    config = _config(rendered)
+    assert config.target.ray_resources == {"kvfleet-target": 1}
+    target_pod_gpus = int(rendered.worker_group("target")["rayStartParams"]["num-gpus"])
+    assert _ray_resources(rendered.worker_group("target")) == {"kvfleet-target": target_pod_gpus}
+    if not draft["replicas"]:
+        assert config.draft is None
+        return
+    group = rendered.worker_group("draft")
+    assert group["replicas"] == draft["replicas"]
+    assert _container(group)["resources"]["limits"][rendered.values["gpuResourceName"]] == draft["gpusPerPod"]
+    # one DraftWorker replica per draft GPU, asking for a unit only draft pods advertise
+    assert config.draft.model == draft["modelPath"]
+    assert config.draft.replicas == draft["replicas"] * draft["gpusPerPod"]
+    assert config.draft.num_gpus == 1 and config.draft.ray_resources == {"kvfleet-draft": 1}
+    assert _ray_resources(group) == {"kvfleet-draft": draft["gpusPerPod"]}
+    # the kvfleet.draft values the user set ride along
+    for key, value in rendered.values["kvfleet"].get("draft", {}).items():
+        assert getattr(config.draft, key) == value
+
+
+def _ray_resources(group: dict) -> dict:
+    """`ray start --resources` as KubeRay passes it: a shell-quoted JSON object."""
+    return json.loads(shlex.split(group["rayStartParams"]["resources"])[0])
 
 
 def test_grpc_service_reaches_target_pods_ready_on_the_grpc_health_service(rendered: Rendered):
@@ -266,6 +286,9 @@ def test_notes_tell_how_to_connect(rendered: Rendered):
         ({"model": {"source": "pvc", "path": "/models/m"}}, "set model.pvc.claimName"),
         ({"model": {"source": "hostPath", "hostPath": {"path": "/data"}}}, "must be inside model.mountPath"),
         ({"model": {"source": "download", "path": "/models/m"}}, "set model.download.image"),
+        ({"draft": {"replicas": 1}}, "set draft.modelPath"),
+        ({"kvfleet": {"draft": {"timeout_s": 1.0}}}, "kvfleet.draft needs draft pods"),
+        ({"kvfleet": {"draft": {"model": "/m"}}}, "additional properties 'model' not allowed"),
     ],
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else None,
 )

@@ -76,6 +76,16 @@ tensor-parallel group is one Ray placement group on one node, so a pod holds who
 {{- div (add $gpus (sub $perPod 1)) $perPod }}
 {{- end }}
 
+{{/* Draft replicas: one per draft GPU, or one per draft pod without GPUs. */}}
+{{- define "kvfleet.draftReplicas" -}}
+{{- mul (int .Values.draft.replicas) (max 1 (int .Values.draft.gpusPerPod)) }}
+{{- end }}
+
+{{/* A custom Ray resource a group's pods advertise, n units: `ray start --resources`. */}}
+{{- define "kvfleet.rayResource" -}}
+{{- printf "'{\"%s\": %d}'" (index . 0) (int (index . 1)) }}
+{{- end }}
+
 {{/*
 The kvfleet cluster config (cluster/config.py ClusterConfig) the application runs with: the
 `kvfleet:` values verbatim, plus the fields that follow from the chart values.
@@ -88,7 +98,18 @@ The kvfleet cluster config (cluster/config.py ClusterConfig) the application run
 {{- $target := default dict $config.target }}
 {{- $_ := set $target "replicas" (int .Values.target.replicas) }}
 {{- $_ := set $target "tensor_parallel_size" (int .Values.target.tensorParallelSize) }}
+{{- $_ := set $target "ray_resources" (dict "kvfleet-target" 1) }}
 {{- $_ := set $config "target" $target }}
+{{- if gt (int .Values.draft.replicas) 0 }}
+{{- $draft := default dict $config.draft }}
+{{- $_ := set $draft "model" (required "draft.replicas > 0: set draft.modelPath (the draft model's directory inside model.mountPath)" .Values.draft.modelPath) }}
+{{- $_ := set $draft "replicas" (int (include "kvfleet.draftReplicas" .)) }}
+{{- $_ := set $draft "num_gpus" (ternary 1 0 (gt (int .Values.draft.gpusPerPod) 0)) }}
+{{- $_ := set $draft "ray_resources" (dict "kvfleet-draft" 1) }}
+{{- $_ := set $config "draft" $draft }}
+{{- else if $config.draft }}
+{{- fail "kvfleet.draft needs draft pods: set draft.replicas (and draft.modelPath); kvfleet.draft holds the speculation settings" }}
+{{- end }}
 {{- $index := default dict $config.index }}
 {{- $_ := set $index "redis_url" (include "kvfleet.redisUrl" .) }}
 {{- $_ := set $config "index" $index }}
