@@ -140,9 +140,21 @@ class WorkerMetrics:
         self.spec_draft_rtt = gauge(
             "kvfleet_spec_draft_time_seconds", "Mean time of one proposer call (draft forwards or round trip)."
         )
+        # Draft replicas (zero without them): calls by kind, sequences re-routed.
+        self.draft_calls = Counter(
+            "kvfleet_draft_calls_total",
+            description="Proposal calls to draft replicas, by kind: pinned (to the replica holding the "
+            "sequences' draft KV), routed (new sequences, by page hashes), failed (raised or timed out).",
+            tag_keys=(*keys, "kind"),
+        )
+        self.draft_calls.set_default_tags(tags)
+        self.draft_rerouted = counter(
+            "kvfleet_draft_rerouted_sequences_total",
+            "Sequences whose draft replica failed (their draft KV is rebuilt on another) or answered off its pin.",
+        )
         self._last: dict[str, int] = {}
 
-    def update(self, stats, publisher_metrics=None) -> None:
+    def update(self, stats, publisher_metrics=None, draft_stats=None) -> None:
         """Set the gauges from an `EngineStats` and advance the counters by what changed."""
         self.waiting.set(stats.num_waiting)
         self.running.set(stats.num_running)
@@ -164,9 +176,13 @@ class WorkerMetrics:
             self._advance(self.index_published_pages, "ip", publisher_metrics.published_pages)
             self._advance(self.index_dropped_pages, "id", publisher_metrics.dropped_pages)
             self._advance(self.index_errors, "ie", publisher_metrics.publish_errors)
+        if draft_stats is not None:
+            for kind in ("pinned", "routed", "failed"):
+                self._advance(self.draft_calls, f"dc-{kind}", getattr(draft_stats, f"num_{kind}_calls"), {"kind": kind})
+            self._advance(self.draft_rerouted, "dr", draft_stats.num_dropped + draft_stats.num_moved)
 
-    def _advance(self, counter: Counter, key: str, total: int) -> None:
+    def _advance(self, counter: Counter, key: str, total: int, tags: dict | None = None) -> None:
         delta = total - self._last.get(key, 0)
         if delta > 0:
-            counter.inc(delta)
+            counter.inc(delta, tags)
         self._last[key] = total

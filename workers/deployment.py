@@ -142,7 +142,11 @@ class TargetWorker:
 
     async def _report_metrics(self) -> None:
         while True:
-            self.metrics.update(self.engine.stats(), self.publisher.metrics if self.publisher else None)
+            self.metrics.update(
+                self.engine.stats(),
+                self.publisher.metrics if self.publisher else None,
+                self.proposer.stats if self.proposer is not None else None,
+            )
             await asyncio.sleep(self._metrics_period_s)
 
 

@@ -177,6 +177,30 @@ def test_requests_sharing_a_long_prefix_meet_on_the_draft_replica_that_caches_it
     assert cached >= (prefix_tokens // 4 - 1) * 4 > 40, (cached, prefix_tokens)
 
 
+def test_speculation_and_draft_calls_reach_rays_prometheus_export(stub, serve_cluster):
+    import urllib.request
+
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {  # series -> a label that must be on it
+        "ray_kvfleet_spec_accepted_tokens_total{": 'model="kvfleet-pycoder"',
+        "ray_kvfleet_spec_acceptance_rate{": 'model="kvfleet-pycoder"',
+        "ray_kvfleet_spec_draft_time_seconds{": 'model="kvfleet-pycoder"',
+        "ray_kvfleet_draft_calls_total{": 'kind="pinned"',
+    }
+    deadline = time.monotonic() + 30
+    while True:
+        lines = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode().splitlines()
+        found = {w: [x for x in lines if x.startswith(w) and label in x] for w, label in wanted.items()}
+        if all(found.values()):
+            break
+        assert time.monotonic() < deadline, f"never exported: {[w for w, v in found.items() if not v]}"
+        time.sleep(1)
+    assert max(float(x.rsplit(" ", 1)[1]) for x in found["ray_kvfleet_draft_calls_total{"]) > 0
+    assert 0 < max(float(x.rsplit(" ", 1)[1]) for x in found["ray_kvfleet_spec_acceptance_rate{"]) <= 1
+
+
 def test_killing_a_draft_replica_mid_stream_keeps_the_greedy_output(stub, plain_engine):
     import ray
 
