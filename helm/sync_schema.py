@@ -42,6 +42,7 @@ CHART_OWNED: dict[str, tuple[str, ...]] = {
     "draft.num_gpus": ("draft.gpusPerPod",),
     "draft.ray_resources": (),  # {kvfleet-draft: 1}: draft replicas only on draft pods
     "index.redis_url": ("redis.enabled", "redis.externalUrl"),
+    "index.password_file": ("redis.externalPasswordSecret",),
     "ray": (),  # the application runs inside the KubeRay cluster: always {address: auto}
 }
 CHART_OWNED_NOTE = {
@@ -55,6 +56,7 @@ CHART_OWNED_NOTE = {
     "draft.num_gpus": "1, or 0 when `draft.gpusPerPod` is 0",
     "draft.ray_resources": "`{kvfleet-draft: 1}`: draft replicas run on draft pods only",
     "index.redis_url": "from `redis.enabled` / `redis.externalUrl`",
+    "index.password_file": "the mounted `redis.externalPasswordSecret`, if set",
     "ray": "`{address: auto}`: the application runs in the KubeRay cluster",
 }
 

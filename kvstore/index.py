@@ -73,6 +73,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from pathlib import Path
 from typing import Literal
 
 import redis
@@ -100,6 +101,11 @@ class IndexConfig(BaseModel):
     namespace: str = Field("kvfleet", description="first part of every key; lets clusters share one Redis")
     username: str | None = Field(None, description="ACL user, used when redis_url names none")
     password: str | None = Field(None, description="used when redis_url carries none")
+    password_file: str | None = Field(
+        None,
+        description="a file holding the password (e.g. a mounted Kubernetes Secret), read when a client "
+        "connects; instead of password",
+    )
     tls: bool = Field(False, description="connect with TLS even if the URL says redis://")
     tls_ca_certs: str | None = Field(None, description="CA bundle to verify the server against")
     tls_certfile: str | None = Field(None, description="client certificate (mutual TLS)")
@@ -127,6 +133,12 @@ class IndexConfig(BaseModel):
         if not v or "{" in v or "}" in v:
             raise ValueError(f"namespace must be non-empty and free of '{{' and '}}', got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _one_password(self) -> IndexConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set index.password or index.password_file, not both")
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_outlives_interval(self) -> IndexConfig:
@@ -369,6 +381,11 @@ def _client_kwargs(config: IndexConfig, timeout_ms: float, connect_timeout_ms: f
         kwargs["username"] = config.username
     if config.password is not None:
         kwargs["password"] = config.password
+    elif config.password_file is not None:
+        try:
+            kwargs["password"] = Path(config.password_file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ValueError(f"index.password_file {config.password_file!r} cannot be read: {exc}") from exc
     if url.startswith("rediss://"):
         kwargs.update(
             ssl_ca_certs=config.tls_ca_certs,

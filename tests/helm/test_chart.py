@@ -193,6 +193,25 @@ def test_target_group_holds_replicas_times_tensor_parallel_gpus_in_whole_groups(
     assert group["rayStartParams"]["num-gpus"] == str(per_pod)
 
 
+def test_an_external_redis_password_comes_from_a_secret_every_ray_pod_mounts(rendered: Rendered):
+    config, secret = _config(rendered), rendered.values["redis"]["externalPasswordSecret"]
+    if rendered.values["redis"]["enabled"] or not secret["name"]:
+        assert config.index.password_file is None and config.index.password is None
+        return
+    groups = [rendered.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]]
+    groups += rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for group in groups:
+        pod = group["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == secret["name"]
+        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"]
+        (item,) = volume["secret"]["items"]
+        assert config.index.password_file == f"{mount['mountPath']}/{item['path']}" and item["key"] == secret["key"]
+    # never the password itself in the application's args
+    assert config.index.password is None
+
+
 def test_draft_replicas_get_a_worker_group_of_their_own(rendered: Rendered):
     groups = [g["groupName"] for g in rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
     draft = rendered.values["draft"]
@@ -287,6 +306,7 @@ def test_notes_tell_how_to_connect(rendered: Rendered):
         ({"model": {"source": "hostPath", "hostPath": {"path": "/data"}}}, "must be inside model.mountPath"),
         ({"model": {"source": "download", "path": "/models/m"}}, "set model.download.image"),
         ({"draft": {"replicas": 1}}, "set draft.modelPath"),
+        ({"kvfleet": {"index": {"password_file": "/p"}}}, "additional properties 'password_file' not allowed"),
         ({"kvfleet": {"draft": {"timeout_s": 1.0}}}, "kvfleet.draft needs draft pods"),
         ({"kvfleet": {"draft": {"model": "/m"}}}, "additional properties 'model' not allowed"),
     ],

@@ -340,6 +340,20 @@ def test_wrong_password_makes_lookups_answer_empty_not_raise(make_index):
         assert bad.metrics.errors == 1
 
 
+def test_the_password_can_come_from_a_file_like_a_mounted_secret(make_index, tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")  # `kubectl create secret --from-file` keeps a trailing newline
+    with LocalRedisServer(password="s3cret") as server:
+        index = make_index(redis_url=f"redis://127.0.0.1:{server.port}/0", password_file=str(secret))
+        index.publish([KVEvent(KVEventKind.STORED, (1, 2), "a")])
+        index.heartbeat("a", ReplicaLoad())
+        assert index.lookup([1, 2], ["a"]) == {"a": 2}
+    with pytest.raises(ValueError, match="password_file"):
+        make_index(redis_url="redis://127.0.0.1:1/0", password_file=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="not both"):
+        IndexConfig(password="x", password_file=str(secret))
+
+
 async def test_async_lookup_matches_sync_and_answers_empty_when_redis_hangs(make_index, big_redis):
     index = make_index(server=big_redis, retry_after_s=0.1)
     for r, pages in (("a", (1, 2, 3)), ("b", (1, 2))):

@@ -56,6 +56,11 @@ The page index's Redis: the chart's own (a Service in this namespace) or an exte
 {{- end }}
 {{- end }}
 
+{{/* Where Ray pods mount the external Redis's password Secret (empty: no Secret). */}}
+{{- define "kvfleet.redisPasswordDir" -}}
+{{- if and (not .Values.redis.enabled) .Values.redis.externalPasswordSecret.name }}/etc/kvfleet/redis-auth{{ end }}
+{{- end }}
+
 {{/*
 GPUs of one target worker pod: gpusPerPod, or tensorParallelSize (one replica per pod). A
 tensor-parallel group is one Ray placement group on one node, so a pod holds whole groups.
@@ -112,6 +117,9 @@ The kvfleet cluster config (cluster/config.py ClusterConfig) the application run
 {{- end }}
 {{- $index := default dict $config.index }}
 {{- $_ := set $index "redis_url" (include "kvfleet.redisUrl" .) }}
+{{- with include "kvfleet.redisPasswordDir" . }}
+{{- $_ := set $index "password_file" (printf "%s/%s" . $.Values.redis.externalPasswordSecret.key) }}
+{{- end }}
 {{- $_ := set $config "index" $index }}
 {{- $_ := set $config "ray" (dict "address" "auto") }}
 {{- toYaml $config }}
@@ -152,6 +160,13 @@ application needs a route_prefix, or Serve's gRPC proxy does not route to it.
   emptyDir:
     medium: Memory
     sizeLimit: {{ .Values.shmSize }}
+{{- if include "kvfleet.redisPasswordDir" . }}
+- name: redis-auth
+  secret:
+    secretName: {{ .Values.redis.externalPasswordSecret.name }}
+    items:
+      - {key: {{ .Values.redis.externalPasswordSecret.key }}, path: {{ .Values.redis.externalPasswordSecret.key }}}
+{{- end }}
 {{- $m := .Values.model }}
 {{- if eq $m.source "pvc" }}
 - name: model
@@ -175,6 +190,11 @@ application needs a route_prefix, or Serve's gRPC proxy does not route to it.
 {{- define "kvfleet.modelMounts" -}}
 - name: dshm
   mountPath: /dev/shm
+{{- with include "kvfleet.redisPasswordDir" . }}
+- name: redis-auth
+  mountPath: {{ . }}
+  readOnly: true
+{{- end }}
 {{- $m := .Values.model }}
 {{- if has $m.source (list "pvc" "hostPath" "download") }}
 {{- if not (hasPrefix (printf "%s/" (trimSuffix "/" $m.mountPath)) $m.path) }}
