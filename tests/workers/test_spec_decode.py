@@ -12,7 +12,7 @@ import torch
 from cluster.demo_model import shipped_demo_pair
 from workers.config import SpeculativeConfig
 from workers.request import FinishReason, GenerateRequest, SamplingParams
-from workers.spec_decode import NgramProposer, Proposals, expected_tokens
+from workers.spec_decode import NgramProposer, Proposals, SpeculativeDecoder, expected_tokens
 
 TARGET, DRAFT = (str(p) for p in shipped_demo_pair())
 PROMPTS = [
@@ -321,3 +321,23 @@ def test_expected_tokens_is_the_geometric_sum():
     assert expected_tokens(0.0, 4) == 1.0
     assert expected_tokens(1.0, 4) == 5.0
     assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
+
+
+def test_adaptive_k_grows_with_acceptance_and_switches_off_when_speculation_would_slow_steps():
+    decoder = SpeculativeDecoder(NgramProposer(1, 3), k_max=6, adaptive=True, probe_every=4)
+    decoder._alpha, decoder._cost = 0.95, 0.01  # cheap, accurate guesses: the longest proposals pay
+    assert decoder.choose_k() == 6
+    decoder._alpha, decoder._cost = 0.6, 0.15
+    assert 1 <= decoder.choose_k() < 6
+    decoder._alpha, decoder._cost = 0.05, 0.5  # rarely right and costly: decode alone ...
+    assert [decoder.choose_k() for _ in range(4)] == [0, 0, 0, 1]  # ... but probe now and then
+    assert SpeculativeDecoder(NgramProposer(1, 3), k_max=6, adaptive=False).choose_k() == 6
+
+
+async def test_no_speculation_above_max_batch_size(pair_dirs, make_pair_engine):
+    params = [SamplingParams(max_tokens=16, ignore_eos=True) for _ in range(3)]
+    engine = make_pair_engine(spec("ngram", adaptive=False, max_batch_size=2))
+    three = await run_all(engine, params, PROMPTS[:3])  # three decodes per step: over the limit
+    assert engine.stats().spec_proposed_tokens == 0
+    assert await run_all(engine, params[:2], PROMPTS[:2]) == three[:2]
+    assert engine.stats().spec_proposed_tokens > 0
