@@ -58,8 +58,25 @@ class IngressMetrics:
         self.completion_tokens = Counter("kvfleet_completion_tokens_total", "Generated tokens.", ("model",))
         self.completion_tokens.set_default_tags(tags)
 
-    def finished(self, outcome: str, arrival: float, first: float | None, last: float, completion_tokens: int) -> None:
+    def finished(
+        self,
+        outcome: str,
+        arrival: float,
+        first: float | None,
+        last: float,
+        completion_tokens: int,
+        prompt_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
+    ) -> None:
+        """One request's end. Token counts: what it generated (also when cut short), and its prompt's
+        (known once it finished in the engine; 0 otherwise)."""
         self.requests.inc(1, {"outcome": outcome})
+        if completion_tokens:
+            self.completion_tokens.inc(completion_tokens)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+        if cached_prompt_tokens:
+            self.cached_prompt_tokens.inc(cached_prompt_tokens)
         if first is None:
             return
         self.ttft.observe(first - arrival)

@@ -151,6 +151,7 @@ class GenerationIngress:
         arrival = time.perf_counter()
         first = None
         completion_tokens = 0
+        prompt_tokens = cached_tokens = 0
         outcome = "cancelled"
         stream = None
         finished = False
@@ -163,6 +164,8 @@ class GenerationIngress:
                     first = time.perf_counter()
                 completion_tokens += len(delta.token_ids)
                 finished = delta.finish_reason is not None
+                if finished:
+                    prompt_tokens, cached_tokens = delta.num_prompt_tokens, delta.num_cached_prompt_tokens
                 if finished and grpc_context is not None:
                     grpc_context.set_trailing_metadata(
                         [
@@ -183,7 +186,9 @@ class GenerationIngress:
         finally:
             if stream is not None and not finished:
                 stream.cancel()  # the worker's engine aborts the request and frees its pages
-            self.metrics.finished(outcome, arrival, first, time.perf_counter(), completion_tokens)
+            self.metrics.finished(
+                outcome, arrival, first, time.perf_counter(), completion_tokens, prompt_tokens, cached_tokens
+            )
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         try:

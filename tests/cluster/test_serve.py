@@ -211,18 +211,26 @@ def test_metrics_reach_rays_prometheus_export(stub, serve_cluster):
 
     import ray
 
-    generate(stub, text=PROMPT, sampling=pb.SamplingParams(max_tokens=4))
+    with pytest.raises(grpc.RpcError):  # an outcome other than ok
+        generate(stub, text="x", sampling=pb.SamplingParams(temperature=-1.0))
+    long_prompt = PROMPT * 6  # a few full pages: the second request finds them cached
+    for _ in range(2):
+        generate(stub, text=long_prompt, sampling=pb.SamplingParams(max_tokens=4))
     port = ray.nodes()[0]["MetricsExportPort"]
     wanted = [
         "ray_kvfleet_requests_total{",
         "ray_kvfleet_time_to_first_token_seconds_bucket{",
         "ray_kvfleet_time_per_output_token_seconds_bucket{",
         "ray_kvfleet_e2e_latency_seconds_bucket{",
+        "ray_kvfleet_prompt_tokens_total{",
+        "ray_kvfleet_cached_prompt_tokens_total{",
+        "ray_kvfleet_completion_tokens_total{",
         "ray_kvfleet_queue_length{",
         "ray_kvfleet_running_sequences{",
         "ray_kvfleet_kv_page_usage_ratio{",
         "ray_kvfleet_prefix_cache_hit_tokens_total{",
-        'outcome="invalid_argument"',  # the bad-request tests above
+        "ray_kvfleet_routing_decisions_total{",
+        'outcome="invalid_argument"',
     ]
     deadline = time.monotonic() + 30
     while True:
@@ -232,11 +240,15 @@ def test_metrics_reach_rays_prometheus_export(stub, serve_cluster):
             break
         assert time.monotonic() < deadline, f"never exported: {missing}"
         time.sleep(1)
-    lines = text.splitlines()
-    ok = [line for line in lines if line.startswith("ray_kvfleet_requests_total{") and 'outcome="ok"' in line]
-    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
-    bad = [line for line in lines if 'outcome="invalid_argument"' in line]
-    assert bad and float(bad[0].rsplit(" ", 1)[1]) >= 1  # the bad-request tests above
+
+    def total(prefix: str, label: str = "") -> float:
+        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(prefix) and label in x)
+
+    assert total("ray_kvfleet_requests_total{", 'outcome="ok"') >= 2
+    assert total("ray_kvfleet_requests_total{", 'outcome="invalid_argument"') >= 1
+    assert total("ray_kvfleet_completion_tokens_total{") >= 8
+    assert total("ray_kvfleet_prompt_tokens_total{") >= 2 * len(long_prompt) // 8  # roughly, in tokens
+    assert total("ray_kvfleet_cached_prompt_tokens_total{") > 0
 
 
 # ---------------------------------------------------------------------- these break the cluster: last
