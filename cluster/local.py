@@ -53,6 +53,12 @@ class ServeCluster:
                 self.redis = LocalRedisServer().start()
                 self.config = self.config.model_copy(update={"index": IndexConfig(redis_url=self.redis.url)})
                 self.progress(f"page index: private Redis-protocol server at {self.redis.url}")
+                if self.config.ray.address is not None:
+                    self.progress(
+                        "warning: no index.redis_url in the config, so the page index lives on this machine's "
+                        "loopback; replicas on other nodes of the Ray cluster cannot reach it and route by load "
+                        "alone. Set index.redis_url to a Redis every node reaches."
+                    )
             if self.config.ray.address is None and not ray.is_initialized():
                 rc = self.config.ray
                 context = ray.init(
