@@ -79,7 +79,7 @@ def build_app(config: ClusterConfig) -> Application:
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(worker, config.engine, config.index)
+    return ingress.bind(worker, config.engine, config.index, config.grpc.auth_token_file)
 
 
 def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:

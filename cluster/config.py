@@ -115,6 +115,12 @@ class GrpcConfig(_Section):
     )
     http_port: int = Field(8000, ge=0, le=65535, description="Port of Serve's HTTP proxy (0: any free port).")
     host: str = Field("0.0.0.0", description="Address the proxies listen on; local mode uses 127.0.0.1.")
+    auth_token_file: str | None = Field(
+        None,
+        description="A file holding the token every call must carry as `authorization: Bearer <token>` "
+        "metadata (e.g. a mounted Secret; read when an ingress replica starts); None: no check. "
+        "grpc.health Check stays open for probes.",
+    )
 
 
 class RayConfig(_Section):

@@ -43,6 +43,7 @@ CHART_OWNED: dict[str, tuple[str, ...]] = {
     "draft.ray_resources": (),  # {kvfleet-draft: 1}: draft replicas only on draft pods
     "index.redis_url": ("redis.enabled", "redis.externalUrl"),
     "index.password_file": ("redis.externalPasswordSecret",),
+    "grpc.auth_token_file": ("service.grpc.authTokenSecret",),
     "ray": (),  # the application runs inside the KubeRay cluster: always {address: auto}
 }
 CHART_OWNED_NOTE = {
@@ -57,6 +58,7 @@ CHART_OWNED_NOTE = {
     "draft.ray_resources": "`{kvfleet-draft: 1}`: draft replicas run on draft pods only",
     "index.redis_url": "from `redis.enabled` / `redis.externalUrl`",
     "index.password_file": "the mounted `redis.externalPasswordSecret`, if set",
+    "grpc.auth_token_file": "the mounted `service.grpc.authTokenSecret`, if set",
     "ray": "`{address: auto}`: the application runs in the KubeRay cluster",
 }
 

@@ -21,10 +21,12 @@ cancels the worker's stream, whose engine aborts the request and frees its pages
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -126,7 +128,15 @@ def _status_of(exc: BaseException) -> RequestError:
 
 
 class GenerationIngress:
-    def __init__(self, target, engine_config: EngineConfig, index_config: IndexConfig | None):
+    def __init__(
+        self,
+        target,
+        engine_config: EngineConfig,
+        index_config: IndexConfig | None,
+        auth_token_file: str | None = None,
+    ):
+        """`auth_token_file`: every call but the health check must carry `authorization: Bearer
+        <the file's token>` metadata, else it fails UNAUTHENTICATED."""
         from ray import serve
         from transformers import AutoTokenizer
 
@@ -145,6 +155,12 @@ class GenerationIngress:
         self.tokenizer = AutoTokenizer.from_pretrained(engine_config.tokenizer or engine_config.model)
         self.index = PageIndex(index_config, model_id) if index_config is not None else None
         self.metrics = IngressMetrics(model_id)
+        self._authorization = None
+        if auth_token_file is not None:
+            token = Path(auth_token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"grpc.auth_token_file {auth_token_file!r} is empty")
+            self._authorization = f"Bearer {token}"
 
     # ------------------------------------------------------------------ Generation
     async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
@@ -156,6 +172,7 @@ class GenerationIngress:
         stream = None
         finished = False
         try:
+            self._authorize(grpc_context)
             deadline = _deadline(grpc_context, arrival)
             engine_request, hashes = self._engine_request(request)
             stream = self.target.options(stream=True).generate.remote(engine_request, page_hashes=hashes)
@@ -192,6 +209,7 @@ class GenerationIngress:
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         try:
+            self._authorize(grpc_context)
             check_model(request.model, self.info)
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
             if request.WhichOneof("input") == "chat":
@@ -205,6 +223,11 @@ class GenerationIngress:
             raise status from e
 
     async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
+        try:
+            self._authorize(grpc_context)
+        except RequestError as status:
+            self._refuse(grpc_context, status)
+            raise
         info = self.info
         model = pb.ModelInfo(
             id=info.model_id,
@@ -217,8 +240,9 @@ class GenerationIngress:
 
     async def GetStatus(self, request: pb.GetStatusRequest, grpc_context=None) -> pb.GetStatusResponse:
         try:
+            self._authorize(grpc_context)
             check_model(request.model, self.info)
-        except ModelNotFoundError as e:
+        except (ModelNotFoundError, RequestError) as e:
             status = _status_of(e)
             self._refuse(grpc_context, status)
             raise status from e
@@ -268,6 +292,19 @@ class GenerationIngress:
         add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def _authorize(self, grpc_context) -> None:
+        if self._authorization is None:
+            return
+        sent = ""
+        if grpc_context is not None:
+            sent = next((v for k, v in grpc_context.invocation_metadata() if k == "authorization"), "")
+        if not hmac.compare_digest(sent.encode(), self._authorization.encode()):
+            raise RequestError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or wrong bearer token: send `authorization: Bearer <token>` metadata",
+                "unauthenticated",
+            )
 
     @staticmethod
     def _refuse(grpc_context, status: RequestError) -> None:

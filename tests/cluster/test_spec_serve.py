@@ -1,8 +1,8 @@
 """Speculative decoding through draft replicas, end to end on loopback: a second Serve application
 ("kvfleet-spec": 1 ingress, 1 TargetWorker of the shipped demo target, 2 DraftWorkers of its
 draft, no CPUs reserved) beside the session cluster, on its Ray, Redis and gRPC proxy, driven
-through a real gRPC channel with the application's metadata. The test that kills a draft
-replica runs last."""
+through a real gRPC channel with the application's metadata. The application also asks for a
+bearer token (grpc.auth_token_file). The test that kills a draft replica runs last."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
 from workers.request import GenerateRequest, SamplingParams
 
 APP = "kvfleet-spec"
-METADATA = (("application", APP),)
+TOKEN = "spec-app-token"
+METADATA = (("application", APP), ("authorization", f"Bearer {TOKEN}"))
 TARGET, DRAFT = (str(p) for p in shipped_demo_pair())
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n"]
 PREFIX = (
@@ -35,13 +36,16 @@ def engine_config(**kwargs):
 
 
 @pytest.fixture(scope="module")
-def spec_app(serve_cluster):
+def spec_app(serve_cluster, tmp_path_factory):
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.config import ClusterConfig, DraftConfig, IngressConfig, TargetConfig
+    from cluster.config import ClusterConfig, DraftConfig, GrpcConfig, IngressConfig, TargetConfig
 
+    token_file = tmp_path_factory.mktemp("auth") / "token"
+    token_file.write_text(TOKEN + "\n")
     config = ClusterConfig(
+        grpc=GrpcConfig(auth_token_file=str(token_file)),
         engine=engine_config(),
         target=TargetConfig(replicas=1, num_cpus=0, metrics_period_s=0.2, routing_stats_period_s=0.2),
         ingress=IngressConfig(replicas=1, num_cpus=0),
@@ -109,6 +113,28 @@ def draft_stats() -> dict:
 
 def holders(stats: dict, request_id: str) -> list[str]:
     return [rid for rid, st in stats.items() if request_id in st.calls_per_request]
+
+
+@pytest.mark.parametrize("sent", [None, "Bearer wrong", TOKEN], ids=["none", "wrong", "not-bearer"])
+def test_calls_without_the_bearer_token_are_unauthenticated_but_health_checks_pass(stub, serve_cluster, sent):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    metadata = (("application", APP),) + ((("authorization", sent),) if sent else ())
+    calls = [
+        lambda: list(stub.Generate(pb.GenerateRequest(text="x"), metadata=metadata, timeout=30)),
+        lambda: stub.Tokenize(pb.TokenizeRequest(text="x"), metadata=metadata, timeout=30),
+        lambda: stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30),
+        lambda: stub.GetStatus(pb.GetStatusRequest(), metadata=metadata, timeout=30),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in err.value.details()
+    assert stub.ListModels(pb.ListModelsRequest(), metadata=METADATA, timeout=30).models
+    with grpc.insecure_channel(serve_cluster.grpc_target) as channel:  # probes carry no token
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(), metadata=(("application", APP),), timeout=30)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_greedy_output_through_draft_replicas_equals_the_plain_engines_and_each_request_sticks(

@@ -193,23 +193,41 @@ def test_target_group_holds_replicas_times_tensor_parallel_gpus_in_whole_groups(
     assert group["rayStartParams"]["num-gpus"] == str(per_pod)
 
 
+def _ray_pods(rendered: Rendered) -> list[dict]:
+    cluster = rendered.rayservice["spec"]["rayClusterConfig"]
+    return [g["template"]["spec"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+
+
+def _mounted_secret_file(pod: dict, secret: dict) -> str:
+    """Where `pod` mounts `secret` ({name, key}) read-only: the path of its key's file."""
+    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret["name"]]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount["readOnly"]
+    (item,) = volume["secret"]["items"]
+    assert item["key"] == secret["key"]
+    return f"{mount['mountPath']}/{item['path']}"
+
+
 def test_an_external_redis_password_comes_from_a_secret_every_ray_pod_mounts(rendered: Rendered):
     config, secret = _config(rendered), rendered.values["redis"]["externalPasswordSecret"]
+    assert config.index.password is None  # never the password itself in the application's args
     if rendered.values["redis"]["enabled"] or not secret["name"]:
-        assert config.index.password_file is None and config.index.password is None
+        assert config.index.password_file is None
         return
-    groups = [rendered.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]]
-    groups += rendered.rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    for group in groups:
-        pod = group["template"]["spec"]
-        (volume,) = [v for v in pod["volumes"] if "secret" in v]
-        assert volume["secret"]["secretName"] == secret["name"]
-        (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
-        assert mount["readOnly"]
-        (item,) = volume["secret"]["items"]
-        assert config.index.password_file == f"{mount['mountPath']}/{item['path']}" and item["key"] == secret["key"]
-    # never the password itself in the application's args
-    assert config.index.password is None
+    for pod in _ray_pods(rendered):
+        assert _mounted_secret_file(pod, secret) == config.index.password_file
+
+
+def test_a_grpc_bearer_token_comes_from_a_secret_and_the_helm_test_sends_it(rendered: Rendered):
+    config, secret = _config(rendered), rendered.values["service"]["grpc"]["authTokenSecret"]
+    test_env = rendered.one("Pod", "-test-generate")["spec"]["containers"][0]["env"]
+    token_env = [e for e in test_env if e["name"] == "KVFLEET_TOKEN"]
+    if not secret["name"]:
+        assert config.grpc.auth_token_file is None and not token_env
+        return
+    for pod in _ray_pods(rendered):
+        assert _mounted_secret_file(pod, secret) == config.grpc.auth_token_file
+    assert token_env == [{"name": "KVFLEET_TOKEN", "valueFrom": {"secretKeyRef": secret}}]
 
 
 def test_draft_replicas_get_a_worker_group_of_their_own(rendered: Rendered):
@@ -275,7 +293,7 @@ def test_every_ray_pod_mounts_the_model_where_the_config_looks_for_it(rendered: 
 def test_helm_test_hook_generates_through_the_grpc_service(rendered: Rendered):
     pod = rendered.one("Pod", "-test-generate")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     service = rendered.one("Service", "-grpc")
     assert (
         env["KVFLEET_TARGET"] == f"{service['metadata']['name']}.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}"
@@ -307,6 +325,7 @@ def test_notes_tell_how_to_connect(rendered: Rendered):
         ({"model": {"source": "download", "path": "/models/m"}}, "set model.download.image"),
         ({"draft": {"replicas": 1}}, "set draft.modelPath"),
         ({"kvfleet": {"index": {"password_file": "/p"}}}, "additional properties 'password_file' not allowed"),
+        ({"kvfleet": {"grpc": {"auth_token_file": "/t"}}}, "additional properties 'auth_token_file' not allowed"),
         ({"kvfleet": {"draft": {"timeout_s": 1.0}}}, "kvfleet.draft needs draft pods"),
         ({"kvfleet": {"draft": {"model": "/m"}}}, "additional properties 'model' not allowed"),
     ],

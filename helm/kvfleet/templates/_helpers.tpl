@@ -61,6 +61,11 @@ The page index's Redis: the chart's own (a Service in this namespace) or an exte
 {{- if and (not .Values.redis.enabled) .Values.redis.externalPasswordSecret.name }}/etc/kvfleet/redis-auth{{ end }}
 {{- end }}
 
+{{/* Where Ray pods mount the gRPC bearer-token Secret (empty: no Secret). */}}
+{{- define "kvfleet.grpcTokenDir" -}}
+{{- if .Values.service.grpc.authTokenSecret.name }}/etc/kvfleet/grpc-auth{{ end }}
+{{- end }}
+
 {{/*
 GPUs of one target worker pod: gpusPerPod, or tensorParallelSize (one replica per pod). A
 tensor-parallel group is one Ray placement group on one node, so a pod holds whole groups.
@@ -121,6 +126,11 @@ The kvfleet cluster config (cluster/config.py ClusterConfig) the application run
 {{- $_ := set $index "password_file" (printf "%s/%s" . $.Values.redis.externalPasswordSecret.key) }}
 {{- end }}
 {{- $_ := set $config "index" $index }}
+{{- with include "kvfleet.grpcTokenDir" . }}
+{{- $grpc := default dict $config.grpc }}
+{{- $_ := set $grpc "auth_token_file" (printf "%s/%s" . $.Values.service.grpc.authTokenSecret.key) }}
+{{- $_ := set $config "grpc" $grpc }}
+{{- end }}
 {{- $_ := set $config "ray" (dict "address" "auto") }}
 {{- toYaml $config }}
 {{- end }}
@@ -167,6 +177,13 @@ application needs a route_prefix, or Serve's gRPC proxy does not route to it.
     items:
       - {key: {{ .Values.redis.externalPasswordSecret.key }}, path: {{ .Values.redis.externalPasswordSecret.key }}}
 {{- end }}
+{{- if include "kvfleet.grpcTokenDir" . }}
+- name: grpc-auth
+  secret:
+    secretName: {{ .Values.service.grpc.authTokenSecret.name }}
+    items:
+      - {key: {{ .Values.service.grpc.authTokenSecret.key }}, path: {{ .Values.service.grpc.authTokenSecret.key }}}
+{{- end }}
 {{- $m := .Values.model }}
 {{- if eq $m.source "pvc" }}
 - name: model
@@ -192,6 +209,11 @@ application needs a route_prefix, or Serve's gRPC proxy does not route to it.
   mountPath: /dev/shm
 {{- with include "kvfleet.redisPasswordDir" . }}
 - name: redis-auth
+  mountPath: {{ . }}
+  readOnly: true
+{{- end }}
+{{- with include "kvfleet.grpcTokenDir" . }}
+- name: grpc-auth
   mountPath: {{ . }}
   readOnly: true
 {{- end }}
