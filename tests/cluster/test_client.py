@@ -260,7 +260,6 @@ def test_deadline_surfaces_as_deadline_exceeded(fake):
 
 @pytest.fixture
 def tls_files(tmp_path):
-    pytest.importorskip("cryptography")
     import ipaddress
 
     from cryptography import x509

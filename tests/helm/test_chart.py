@@ -59,7 +59,7 @@ print(json.dumps(asyncio.run(helm_sdkpy.Lint(helm_sdkpy.Configuration()).run(sys
 
 @pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"),
-    reason="helm-sdkpy ships its Helm library for linux-amd64 only",
+    reason="helm-sdkpy ships its Helm library for linux-amd64 only (test_helm_lint_passes lints with helm-python-sdk)",
 )
 @pytest.mark.parametrize("values_file", VALUES_FILES, ids=lambda f: f or "default-values")
 def test_helm_sdkpy_lint_passes(values_file, chart, tmp_path):
