@@ -33,7 +33,8 @@ def build_app(config: ClusterConfig) -> Application:
     if config.index is None:
         raise ValueError("config.index is None: start a Redis server first (local mode does) and set index.redis_url")
     target = config.target
-    per_rank = {"CPU": target.num_cpus, "GPU": config.target_num_gpus, **target.ray_resources}
+    gpus = _gpus(target.num_gpus, config.engine.device)  # per rank: a replica reserves one bundle per rank
+    per_rank = {"CPU": target.num_cpus, "GPU": gpus, **target.ray_resources}
     placement = {}
     if target.tensor_parallel_size > 1:
         # One bundle per rank on one node: the replica (rank 0) takes bundle 0, workers/group.py
@@ -58,7 +59,9 @@ def build_app(config: ClusterConfig) -> Application:
             num_replicas=config.draft.replicas,
             max_ongoing_requests=config.draft.max_ongoing_requests,
             request_router_config=draft_router,
-            ray_actor_options=_actor_options(config.draft.num_cpus, config.draft_num_gpus, config.draft.ray_resources),
+            ray_actor_options=_actor_options(
+                config.draft.num_cpus, _gpus(config.draft.num_gpus, config.engine.device), config.draft.ray_resources
+            ),
         ).bind(config.draft.engine_config(config.engine), config.draft.num_speculative_tokens, config.index)
         engine = engine.model_copy(update={"speculative": config.draft.speculative()})
         draft_timeout_s = config.draft.timeout_s
@@ -69,7 +72,7 @@ def build_app(config: ClusterConfig) -> Application:
         max_ongoing_requests=target.max_ongoing_requests,
         health_check_period_s=target.health_check_period_s,
         request_router_config=_router_config(config),
-        ray_actor_options=_actor_options(target.num_cpus, config.target_num_gpus, target.ray_resources),
+        ray_actor_options=_actor_options(target.num_cpus, gpus, target.ray_resources),
         **placement,
     ).bind(engine, config.index, target.metrics_period_s, draft, draft_timeout_s, config.draft_model_id)
     ingress = serve.deployment(
@@ -80,6 +83,18 @@ def build_app(config: ClusterConfig) -> Application:
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
     return ingress.bind(worker, config.engine, config.index, config.grpc.auth_token_file)
+
+
+def _gpus(configured: float | None, device: str) -> float:
+    """GPUs an actor reserves: as configured; else 1 on a CUDA device, and for device 'auto' when
+    the Ray cluster has GPUs (so that 'auto' finds one in the actor), else 0."""
+    if configured is not None:
+        return configured
+    if device == "auto":
+        import ray
+
+        return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return 1.0 if device.startswith("cuda") else 0.0
 
 
 def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:

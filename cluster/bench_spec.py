@@ -60,21 +60,18 @@ PROMPTS = [
 ]
 
 
-async def _generate(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+async def generate_all(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     outs = await asyncio.gather(*(engine.complete(GenerateRequest(p, params)) for p in prompts))
     return [o.token_ids for o in outs]
 
 
-def _timed(engine: Engine, prompts, params, repeats: int) -> tuple[float, list[list[int]]]:
-    """The best wall time of `repeats` runs, and the outputs (greedy: the same every run)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outputs = asyncio.run(_generate(engine, prompts, params))
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        best = min(best, time.perf_counter() - start)
-    return best, outputs
+def _timed(engine: Engine, prompts, params) -> tuple[float, list[list[int]]]:
+    """One run's wall time, and its outputs."""
+    start = time.perf_counter()
+    outputs = asyncio.run(generate_all(engine, prompts, params))
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+    return time.perf_counter() - start, outputs
 
 
 def _engine_config(args, speculative: SpeculativeConfig | None, max_batch: int) -> EngineConfig:
@@ -89,10 +86,6 @@ def _engine_config(args, speculative: SpeculativeConfig | None, max_batch: int) 
     )
 
 
-def _engine(args, speculative: SpeculativeConfig, max_batch: int, proposer=None) -> Engine:
-    return Engine(_engine_config(args, speculative, max_batch), proposer=proposer)
-
-
 class _DraftReplicas:
     """A local Ray, a private Redis and `args.draft_replicas` DraftWorkers served behind their
     sticky prefix-aware router, as cluster/app.py deploys them; `proposer` talks to them."""
@@ -102,6 +95,7 @@ class _DraftReplicas:
         from ray import serve
         from ray.serve.config import RequestRouterConfig
 
+        from cluster.config import DraftConfig
         from kvstore.index import IndexConfig
         from kvstore.redis_server import LocalRedisServer
         from router.prefix_router import StickyPrefixRouter
@@ -113,10 +107,8 @@ class _DraftReplicas:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
         serve.start(proxy_location="Disabled")
         target = _engine_config(args, None, max_batch)
-        draft = target.model_copy(
-            update={"model": args.draft, "tokenizer": None, "skip_tokenizer_init": True, "tensor_parallel_size": 1}
-        )
-        self.model_id = Path(args.draft).resolve().name
+        draft = DraftConfig(model=args.draft, num_pages=args.num_pages).engine_config(target)
+        self.model_id = draft.served_model_id
         router = RequestRouterConfig(
             request_router_class=StickyPrefixRouter,
             request_router_kwargs={"index": index.model_dump(), "model_id": self.model_id},
@@ -171,7 +163,7 @@ def run_spec_bench(args) -> dict:
             max_batch_size=max_batch,
         )
         replicas = _DraftReplicas(args, max_batch, k_max) if method == "replicas" else None
-        engine = _engine(args, spec, max_batch, replicas.proposer if replicas else None)
+        engine = Engine(_engine_config(args, spec, max_batch), proposer=replicas.proposer if replicas else None)
         if replicas is not None:
             replicas.proposer.device = engine.device
         decoder = engine.spec
@@ -179,20 +171,20 @@ def run_spec_bench(args) -> dict:
         for batch in args.batch_sizes:
             prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
             engine.spec = None
-            asyncio.run(_generate(engine, prompts, warm))
+            asyncio.run(generate_all(engine, prompts, warm))
             for k in args.ks:
                 decoder.k_max = k
                 engine.spec = decoder
-                asyncio.run(_generate(engine, prompts, warm))
+                asyncio.run(generate_all(engine, prompts, warm))
                 before = engine.stats()
                 # Baseline and speculation alternate, so a machine whose speed drifts during the
                 # run (a shared VM) moves both; the best of each counts.
                 base, t = float("inf"), float("inf")
                 for _ in range(args.repeats):
                     engine.spec = None
-                    tb, base_out = _timed(engine, prompts, params, 1)
+                    tb, base_out = _timed(engine, prompts, params)
                     engine.spec = decoder
-                    ts, out = _timed(engine, prompts, params, 1)
+                    ts, out = _timed(engine, prompts, params)
                     base, t = min(base, tb), min(t, ts)
                 after = engine.stats()
                 base_tps = batch * args.max_tokens / base

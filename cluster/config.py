@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvstore.index import IndexConfig
 from router.policy import RoutingConfig
-from workers.config import EngineConfig, SpeculativeConfig
+from workers.config import EngineConfig, SpeculativeConfig, dir_model_id
 
 
 class _Section(BaseModel):
@@ -40,7 +40,10 @@ class TargetConfig(_Section):
     )
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per rank of a replica.")
     num_gpus: float | None = Field(
-        None, ge=0, description="GPUs Ray reserves per rank of a replica; default: 1 on a CUDA device, else 0."
+        None,
+        ge=0,
+        description="GPUs Ray reserves per rank of a replica; default: 1 on a CUDA device, or on 'auto' when "
+        "the Ray cluster has GPUs, else 0.",
     )
     max_ongoing_requests: int = Field(
         1024, ge=1, description="Requests a replica holds at once (running + waiting in its engine)."
@@ -68,7 +71,12 @@ class DraftConfig(_Section):
     timeout_s: float = Field(0.5, gt=0, description="A proposal call slower than this is dropped for that step.")
     retry_after_s: float = Field(5.0, gt=0, description="After a failed call, targets decode alone this long.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per draft replica.")
-    num_gpus: float | None = Field(None, ge=0, description="GPUs per draft replica; default: 1 on CUDA, else 0.")
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per draft replica; default: 1 on a CUDA device, or on 'auto' when the Ray cluster "
+        "has GPUs, else 0.",
+    )
     max_ongoing_requests: int = Field(64, ge=1, description="Proposal calls one draft replica holds at once.")
     num_pages: int | None = Field(None, ge=1, description="KV pages of each draft replica's pool.")
     ray_resources: dict[str, float] = Field(
@@ -162,30 +170,15 @@ class ClusterConfig(_Section):
         return self.engine.model_copy(update={"tensor_parallel_size": self.target.tensor_parallel_size})
 
     @property
-    def draft_num_gpus(self) -> float:
-        if self.draft is None:
-            return 0.0
-        if self.draft.num_gpus is not None:
-            return self.draft.num_gpus
-        return 1.0 if self.engine.device.startswith("cuda") else 0.0
-
-    @property
     def draft_model_id(self) -> str:
         """The draft model's id: the draft replicas index their pages under it ("" without a draft)."""
         if self.draft is None:
             return ""
-        return Path(self.draft.model).resolve().name
+        return dir_model_id(self.draft.model)
 
     @property
     def model_id(self) -> str:
-        return self.engine.model_id or Path(self.engine.model).resolve().name
-
-    @property
-    def target_num_gpus(self) -> float:
-        """GPUs per rank of a worker group (a replica reserves one bundle of these per rank)."""
-        if self.target.num_gpus is not None:
-            return self.target.num_gpus
-        return 1.0 if self.engine.device.startswith("cuda") else 0.0
+        return self.engine.served_model_id
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ClusterConfig:

@@ -20,11 +20,11 @@ import warnings
 
 import torch
 
-from cluster.bench_spec import PROMPTS
+from cluster.bench_spec import PROMPTS, generate_all
 from cluster.demo_model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
 from workers.engine import Engine
-from workers.request import GenerateRequest, SamplingParams
+from workers.request import SamplingParams
 
 _TIMES: dict[str, list[float]] = collections.defaultdict(list)
 _STACK: list[str] = []
@@ -76,10 +76,6 @@ def instrument(engine: Engine) -> None:
         draft.runner.forward = _timed("draft.forward", draft.runner.forward)
 
 
-async def _generate(engine, prompts, params):
-    return await asyncio.gather(*(engine.complete(GenerateRequest(p, params)) for p in prompts))
-
-
 def profile(args, method: str, batch: int) -> None:
     target, draft = shipped_demo_pair()
     spec = SpeculativeConfig(
@@ -98,12 +94,12 @@ def profile(args, method: str, batch: int) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0, ignore_eos=True)
     decoder = engine.spec
     engine.spec = None
-    asyncio.run(_generate(engine, prompts, params))
+    asyncio.run(generate_all(engine, prompts, params))
     t0 = time.perf_counter()
-    asyncio.run(_generate(engine, prompts, params))
+    asyncio.run(generate_all(engine, prompts, params))
     base = time.perf_counter() - t0
     engine.spec = decoder
-    asyncio.run(_generate(engine, prompts, params))  # warm up
+    asyncio.run(generate_all(engine, prompts, params))  # warm up
     instrument(engine)
     _TIMES.clear()
     _SYNCS.clear()
@@ -115,7 +111,7 @@ def profile(args, method: str, batch: int) -> None:
     warnings.showwarning = _on_warning
     warnings.simplefilter("always")
     t0 = time.perf_counter()
-    asyncio.run(_generate(engine, prompts, params))
+    asyncio.run(generate_all(engine, prompts, params))
     wall = time.perf_counter() - t0
     warnings.showwarning = old
     if on_gpu:
@@ -139,7 +135,7 @@ def profile(args, method: str, batch: int) -> None:
         from torch.profiler import profile as tprofile
 
         with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            asyncio.run(_generate(engine, prompts, params))
+            asyncio.run(generate_all(engine, prompts, params))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50))
     asyncio.run(engine.shutdown())
     del engine

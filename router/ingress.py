@@ -21,6 +21,7 @@ cancels the worker's stream, whose engine aborts the request and frees its pages
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -145,7 +146,7 @@ class GenerationIngress:
         self.target = target  # DeploymentHandle of the TargetWorker deployment
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         model_config = ModelConfig.from_dir(engine_config.model)
-        model_id = engine_config.model_id or _dir_name(engine_config.model)
+        model_id = engine_config.served_model_id
         self.info = ModelInfo(
             model_id=model_id,
             max_model_len=engine_config.max_model_len or model_config.max_position_embeddings,
@@ -256,7 +257,7 @@ class GenerationIngress:
             return out
         out.index_reachable = True
         for name, load in replicas.items():
-            out.replicas.add(replica=name, **{f: getattr(load, f) for f in _STATUS_FIELDS})
+            out.replicas.add(replica=name, **dataclasses.asdict(load))
         return out
 
     # ------------------------------------------------------------------ grpc.health.v1
@@ -311,21 +312,3 @@ class GenerationIngress:
         if grpc_context is not None:
             grpc_context.set_code(status.code)
             grpc_context.set_details(str(status))
-
-
-_STATUS_FIELDS = (
-    "num_waiting",
-    "num_running",
-    "num_free_pages",
-    "num_total_pages",
-    "prefix_cache_queries",
-    "prefix_cache_hits",
-    "num_requests_finished",
-    "num_requests_aborted",
-)
-
-
-def _dir_name(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).resolve().name

@@ -1,10 +1,11 @@
 """`EngineConfig`: every knob of one engine, validated once (pydantic), with vLLM-like defaults.
 
-The cluster config (cluster/config.py, later) nests this model rather than repeating its fields.
+The cluster config (cluster/config.py) nests this model rather than repeating its fields.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -97,3 +98,14 @@ class EngineConfig(BaseModel):
         if self.max_num_batched_tokens < self.max_num_seqs and not self.enable_chunked_prefill:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs when chunked prefill is off")
         return self
+
+    @property
+    def served_model_id(self) -> str:
+        """The id clients name and page hashes carry: `model_id`, else the model directory's name.
+        The ingress, the workers and the page index must all use this one."""
+        return self.model_id or dir_model_id(self.model)
+
+
+def dir_model_id(model_dir: str | Path) -> str:
+    """The id of a model served from `model_dir` with no `model_id` configured."""
+    return Path(model_dir).resolve().name

@@ -23,7 +23,7 @@ import torch
 
 from kvstore.block_pool import BlockPool
 from kvstore.hashing import page_hashes
-from workers.config import SpeculativeConfig
+from workers.config import SpeculativeConfig, dir_model_id
 from workers.model_runner import ModelRunner, RunnerConfig
 from workers.models.config import ModelConfig
 from workers.sampling import make_generator, upload
@@ -49,7 +49,6 @@ class DraftModel:
     @classmethod
     def standalone(cls, config, num_speculative_tokens: int) -> DraftModel:
         """A draft replica's model from an `EngineConfig` of the draft (cluster/config.py's draft section)."""
-        from pathlib import Path
 
         from workers.engine import _resolve_device, runner_config
 
@@ -61,7 +60,7 @@ class DraftModel:
             max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs * _MAX_DECODE_ROWS),
             num_speculative_tokens=max(num_speculative_tokens, _MAX_DECODE_ROWS) - 1,
         )
-        return cls(rc, mc, config.model_id or Path(config.model).resolve().name)
+        return cls(rc, mc, config.served_model_id)
 
     def serve(self, batch: DraftBatch) -> list[DraftReply]:
         """A draft replica's answer to one batched call. A seeded request draws from a generator
@@ -96,7 +95,6 @@ class DraftModel:
     @classmethod
     def for_target(cls, engine, spec: SpeculativeConfig, dtype: torch.dtype) -> DraftModel:
         """A draft beside `engine`'s target: same device, dtype, page size and limits."""
-        from pathlib import Path
 
         mc = ModelConfig.from_dir(spec.draft_model)
         if mc.vocab_size != engine.model_config.vocab_size:
@@ -125,7 +123,7 @@ class DraftModel:
             max_graph_batch_size=min(cfg.max_graph_batch_size, 2 * cfg.max_num_seqs),
             num_speculative_tokens=_MAX_DECODE_ROWS - 1,  # rows of a catch-up
         )
-        return cls(runner_config, mc, Path(spec.draft_model).resolve().name)
+        return cls(runner_config, mc, dir_model_id(spec.draft_model))
 
     # ------------------------------------------------------------------ the API
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:

@@ -26,7 +26,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -87,7 +86,7 @@ class Engine:
         self._proposer = proposer  # for speculative.method 'replicas': the deployment's RemoteDraftProposer
         self._kv_event_sink = kv_event_sink
         self.model_config = ModelConfig.from_dir(config.model)
-        self.model_id = config.model_id or Path(config.model).resolve().name
+        self.model_id = config.served_model_id
         self.device = _resolve_device(config.device)
         dtype = _resolve_dtype(config.dtype, self.model_config.dtype, self.device)
         self.max_model_len = resolve_max_model_len(config, self.model_config)

@@ -56,3 +56,14 @@ def test_custom_ray_resources_pin_targets_and_drafts_to_their_nodes(model_dirs):
     assert draft.num_replicas == 3
     assert draft.ray_actor_options["resources"] == {"kvfleet-draft": 1.0}
     assert "resources" not in worker_deployment(config(model_dirs["llama"])).ray_actor_options
+
+
+def test_gpus_follow_the_device_unless_configured(model_dirs):
+    def gpus(device: str, **target) -> float:
+        cfg = config(model_dirs["llama"], **target)
+        cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"device": device})})
+        return worker_deployment(cfg).ray_actor_options["num_gpus"]
+
+    assert gpus("cuda") == 1.0 and gpus("cuda:0") == 1.0 and gpus("cpu") == 0.0
+    assert gpus("auto") == 0.0  # this machine's Ray (if any) has no GPUs: 'auto' runs on CPU
+    assert gpus("cpu", num_gpus=0.5) == 0.5
