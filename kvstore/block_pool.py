@@ -12,16 +12,15 @@ Invariants:
 
 Every page that enters the prefix cache emits a `stored` KVEvent, every prefix hit a `touched`
 one for the pages it reuses, and every page that leaves the cache (evicted for reuse, or the
-cache cleared) a `removed` one; `take_events()` hands them to the publisher of the shared index
-in order, or, when `event_sink` is set (a draft replica's pool, whose model emits no events of
-its own), to the sink as they happen.
+cache cleared) a `removed` one; `take_events()` hands them, in order, to whoever publishes them
+to the shared index (the engine after each step, a draft replica after each call).
 """
 
 from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvstore.hashing import PageHash
@@ -57,7 +56,6 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
         self._cached: dict[PageHash, int] = {}
         self._events: list[KVEvent] = []
-        self.event_sink: Callable[[list[KVEvent]], None] | None = None
 
     # ---------------------------------------------------------------- queries
     @property
@@ -175,9 +173,6 @@ class BlockPool:
         return events
 
     def _emit(self, kind: KVEventKind, hashes: list[PageHash]) -> None:
-        if self.event_sink is not None:
-            self.event_sink([KVEvent(kind, tuple(hashes), self.replica_id)])
-            return
         last = self._events[-1] if self._events else None
         if last is not None and last.kind == kind:
             self._events[-1] = KVEvent(kind, last.hashes + tuple(hashes), self.replica_id)

@@ -32,7 +32,7 @@ from typing import Any
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 from kvstore.index import AsyncPageIndex, IndexConfig, ReplicaMatch
-from router.policy import Decision, ReplicaView, RoutingConfig, choose
+from router.policy import ReplicaView, RoutingConfig, choose
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         self._index: AsyncPageIndex | None = None
         self._rng = random.Random()
         self._metrics = None
-        self.last_decision: Decision | None = None
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -68,12 +67,12 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         hashes = pending_request.kwargs.get(PAGE_HASHES_KWARG) if pending_request is not None else None
         ids = [r.replica_id.unique_id for r in candidate_replicas]
+        metrics = self._ensure_metrics()
         matches: dict[str, ReplicaMatch] | None = None
         if hashes and self._index_config is not None:
             index = self._ensure_index()
             t0 = time.perf_counter()
             matches = await index.try_lookup_with_load(hashes, ids)
-            metrics = self._ensure_metrics()
             if matches is None:
                 metrics.index_lookup_failures.inc()
             else:
@@ -83,8 +82,6 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         if not hashes:
             matched = {}  # nothing to match (a prompt shorter than a page): route by load
         decision = choose(views, matched, self._config, self._rng)
-        self.last_decision = decision
-        metrics = self._ensure_metrics()
         metrics.decisions.inc(1, {"reason": decision.reason.value if hashes else "no_hashes"})
         if decision.matched_pages:
             metrics.matched_pages.inc(decision.matched_pages)
@@ -134,12 +131,8 @@ class StickyPrefixRouter(PrefixAwareRouter):
                     (r for r in candidate_replicas if r is not pinned), key=lambda r: self._view(r, None).load
                 )
                 return [[pinned]] + [[r] for r in rest]
-            self.num_pin_misses += 1  # the replica has gone: route as a new sequence
+            # the replica has gone: route as a new sequence (the draft client counts the move)
         return await super()._choose(candidate_replicas, pending_request)
-
-    def initialize_state(self, **kwargs):
-        super().initialize_state(**kwargs)
-        self.num_pin_misses = 0
 
 
 class RoundRobinRouter(FIFOMixin, RequestRouter):

@@ -20,7 +20,6 @@ StickyPrefixRouter).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 from collections import OrderedDict
@@ -56,11 +55,10 @@ class TargetWorker:
         draft replica holding some of its sequences, pinned, plus routed calls for new ones. The
         sequences of a call slower than `draft_timeout_s`, or failing, are not speculated that
         step and re-route; when every call of a step fails, the target decodes alone a while."""
-        from ray import serve
 
         from cluster.metrics import WorkerMetrics
 
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.replica_id = _serve_replica_id()
         config = engine_config.model_copy(update={"replica_id": self.replica_id})
         self.publisher: Publisher | None = None
         proposer = None
@@ -117,11 +115,7 @@ class TargetWorker:
         if self._metrics_task is not None:
             self._metrics_task.cancel()
         await self.engine.shutdown()
-        if self.publisher is not None:
-            self.publisher.close()
-            with contextlib.suppress(Exception):
-                self.publisher.index.leave(self.replica_id)
-            self.publisher.index.close()
+        _close(self.publisher)
 
     # ------------------------------------------------------------------ internals
     def _publish(self, events) -> None:
@@ -166,7 +160,7 @@ class DraftWorkerStats:
     model_id: str
     num_calls: int = 0
     num_sequences: int = 0  # proposal requests answered (one per sequence per call)
-    num_new_sessions: int = 0  # requests seen here for the first time
+    num_new_sessions: int = 0  # draft sessions started here (a request's first call, or after eviction)
     num_cached_prompt_tokens: int = 0  # of their tokens, found in this replica's prefix cache
     num_sessions: int = 0
     num_free_pages: int = 0
@@ -207,9 +201,6 @@ class DraftWorker:
         """`page_hashes` and `draft_replica` are for the request router (StickyPrefixRouter)."""
         st = self.counters
         for r in batch.requests:
-            if r.request_id not in self.model.sessions:
-                st.num_new_sessions += 1
-                st.num_cached_prompt_tokens += self.model.cached_prefix_tokens(r.token_ids)
             self._calls_per_request[r.request_id] = self._calls_per_request.get(r.request_id, 0) + 1
             self._calls_per_request.move_to_end(r.request_id)
         while len(self._calls_per_request) > self._MAX_TRACKED_REQUESTS:
@@ -227,6 +218,8 @@ class DraftWorker:
         return DraftWorkerStats(
             **{
                 **asdict(self.counters),
+                "num_new_sessions": self.model.num_sessions_started,
+                "num_cached_prompt_tokens": self.model.num_cached_prompt_tokens,
                 "num_sessions": len(self.model.sessions),
                 "num_free_pages": pool.num_free_pages,
                 "num_total_pages": pool.num_pages,
@@ -238,17 +231,21 @@ class DraftWorker:
         pass
 
     async def __del__(self) -> None:
-        if self.publisher is not None:
-            self.publisher.close()
-            with contextlib.suppress(Exception):
-                self.publisher.index.leave(self.replica_id)
-            self.publisher.index.close()
+        _close(self.publisher)
 
     def _load(self) -> ReplicaLoad:
         pool = self.model.pool
         return ReplicaLoad(
             num_running=len(self.model.sessions), num_free_pages=pool.num_free_pages, num_total_pages=pool.num_pages
         )
+
+
+def _close(publisher: Publisher | None) -> None:
+    """Stop a replica's publisher (its thread withdraws the heartbeat on the way out: routers drop
+    the replica at once) and close its index connections."""
+    if publisher is not None:
+        publisher.close()
+        publisher.index.close()
 
 
 def _serve_replica_id() -> str:

@@ -22,9 +22,8 @@ from collections import OrderedDict
 import torch
 
 from kvstore.block_pool import BlockPool
-from kvstore.hashing import page_hashes
 from workers.config import SpeculativeConfig, dir_model_id
-from workers.model_runner import ModelRunner, RunnerConfig
+from workers.model_runner import ModelRunner, RunnerConfig, kv_page_bytes
 from workers.models.config import ModelConfig
 from workers.sampling import make_generator, upload
 from workers.scheduler import ScheduledSeq, SchedulerOutput
@@ -45,6 +44,9 @@ class DraftModel:
         self.sessions: OrderedDict[str, Sequence] = OrderedDict()  # least recently used first
         self.device = runner_config.device
         self.vocab_size = model_config.vocab_size
+        self.kv_event_sink = None  # see publish_kv_events
+        self.num_sessions_started = 0
+        self.num_cached_prompt_tokens = 0  # tokens new sessions found in the prefix cache
 
     @classmethod
     def standalone(cls, config, num_speculative_tokens: int) -> DraftModel:
@@ -81,20 +83,15 @@ class DraftModel:
         ]
 
     def publish_kv_events(self, sink, replica_id: str) -> None:
-        """Hand this pool's KV events to `sink` as they happen, under `replica_id`: a draft replica
-        indexes its pages so that proposal calls route to the replica that holds a sequence."""
+        """Hand this pool's KV events to `sink` after each proposal, under `replica_id`: a draft
+        replica indexes its pages so that proposal calls route to the replica that holds a sequence."""
         self.pool.replica_id = replica_id
-        self.pool.event_sink = sink
-
-    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
-        """Tokens of `token_ids` that a new session would find in the prefix cache (read-only)."""
-        ps = self.page_size
-        full = (len(token_ids) - 1) // ps
-        return ps * len(self.pool.lookup_prefix(page_hashes(token_ids[: full * ps], ps, self.model_id)))
+        self.kv_event_sink = sink
 
     @classmethod
-    def for_target(cls, engine, spec: SpeculativeConfig, dtype: torch.dtype) -> DraftModel:
+    def for_target(cls, engine, spec: SpeculativeConfig) -> DraftModel:
         """A draft beside `engine`'s target: same device, dtype, page size and limits."""
+        from workers.engine import runner_config
 
         mc = ModelConfig.from_dir(spec.draft_model)
         if mc.vocab_size != engine.model_config.vocab_size:
@@ -104,26 +101,19 @@ class DraftModel:
             )
         cfg = engine.config
         rows = cfg.max_num_seqs * (1 + spec.num_speculative_tokens)
-        runner_config = RunnerConfig(
+        # The target's model config: the same dtype and max_model_len as the target.
+        rc = runner_config(
+            cfg,
+            engine.model_config,
+            engine.device,
             model_dir=spec.draft_model,
-            device=engine.device,
-            dtype=dtype,
-            load_format=cfg.load_format,
-            seed=cfg.seed,
-            page_size=cfg.page_size,
-            max_model_len=engine.max_model_len,
-            max_num_seqs=cfg.max_num_seqs,
             max_num_batched_tokens=max(cfg.max_num_batched_tokens, rows),
-            kernels=cfg.kernels,
-            num_pages=spec.draft_num_pages or _default_num_pages(engine, mc, dtype),
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
-            cpu_kv_cache_gib=cfg.cpu_kv_cache_gib,
-            cuda_graphs=not cfg.enforce_eager,
             # a catch-up after a fully accepted proposal computes two rows per sequence
             max_graph_batch_size=min(cfg.max_graph_batch_size, 2 * cfg.max_num_seqs),
             num_speculative_tokens=_MAX_DECODE_ROWS - 1,  # rows of a catch-up
+            num_pages=spec.draft_num_pages or _default_num_pages(engine, mc),
         )
-        return cls(runner_config, mc, dir_model_id(spec.draft_model))
+        return cls(rc, mc, dir_model_id(spec.draft_model))
 
     # ------------------------------------------------------------------ the API
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:
@@ -155,7 +145,9 @@ class DraftModel:
         # Step 0: catch up with the target's tokens; the last one's logits give the first draft.
         logits = self._catch_up(sessions)
         drafted, q = self._draw_all(sessions, ks, params, generators, logits)
-        self.pool.take_events()  # nobody indexes the draft's pages: drop its KV events
+        events = self.pool.take_events()  # an in-process draft's pages are nobody's business: dropped
+        if events and self.kv_event_sink is not None:
+            self.kv_event_sink(events)
         result: list[torch.Tensor | None] = [None] * len(seqs)
         sampled = 0
         for r, (i, _, k) in enumerate(live):
@@ -187,6 +179,8 @@ class DraftModel:
             session.num_computed_tokens = session.num_committed_pages = len(cached)
             session.num_computed_tokens *= ps
             self.sessions[seq.request_id] = session
+            self.num_sessions_started += 1
+            self.num_cached_prompt_tokens += session.num_computed_tokens
         else:
             self.sessions.move_to_end(seq.request_id)
             mine = session.token_ids
@@ -342,13 +336,12 @@ class DraftModel:
         return out, q_all
 
 
-def _default_num_pages(engine, mc: ModelConfig, dtype: torch.dtype) -> int:
+def _default_num_pages(engine, mc: ModelConfig) -> int:
     """As many pages as the target's pool (the same tokens), or on GPU what half the free memory
     holds if less: the target's pool has taken its share of gpu_memory_utilization already."""
     pages = engine.runner.num_pages
     if engine.device.type == "cuda":
-        elem = torch.empty((), dtype=dtype).element_size()
-        page_bytes = 2 * mc.num_layers * engine.config.page_size * mc.num_kv_heads * mc.head_dim * elem
+        page_bytes = kv_page_bytes(mc, engine.config.page_size, mc.num_kv_heads, engine.runner.cfg.dtype)
         free, _ = torch.cuda.mem_get_info(engine.device)
         pages = min(pages, int(free * 0.5 // page_bytes))
     return max(1, pages)

@@ -88,7 +88,6 @@ class Engine:
         self.model_config = ModelConfig.from_dir(config.model)
         self.model_id = config.served_model_id
         self.device = _resolve_device(config.device)
-        dtype = _resolve_dtype(config.dtype, self.model_config.dtype, self.device)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
         self.ranks = None  # ranks 1..n-1 of a tensor-parallel group (workers/group.py)
         tp = None
@@ -126,7 +125,7 @@ class Engine:
             ),
             self.pool,
         )
-        self.spec = self._speculative_decoder(dtype) if config.speculative else None
+        self.spec = self._speculative_decoder() if config.speculative else None
         self._streams: dict[str, _Stream] = {}
         self._pending_aborts: list[str] = []
         self._step_running = False
@@ -138,13 +137,13 @@ class Engine:
             "engine ready: %s on %s (%s), %d pages x %d tokens, max_model_len %d",
             self.model_id,
             self.device,
-            dtype,
+            self.runner.cfg.dtype,
             num_pages,
             config.page_size,
             self.max_model_len,
         )
 
-    def _speculative_decoder(self, dtype: torch.dtype) -> SpeculativeDecoder:
+    def _speculative_decoder(self) -> SpeculativeDecoder:
         spec = self.config.speculative
         if spec.method == "ngram":
             proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
@@ -155,7 +154,7 @@ class Engine:
         else:
             from workers.draft import DraftModel
 
-            proposer = DraftModel.for_target(self, spec, dtype)
+            proposer = DraftModel.for_target(self, spec)
         return SpeculativeDecoder(
             proposer,
             spec.num_speculative_tokens,
@@ -311,11 +310,10 @@ class Engine:
                 out = self.scheduler.schedule()
                 if out.is_empty:
                     raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting[0]!r} cannot be admitted")
-                on_gpu = self.device.type == "cuda"
                 self._step_running = True
                 try:
                     plan = self.spec.plan(out, self.scheduler) if self.spec is not None else None
-                    if on_gpu:
+                    if self.device.type == "cuda":
                         # one hop to the step thread for the proposal and the target step: a
                         # hop costs about as much as a small model's step
                         result, step_time = await loop.run_in_executor(self._executor, self._step, out, plan)

@@ -51,9 +51,9 @@ def join(init: GroupInit, rank: int) -> TPInfo:
 
 
 def rank_device(device: str, rank: int, in_ray: bool) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    d = torch.device(device)
+    from workers.engine import _resolve_device
+
+    d = _resolve_device(device)
     if d.type != "cuda":
         return d
     # A Ray actor sees only its own GPU (CUDA_VISIBLE_DEVICES); local processes share all of them.
@@ -81,11 +81,6 @@ def run_rank(config: EngineConfig, init: GroupInit, rank: int, in_ray: bool = Fa
 class RankActor:
     """Ranks 1..n-1 inside a Ray placement group (created by `RankGroup` as Ray actors)."""
 
-    def node_ip(self) -> str:
-        import ray
-
-        return ray.util.get_node_ip_address()
-
     def run(self, config: EngineConfig, init: GroupInit, rank: int) -> None:
         run_rank(config, init, rank, in_ray=True)
 
@@ -94,7 +89,7 @@ class RankGroup:
     def __init__(self, config: EngineConfig):
         self.config = config
         size = config.tensor_parallel_size
-        on_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+        on_cuda = rank_device(config.device, 0, in_ray=False).type == "cuda"
         backend = config.tp_backend if config.tp_backend != "auto" else ("nccl" if on_cuda else "gloo")
         self._processes = []
         self._actors = []
@@ -192,6 +187,8 @@ def _node_ip() -> str:
 
 
 def _free_port(host: str) -> int:
+    """A TCP port free a moment ago, for the group's rendezvous (kvstore.redis_server has one too,
+    but importing it would pull Redis into the engine's layer)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]

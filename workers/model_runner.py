@@ -89,6 +89,12 @@ _HEADER = 8  # op, tokens, seqs, table width, decodes, max query len, decode spl
 _STEP, _STOP = 1, 0
 
 
+def kv_page_bytes(model_config: ModelConfig, page_size: int, num_kv_heads: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV page (keys and values of every layer) for `num_kv_heads` heads."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * model_config.num_layers * page_size * num_kv_heads * model_config.head_dim * elem
+
+
 class ModelRunner:
     def __init__(self, cfg: RunnerConfig, model_config: ModelConfig, tp: TPInfo | None = None):
         self.cfg = cfg
@@ -140,9 +146,7 @@ class ModelRunner:
     # ---------------------------------------------------------------- memory
     @property
     def page_bytes(self) -> int:
-        mc = self.model_config
-        elem = torch.empty((), dtype=self.cfg.dtype).element_size()
-        return 2 * mc.num_layers * self.page_size * self.num_kv_heads * mc.head_dim * elem
+        return kv_page_bytes(self.model_config, self.page_size, self.num_kv_heads, self.cfg.dtype)
 
     def _allocate_kv_cache(self, num_pages: int) -> None:
         mc = self.model_config
