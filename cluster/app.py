@@ -42,7 +42,7 @@ def build_app(config: ClusterConfig) -> Application:
         placement = dict(
             placement_group_bundles=[per_rank] * target.tensor_parallel_size, placement_group_strategy="STRICT_PACK"
         )
-    engine, draft, draft_timeout_s = config.worker_engine, None, 0.5
+    engine, draft_args = config.worker_engine, {}
     if config.draft is not None:
         draft_router = RequestRouterConfig(
             request_router_class=StickyPrefixRouter,
@@ -64,7 +64,7 @@ def build_app(config: ClusterConfig) -> Application:
             ),
         ).bind(config.draft.engine_config(config.engine), config.draft.num_speculative_tokens, config.index)
         engine = engine.model_copy(update={"speculative": config.draft.speculative()})
-        draft_timeout_s = config.draft.timeout_s
+        draft_args = dict(draft=draft, draft_timeout_s=config.draft.timeout_s, draft_model_id=config.draft_model_id)
     worker = serve.deployment(
         TargetWorker,
         name="TargetWorker",
@@ -74,7 +74,7 @@ def build_app(config: ClusterConfig) -> Application:
         request_router_config=_router_config(config),
         ray_actor_options=_actor_options(target.num_cpus, gpus, target.ray_resources),
         **placement,
-    ).bind(engine, config.index, target.metrics_period_s, draft, draft_timeout_s, config.draft_model_id)
+    ).bind(engine, config.index, target.metrics_period_s, **draft_args)
     ingress = serve.deployment(
         GenerationIngress,
         name="GenerationIngress",

@@ -19,11 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from cluster.bench_stats import percentile
+
 
 def _percentiles(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
-    return {"p50_ms": pick(0.5) * 1e3, "p90_ms": pick(0.9) * 1e3, "p99_ms": pick(0.99) * 1e3, "n": len(xs)}
+    return {f"p{round(q * 100)}_ms": percentile(xs, q) * 1e3 for q in (0.5, 0.9, 0.99)} | {"n": len(xs)}
 
 
 def _prompts(n: int, seed: int) -> list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import redis
 
+from cluster.bench_stats import percentile
 from kvstore.block_pool import KVEvent, KVEventKind
 from kvstore.hashing import hash_to_str
 from kvstore.index import IndexConfig, LookupMode, PageIndex, ReplicaLoad
@@ -40,11 +41,6 @@ FULL_HOLDERS = 3
 
 def _rand_pages(rng: random.Random, n: int) -> list[int]:
     return [rng.getrandbits(128) for _ in range(n)]
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def _store(index: PageIndex, replica: str, pages: list[int]) -> None:
@@ -88,7 +84,7 @@ def _bench_lookup(
     server = admin.info("commandstats").get("cmdstat_evalsha", {})
     return {
         "p50_ms": statistics.median(lat),
-        "p99_ms": _percentile(lat, 0.99),
+        "p99_ms": percentile(lat, 0.99),
         "max_ms": max(lat),
         "server_us_per_call": server.get("usec_per_call", float("nan")),
         "mean_matched_pages_per_lookup": matched / iterations,

@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cluster.bench_stats import percentile
+
 POLICIES = ("prefix_aware", "power_of_two", "round_robin")
 
 
@@ -46,9 +48,7 @@ class Turn:
 def _stats(xs: list[float]) -> dict[str, float]:
     if not xs:
         return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-    s = sorted(xs)
-    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
-    return {"mean": statistics.fmean(s), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+    return {"mean": statistics.fmean(xs)} | {f"p{round(q * 100)}": percentile(xs, q) for q in (0.5, 0.9, 0.99)}
 
 
 async def _run_workload(target: str, args, vocab_size: int) -> tuple[list[Turn], float]:
@@ -244,4 +244,4 @@ def add_serve_parser(bench_subparsers) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report here")
-    p.set_defaults(func=lambda args: run_serve_bench(args))
+    p.set_defaults(func=run_serve_bench)

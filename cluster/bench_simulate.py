@@ -40,6 +40,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from cluster.bench_stats import percentile
 from cluster.sim_replica import PAGE_SIZE, CostModel, HeldPages, PagePool, Replica, Request
 from cluster.sim_workload import Conversation, Workload, make_conversations
 from router.policy import ReplicaView, RoutingConfig, choose
@@ -319,10 +320,6 @@ class _Simulation:
         return self.index_of[decision.replica_id]
 
 
-def _percentile(xs: list[float], q: float) -> float:
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
-
-
 def simulate(params: SimParams) -> Report:
     """One policy on one cluster size: route the workload, run it to the end, measure."""
     started = time.perf_counter()
@@ -344,11 +341,11 @@ def simulate(params: SimParams) -> Report:
         requests=len(done),
         hit_rate=sum(r.cached_tokens for r in done) / prompt,
         ttft_mean=sum(ttft) / len(ttft),
-        ttft_p50=_percentile(ttft, 0.5),
-        ttft_p90=_percentile(ttft, 0.9),
-        ttft_p99=_percentile(ttft, 0.99),
-        e2e_p50=_percentile(e2e, 0.5),
-        e2e_p99=_percentile(e2e, 0.99),
+        ttft_p50=percentile(ttft, 0.5),
+        ttft_p90=percentile(ttft, 0.9),
+        ttft_p99=percentile(ttft, 0.99),
+        e2e_p50=percentile(e2e, 0.5),
+        e2e_p99=percentile(e2e, 0.99),
         requests_per_s=len(done) / span,
         output_tokens_per_s=sum(r.answer_len for r in done) / span,
         mean_load=mean_load,

@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 import grpc
 
-from cluster.client import DEFAULT_TARGET, ClientConfig, ClusterStatus, KvfleetClient, Usage
+from cluster.client import DEFAULT_TARGET, ClientConfig, ClusterStatus, KvfleetClient, KvfleetError, Usage
 
 
 def add_client_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -74,9 +74,7 @@ def _exit_on_rpc_error() -> Iterator[None]:
         yield
     except grpc.RpcError as err:
         # KvfleetError and grpc's own errors alike: a user wants the code and the sentence, not a traceback.
-        code = err.code().name if callable(getattr(err, "code", None)) else "UNKNOWN"
-        details = err.details() if callable(getattr(err, "details", None)) else str(err)
-        print(f"error: {code}: {details}", file=sys.stderr)
+        print(f"error: {KvfleetError.from_rpc(err)}", file=sys.stderr)
         raise SystemExit(1) from None
     except (OSError, ValueError) as err:  # an unreadable --ca file, a bad option value
         print(f"error: {err}", file=sys.stderr)

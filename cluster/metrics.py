@@ -1,10 +1,11 @@
 """kvfleet's metrics, as `ray.util.metrics`: Ray exports them to Prometheus and the Ray dashboard's
 metrics view shows them (names are prefixed `ray_` there, e.g. `ray_kvfleet_requests_total`).
 
-Two groups, one per deployment: `IngressMetrics` (what a client sees: outcomes and latencies of
-requests) and `WorkerMetrics` (what a worker group holds: queue, running sequences, KV pages,
-prefix-cache hits, page-index publishing). Every series is tagged with the model; worker series
-with the replica too. Metrics are created once per process (Ray registers them by name).
+Three groups: `IngressMetrics` (what a client sees: outcomes, latencies and tokens of requests),
+`RouterMetrics` (routing decisions and page-index lookups, in every process that routes to
+workers) and `WorkerMetrics` (what a worker group holds: queue, running sequences, KV pages,
+prefix-cache hits, page-index publishing, speculation and draft calls). Every series is tagged
+with the model; worker series with the replica too. Metrics are created once per process (Ray registers them by name).
 """
 
 from __future__ import annotations

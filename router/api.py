@@ -1,7 +1,7 @@
 """The API's messages in the engine's words, and back: pure conversions and checks, no I/O.
 
 `ModelInfo` is what the ingress knows of the model it serves (read from its directory once);
-`sampling_from_proto` and `prompt_ids` turn a `kvfleet.v1.GenerateRequest` into the engine's
+`sampling_from_proto` and `check_prompt_ids` turn a `kvfleet.v1.GenerateRequest` into the engine's
 `SamplingParams` and token ids, raising `InvalidRequestError` (naming the field) for anything the
 engine would refuse, so a bad request never leaves the ingress. `delta_to_proto` builds the
 streamed `GenerateResponse`s.

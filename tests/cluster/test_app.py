@@ -52,7 +52,7 @@ def test_custom_ray_resources_pin_targets_and_drafts_to_their_nodes(model_dirs):
     worker = worker_deployment(cfg)
     assert worker._replica_config.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0, "kvfleet-target": 1.0}] * 2
     assert worker.ray_actor_options["resources"] == {"kvfleet-target": 1.0}  # fits bundle 0
-    draft = worker.init_args[3]._bound_deployment  # TargetWorker(engine, index, period, draft handle, ...)
+    draft = worker.init_kwargs["draft"]._bound_deployment  # TargetWorker(..., draft=the handle)
     assert draft.num_replicas == 3
     assert draft.ray_actor_options["resources"] == {"kvfleet-draft": 1.0}
     assert "resources" not in worker_deployment(config(model_dirs["llama"])).ray_actor_options
