@@ -1,4 +1,4 @@
-"""The cluster end to end on loopback: real Ray Serve, Redis and gRPC, 2 TargetWorker replicas of a
+"""The cluster end to end on loopback: real Ray Serve, Redis and gRPC, 3 TargetWorker replicas of a
 tiny Llama on CPU behind 2 ingress replicas (the `serve_cluster` fixture). Tests that break the cluster run last."""
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ def generate(stub, timeout=60, **kwargs) -> list[pb.GenerateResponse]:
     return list(stub.Generate(pb.GenerateRequest(**kwargs), timeout=timeout))
 
 
-def wait_for_idle_replicas(stub, replicas=3, aborted=None, timeout_s=15.0) -> pb.GetStatusResponse:
-    """Poll heartbeats until `replicas` replicas report no sequences and every page free (and,
-    if given, `aborted` aborted requests in all: a fresh heartbeat, not one from before)."""
+def wait_for_idle_replicas(stub, replicas=3, timeout_s=15.0) -> pb.GetStatusResponse:
+    """Poll heartbeats until `replicas` replicas report no sequences and every page free."""
     deadline = time.monotonic() + timeout_s
     while True:
         status = stub.GetStatus(pb.GetStatusRequest())
@@ -39,11 +38,10 @@ def wait_for_idle_replicas(stub, replicas=3, aborted=None, timeout_s=15.0) -> pb
             for r in status.replicas
             if r.num_running == 0 and r.num_waiting == 0 and r.num_free_pages == r.num_total_pages
         ]
-        done = len(idle) >= replicas and len(idle) == len(status.replicas)
-        if done and (aborted is None or sum(r.num_requests_aborted for r in status.replicas) == aborted):
+        if len(idle) >= replicas and len(idle) == len(status.replicas):
             return status
         if time.monotonic() > deadline:
-            raise AssertionError(f"replicas not idle (or not {aborted} aborted) after {timeout_s} s: {status}")
+            raise AssertionError(f"replicas not idle after {timeout_s} s: {status}")
         time.sleep(0.1)
 
 
@@ -74,11 +72,14 @@ def test_usage_counts_cached_prompt_tokens_when_a_replica_holds_the_prefix(stub)
         responses = generate(stub, token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=4))
         usages.append(responses[-1].usage)
         replicas.append(responses[-1].replica)
+        time.sleep(0.3)  # the replica's publisher writes its pages to the index
     assert all(u.prompt_tokens == 41 and u.completion_tokens == 4 for u in usages)
     for i, u in enumerate(usages):
         seen_before = replicas[i] in replicas[:i]
         # The engine recomputes at least the prompt's last token, so at most 10 pages are reused.
         assert u.cached_prompt_tokens == (40 if seen_before else 0), (replicas, usages)
+    # the prefix-aware router sends the repeats to the replica that holds the prefix
+    assert replicas[1] == replicas[2] == replicas[0] and usages[2].cached_prompt_tokens == 40
 
 
 def test_request_id_is_echoed_and_sampling_with_a_seed_is_reproducible(stub):
@@ -149,7 +150,7 @@ def test_tokenize_list_models_and_health(stub, serve_cluster, model_dirs):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_status_lists_both_replicas_with_their_pages(stub):
+def test_status_lists_every_replica_with_its_pages(stub):
     status = wait_for_idle_replicas(stub)
     assert status.index_reachable and status.model == "llama"
     assert len(status.replicas) == 3
@@ -206,49 +207,54 @@ def test_a_deadline_that_passes_aborts_the_request_and_frees_its_pages(serve_clu
 
 
 def test_metrics_reach_rays_prometheus_export(stub, serve_cluster):
-    """The series the dashboard's metrics view charts, scraped where Ray exports them."""
+    """The series the dashboard's metrics view charts, scraped where Ray exports them: this test's own
+    requests must move the counters (earlier tests' counts are taken as the baseline)."""
     import urllib.request
 
     import ray
 
+    port = ray.nodes()[0]["MetricsExportPort"]
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    def total(text: str, prefix: str, label: str = "") -> float:
+        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(prefix) and label in x)
+
+    counters = {  # (series, label) -> what this test adds at least
+        ("ray_kvfleet_requests_total{", 'outcome="ok"'): 2,
+        ("ray_kvfleet_requests_total{", 'outcome="invalid_argument"'): 1,
+        ("ray_kvfleet_completion_tokens_total{", ""): 8,
+        ("ray_kvfleet_prompt_tokens_total{", ""): 2 * 24,
+        ("ray_kvfleet_cached_prompt_tokens_total{", ""): 4,
+        ("ray_kvfleet_routing_decisions_total{", ""): 3,
+    }
+    before_text = scrape()
+    before = {key: total(before_text, *key) for key in counters}
     with pytest.raises(grpc.RpcError):  # an outcome other than ok
         generate(stub, text="x", sampling=pb.SamplingParams(temperature=-1.0))
     long_prompt = PROMPT * 6  # a few full pages: the second request finds them cached
     for _ in range(2):
         generate(stub, text=long_prompt, sampling=pb.SamplingParams(max_tokens=4))
-    port = ray.nodes()[0]["MetricsExportPort"]
+        time.sleep(0.3)  # the replica's publisher writes its pages to the index
     wanted = [
-        "ray_kvfleet_requests_total{",
         "ray_kvfleet_time_to_first_token_seconds_bucket{",
         "ray_kvfleet_time_per_output_token_seconds_bucket{",
         "ray_kvfleet_e2e_latency_seconds_bucket{",
-        "ray_kvfleet_prompt_tokens_total{",
-        "ray_kvfleet_cached_prompt_tokens_total{",
-        "ray_kvfleet_completion_tokens_total{",
         "ray_kvfleet_queue_length{",
         "ray_kvfleet_running_sequences{",
         "ray_kvfleet_kv_page_usage_ratio{",
         "ray_kvfleet_prefix_cache_hit_tokens_total{",
-        "ray_kvfleet_routing_decisions_total{",
-        'outcome="invalid_argument"',
     ]
     deadline = time.monotonic() + 30
     while True:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = scrape()
+        short = {key: n for key, n in counters.items() if total(text, *key) - before[key] < n}
         missing = [w for w in wanted if w not in text]
-        if not missing:
+        if not short and not missing:
             break
-        assert time.monotonic() < deadline, f"never exported: {missing}"
+        assert time.monotonic() < deadline, f"never exported: {missing}; counters that did not move enough: {short}"
         time.sleep(1)
-
-    def total(prefix: str, label: str = "") -> float:
-        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(prefix) and label in x)
-
-    assert total("ray_kvfleet_requests_total{", 'outcome="ok"') >= 2
-    assert total("ray_kvfleet_requests_total{", 'outcome="invalid_argument"') >= 1
-    assert total("ray_kvfleet_completion_tokens_total{") >= 8
-    assert total("ray_kvfleet_prompt_tokens_total{") >= 2 * len(long_prompt) // 8  # roughly, in tokens
-    assert total("ray_kvfleet_cached_prompt_tokens_total{") > 0
 
 
 # ---------------------------------------------------------------------- these break the cluster: last
