@@ -19,7 +19,7 @@ import copy
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -29,37 +29,34 @@ SCHEMA_PATH = CHART / "values.schema.json"
 README_PATH = CHART / "README.md"
 VALUES_PATH = CHART / "values.yaml"
 
-# ClusterConfig fields (dotted paths) the chart sets, and the chart values they follow from
-# (an empty tuple: set by kvfleet itself or fixed by the chart).
-CHART_OWNED: dict[str, tuple[str, ...]] = {
-    "engine.model": ("model.path",),
-    "engine.replica_id": (),  # each replica names itself; ClusterConfig refuses it
-    "target.replicas": ("target.replicas",),
-    "target.tensor_parallel_size": ("target.tensorParallelSize",),
-    "target.ray_resources": (),  # {kvfleet-target: 1}: target replicas only on target pods
-    "draft.model": ("draft.modelPath",),
-    "draft.replicas": ("draft.replicas", "draft.gpusPerPod"),
-    "draft.num_gpus": ("draft.gpusPerPod",),
-    "draft.ray_resources": (),  # {kvfleet-draft: 1}: draft replicas only on draft pods
-    "index.redis_url": ("redis.enabled", "redis.externalUrl"),
-    "index.password_file": ("redis.externalPasswordSecret",),
-    "grpc.auth_token_file": ("service.grpc.authTokenSecret",),
-    "ray": (),  # the application runs inside the KubeRay cluster: always {address: auto}
-}
-CHART_OWNED_NOTE = {
-    "engine.model": "from `model.path`",
-    "engine.replica_id": "set by each replica",
-    "target.replicas": "from `target.replicas`",
-    "target.tensor_parallel_size": "from `target.tensorParallelSize`",
-    "target.ray_resources": "`{kvfleet-target: 1}`: target replicas run on target pods only",
-    "draft.model": "from `draft.modelPath`",
-    "draft.replicas": "one per draft GPU: `draft.replicas` x `draft.gpusPerPod` (x 1 with no GPUs)",
-    "draft.num_gpus": "1, or 0 when `draft.gpusPerPod` is 0",
-    "draft.ray_resources": "`{kvfleet-draft: 1}`: draft replicas run on draft pods only",
-    "index.redis_url": "from `redis.enabled` / `redis.externalUrl`",
-    "index.password_file": "the mounted `redis.externalPasswordSecret`, if set",
-    "grpc.auth_token_file": "the mounted `service.grpc.authTokenSecret`, if set",
-    "ray": "`{address: auto}`: the application runs in the KubeRay cluster",
+
+class Owned(NamedTuple):
+    values: tuple[str, ...]  # the chart values it follows from (empty: set by kvfleet or fixed)
+    note: str  # its README row
+
+
+# ClusterConfig fields (dotted paths) the chart sets itself.
+CHART_OWNED: dict[str, Owned] = {
+    "engine.model": Owned(("model.path",), "from `model.path`"),
+    "engine.replica_id": Owned((), "set by each replica"),  # ClusterConfig refuses it
+    "target.replicas": Owned(("target.replicas",), "from `target.replicas`"),
+    "target.tensor_parallel_size": Owned(("target.tensorParallelSize",), "from `target.tensorParallelSize`"),
+    "target.ray_resources": Owned((), "`{kvfleet-target: 1}`: target replicas run on target pods only"),
+    "draft.model": Owned(("draft.modelPath",), "from `draft.modelPath`"),
+    "draft.replicas": Owned(
+        ("draft.replicas", "draft.gpusPerPod"),
+        "one per draft GPU: `draft.replicas` x `draft.gpusPerPod` (x 1 with no GPUs)",
+    ),
+    "draft.num_gpus": Owned(("draft.gpusPerPod",), "1, or 0 when `draft.gpusPerPod` is 0"),
+    "draft.ray_resources": Owned((), "`{kvfleet-draft: 1}`: draft replicas run on draft pods only"),
+    "index.redis_url": Owned(("redis.enabled", "redis.externalUrl"), "from `redis.enabled` / `redis.externalUrl`"),
+    "index.password_file": Owned(
+        ("redis.externalPasswordSecret",), "the mounted `redis.externalPasswordSecret`, if set"
+    ),
+    "grpc.auth_token_file": Owned(
+        ("service.grpc.authTokenSecret",), "the mounted `service.grpc.authTokenSecret`, if set"
+    ),
+    "ray": Owned((), "`{address: auto}`: the application runs in the KubeRay cluster"),
 }
 
 KVFLEET_DESCRIPTION = (
@@ -157,7 +154,7 @@ def _kvfleet_rows(schema: dict[str, Any], values: Any, prefix: str = "kvfleet.")
         else:
             default = value if isinstance(values, dict) and name in values else prop.get("default")
             rows.append((path, _fmt(default), prop.get("description", "")))
-    for owned, note in CHART_OWNED_NOTE.items():
+    for owned, (_, note) in CHART_OWNED.items():
         parent = f"kvfleet.{owned}".rpartition(".")[0]
         if parent + "." == prefix:
             rows.append((f"kvfleet.{owned}", "(set by the chart)", note))

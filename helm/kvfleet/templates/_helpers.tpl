@@ -56,14 +56,19 @@ The page index's Redis: the chart's own (a Service in this namespace) or an exte
 {{- end }}
 {{- end }}
 
-{{/* Where Ray pods mount the external Redis's password Secret (empty: no Secret). */}}
-{{- define "kvfleet.redisPasswordDir" -}}
-{{- if and (not .Values.redis.enabled) .Values.redis.externalPasswordSecret.name }}/etc/kvfleet/redis-auth{{ end }}
+{{/*
+The Secrets every Ray pod mounts read-only at /etc/kvfleet/<volume>/<key>, as JSON
+{volume: {name, key}}: the external Redis's password and the gRPC bearer token, when set.
+*/}}
+{{- define "kvfleet.secrets" -}}
+{{- $secrets := dict }}
+{{- if and (not .Values.redis.enabled) .Values.redis.externalPasswordSecret.name }}
+{{- $_ := set $secrets "redis-auth" .Values.redis.externalPasswordSecret }}
 {{- end }}
-
-{{/* Where Ray pods mount the gRPC bearer-token Secret (empty: no Secret). */}}
-{{- define "kvfleet.grpcTokenDir" -}}
-{{- if .Values.service.grpc.authTokenSecret.name }}/etc/kvfleet/grpc-auth{{ end }}
+{{- if .Values.service.grpc.authTokenSecret.name }}
+{{- $_ := set $secrets "grpc-auth" .Values.service.grpc.authTokenSecret }}
+{{- end }}
+{{- toJson $secrets }}
 {{- end }}
 
 {{/*
@@ -122,13 +127,14 @@ The kvfleet cluster config (cluster/config.py ClusterConfig) the application run
 {{- end }}
 {{- $index := default dict $config.index }}
 {{- $_ := set $index "redis_url" (include "kvfleet.redisUrl" .) }}
-{{- with include "kvfleet.redisPasswordDir" . }}
-{{- $_ := set $index "password_file" (printf "%s/%s" . $.Values.redis.externalPasswordSecret.key) }}
+{{- $secrets := include "kvfleet.secrets" . | fromJson }}
+{{- with (index $secrets "redis-auth") }}
+{{- $_ := set $index "password_file" (printf "/etc/kvfleet/redis-auth/%s" .key) }}
 {{- end }}
 {{- $_ := set $config "index" $index }}
-{{- with include "kvfleet.grpcTokenDir" . }}
+{{- with (index $secrets "grpc-auth") }}
 {{- $grpc := default dict $config.grpc }}
-{{- $_ := set $grpc "auth_token_file" (printf "%s/%s" . $.Values.service.grpc.authTokenSecret.key) }}
+{{- $_ := set $grpc "auth_token_file" (printf "/etc/kvfleet/grpc-auth/%s" .key) }}
 {{- $_ := set $config "grpc" $grpc }}
 {{- end }}
 {{- $_ := set $config "ray" (dict "address" "auto") }}
@@ -170,19 +176,12 @@ application needs a route_prefix, or Serve's gRPC proxy does not route to it.
   emptyDir:
     medium: Memory
     sizeLimit: {{ .Values.shmSize }}
-{{- if include "kvfleet.redisPasswordDir" . }}
-- name: redis-auth
+{{- range $volume, $s := include "kvfleet.secrets" . | fromJson }}
+- name: {{ $volume }}
   secret:
-    secretName: {{ .Values.redis.externalPasswordSecret.name }}
+    secretName: {{ $s.name }}
     items:
-      - {key: {{ .Values.redis.externalPasswordSecret.key }}, path: {{ .Values.redis.externalPasswordSecret.key }}}
-{{- end }}
-{{- if include "kvfleet.grpcTokenDir" . }}
-- name: grpc-auth
-  secret:
-    secretName: {{ .Values.service.grpc.authTokenSecret.name }}
-    items:
-      - {key: {{ .Values.service.grpc.authTokenSecret.key }}, path: {{ .Values.service.grpc.authTokenSecret.key }}}
+      - {key: {{ $s.key }}, path: {{ $s.key }}}
 {{- end }}
 {{- $m := .Values.model }}
 {{- if eq $m.source "pvc" }}
@@ -207,14 +206,9 @@ application needs a route_prefix, or Serve's gRPC proxy does not route to it.
 {{- define "kvfleet.modelMounts" -}}
 - name: dshm
   mountPath: /dev/shm
-{{- with include "kvfleet.redisPasswordDir" . }}
-- name: redis-auth
-  mountPath: {{ . }}
-  readOnly: true
-{{- end }}
-{{- with include "kvfleet.grpcTokenDir" . }}
-- name: grpc-auth
-  mountPath: {{ . }}
+{{- range $volume, $_ := include "kvfleet.secrets" . | fromJson }}
+- name: {{ $volume }}
+  mountPath: /etc/kvfleet/{{ $volume }}
   readOnly: true
 {{- end }}
 {{- $m := .Values.model }}
