@@ -83,7 +83,7 @@ class Engine:
         proposer: Proposer | None = None,
     ):
         self.config = config
-        self._proposer = proposer  # for speculative.method 'replicas': the deployment's RemoteDraftProposer
+        self._proposer = proposer  # for speculative.method 'replicas': the deployment's RoutedDraftProposer
         self._kv_event_sink = kv_event_sink
         self.model_config = ModelConfig.from_dir(config.model)
         self.model_id = config.served_model_id

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -103,39 +102,6 @@ class DraftReply:
     token_ids: list[int]
     probs: np.ndarray | None  # [len(token_ids), vocab] float32: q exactly as drawn from; None: greedy
     replica_id: str = ""  # the draft replica that answered (its Serve replica id; "" outside Serve)
-
-
-class RemoteDraftProposer:
-    """Proposals from draft replicas through `call` (a DeploymentHandle call with a timeout, in
-    the worker deployment): one batched call per step. A call that raises or times out raises
-    here, and `SpeculativeDecoder.propose` turns that into decoding without speculation.
-
-    `blocking`: the engine runs it off the event loop (it waits on the network)."""
-
-    blocking = True
-
-    def __init__(self, call: Callable[[DraftBatch], list[DraftReply]], device: torch.device):
-        self.call = call
-        self.device = device
-        self._released: list[str] = []
-
-    def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:
-        batch = DraftBatch(
-            [
-                ProposalRequest(s.request_id, list(s.token_ids), s.sampling, k)
-                for s, k in zip(seqs, num_tokens, strict=True)
-            ],
-            self._released,
-        )
-        self._released = []
-        replies = self.call(batch)
-        return Proposals(
-            [r.token_ids for r in replies],
-            [None if r.probs is None else torch.from_numpy(r.probs).to(self.device) for r in replies],
-        )
-
-    def release(self, request_id: str) -> None:
-        self._released.append(request_id)
 
 
 # ---------------------------------------------------------------------- the verifier

@@ -1,4 +1,4 @@
-"""Draft replicas: the target's `RemoteDraftProposer` talking to `DraftWorker`s, first through a
+"""Draft replicas: the target's `RoutedDraftProposer` talking to `DraftWorker`s, first through a
 pickling in-process call (the wire's shape), then to real Ray actors, one of which is killed
 mid-run: generation goes on without speculation, then speculates again on a live replica."""
 
@@ -10,12 +10,41 @@ import torch
 
 from cluster.demo_model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
+from workers.draft_client import RoutedDraftProposer
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
-from workers.spec_decode import DraftBatch, RemoteDraftProposer
+from workers.spec_decode import DraftBatch
 
 TARGET, DRAFT = (str(p) for p in shipped_demo_pair())
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n"]
+
+
+class Answered:
+    """A call that has its answer (the in-process stand-in for a DeploymentResponse)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self, timeout_s=None):
+        return self.value
+
+    def cancel(self):
+        pass
+
+
+class RayCall:
+    def __init__(self, ray, ref):
+        self.ray, self.ref = ray, ref
+
+    def result(self, timeout_s=None):
+        return self.ray.get(self.ref, timeout=timeout_s)
+
+    def cancel(self):
+        self.ray.cancel(self.ref)
+
+
+def proposer(submit, timeout_s: float = 5.0) -> RoutedDraftProposer:
+    return RoutedDraftProposer(submit, torch.device("cpu"), 4, "kvfleet-pycoder-draft", timeout_s)
 
 
 def target_config(speculate: bool = True, **spec) -> EngineConfig:
@@ -61,10 +90,13 @@ async def test_remote_draft_proposals_keep_greedy_output_identical(greedy_refere
 
     draft = DraftModel.standalone(draft_config(), 4)
 
-    def call(batch):  # through pickle, as a replica call would go
-        return pickle.loads(pickle.dumps(draft.serve(pickle.loads(pickle.dumps(batch)))))
+    def submit(call):  # through pickle, as a replica call would go
+        replies = pickle.loads(pickle.dumps(draft.serve(pickle.loads(pickle.dumps(call.batch)))))
+        for reply in replies:
+            reply.replica_id = "r0"
+        return Answered(replies)
 
-    engine = Engine(target_config(), proposer=RemoteDraftProposer(call, torch.device("cpu")))
+    engine = Engine(target_config(), proposer=proposer(submit))
     assert await run_all(engine, SamplingParams(max_tokens=40, ignore_eos=True)) == greedy_reference
     # sampled requests get q with their proposals and verify against it
     sampled = await run_all(engine, SamplingParams(max_tokens=20, temperature=1.0, seed=3, ignore_eos=True))
@@ -73,7 +105,7 @@ async def test_remote_draft_proposals_keep_greedy_output_identical(greedy_refere
     assert st.spec_accepted_tokens > 0 and st.spec_failures == 0
     await close(engine)
     # later calls carry the ids of requests that ended; one more call releases the last ones
-    draft.serve(DraftBatch([], engine.spec.proposer._released))
+    draft.serve(DraftBatch([], engine.spec.proposer.routes.released.pop("r0")))
     assert not draft.sessions and draft.pool.num_free_pages == draft.pool.num_pages
 
 
@@ -97,10 +129,10 @@ async def test_a_killed_draft_replica_costs_nothing_and_speculation_resumes(ray_
     replicas = [actor_cls.remote(draft_config(), 4)]
     ray.get(replicas[0].check_health.remote())
 
-    def call(batch):
-        return ray.get(replicas[-1].propose.remote(batch), timeout=30)
+    def submit(call):  # the latest replica (there is no Serve here to route)
+        return RayCall(ray, replicas[-1].propose.remote(call.batch))
 
-    engine = Engine(target_config(retry_after_s=0.3), proposer=RemoteDraftProposer(call, torch.device("cpu")))
+    engine = Engine(target_config(retry_after_s=0.3), proposer=proposer(submit, timeout_s=30))
     params = SamplingParams(max_tokens=120, ignore_eos=True)
     task = asyncio.ensure_future(run_all(engine, params))
     while engine.stats().spec_accepted_tokens == 0:
