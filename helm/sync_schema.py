@@ -131,33 +131,25 @@ def synced_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rows(schema: dict[str, Any], values: Any, prefix: str = "") -> list[tuple[str, str, str]]:
+    """One README row per leaf value: its values.yaml default where it has one; else, under
+    `kvfleet.`, ClusterConfig's default (a chart value absent there takes Kubernetes' own)."""
+    in_config = prefix.startswith("kvfleet.")
     rows = []
     for name, prop in schema.get("properties", {}).items():
         path = f"{prefix}{name}"
-        value = values.get(name) if isinstance(values, dict) else None
-        if prop.get("type") == "object" and prop.get("properties") and path != "kvfleet":
-            rows += _rows(prop, value, path + ".")
-        elif path != "kvfleet":  # a chart value's default is values.yaml's; absent there: Kubernetes' own
-            default = _fmt(value) if isinstance(values, dict) and name in values else ""
-            rows.append((path, default, prop.get("description", "")))
-    return rows
-
-
-def _kvfleet_rows(schema: dict[str, Any], values: Any, prefix: str = "kvfleet.") -> list[tuple[str, str, str]]:
-    """The kvfleet config's fields: the chart's values.yaml default where it has one, else ClusterConfig's."""
-    rows = []
-    for name, prop in schema.get("properties", {}).items():
-        path = f"{prefix}{name}"
+        if path == "kvfleet":
+            continue  # its own table
         value = values.get(name) if isinstance(values, dict) else None
         if prop.get("type") == "object" and prop.get("properties"):
-            rows += _kvfleet_rows(prop, value, path + ".")
+            rows += _rows(prop, value, path + ".")
+        elif isinstance(values, dict) and name in values:
+            rows.append((path, _fmt(value), prop.get("description", "")))
         else:
-            default = value if isinstance(values, dict) and name in values else prop.get("default")
-            rows.append((path, _fmt(default), prop.get("description", "")))
-    for owned, (_, note) in CHART_OWNED.items():
-        parent = f"kvfleet.{owned}".rpartition(".")[0]
-        if parent + "." == prefix:
-            rows.append((f"kvfleet.{owned}", "(set by the chart)", note))
+            rows.append((path, _fmt(prop.get("default")) if in_config else "", prop.get("description", "")))
+    if in_config:
+        for owned, (_, note) in CHART_OWNED.items():
+            if f"kvfleet.{owned}".rpartition(".")[0] + "." == prefix:
+                rows.append((f"kvfleet.{owned}", "(set by the chart)", note))
     return rows
 
 
@@ -166,17 +158,20 @@ def _fmt(value: Any) -> str:
     return f"`{text}`"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def _table(rows: list[tuple[str, str, str]]) -> str:
     lines = ["| Value | Default | Description |", "| --- | --- | --- |"]
     for path, default, description in rows:
-        description = " ".join(description.split()).replace("|", "\\|")
-        lines.append(f"| `{path}` | {default.replace('|', chr(92) + '|')} | {description} |")
+        lines.append(f"| `{path}` | {_cell(default)} | {_cell(' '.join(description.split()))} |")
     return "\n".join(lines)
 
 
 def readme_tables(schema: dict[str, Any], values: dict[str, Any]) -> str:
     chart = _table(_rows(schema, values))
-    kvfleet = _table(_kvfleet_rows(schema["properties"]["kvfleet"], values.get("kvfleet") or {}))
+    kvfleet = _table(_rows(schema["properties"]["kvfleet"], values.get("kvfleet") or {}, "kvfleet."))
     return (
         f"{BEGIN}\n\n### Chart values\n\n{chart}\n\n### `kvfleet:` (the cluster config)\n\n"
         f"{schema['properties']['kvfleet']['description']}\n\n{kvfleet}\n\n{END}"
