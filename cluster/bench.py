@@ -234,12 +234,12 @@ def bench_decode_steps(engine: Engine, batch_sizes: list[int], context_len: int,
             seq = Sequence(
                 f"bench-{i}", [(i * 7 + t) % mc.vocab_size for t in range(context_len)], SamplingParams(max_tokens=1)
             )
-            seq.page_table = pool.allocate(pages_each)
+            seq.block_table = pool.allocate(pages_each)
             seqs.append(seq)
         out = SchedulerOutput([ScheduledSeq(s, context_len - 1, 1, True) for s in seqs])
         step = _time_cuda(lambda out=out: runner.execute(out), iters=30)
         for s in seqs:
-            pool.free(s.page_table)
+            pool.free(s.block_table)
         bytes_read = weight_bytes + batch * context_len * kv_token_bytes
         rows.append(
             {

@@ -29,9 +29,9 @@ from pathlib import Path
 import redis
 
 from cluster.bench_stats import percentile
-from kvstore.block_pool import KVEvent, KVEventKind
 from kvstore.hashing import hash_to_str
 from kvstore.index import IndexConfig, LookupMode, PageIndex, ReplicaLoad
+from kvstore.page_pool import KVEvent, KVEventKind
 from kvstore.publisher import Publisher
 from kvstore.redis_server import LocalRedisServer
 

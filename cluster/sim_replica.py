@@ -10,7 +10,7 @@ the router's lagged copy of the index (value = expiry). It answers "how many lea
 this prompt does replica r hold" fast, caching each (replica, system prompt) run until that
 owner's pages change on that replica or an entry of the run expires.
 
-`PagePool` mirrors `kvstore.block_pool.BlockPool`: pages of running sequences are pinned;
+`PagePool` mirrors `kvstore.page_pool.PagePool`: pages of running sequences are pinned;
 a finished sequence's full pages stay cached, unreferenced, and are evicted least recently
 released first (a sequence releases its tail before its head, so heads outlive tails). A sequence
 reserves pages for its whole answer at admission, so there is no preemption.

@@ -41,7 +41,7 @@ prompt's chain, it holds pages 0..i-1 too (all live). Then "page i held" is mono
 bisection finds where it flips. Two things should keep it so:
 (a) eviction: every sequence holding a cached page holds its ancestors' pages too (a prefix hit
     acquires the whole leading run; a sequence caches its own pages in order, and `commit` swaps
-    a recomputed twin of a cached page for the cached page itself), `BlockPool.free` releases a
+    a recomputed twin of a cached page for the cached page itself), `PagePool.free` releases a
     page table last page first, and the free queue is LRU, so an ancestor is never less recently
     used than its descendant and `removed` events take a chain from its tail;
 (b) expiry: a `touched` event refreshes a prefix hit's whole leading run at once, so a refresh
@@ -83,8 +83,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvstore.block_pool import KVEvent, KVEventKind
 from kvstore.hashing import PageHash
+from kvstore.page_pool import KVEvent, KVEventKind
 
 logger = logging.getLogger(__name__)
 

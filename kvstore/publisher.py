@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import redis
 
-from kvstore.block_pool import KVEvent
 from kvstore.index import PageIndex, ReplicaLoad
+from kvstore.page_pool import KVEvent
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`DraftModel`: a small model that proposes tokens for the target, in the target's process.
 
 It is an engine of the draft model without a loop: its own `ModelRunner` (weights, paged KV
-cache, CUDA graphs), its own `BlockPool` with prefix caching, and one session per request. The
+cache, CUDA graphs), its own `PagePool` with prefix caching, and one session per request. The
 proposal API is stateless (the target's token ids and k), the work incremental: a session
 remembers which tokens its KV holds, and each call computes only what changed since its last
 call: the tokens the target accepted or corrected (1-2 per step, as decode rows) or, the first
@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 import torch
 
-from kvstore.block_pool import BlockPool
+from kvstore.page_pool import PagePool
 from workers.config import SpeculativeConfig, dir_model_id
 from workers.model_runner import ModelRunner, RunnerConfig, kv_page_bytes
 from workers.models.config import ModelConfig
@@ -40,7 +40,7 @@ class DraftModel:
         self.model_id = model_id
         self.page_size = runner_config.page_size
         self.max_num_batched_tokens = runner_config.max_num_batched_tokens
-        self.pool = BlockPool(self.runner.num_pages, self.page_size, True, f"draft:{model_id}")
+        self.pool = PagePool(self.runner.num_pages, self.page_size, True, f"draft:{model_id}")
         self.sessions: OrderedDict[str, Sequence] = OrderedDict()  # least recently used first
         self.device = runner_config.device
         self.vocab_size = model_config.vocab_size
@@ -160,8 +160,8 @@ class DraftModel:
     def release(self, request_id: str) -> None:
         session = self.sessions.pop(request_id, None)
         if session is not None:
-            self.pool.free(session.page_table)
-            session.page_table = []
+            self.pool.free(session.block_table)
+            session.block_table = []
 
     # ------------------------------------------------------------------ internals
     def _sync(self, seq: Sequence, k: int, keep: set[str]) -> Sequence | None:
@@ -175,7 +175,7 @@ class DraftModel:
             session = Sequence(seq.request_id, target, seq.sampling)
             cached = self.pool.lookup_prefix(session.hashes_for((n - 1) // ps, ps, self.model_id))
             self.pool.acquire(cached)
-            session.page_table = list(cached)
+            session.block_table = list(cached)
             session.num_computed_tokens = session.num_committed_pages = len(cached)
             session.num_computed_tokens *= ps
             self.sessions[seq.request_id] = session
@@ -194,14 +194,14 @@ class DraftModel:
             session.num_computed_tokens = min(m, n - 1)
             session.token_ids = list(target)
         session.num_prompt_tokens = n  # here: how many tokens the target has verified
-        need = -(-(n + k - 1) // ps) - len(session.page_table)
+        need = -(-(n + k - 1) // ps) - len(session.block_table)
         while need > self.pool.num_free_pages:
             victim = next((r for r in self.sessions if r not in keep), None)
             if victim is None:
                 return None
             self.release(victim)
         if need > 0:
-            session.page_table.extend(self.pool.allocate(need))
+            session.block_table.extend(self.pool.allocate(need))
         return session
 
     def _catch_up(self, sessions: list[Sequence]) -> torch.Tensor:
@@ -264,9 +264,9 @@ class DraftModel:
         full = min(s.num_prompt_tokens, s.num_computed_tokens) // ps
         if full > s.num_committed_pages:
             hashes = s.hashes_for(full, ps, self.model_id)
-            pages = s.page_table[s.num_committed_pages : full]
+            pages = s.block_table[s.num_committed_pages : full]
             self.pool.commit(pages, hashes[s.num_committed_pages : full])
-            s.page_table[s.num_committed_pages : full] = pages
+            s.block_table[s.num_committed_pages : full] = pages
             s.num_committed_pages = full
 
     def _draw(
@@ -310,7 +310,7 @@ class DraftModel:
         if steps > 1:
             # plan step j computes draft j (position n + j) of the rows that want draft j + 1
             starts = [s.num_tokens for s in sessions]
-            plan = self.runner.plan_decodes(starts, [k - 1 for k in ks], steps - 1, [s.page_table for s in sessions])
+            plan = self.runner.plan_decodes(starts, [k - 1 for k in ks], steps - 1, [s.block_table for s in sessions])
         choices, qs = [], []
         for j in range(steps):
             if j:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.block_pool import BlockPool, KVEvent
+from kvstore.page_pool import KVEvent, PagePool
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.model_runner import ModelRunner, RunnerConfig, StepResult
@@ -113,7 +113,7 @@ class Engine:
                 f"the KV pool holds {num_pages} pages x {config.page_size} tokens, fewer than max_model_len "
                 f"({self.max_model_len}): lower max_model_len or give the pool more memory"
             )
-        self.pool = BlockPool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
+        self.pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,

@@ -343,7 +343,7 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- device-fed decodes
     def plan_decodes(
-        self, starts: list[int], num_steps: list[int], steps: int, page_tables: list[list[int]]
+        self, starts: list[int], num_steps: list[int], steps: int, block_tables: list[list[int]]
     ) -> DecodePlan:
         """Upload, once, the metadata of `steps` decode steps over one row per page table: row r
         computes positions starts[r], starts[r] + 1, ... for num_steps[r] steps, then sits out
@@ -356,7 +356,7 @@ class ModelRunner:
         meta = np.zeros((steps, 3, width), dtype=np.int64)
         meta[:, 1, :] = -1  # padding rows: no KV write, empty context
         host_lens = [[0] * rows for _ in range(steps)]
-        for r, (start, n, table) in enumerate(zip(starts, num_steps, page_tables, strict=True)):
+        for r, (start, n, table) in enumerate(zip(starts, num_steps, block_tables, strict=True)):
             for j in range(steps):
                 if j < n:
                     p = start + j
@@ -365,9 +365,9 @@ class ModelRunner:
                     p, slot = start + n - 1, -1
                 meta[j, :, r] = (p, slot, p + 1)
                 host_lens[j][r] = p + 1
-        tw = max(1, max(len(t) for t in page_tables))
+        tw = max(1, max(len(t) for t in block_tables))
         tables = np.zeros((rows, tw), dtype=np.int32)
-        for r, table in enumerate(page_tables):
+        for r, table in enumerate(block_tables):
             tables[r, : len(table)] = table
         dev = self.device
         return DecodePlan(rows, bucket, upload(meta, torch.int64, dev), upload(tables, torch.int32, dev), host_lens)
@@ -546,7 +546,7 @@ class ModelRunner:
         for j, i in enumerate(order):
             s = scheduled[i]
             seq = s.seq
-            table = seq.page_table
+            table = seq.block_table
             width = max(width, len(table))
             if j < num_decode_entries:
                 for p in range(s.start, s.end):

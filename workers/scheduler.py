@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvstore.block_pool import BlockPool
+from kvstore.page_pool import PagePool
 from workers.request import FinishReason
 from workers.sequence import Sequence, SequenceStatus
 
@@ -88,7 +88,7 @@ class SchedulerCounters:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+    def __init__(self, config: SchedulerConfig, pool: PagePool):
         self.config = config
         self.pool = pool
         self.page_size = pool.page_size
@@ -109,8 +109,8 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self.pool.free(seq.page_table)
-        seq.page_table = []
+        self.pool.free(seq.block_table)
+        seq.block_table = []
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.counters.num_requests_finished += 1
@@ -139,7 +139,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            seq.page_table.extend(self.pool.allocate(need))
+            seq.block_table.extend(self.pool.allocate(need))
             out.scheduled.append(
                 ScheduledSeq(seq, seq.num_computed_tokens, n, seq.num_computed_tokens + n == seq.num_tokens)
             )
@@ -172,7 +172,7 @@ class Scheduler:
         if need + self.pool.num_pages_to_acquire(cached) > self.pool.num_free_pages:
             return None
         self.pool.acquire(cached)
-        seq.page_table = cached + self.pool.allocate(need)
+        seq.block_table = cached + self.pool.allocate(need)
         seq.num_computed_tokens = num_cached
         seq.num_committed_pages = len(cached)
         seq.status = SequenceStatus.RUNNING
@@ -184,12 +184,12 @@ class Scheduler:
         return ScheduledSeq(seq, num_cached, n, num_cached + n == seq.num_tokens)
 
     def _pages_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.page_size) - len(seq.page_table))
+        return max(0, -(-num_tokens // self.page_size) - len(seq.block_table))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.page_table)
-        seq.page_table = []
+        self.pool.free(seq.block_table)
+        seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_committed_pages = 0
         seq.status = SequenceStatus.WAITING
@@ -211,7 +211,7 @@ class Scheduler:
         need = self._pages_needed(seq, s.end + k)
         if need > self.pool.num_free_pages:
             return False
-        seq.page_table.extend(self.pool.allocate(need))
+        seq.block_table.extend(self.pool.allocate(need))
         s.num_tokens += k
         s.draft_token_ids = list(tokens)
         s.draft_probs = probs
@@ -246,9 +246,9 @@ class Scheduler:
             full = s.end // ps
             if full > seq.num_committed_pages:
                 hashes = seq.hashes_for(full, ps, self.config.model_id)
-                pages = seq.page_table[seq.num_committed_pages : full]
+                pages = seq.block_table[seq.num_committed_pages : full]
                 self.pool.commit(pages, hashes[seq.num_committed_pages : full])  # may swap in cached twins
-                seq.page_table[seq.num_committed_pages : full] = pages
+                seq.block_table[seq.num_committed_pages : full] = pages
                 seq.num_committed_pages = full
             if token is None:
                 continue
@@ -280,15 +280,15 @@ class Scheduler:
             return emitted
         seq.num_computed_tokens = seq.num_tokens - 1
         keep = -(-seq.num_computed_tokens // ps)
-        if len(seq.page_table) > keep:
-            self.pool.free(seq.page_table[keep:])
-            del seq.page_table[keep:]
+        if len(seq.block_table) > keep:
+            self.pool.free(seq.block_table[keep:])
+            del seq.block_table[keep:]
         full = seq.num_computed_tokens // ps
         if full > seq.num_committed_pages:
             hashes = seq.hashes_for(full, ps, self.config.model_id)
-            pages = seq.page_table[seq.num_committed_pages : full]
+            pages = seq.block_table[seq.num_committed_pages : full]
             self.pool.commit(pages, hashes[seq.num_committed_pages : full])
-            seq.page_table[seq.num_committed_pages : full] = pages
+            seq.block_table[seq.num_committed_pages : full] = pages
             seq.num_committed_pages = full
         return emitted
 

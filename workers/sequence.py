@@ -2,7 +2,7 @@
 
 Invariants:
 - `token_ids` is the prompt followed by the generated tokens; `num_prompt_tokens` splits them;
-- `num_computed_tokens` tokens have their KV written in the pages of `page_table` (those of the
+- `num_computed_tokens` tokens have their KV written in the pages of `block_table` (those of the
   first `num_committed_pages` pages are also registered in the prefix cache);
 - `page_hashes[i]` is the chained hash of full page i of `token_ids` (computed lazily).
 """
@@ -28,7 +28,7 @@ class Sequence:
         "num_prompt_tokens",
         "sampling",
         "status",
-        "page_table",
+        "block_table",
         "num_computed_tokens",
         "num_committed_pages",
         "num_cached_prompt_tokens",
@@ -44,7 +44,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.sampling = sampling
         self.status = SequenceStatus.WAITING
-        self.page_table: list[int] = []
+        self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.num_committed_pages = 0
         self.num_cached_prompt_tokens = 0
@@ -81,5 +81,5 @@ class Sequence:
     def __repr__(self) -> str:
         return (
             f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
-            f"computed={self.num_computed_tokens}, pages={len(self.page_table)})"
+            f"computed={self.num_computed_tokens}, pages={len(self.block_table)})"
         )

@@ -11,16 +11,16 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from kvstore.block_pool import BlockPool, KVEvent, KVEventKind
 from kvstore.hashing import hash_to_str, page_hashes
 from kvstore.index import AsyncPageIndex, IndexConfig, ReplicaLoad, decode_member, encode_hashes
+from kvstore.page_pool import KVEvent, KVEventKind, PagePool
 from kvstore.redis_server import LocalRedisServer
 
 PAGE = 4
 MODEL = "m"
 
 
-def serve(pool: BlockPool, tokens: list[int]) -> list[int]:
+def serve(pool: PagePool, tokens: list[int]) -> list[int]:
     """Run one prompt through the pool as the scheduler would (reuse the cached prefix, compute
     and commit the rest, finish); returns the prompt's page hashes."""
     hashes = page_hashes(tokens, PAGE, MODEL)
@@ -40,7 +40,7 @@ def big_redis():
 
 def test_lookup_counts_leading_pages_of_shared_and_diverging_prompts_from_two_replicas(make_index):
     index = make_index()
-    a, b = BlockPool(64, PAGE, replica_id="a"), BlockPool(64, PAGE, replica_id="b")
+    a, b = PagePool(64, PAGE, replica_id="a"), PagePool(64, PAGE, replica_id="b")
     system = list(range(100, 124))  # 6 pages shared by both prompts
     p1 = serve(a, [*system, *range(1, 17)])  # 10 pages on a
     p2 = serve(b, [*system, *range(50, 58)])  # 8 pages on b, diverging after page 6
@@ -69,7 +69,7 @@ def test_a_page_missing_in_the_middle_ends_the_leading_run_in_exact_mode(make_in
 
 def test_pool_eviction_removes_pages_from_the_index(make_index):
     index = make_index()
-    pool = BlockPool(6, PAGE, replica_id="a")
+    pool = PagePool(6, PAGE, replica_id="a")
     index.heartbeat("a", ReplicaLoad())
     first = serve(pool, list(range(24)))  # fills all 6 pages
     second = serve(pool, list(range(1000, 1008)))  # evicts 2 pages of `first`, LRU = its tail
@@ -137,7 +137,7 @@ def test_a_recomputed_cached_page_leaves_no_hole_for_search_mode(make_index):
     logits); `commit` swaps the copy for the cached page, so the sequence keeps that page
     referenced, the pool cannot evict it under the sequence's later pages, and both modes agree."""
     exact, search = make_index(lookup_mode="exact"), make_index()
-    pool = BlockPool(10, PAGE, replica_id="a")
+    pool = PagePool(10, PAGE, replica_id="a")
     search.heartbeat("a", ReplicaLoad())
     tokens = list(range(100, 132))  # 8 pages: a 5-page prompt and the 3 pages its answer fills
     hashes = page_hashes(tokens, PAGE, MODEL)
@@ -162,7 +162,7 @@ def test_search_mode_over_reports_when_ancestors_expire_before_later_stored_page
     now = [1_700_000_000_000]
     exact = make_index(lookup_mode="exact", ttl_s=100, clock=lambda: now[0])
     search = make_index(ttl_s=100, clock=lambda: now[0])
-    pool = BlockPool(64, PAGE, replica_id="a")
+    pool = PagePool(64, PAGE, replica_id="a")
     search.heartbeat("a", ReplicaLoad())
     hashes = page_hashes(list(range(128)), PAGE, MODEL)  # 32 pages
     pages = pool.allocate(32)

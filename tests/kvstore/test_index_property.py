@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-from kvstore.block_pool import BlockPool, KVEvent, KVEventKind
 from kvstore.index import IndexConfig, PageIndex, ReplicaLoad
+from kvstore.page_pool import KVEvent, KVEventKind, PagePool
 
 REPLICAS = ("a", "b", "c")
 TTL_MS = 1_000_000  # on the injected clock; real key TTLs stay far longer than a test
@@ -203,7 +203,7 @@ class PrefixClosedMachine(RuleBasedStateMachine):
         self.search = PageIndex(config, model_id, clock=lambda: self.now)
         self.exact = PageIndex(config.model_copy(update={"lookup_mode": "exact"}), model_id, clock=lambda: self.now)
         self.model = IndexModel()
-        self.pools = {r: BlockPool(POOL_PAGES, 4, replica_id=r) for r in REPLICAS}
+        self.pools = {r: PagePool(POOL_PAGES, 4, replica_id=r) for r in REPLICAS}
         self.running: dict[str, list[list[int]]] = {r: [] for r in REPLICAS}  # page tables
         self.served: list[tuple[int, int]] = [(0, 1)]  # (chain, length) of the prompts served
         self.steps = 0
@@ -305,7 +305,7 @@ class PrefixClosedMachine(RuleBasedStateMachine):
         self.search.clear(replica)
         self.model.entries[replica] = {}
         self.model.live.discard(replica)
-        self.pools[replica] = BlockPool(POOL_PAGES, 4, replica_id=replica)
+        self.pools[replica] = PagePool(POOL_PAGES, 4, replica_id=replica)
         self.running[replica] = []
 
     def _check(self, chain: int, length: int, unseen: int, candidates) -> None:

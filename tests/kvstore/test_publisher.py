@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from kvstore.block_pool import BlockPool, KVEvent, KVEventKind
 from kvstore.hashing import page_hashes
 from kvstore.index import ReplicaLoad
+from kvstore.page_pool import KVEvent, KVEventKind, PagePool
 from kvstore.publisher import Publisher
 from kvstore.redis_server import LocalRedisServer
 
@@ -37,7 +37,7 @@ def publishers():
 
 def test_pool_events_reach_the_index_including_evictions(make_index, publishers):
     index = make_index(**FAST)
-    pool = BlockPool(6, PAGE, replica_id="a")
+    pool = PagePool(6, PAGE, replica_id="a")
     pub = publishers(index, "a")
     first = page_hashes(list(range(24)), PAGE, "m")
     pages = pool.allocate(6)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvstore.block_pool import BlockPool
+from kvstore.page_pool import PagePool
 from workers.request import FinishReason, SamplingParams
 from workers.scheduler import Scheduler, SchedulerConfig
 from workers.sequence import Sequence
@@ -11,7 +11,7 @@ PS = 4
 
 
 def make(num_pages=64, budget=64, max_seqs=8, chunked=True, max_model_len=64, caching=True):
-    pool = BlockPool(num_pages, PS, enable_prefix_caching=caching)
+    pool = PagePool(num_pages, PS, enable_prefix_caching=caching)
     cfg = SchedulerConfig(
         max_num_seqs=max_seqs,
         max_num_batched_tokens=budget,
@@ -205,8 +205,8 @@ def test_the_same_prefix_computed_twice_at_once_ends_up_on_shared_pages():
     s.add(a)
     s.add(b)
     step(s)  # both prefill the same 12 tokens (3 pages) in one step
-    assert a.page_table[:3] == b.page_table[:3]
-    assert all(s.pool.ref_counts[p] == 2 for p in a.page_table[:3])
+    assert a.block_table[:3] == b.block_table[:3]
+    assert all(s.pool.ref_counts[p] == 2 for p in a.block_table[:3])
     run_to_end(s)
     assert s.pool.num_free_pages == s.pool.num_pages
 
@@ -220,6 +220,6 @@ def test_a_recomputed_last_page_of_a_cached_prompt_is_swapped_for_the_cached_pag
     again = seq("b", range(10, 22), max_tokens=2)
     s.add(again)
     step(s)  # pages 0-1 hit; page 2 is recomputed (its logits start the answer) into a copy
-    assert again.page_table[:3] == cached  # ... which commit swapped for the cached page
+    assert again.block_table[:3] == cached  # ... which commit swapped for the cached page
     run_to_end(s)
     assert s.pool.num_free_pages == s.pool.num_pages

@@ -43,7 +43,7 @@ class NoFreePagesError(RuntimeError):
     """Raised by `allocate` when fewer pages are free than asked for (callers check first)."""
 
 
-class BlockPool:
+class PagePool:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True, replica_id: str = ""):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"num_pages and page_size must be >= 1, got {num_pages} and {page_size}")

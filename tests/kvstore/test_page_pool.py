@@ -1,10 +1,10 @@
 import pytest
 
-from kvstore.block_pool import BlockPool, KVEventKind, NoFreePagesError
+from kvstore.page_pool import KVEventKind, NoFreePagesError, PagePool
 
 
 def test_allocate_and_free_restore_the_free_count():
-    pool = BlockPool(8, 4)
+    pool = PagePool(8, 4)
     pages = pool.allocate(5)
     assert len(set(pages)) == 5 and pool.num_free_pages == 3
     pool.free(pages)
@@ -12,13 +12,13 @@ def test_allocate_and_free_restore_the_free_count():
 
 
 def test_allocate_more_than_free_raises():
-    pool = BlockPool(2, 4)
+    pool = PagePool(2, 4)
     with pytest.raises(NoFreePagesError):
         pool.allocate(3)
 
 
 def test_committed_pages_are_found_by_prefix_lookup_and_shared():
-    pool = BlockPool(8, 4)
+    pool = PagePool(8, 4)
     pages = pool.allocate(3)
     pool.commit(pages, [11, 12, 13])
     pool.free(pages)
@@ -35,7 +35,7 @@ def test_committed_pages_are_found_by_prefix_lookup_and_shared():
 
 
 def test_eviction_takes_uncached_pages_first_then_least_recently_freed():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     old, new, plain = pool.allocate(1), pool.allocate(1), pool.allocate(1)
     pool.commit(old, [1])
     pool.commit(new, [2])
@@ -54,7 +54,7 @@ def test_eviction_takes_uncached_pages_first_then_least_recently_freed():
 
 
 def test_a_sequence_tail_is_evicted_before_its_head():
-    pool = BlockPool(3, 4)
+    pool = PagePool(3, 4)
     pages = pool.allocate(3)
     pool.commit(pages, [1, 2, 3])
     pool.free(pages)
@@ -62,7 +62,7 @@ def test_a_sequence_tail_is_evicted_before_its_head():
 
 
 def test_events_report_stores_and_removals_in_order():
-    pool = BlockPool(2, 4, replica_id="r1")
+    pool = PagePool(2, 4, replica_id="r1")
     a = pool.allocate(2)
     pool.commit(a, [7, 8])
     pool.free(a)
@@ -76,7 +76,7 @@ def test_events_report_stores_and_removals_in_order():
 
 
 def test_prefix_hits_emit_touched_events():
-    pool = BlockPool(4, 4, replica_id="r1")
+    pool = PagePool(4, 4, replica_id="r1")
     a = pool.allocate(2)
     pool.commit(a, [7, 8])
     pool.free(a)
@@ -86,7 +86,7 @@ def test_prefix_hits_emit_touched_events():
 
 
 def test_committing_a_duplicate_hash_swaps_in_the_cached_page():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     a, b = pool.allocate(1), pool.allocate(1)
     copy = b[0]
     pool.commit(a, [5])
@@ -100,7 +100,7 @@ def test_committing_a_duplicate_hash_swaps_in_the_cached_page():
 
 
 def test_prefix_caching_off_caches_nothing():
-    pool = BlockPool(4, 4, enable_prefix_caching=False)
+    pool = PagePool(4, 4, enable_prefix_caching=False)
     a = pool.allocate(1)
     pool.commit(a, [5])
     pool.free(a)
@@ -108,7 +108,7 @@ def test_prefix_caching_off_caches_nothing():
 
 
 def test_reset_prefix_cache_forgets_only_unreferenced_pages():
-    pool = BlockPool(4, 4)
+    pool = PagePool(4, 4)
     held, idle = pool.allocate(1), pool.allocate(1)
     pool.commit(held + idle, [1, 2])
     pool.free(idle)
@@ -119,7 +119,7 @@ def test_reset_prefix_cache_forgets_only_unreferenced_pages():
 
 
 def test_double_free_is_caught():
-    pool = BlockPool(2, 4)
+    pool = PagePool(2, 4)
     a = pool.allocate(1)
     pool.free(a)
     with pytest.raises(AssertionError):
