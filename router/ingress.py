@@ -141,7 +141,7 @@ class GenerationIngress:
         from ray import serve
         from transformers import AutoTokenizer
 
-        from cluster.metrics import IngressMetrics
+        from router.metrics import IngressMetrics
 
         self.target = target  # DeploymentHandle of the TargetWorker deployment
         self.replica_id = serve.get_replica_context().replica_id.unique_id

@@ -111,7 +111,7 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
 
     def _ensure_metrics(self):
         if self._metrics is None:
-            from cluster.metrics import RouterMetrics
+            from router.metrics import RouterMetrics
 
             self._metrics = RouterMetrics(self._model_id)
         return self._metrics

@@ -56,7 +56,7 @@ class TargetWorker:
         sequences of a call slower than `draft_timeout_s`, or failing, are not speculated that
         step and re-route; when every call of a step fails, the target decodes alone a while."""
 
-        from cluster.metrics import WorkerMetrics
+        from workers.metrics import WorkerMetrics
 
         self.replica_id = _serve_replica_id()
         config = engine_config.model_copy(update={"replica_id": self.replica_id})
