@@ -19,7 +19,7 @@ ARG RAY_VERSION
 COPY --chown=ray:users . /tmp/kvfleet-src
 RUN pip install --no-cache-dir "/tmp/kvfleet-src" "ray[serve]==${RAY_VERSION}" \
     && rm -rf /tmp/kvfleet-src \
-    && ln -s "$(python -c 'from cluster.demo_model import DEMO_PAIR_DIR; print(DEMO_PAIR_DIR)')" /home/ray/models \
+    && ln -s "$(python -c 'from cluster.demo.model import DEMO_PAIR_DIR; print(DEMO_PAIR_DIR)')" /home/ray/models \
     && python -c "import cluster.app, protos.kvfleet.v1.generation_pb2_grpc" \
     && kvfleet --help > /dev/null
 WORKDIR /home/ray

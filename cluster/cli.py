@@ -22,7 +22,7 @@ from pathlib import Path
 
 def demo_model() -> Path:
     """The shipped demo target, kvfleet-pycoder (a ~19M-parameter Llama trained on Python's stdlib)."""
-    from cluster.demo_model import shipped_demo_pair
+    from cluster.demo.model import shipped_demo_pair
 
     target, _ = shipped_demo_pair()
     if not (target / "config.json").is_file():
@@ -103,7 +103,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench_engine(args) -> None:
-    from cluster.bench import run_engine_bench
+    from cluster.bench.engine import run_engine_bench
 
     if not args.model and not args.shape:
         args.model = str(demo_model())
@@ -111,19 +111,19 @@ def cmd_bench_engine(args) -> None:
 
 
 def cmd_bench_spec(args) -> None:
-    from cluster.bench_spec import run_spec_bench
+    from cluster.bench.spec import run_spec_bench
 
     run_spec_bench(args)
 
 
 def cmd_bench_api(args) -> None:
-    from cluster.bench_api import run_api_bench
+    from cluster.bench.api import run_api_bench
 
     run_api_bench(args)
 
 
 def cmd_bench_index(args) -> None:
-    from cluster.bench_index import run_index_bench
+    from cluster.bench.index import run_index_bench
 
     run_index_bench(
         redis_url=args.redis_url,
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--json", help="also write the report here")
     eng.set_defaults(func=cmd_bench_engine)
 
-    from cluster.bench_spec import add_arguments as add_spec_arguments
+    from cluster.bench.spec import add_arguments as add_spec_arguments
 
     spec = bench.add_parser(
         "spec",
@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--json", help="also write the report here")
     api.set_defaults(func=cmd_bench_api)
 
-    from cluster.bench_serve import add_serve_parser
-    from cluster.bench_simulate import add_simulate_parser
+    from cluster.bench.serve import add_serve_parser
+    from cluster.bench.simulate import add_simulate_parser
 
     add_serve_parser(bench)
     add_simulate_parser(bench)

@@ -22,7 +22,7 @@ An entry is live iff its score is greater than now. `stored` and `touched` event
 hashes with score now + ttl_s (a refresh); `removed` events ZREM them. Expired members are
 ignored by lookups and deleted by `trim` (the publisher calls it now and then). Raw 16-byte
 members take 88 bytes per (page, replica) entry against 103 for 32-hex-digit strings
-(valkey 8.1, libc malloc, 64 replicas x 2,048 pages; `cluster/bench_index.py`), and halve
+(valkey 8.1, libc malloc, 64 replicas x 2,048 pages; `cluster/bench/index.py`), and halve
 the bytes a lookup sends.
 
 A lookup is one EVALSHA of a read-only script: for each candidate, its liveness key, then its

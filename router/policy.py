@@ -3,7 +3,7 @@
 Pure: no Ray, no Redis, no clock. `choose` takes one `ReplicaView` per candidate (its load), the
 number of the prompt's leading pages each one holds (from the shared page index; {} when the index
 gave no answer) and a `RoutingConfig`, and returns a `Decision`. The Ray Serve adapter
-(`router/prefix_router.py`) and the simulator (`cluster/bench_simulate.py`) both call it.
+(`router/prefix_router.py`) and the simulator (`cluster/bench/simulate.py`) both call it.
 
 The rule, in the words of SGLang's cache-aware router and llm-d's scorers, made explicit:
 

@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from cluster.demo_model import build_model_dir, train_tokenizer
+from cluster.demo.model import build_model_dir, train_tokenizer
 
 
 @pytest.fixture(scope="session")

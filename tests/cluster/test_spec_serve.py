@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from cluster.demo_model import shipped_demo_pair
+from cluster.demo.model import shipped_demo_pair
 from protos.kvfleet.v1 import generation_pb2 as pb
 from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
 from workers.request import GenerateRequest, SamplingParams

@@ -12,7 +12,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from cluster.demo_model import DEMO_PAIR_DIR, DEMO_TARGET
+from cluster.demo.model import DEMO_PAIR_DIR, DEMO_TARGET
 from tests.helm.rendering import CHART_DIR, ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from cluster.demo_model import _MULTILINGUAL
+from cluster.demo.model import _MULTILINGUAL
 from workers.detokenizer import IncrementalDetokenizer
 
 ROCKET = "🚀"

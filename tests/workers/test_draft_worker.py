@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from cluster.demo_model import shipped_demo_pair
+from cluster.demo.model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
 from workers.draft_client import RoutedDraftProposer
 from workers.engine import Engine

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from cluster.demo_model import build_model_dir
+from cluster.demo.model import build_model_dir
 from workers.kernels.ops import get_ops
 from workers.layers.attention import AttentionMetadata
 from workers.models.config import ModelConfig, UnsupportedModelError

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from cluster.demo_model import shipped_demo_pair
+from cluster.demo.model import shipped_demo_pair
 from workers.config import SpeculativeConfig
 from workers.request import FinishReason, GenerateRequest, SamplingParams
 from workers.spec_decode import NgramProposer, Proposals, SpeculativeDecoder, expected_tokens

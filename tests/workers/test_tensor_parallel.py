@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 
-from cluster.demo_model import build_model_dir
+from cluster.demo.model import build_model_dir
 from workers.config import EngineConfig
 from workers.engine import Engine
 from workers.layers.parallel import TPInfo, shard_heads

@@ -126,8 +126,8 @@ def build_model_dir(
     return out
 
 
-# The trained pair that ships with kvfleet (cluster/train_demo.py made it; see each README.md).
-DEMO_PAIR_DIR = Path(__file__).resolve().parent / "demo_models"
+# The trained pair that ships with kvfleet (cluster/demo/train.py made it; see each README.md).
+DEMO_PAIR_DIR = Path(__file__).resolve().parent.parent / "demo_models"
 DEMO_TARGET = "kvfleet-pycoder"
 DEMO_DRAFT = "kvfleet-pycoder-draft"
 

@@ -1,7 +1,7 @@
 """`kvfleet bench simulate`: the routing policy driving a discrete-event simulation of a cluster, without GPUs.
 
-A seeded workload of conversations that share prefixes (`cluster.sim_workload`) is routed to N
-simulated replicas (`cluster.sim_replica`: a page pool with an LRU prefix cache and an engine
+A seeded workload of conversations that share prefixes (`cluster.bench.sim_workload`) is routed to N
+simulated replicas (`cluster.bench.sim_replica`: a page pool with an LRU prefix cache and an engine
 timed by a cost model), spread over `routers` router processes, by one of these policies:
 
 - `prefix_aware`: `router.policy.choose` as `router/prefix_router.py` calls it. Leading pages held
@@ -40,9 +40,9 @@ from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from cluster.bench_stats import percentile
-from cluster.sim_replica import PAGE_SIZE, CostModel, HeldPages, PagePool, Replica, Request
-from cluster.sim_workload import Conversation, Workload, make_conversations
+from cluster.bench.sim_replica import PAGE_SIZE, CostModel, HeldPages, PagePool, Replica, Request
+from cluster.bench.sim_workload import Conversation, Workload, make_conversations
+from cluster.bench.stats import percentile
 from router.policy import ReplicaView, RoutingConfig, choose
 
 POLICIES = ("prefix_aware", "oracle", "round_robin", "power_of_two", "least_loaded")

@@ -1,7 +1,7 @@
 """Where a speculative step's time goes: host time per phase (draft propose and its parts, the
 target's forward and verify, the rest of the engine loop) and the device syncs each phase makes.
 
-    python -m cluster.profile_spec --device cuda [--temperature 1] [--batch 1 16] [--k 4]
+    python -m cluster.bench.profile_spec --device cuda [--temperature 1] [--batch 1 16] [--k 4]
 
 Per phase: calls, host milliseconds per call (perf_counter around the call, syncs it makes
 included) and the device-to-host syncs it triggered (torch.cuda sync-debug warnings, grouped by
@@ -20,8 +20,8 @@ import warnings
 
 import torch
 
-from cluster.bench_spec import PROMPTS, generate_all
-from cluster.demo_model import shipped_demo_pair
+from cluster.bench.spec import PROMPTS, generate_all
+from cluster.demo.model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
 from workers.engine import Engine
 from workers.request import SamplingParams
@@ -187,7 +187,7 @@ def launch_costs(args) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m cluster.profile_spec", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cluster.bench.profile_spec", description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--proposers", nargs="+", default=["draft"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])

@@ -1,7 +1,7 @@
 """Train kvfleet's demo model pair on text every machine has: the Python standard library.
 
-    python -m cluster.train_demo prepare --data DIR            # CPU: tokenizer + token files
-    python -m cluster.train_demo train --data DIR --out DIR    # GPU: target, then its draft
+    python -m cluster.demo.train prepare --data DIR            # CPU: tokenizer + token files
+    python -m cluster.demo.train train --data DIR --out DIR    # GPU: target, then its draft
 
 `prepare` trains a byte-level BPE tokenizer (8k) on the stdlib's `*.py` files and writes them as
 token ids, `</s>` after each file, holding out every 20th file (sorted by path) for validation.
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 VOCAB_SIZE = 8192
-EOS_ID = 1  # "</s>" in cluster.demo_model.train_tokenizer: separates files
+EOS_ID = 1  # "</s>" in cluster.demo.model.train_tokenizer: separates files
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def mark_file_start(tokenizer):
 
 
 def prepare(data_dir: Path, vocab_size: int = VOCAB_SIZE) -> dict:
-    from cluster.demo_model import train_tokenizer_on
+    from cluster.demo.model import train_tokenizer_on
 
     files = stdlib_files()
     texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
@@ -431,7 +431,7 @@ Chat-free. This is {role}.
   ({run["tokens"] / 1e6:.0f}M tokens to that step; {run["seconds"]:.0f} s in all on {record["device"]}); AdamW
   (betas 0.9/0.95, weight decay {c["weight_decay"]}), peak LR {lr}, {c["warmup"]} warm-up steps, cosine to 10%,
   {dropout}bf16 autocast, seed {c["seed"]}.
-  Script: `python -m cluster.train_demo` in kvfleet.
+  Script: `python -m cluster.demo.train` in kvfleet.
 
 ## Held-out results ({r["val_tokens"]:,} tokens of the test files, never used to pick a checkpoint)
 
@@ -462,7 +462,7 @@ def _sample_section(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cluster.train_demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cluster.demo.train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="train the tokenizer and write token files (CPU)")
     p.add_argument("--data", type=Path, required=True)

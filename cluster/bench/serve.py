@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cluster.bench_stats import percentile
+from cluster.bench.stats import percentile
 
 POLICIES = ("prefix_aware", "power_of_two", "round_robin")
 
@@ -192,7 +192,7 @@ def _table(reports: list[dict]) -> str:
 
 def run_serve_bench(args) -> dict:
     if args.model is None:
-        from cluster.demo_model import shipped_demo_pair
+        from cluster.demo.model import shipped_demo_pair
 
         args.model = str(shipped_demo_pair()[0])
     policies = list(POLICIES) if args.compare else [args.policy]

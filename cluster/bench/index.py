@@ -28,7 +28,7 @@ from pathlib import Path
 
 import redis
 
-from cluster.bench_stats import percentile
+from cluster.bench.stats import percentile
 from kvstore.hashing import hash_to_str
 from kvstore.index import IndexConfig, LookupMode, PageIndex, ReplicaLoad
 from kvstore.page_pool import KVEvent, KVEventKind

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster.bench_stats import percentile
+from cluster.bench.stats import percentile
 
 
 def _percentiles(xs: list[float]) -> dict[str, float]:
@@ -105,7 +105,7 @@ def run_api_bench(args) -> dict:
     tmp = None
     model = args.model
     if model is None:
-        from cluster.demo_model import build_model_dir, train_tokenizer
+        from cluster.demo.model import build_model_dir, train_tokenizer
 
         tmp = tempfile.TemporaryDirectory(prefix="kvfleet-bench-")
         model = str(build_model_dir(Path(tmp.name) / "tiny-llama", "llama", tokenizer=train_tokenizer(), seed=0))

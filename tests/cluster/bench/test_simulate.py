@@ -7,8 +7,8 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from cluster.bench_simulate import POLICIES, SimParams, Workload, _Simulation, add_simulate_parser, simulate
-from cluster.sim_replica import CostModel, HeldPages, PagePool, Replica, Request
+from cluster.bench.sim_replica import CostModel, HeldPages, PagePool, Replica, Request
+from cluster.bench.simulate import POLICIES, SimParams, Workload, _Simulation, add_simulate_parser, simulate
 from router.policy import RoutingConfig
 
 TINY = Workload(

@@ -18,7 +18,7 @@ the ratio of their tok/s per (batch, k).
 
     kvfleet bench spec --device cuda --json bench/results/spec-h100.json
     kvfleet bench spec --proposers draft replicas --json bench/results/spec-cpu-replicas.json
-    python -m cluster.bench_spec ...      (no Ray needed without `replicas`)
+    python -m cluster.bench.spec ...      (no Ray needed without `replicas`)
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from cluster.demo_model import shipped_demo_pair
+from cluster.demo.model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
@@ -276,7 +276,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cluster.bench_spec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench.spec", description=__doc__.splitlines()[0])
     add_arguments(parser)
     run_spec_bench(parser.parse_args(argv))
 

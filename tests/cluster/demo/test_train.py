@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import transformers
 
-from cluster import train_demo
+from cluster.demo import train as train_demo
 
 
 def test_held_out_files_alternate_between_dev_and_test():

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from cluster.demo_model import shipped_demo_pair
-from cluster.train_demo import EOS_ID, SAMPLE_PROMPT, VOCAB_SIZE
+from cluster.demo.model import shipped_demo_pair
+from cluster.demo.train import EOS_ID, SAMPLE_PROMPT, VOCAB_SIZE
 from workers.config import EngineConfig
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams

@@ -1,0 +1,1 @@
+"""Benchmarks, the profiler and the routing simulator behind `kvfleet bench`."""

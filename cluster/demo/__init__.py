@@ -1,0 +1,1 @@
+"""The demo model pair: building small model directories, training the shipped pair."""
