@@ -3,7 +3,8 @@
 Pure: no Ray, no Redis, no clock. `choose` takes one `ReplicaView` per candidate (its load), the
 number of the prompt's leading pages each one holds (from the shared page index; {} when the index
 gave no answer) and a `RoutingConfig`, and returns a `Decision`. The Ray Serve adapter
-(`router/prefix_router.py`) and the simulator (`cluster/bench/simulate.py`) both call it.
+(`router/prefix_router.py`) and the simulator (`cluster/bench/simulate.py`) both call it; the simulator
+prunes its candidates with the same `load_limit` and `short_of_pages`.
 
 The rule, in the words of SGLang's cache-aware router and llm-d's scorers, made explicit:
 
@@ -85,11 +86,10 @@ def choose(
         raise ValueError("no candidate replicas")
     rng = rng or random
     min_load = min(c.load for c in candidates)
-    limit = min_load + config.spill_abs_threshold + config.spill_rel_threshold * min_load
+    limit = load_limit(min_load, config)
 
     def overloaded(c: ReplicaView) -> bool:
-        short_of_pages = c.num_total_pages > 0 and c.num_free_pages < config.min_free_page_fraction * c.num_total_pages
-        return c.load > limit or (short_of_pages and c.load > min_load)
+        return c.load > limit or (c.load > min_load and short_of_pages(c.num_free_pages, c.num_total_pages, config))
 
     eligible = [c for c in candidates if not overloaded(c)] or [c for c in candidates if c.load == min_load]
     held = matched_pages or {}
@@ -110,6 +110,16 @@ def choose(
     else:
         reason = Reason.LOAD
     return Decision(chosen.replica_id, reason, held.get(chosen.replica_id, 0))
+
+
+def load_limit(min_load: float, config: RoutingConfig) -> float:
+    """The most requests in flight a replica may run and stay eligible (rule 1)."""
+    return min_load + config.spill_abs_threshold + config.spill_rel_threshold * min_load
+
+
+def short_of_pages(num_free_pages: int, num_total_pages: int, config: RoutingConfig) -> bool:
+    """Fewer free KV pages than `min_free_page_fraction` of a known total (0: unknown, never short)."""
+    return num_total_pages > 0 and num_free_pages < config.min_free_page_fraction * num_total_pages
 
 
 def _least_loaded(candidates: list[ReplicaView], rng) -> ReplicaView:

@@ -10,10 +10,12 @@ the router's lagged copy of the index (value = expiry). It answers "how many lea
 this prompt does replica r hold" fast, caching each (replica, system prompt) run until that
 owner's pages change on that replica or an entry of the run expires.
 
-`PagePool` mirrors `kvstore.page_pool.PagePool`: pages of running sequences are pinned;
-a finished sequence's full pages stay cached, unreferenced, and are evicted least recently
-released first (a sequence releases its tail before its head, so heads outlive tails). A sequence
-reserves pages for its whole answer at admission, so there is no preemption.
+`ReplicaPages` is a replica's page pool: the engine's own `kvstore.page_pool.PagePool`, keyed by
+these ints (a `PageHash` is an int too), driven as the scheduler drives it: look up the cached
+prefix, acquire it, allocate the rest, commit full pages, free. So the simulated cache pins,
+shares, evicts (least recently released first, a sequence's tail before its head) and emits KV
+events exactly as a replica's does. A sequence allocates pages for its whole answer at admission,
+so there is no preemption.
 
 `Replica` is continuous batching with chunked prefill: each step carries one token of every
 decoding sequence and up to `max_batched_tokens` of prefill (FIFO), admits waiting requests
@@ -27,10 +29,12 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import Counter, OrderedDict, defaultdict, deque
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass
 from itertools import repeat
 from operator import rshift
+
+from kvstore.page_pool import KVEventKind, PagePool
 
 PAGE_SIZE = 16
 OWNER_SHIFT = 20  # page index < 2**20: prompts up to 16M tokens
@@ -51,7 +55,7 @@ class Request:
     """One turn of a conversation: its prompt is the system prompt, the history and a question."""
 
     __slots__ = (
-        "answer_len", "arrival", "cached_tokens", "conv", "conv_owner", "e2e", "first_token", "id", "num_anon",
+        "answer_len", "arrival", "cached_tokens", "conv", "conv_owner", "e2e", "first_token", "id", "num_committed",
         "pages", "passed_over", "prefill_left", "prompt_len", "prompt_pages", "reason", "replica", "router",
         "sys_id", "sys_pages", "total_pages", "turn",
     )  # fmt: skip
@@ -62,8 +66,8 @@ class Request:
         self.prompt_len, self.answer_len = prompt_len, answer_len
         self.prompt_pages = prompt_len // PAGE_SIZE  # full pages: what the router can match
         self.total_pages = -(-(prompt_len + answer_len) // PAGE_SIZE)
-        self.cached_tokens = self.prefill_left = self.num_anon = 0
-        self.pages: list[int] = []  # keys of the cached pages it holds, in order
+        self.cached_tokens = self.prefill_left = self.num_committed = 0
+        self.pages: list[int] = []  # its block table: page ids in the replica's pool, the first num_committed cached
         self.first_token = self.e2e = -1.0
         self.replica = self.router = -1
         self.reason = ""
@@ -174,75 +178,71 @@ class HeldPages:
         return held, sorted(extra.items(), reverse=True) + levels
 
 
-class PagePool:
-    """One replica's KV pages; `emit(kind, replica, keys)` receives its stored/touched/removed events."""
+class ReplicaPages:
+    """One replica's KV pages: the engine's own `kvstore.page_pool.PagePool` (page ids, refcounts, the
+    LRU prefix cache, KV events), driven per request as the engine's scheduler drives it. Its events go
+    to `held` at once (the exact view: stored and removed pages) and to `emit(kind, replica, keys)`."""
 
     def __init__(self, replica: int, num_pages: int, held: HeldPages, emit=None):
         self.replica, self.num_pages, self.held, self.emit = replica, num_pages, held, emit
-        self.ref = held.entries[replica]  # cached key -> number of running sequences holding it
-        self.lru: OrderedDict[int, None] = OrderedDict()  # cached keys nobody holds, least recently released first
-        self.num_anon = 0  # pages held by running sequences and not (yet) cached
+        self.pool = PagePool(num_pages, PAGE_SIZE)
 
     @property
     def num_free_pages(self) -> int:  # cached-but-unreferenced pages count as free: reusable at once
-        return self.num_pages - self.num_anon - len(self.ref) + len(self.lru)
+        return self.pool.num_free_pages
+
+    @property
+    def lru(self) -> list[int]:
+        """Cached keys nobody holds, least recently released first (the next to be evicted)."""
+        page_hash = self.pool.page_hash
+        return [page_hash[p] for p in self.pool._free if page_hash[p] is not None]
+
+    @property
+    def num_anon(self) -> int:
+        """Pages held by running sequences and not (yet) cached."""
+        pool = self.pool
+        return sum(1 for p in range(self.num_pages) if pool.ref_counts[p] and pool.page_hash[p] is None)
 
     def admit(self, req: Request, now: float) -> bool:
-        """Take req's cached leading pages and reserve the rest of its pages, if they fit."""
-        k = self.held.leading(self.replica, req, now)
-        if k * PAGE_SIZE >= req.prompt_len:
-            k -= 1  # a fully cached prompt recomputes its last page, for the logits
-        keys = req.keys(0, k)
-        ref, lru = self.ref, self.lru
-        need = req.total_pages - k
-        if self.num_free_pages - sum(map(lru.__contains__, keys)) < need:
+        """Take req's cached leading pages and allocate the rest of its pages, if they fit."""
+        pool = self.pool
+        cached = pool.lookup_prefix(req.keys(0, req.prompt_pages))
+        if len(cached) * PAGE_SIZE >= req.prompt_len:
+            cached.pop()  # a fully cached prompt recomputes its last page, for the logits
+        need = req.total_pages - len(cached)
+        if pool.num_free_pages - pool.num_pages_to_acquire(cached) < need:
             return False
-        for key in keys:
-            n = ref[key]
-            if not n:
-                del lru[key]
-            ref[key] = n + 1
-        if keys and self.emit:
-            self.emit("touched", self.replica, tuple(keys))
-        evict = need - (self.num_pages - self.num_anon - len(ref))
-        if evict > 0:
-            removed = [lru.popitem(last=False)[0] for _ in range(evict)]
-            self.held.remove(self.replica, removed)
-            if self.emit:
-                self.emit("removed", self.replica, removed)
-        self.num_anon += need
-        req.pages, req.num_anon, req.cached_tokens = keys, need, k * PAGE_SIZE
+        pool.acquire(cached)
+        req.pages = cached + pool.allocate(need)
+        req.num_committed = len(cached)
+        req.cached_tokens = len(cached) * PAGE_SIZE
+        self._publish()
         return True
 
     def commit(self, req: Request, upto: int) -> None:
         """Cache req's full pages up to `upto`; a page cached already is shared and the copy freed."""
-        keys = req.keys(len(req.pages), upto)
-        if not keys:
+        done = req.num_committed
+        if upto <= done:
             return
-        ref, lru = self.ref, self.lru
-        stored = [key for key in keys if key not in ref]
-        if len(stored) < len(keys):
-            for key in keys:
-                if (n := ref.get(key)) is not None:
-                    if not n:
-                        del lru[key]
-                    ref[key] = n + 1
-        if stored:
-            self.held.put(self.replica, stored, 1, new=True)
-            if self.emit:
-                self.emit("stored", self.replica, stored)
-        req.pages.extend(keys)
-        req.num_anon -= len(keys)
-        self.num_anon -= len(keys)
+        pages = req.pages[done:upto]
+        self.pool.commit(pages, req.keys(done, upto))
+        req.pages[done:upto] = pages
+        req.num_committed = upto
+        self._publish()
 
     def release(self, req: Request) -> None:
-        self.num_anon -= req.num_anon
-        req.num_anon = 0
-        ref, pages = self.ref, req.pages[::-1]
-        counts = [ref[key] - 1 for key in pages]
-        ref.update(zip(pages, counts, strict=True))
-        self.lru.update(dict.fromkeys([key for key, n in zip(pages, counts, strict=True) if not n]))
+        self.pool.free(req.pages)  # tail first: a sequence's head outlives its tail in the cache
         req.pages = []
+
+    def _publish(self) -> None:
+        for event in self.pool.take_events():
+            keys = list(event.hashes)
+            if event.kind == KVEventKind.STORED:
+                self.held.put(self.replica, keys, 1, new=True)
+            elif event.kind == KVEventKind.REMOVED:
+                self.held.remove(self.replica, keys)
+            if self.emit:
+                self.emit(event.kind, self.replica, keys)
 
 
 IDLE, STEP, DECODE_RUN = 0, 1, 2
@@ -252,7 +252,7 @@ class Replica:
     """An engine: `submit` a request; `sim.wake_at(t, self, version)` schedules its next step end and
     `sim.first_token(req, t)` / `sim.finished(req, t)` report progress."""
 
-    def __init__(self, index: int, cost: CostModel, pool: PagePool, sim):
+    def __init__(self, index: int, cost: CostModel, pool: ReplicaPages, sim):
         self.index, self.cost, self.pool, self.sim = index, cost, pool, sim
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []

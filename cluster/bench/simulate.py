@@ -1,8 +1,8 @@
 """`kvfleet bench simulate`: the routing policy driving a discrete-event simulation of a cluster, without GPUs.
 
 A seeded workload of conversations that share prefixes (`cluster.bench.sim_workload`) is routed to N
-simulated replicas (`cluster.bench.sim_replica`: a page pool with an LRU prefix cache and an engine
-timed by a cost model), spread over `routers` router processes, by one of these policies:
+simulated replicas (`cluster.bench.sim_replica`: the engine's own page pool, `kvstore.page_pool`, and an
+engine timed by a cost model), spread over `routers` router processes, by one of these policies:
 
 - `prefix_aware`: `router.policy.choose` as `router/prefix_router.py` calls it. Leading pages held
   come from a lagged copy of the page index: each replica's KV events land `index_lag_s` after they
@@ -40,10 +40,10 @@ from collections import Counter, defaultdict, deque
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from cluster.bench.sim_replica import PAGE_SIZE, CostModel, HeldPages, PagePool, Replica, Request
+from cluster.bench.sim_replica import PAGE_SIZE, CostModel, HeldPages, Replica, ReplicaPages, Request
 from cluster.bench.sim_workload import Conversation, Workload, make_conversations
 from cluster.bench.stats import percentile
-from router.policy import ReplicaView, RoutingConfig, choose
+from router.policy import ReplicaView, RoutingConfig, choose, load_limit, short_of_pages
 
 POLICIES = ("prefix_aware", "oracle", "round_robin", "power_of_two", "least_loaded")
 LOAD_VIEWS = ("serve", "heartbeat", "freshest")
@@ -148,7 +148,7 @@ class _Simulation:
         self.index = HeldPages(self.names, expiring=True) if params.policy == "prefix_aware" else None
         self.events: deque = deque()
         emit = self._emit if self.index is not None else None
-        self.pools = [PagePool(i, cost.pages_per_replica, self.cached, emit) for i in range(n)]
+        self.pools = [ReplicaPages(i, cost.pages_per_replica, self.cached, emit) for i in range(n)]
         self.replicas = [Replica(i, cost, self.pools[i], self) for i in range(n)]
         if params.load_view not in LOAD_VIEWS:
             raise ValueError(f"unknown load view {params.load_view!r}: choose from {', '.join(LOAD_VIEWS)}")
@@ -295,8 +295,7 @@ class _Simulation:
             # The least loaded always stay eligible; beyond them only the least-loaded eligible holders
             # of the longest prefix that has any can win (router/policy.py's rule 1 and 2).
             lowest = book.min
-            limit = lowest + cfg.spill_abs_threshold + cfg.spill_rel_threshold * lowest
-            short = cfg.min_free_page_fraction * total
+            limit = load_limit(lowest, cfg)
             picked = set(book.buckets[lowest])
             loads = sorted(v for v in book.buckets if v <= limit)
             for count, members in levels:
@@ -305,7 +304,7 @@ class _Simulation:
                 for v in loads:
                     hit = book.buckets[v] & members
                     if v > lowest:
-                        hit = {i for i in hit if free_of(i) >= short}
+                        hit = {i for i in hit if not short_of_pages(free_of(i), total, cfg)}
                     if hit:
                         picked |= hit
                         break

@@ -7,7 +7,7 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from cluster.bench.sim_replica import CostModel, HeldPages, PagePool, Replica, Request
+from cluster.bench.sim_replica import CostModel, HeldPages, Replica, ReplicaPages, Request
 from cluster.bench.simulate import POLICIES, SimParams, Workload, _Simulation, add_simulate_parser, simulate
 from router.policy import RoutingConfig
 
@@ -32,7 +32,7 @@ def request(conv: int, prompt_len: int, answer_len: int = 16, sys_pages: int = 0
     return Request(rid, conv, 0, 0.0, 0, sys_pages, 100 + conv, prompt_len, answer_len)
 
 
-def run_to_end(pool: PagePool, req: Request) -> None:
+def run_to_end(pool: ReplicaPages, req: Request) -> None:
     """Admit, prefill, decode and finish req by hand (as the engine does)."""
     assert pool.admit(req, 0.0)
     pool.commit(req, req.prompt_pages)
@@ -43,7 +43,7 @@ def run_to_end(pool: PagePool, req: Request) -> None:
 # ------------------------------------------------------------------ the page pool
 def test_finished_pages_stay_cached_and_a_later_turn_reuses_its_leading_pages():
     held = HeldPages(["r0"], expiring=False)
-    pool = PagePool(0, 16, held)
+    pool = ReplicaPages(0, 16, held)
     first = request(1, prompt_len=40, answer_len=24, sys_pages=1)  # 2 full prompt pages, 4 in all
     run_to_end(pool, first)
     assert pool.num_free_pages == 16 and len(pool.lru) == 4
@@ -57,13 +57,12 @@ def test_finished_pages_stay_cached_and_a_later_turn_reuses_its_leading_pages():
 
 def test_leading_pages_stop_at_the_first_page_missing():
     held = HeldPages(["r0"], expiring=False)
-    pool = PagePool(0, 16, held)
+    pool = ReplicaPages(0, 16, held)
     run_to_end(pool, request(1, prompt_len=96))
     probe = request(1, prompt_len=96 + 16)
     assert held.leading(0, probe, 0.0) == 7
     key = probe.keys(2, 3)
-    del pool.lru[key[0]]
-    held.remove(0, key)
+    held.remove(0, key)  # the view loses page 2 (the pool keeps it: the view is what routers read)
     assert held.leading(0, probe, 0.0) == 2
     assert held.matched(probe, 0.0)[0] == {"r0": 2}
 
@@ -71,7 +70,7 @@ def test_leading_pages_stop_at_the_first_page_missing():
 def test_the_pool_evicts_least_recently_released_pages_tail_first():
     events = []
     held = HeldPages(["r0"], expiring=False)
-    pool = PagePool(0, 6, held, emit=lambda kind, r, keys: events.append((kind, list(keys))))
+    pool = ReplicaPages(0, 6, held, emit=lambda kind, r, keys: events.append((kind, list(keys))))
     a, b = request(1, prompt_len=32), request(2, prompt_len=32)  # 3 pages each, with the answer
     run_to_end(pool, a)
     run_to_end(pool, b)
@@ -126,7 +125,7 @@ class Submit:
 def test_a_cached_prompt_reaches_its_first_token_sooner_than_an_uncached_one():
     cost = CostModel(step_overhead_s=0.005, prefill_s_per_token=50e-6, decode_s_per_seq=1e-4, pages_per_replica=256)
     clock = Clock()
-    replica = Replica(0, cost, PagePool(0, cost.pages_per_replica, HeldPages(["r0"], expiring=False)), clock)
+    replica = Replica(0, cost, ReplicaPages(0, cost.pages_per_replica, HeldPages(["r0"], expiring=False)), clock)
     cold = request(1, prompt_len=1024, answer_len=8, rid=1)
     replica.submit(cold, 0.0)
     clock.run()
@@ -143,7 +142,7 @@ def test_a_cached_prompt_reaches_its_first_token_sooner_than_an_uncached_one():
 def test_a_new_request_joins_a_run_of_decode_steps_at_the_next_step_boundary():
     cost = CostModel(step_overhead_s=0.01, prefill_s_per_token=0.0, decode_s_per_seq=0.0, pages_per_replica=64)
     clock = Clock()
-    replica = Replica(0, cost, PagePool(0, 64, HeldPages(["r0"], expiring=False)), clock)
+    replica = Replica(0, cost, ReplicaPages(0, 64, HeldPages(["r0"], expiring=False)), clock)
     replica.submit(request(1, prompt_len=16, answer_len=11, rid=1), 0.0)  # prefill ends at 0.01, then 10 decodes
     late = request(2, prompt_len=16, answer_len=2, rid=2)
     late.arrival = 0.035
