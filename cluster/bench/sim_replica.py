@@ -193,9 +193,9 @@ class ReplicaPages:
 
     @property
     def lru(self) -> list[int]:
-        """Cached keys nobody holds, least recently released first (the next to be evicted)."""
-        page_hash = self.pool.page_hash
-        return [page_hash[p] for p in self.pool._free if page_hash[p] is not None]
+        """Cached keys nobody holds (evictable, least recently released first)."""
+        pool = self.pool
+        return [h for p, h in enumerate(pool.page_hash) if h is not None and not pool.ref_counts[p]]
 
     @property
     def num_anon(self) -> int:
