@@ -193,7 +193,7 @@ class ReplicaPages:
 
     @property
     def lru(self) -> list[int]:
-        """Cached keys nobody holds (evictable, least recently released first)."""
+        """Cached keys nobody holds: the pages eviction may take."""
         pool = self.pool
         return [h for p, h in enumerate(pool.page_hash) if h is not None and not pool.ref_counts[p]]
 
