@@ -3,7 +3,7 @@
 Pure: no Ray, no Redis, no clock. `choose` takes one `ReplicaView` per candidate (its load), the
 number of the prompt's leading pages each one holds (from the shared page index; {} when the index
 gave no answer) and a `RoutingConfig`, and returns a `Decision`. The Ray Serve adapter
-(`router/prefix_router.py`) and the simulator (`cluster/bench/simulate.py`) both call it; the simulator
+(`router/prefix_router.py`) and the simulator (`cluster/bench/sim_cluster.py`) both call it; the simulator
 prunes its candidates with the same `load_limit` and `short_of_pages`.
 
 The rule, in the words of SGLang's cache-aware router and llm-d's scorers, made explicit:

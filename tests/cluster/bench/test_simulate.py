@@ -7,8 +7,9 @@ from dataclasses import asdict, replace
 
 import pytest
 
+from cluster.bench.sim_cluster import POLICIES, SimParams, Workload, _Simulation, simulate
 from cluster.bench.sim_replica import CostModel, HeldPages, Replica, ReplicaPages, Request
-from cluster.bench.simulate import POLICIES, SimParams, Workload, _Simulation, add_simulate_parser, simulate
+from cluster.bench.simulate import add_simulate_parser
 from router.policy import RoutingConfig
 
 TINY = Workload(
