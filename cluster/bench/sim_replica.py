@@ -5,8 +5,8 @@ prompt (for pages wholly inside it, shared by every conversation on that prompt)
 conversation (every later page: a conversation's token stream is fixed, so its page i is the same
 chained hash in every turn). Equal keys are equal chains, as `kvstore.hashing` makes them.
 
-`HeldPages` records which pages each replica holds: a replica's pool (exact: value = refcount) or
-the router's lagged copy of the index (value = expiry). It answers "how many leading pages of
+`HeldPages` records which pages each replica holds, from its KV events: as they happen (exact,
+what the oracle sees) or as the router's lagged copy of the index (value = expiry). It answers "how many leading pages of
 this prompt does replica r hold" fast, caching each (replica, system prompt) run until that
 owner's pages change on that replica or an entry of the run expires.
 
