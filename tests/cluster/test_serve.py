@@ -234,7 +234,7 @@ def test_metrics_reach_rays_prometheus_export(stub, serve_cluster):
     with pytest.raises(grpc.RpcError):  # an outcome other than ok
         generate(stub, text="x", sampling=pb.SamplingParams(temperature=-1.0))
     long_prompt = PROMPT * 6  # a few full pages: the second request finds them cached
-    for _ in range(2):
+    for _ in range(3):  # three routing decisions (the refused request never reaches the router)
         generate(stub, text=long_prompt, sampling=pb.SamplingParams(max_tokens=4))
         time.sleep(0.3)  # the replica's publisher writes its pages to the index
     wanted = [
