@@ -1,1 +1,1 @@
-"""The demo model pair: building small model directories, training the shipped pair."""
+"""Building, training and distilling the models kvfleet ships for its demo."""
