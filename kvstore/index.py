@@ -624,14 +624,18 @@ class PageIndex(_IndexBase):
         """Delete the replica's expired entries (lookups ignore them anyway; this frees memory)."""
         self._run_publish(replica_id, [], trim=True)
 
-    def heartbeat(self, replica_id: str, load: ReplicaLoad) -> None:
-        """Report the replica alive, with its load, for the next `heartbeat_ttl_s`."""
+    def heartbeat(self, replica_id: str, load: ReplicaLoad) -> bool:
+        """Report the replica alive, with its load, for the next `heartbeat_ttl_s`. Returns whether
+        the previous heartbeat was still there: False after the first, after a silence longer than
+        the TTL, or when Redis lost its data (a restart), i.e. whenever the index may have forgotten
+        this replica's pages too."""
         key = self.keys.live(replica_id)
         pipe = self._writer.pipeline(transaction=True)
+        pipe.exists(key)
         pipe.delete(key)  # written whole: whatever else was left under this name goes
         pipe.hset(key, mapping={f: int(getattr(load, f)) for f in _HEARTBEAT_FIELDS})
         pipe.pexpire(key, int(self.config.heartbeat_ttl_s * 1000))
-        pipe.execute()
+        return bool(pipe.execute()[0])
 
     def live_replicas(self) -> dict[str, ReplicaLoad]:
         """Every replica of the model with a live heartbeat, and what it last reported (a SCAN

@@ -152,7 +152,33 @@ def test_publishing_neither_blocks_nor_raises_while_redis_is_dead_and_refills_af
         pub.submit([stored("a", 7, 8, 9)])
         assert pub.flush(2.0)
         assert wait_until(lambda: index.lookup([7, 8, 9], ["a"]) == {"a": 3})
-        assert index.lookup([1, 2], ["a"]) == {"a": 0}  # the index forgot; only new events refill it
+        # The index forgot; the publisher saw its heartbeat gone and wrote back everything the replica
+        # holds, the pages stored before the crash and those whose events were dropped meanwhile.
+        assert wait_until(lambda: index.lookup([1, 2], ["a"]) == {"a": 2})
+        assert index.lookup([1000, 1001], ["a"]) == {"a": 2} and pub.metrics.resyncs == 1
+
+
+def test_after_redis_loses_its_data_the_replica_republishes_what_its_cache_holds_not_what_it_evicted(
+    make_index, publishers
+):
+    with LocalRedisServer() as server:
+        index = make_index(server=server, **FAST)
+        pool = PagePool(6, PAGE, replica_id="a")
+        pub = publishers(index, "a")
+        first = page_hashes(list(range(24)), PAGE, "m")
+        pages = pool.allocate(6)
+        pool.commit(pages, first)
+        pool.free(pages)
+        pool.free(pool.allocate(2))  # evicts the two tail pages of `first`
+        pub.submit(pool.take_events())
+        assert pub.flush(2.0)
+        assert index.lookup(first, ["a"]) == {"a": 4}
+
+        server.kill()
+        server.start()  # same port, empty, back before the publisher noticed anything
+        assert wait_until(lambda: index.lookup(first, ["a"]) == {"a": 4}, timeout_s=10)
+        assert pub.metrics.resyncs == 1
+        assert index.lookup(first[4:], ["a"]) == {"a": 0}  # evicted pages stay forgotten
 
 
 def test_submit_stays_fast_while_redis_hangs(make_index, publishers):
