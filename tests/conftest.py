@@ -91,14 +91,17 @@ _index_namespaces = itertools.count()
 @pytest.fixture
 def make_index(redis_server):
     """Build `PageIndex`es on the session server under this test's own namespace (so tests never
-    see each other's keys); closed at teardown."""
+    see each other's keys); closed at teardown. Their lookup budget is 1 s, not 20 ms: on a loaded
+    machine a slow answer must not read as "nothing known" in a test of what lookups answer (tests
+    of the budget set `timeout_ms`)."""
     from kvstore.index import IndexConfig, PageIndex
 
     namespace = f"test{next(_index_namespaces)}"
     indexes = []
 
     def make(model_id: str = "m", server=None, clock=None, **config) -> PageIndex:
-        cfg = IndexConfig(**{"redis_url": (server or redis_server).url, "namespace": namespace, **config})
+        url = (server or redis_server).url
+        cfg = IndexConfig(**{"redis_url": url, "namespace": namespace, "timeout_ms": 1000.0, **config})
         index = PageIndex(cfg, model_id, clock=clock)
         indexes.append(index)
         return index
