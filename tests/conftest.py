@@ -37,6 +37,17 @@ def scaled(seconds: float) -> float:
     return seconds * time_factor()
 
 
+def pytest_collection_modifyitems(config, items):
+    """pytest-timeout's per-test limit (pyproject's `timeout`) scales with the load at the start,
+    like every other wait: starting the session cluster alone can outlast it on a busy box."""
+    base = float(config.getini("timeout") or 0)
+    factor = time_factor()
+    if base and factor > 1:
+        for item in items:
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(base * factor))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()

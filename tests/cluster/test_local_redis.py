@@ -1,7 +1,8 @@
-"""Local mode supervises its private Redis: on the session cluster (`serve_cluster` starts it as
-`kvfleet serve` does), a Redis killed from outside comes back on the same port, the index answers
-GetStatus again with every replica, the pages stored before the crash are written back, and
-requests route prefix-aware again. Leaves the cluster serving."""
+"""The session cluster's private Redis (`serve_cluster` starts it as `kvfleet serve` does), read as
+untrusted and supervised: keys outside the index's schema written into it change neither GetStatus
+nor routing; killed from outside, it comes back on the same port, the index answers GetStatus again
+with every replica, the pages stored before the crash are written back, and requests route
+prefix-aware again. Leaves the cluster serving."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from kvstore.hashing import page_hashes
-from kvstore.index import PageIndex
+from kvstore.index import IndexKeys, PageIndex
 from protos.kvfleet.v1 import generation_pb2 as pb
 from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
 from tests.conftest import scaled
@@ -40,6 +41,35 @@ def wait_until(cond, timeout_s: float, what: str) -> float:
         assert time.monotonic() < deadline, f"{what}: not within {scaled(timeout_s):.0f}s"
         time.sleep(0.05)
     return time.monotonic() - start
+
+
+def test_malformed_index_entries_leave_get_status_and_routing_working(stub, serve_cluster):
+    config = serve_cluster.config
+    keys = IndexKeys(config.index.namespace, config.engine.served_model_id)
+    admin = redis.Redis.from_url(serve_cluster.redis.url)
+
+    def replicas() -> list[str]:
+        status = stub.GetStatus(pb.GetStatusRequest())
+        assert status.index_reachable
+        return sorted(r.replica for r in status.replicas)
+
+    wait_until(lambda: len(replicas()) == config.target.replicas, 10, "every replica heartbeats")
+    real = replicas()
+    forged = [keys.live("forged-numbers"), keys.live("forged-text"), keys.live("a-string")]
+    admin.hset(forged[0], mapping={"num_waiting": 1, "num_running": 2, "num_free_pages": 3, "num_total_pages": 4})
+    admin.hset(forged[1], mapping={"num_waiting": "lots"})
+    admin.set(forged[2], "x")
+    admin.set(keys.pages(real[0]), "not a sorted set")  # until that replica's next publish replaces it
+    try:
+        assert replicas() == real
+        for i in range(4):  # routing reads the index for every prompt: it still answers
+            prompt = [(i * 53 + j * 11) % 400 + 3 for j in range(3 * PAGE)]
+            assert send(stub, prompt)
+    finally:
+        admin.delete(*forged)
+        if admin.type(keys.pages(real[0])) == b"string":  # not published over meanwhile
+            admin.delete(keys.pages(real[0]))
+        admin.close()
 
 
 def test_a_killed_private_redis_is_restarted_on_its_port_and_routing_recovers(stub, serve_cluster):
