@@ -1,8 +1,13 @@
 """Running a kvfleet cluster from this process: `kvfleet serve` and the integration tests.
 
 `ServeCluster(config).start()` brings up, in order, what the config leaves to it:
-  1. a private Redis-protocol server on a free port, when `config.index` is None (local mode);
-  2. a local Ray with its dashboard, when `config.ray.address` is None (else it connects);
+  1. a private Redis-protocol server on a free port, when `config.index` is None (local mode),
+     supervised: if it dies it is restarted on the same port within a fraction of a second, and
+     the replicas write their pages into it again (`kvstore.redis_server`, `kvstore.publisher`);
+  2. a local Ray with its dashboard, when `config.ray.address` is None (else it connects). With
+     `ray.dashboard_host` on loopback (the default) Ray runs as a one-machine cluster on
+     127.0.0.1, so the dashboard, its agents' HTTP ports and every Prometheus metrics port bind
+     loopback only; another `dashboard_host` (e.g. 0.0.0.0) exposes them on the machine's address;
   3. Ray Serve with its gRPC proxy (`config.grpc.port`) and the kvfleet application,
      reporting progress while replicas load the model, and returning once all are RUNNING.
 `stop()` (or leaving the `with` block) takes down what it started, in reverse order.
@@ -11,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,10 +34,34 @@ class ClusterStartError(RuntimeError):
     """The application did not reach RUNNING (a replica failed to start, or the wait timed out)."""
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _ray_on_loopback() -> None:
+    """Make the local Ray about to start a one-machine cluster on 127.0.0.1.
+
+    Ray binds its agents' HTTP ports and its metrics ports (dashboard, autoscaler, each node's
+    export port) on the node's IP, and on loopback only when that IP is loopback. On Linux it
+    takes the machine's reachable address even if told 127.0.0.1; RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    gives it the macOS/Windows default, loopback. The variable reaches the processes Ray starts;
+    this process read it when it imported Ray, so its copy is set too.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 class ServeCluster:
-    def __init__(self, config: ClusterConfig, progress: Callable[[str], None] = _stderr):
+    """`index_settings`: IndexConfig fields for the private index of local mode (ignored when the
+    config names an index); tests use it for fast heartbeats."""
+
+    def __init__(
+        self, config: ClusterConfig, progress: Callable[[str], None] = _stderr, index_settings: dict | None = None
+    ):
         self.config = config
         self.progress = progress
+        self.index_settings = index_settings or {}
         self.redis: LocalRedisServer | None = None
         self._started_ray = False
         self.grpc_port = config.grpc.port or free_port()
@@ -50,8 +80,9 @@ class ServeCluster:
 
         try:
             if self.config.index is None:
-                self.redis = LocalRedisServer().start()
-                self.config = self.config.model_copy(update={"index": IndexConfig(redis_url=self.redis.url)})
+                self.redis = LocalRedisServer().start().supervise()
+                index = IndexConfig(**{**self.index_settings, "redis_url": self.redis.url})
+                self.config = self.config.model_copy(update={"index": index})
                 self.progress(f"page index: private Redis-protocol server at {self.redis.url}")
                 if self.config.ray.address is not None:
                     self.progress(
@@ -61,6 +92,8 @@ class ServeCluster:
                     )
             if self.config.ray.address is None and not ray.is_initialized():
                 rc = self.config.ray
+                if rc.dashboard_host in _LOOPBACK:
+                    _ray_on_loopback()
                 context = ray.init(
                     num_cpus=rc.num_cpus,
                     namespace=rc.namespace,

@@ -14,9 +14,20 @@ a Redis Cluster hash tag, so all keys of one model live on one slot and one scri
                                             expiry, ms since the epoch on the server's clock.
                                             Key TTL: `ttl_s`, renewed by every publish, so the whole
                                             set of a replica that stops publishing disappears.
-    {ns}:{{model}}:live:{replica}    HASH   num_waiting, num_running, num_free_pages,
-                                            num_total_pages (decimal integers), written by the
+    {ns}:{{model}}:live:{replica}    HASH   exactly the eight fields num_waiting, num_running,
+                                            num_free_pages, num_total_pages, prefix_cache_queries,
+                                            prefix_cache_hits, num_requests_finished,
+                                            num_requests_aborted, each a decimal integer of 1 to
+                                            18 digits (no sign, no spaces); written whole by the
                                             replica's heartbeat. Key TTL: `heartbeat_ttl_s`.
+
+What the index reads from Redis is untrusted: anyone who can write to the server can leave keys
+of any type and content under these names. A `live:` key is a replica only if it is a hash in
+exactly the schema above (a forged one with a missing, extra or non-decimal field is not); a
+`pages:` key that is not a sorted set holds nothing. Such an entry is skipped, never fatal: it
+is counted in `LookupMetrics.malformed` and logged (at most one line a minute), and lookups
+and `live_replicas` answer for the valid replicas. The writers repair their own keys: a
+heartbeat replaces the whole hash, a publish replaces a `pages:` key of the wrong type.
 
 An entry is live iff its score is greater than now. `stored` and `touched` events ZADD the
 hashes with score now + ttl_s (a refresh); `removed` events ZREM them. Expired members are
@@ -178,6 +189,7 @@ class LookupMetrics:
     timeouts: int = 0
     errors: int = 0  # connection and server errors other than timeouts
     skipped: int = 0  # answered {} without asking, during retry_after_s after a failure
+    malformed: int = 0  # entries read from Redis outside the schema, skipped (see the module docstring)
 
 
 _LOAD_FIELDS = ("num_waiting", "num_running", "num_free_pages", "num_total_pages")  # what lookups read
@@ -189,13 +201,32 @@ _HEARTBEAT_FIELDS = (
     "num_requests_aborted",
 )
 
+_LIVE_NOT_A_HEARTBEAT, _PAGES_NOT_A_ZSET = -2, -3  # the lookup script's codes for malformed entries
+_MALFORMED_LOG_INTERVAL_S = 60.0
+
+
+def parse_heartbeat(fields: object) -> ReplicaLoad | None:
+    """A `live:` hash as HGETALL returns it (bytes keys and values), if it is in the schema."""
+    if not isinstance(fields, dict) or len(fields) != len(_HEARTBEAT_FIELDS):
+        return None
+    values = []
+    for name in _HEARTBEAT_FIELDS:
+        v = fields.get(name.encode())
+        if not isinstance(v, bytes) or not 0 < len(v) <= 18 or not v.isdigit():  # isdigit: ASCII only, for bytes
+            return None
+        values.append(int(v))
+    return ReplicaLoad(*values)
+
+
 # KEYS: live_1, pages_1, live_2, pages_2, ...  ARGV[1]: now in ms (0: the server's clock);
 # ARGV[2]: the prompt's page hashes, 16 bytes each, concatenated (one string, sliced here with
 # string.sub where a page is probed, rather than one argument per page); ARGV[3]: '1' to return
 # the load fields too. Returns one string of space-separated integers (one bulk string parses ~10x
-# faster than an array in redis-py), per candidate: its matched pages (0 without a live
-# heartbeat); or with ARGV[3] = '1', its matched pages (-1 without a live heartbeat) and its four
-# load fields. `@HELD@` is the mode's definition of `held(key)`: the candidate's leading run.
+# faster than an array in redis-py), per candidate: its matched pages, or -1 without a live
+# heartbeat, -2 for a heartbeat outside the schema, -3 (live, holding nothing) for a pages key
+# that is not a sorted set; with ARGV[3] = '1', each followed by its four load fields (0s unless
+# the heartbeat is valid). Every value is validated here, so the reply always parses.
+# `@HELD@` is the mode's definition of `held(key)`: the candidate's leading run.
 _LOOKUP_LUA = """#!lua flags=no-writes
 local now = tonumber(ARGV[1])
 if now == 0 then
@@ -221,6 +252,27 @@ end
 local function live(s)
   return s and (#s > nlen or (#s == nlen and s > nows))
 end
+-- A candidate's heartbeat: 'none' (no live key), 'bad' (a key outside the schema: not a hash, or
+-- not exactly the heartbeat's fields, each 1 to 18 decimal digits), or its fields' values.
+local FIELDS = {@FIELDS@}
+local function heartbeat(key)
+  local len = redis.pcall('HLEN', key)
+  if type(len) ~= 'number' then return 'bad' end
+  if len == 0 then return 'none' end
+  if len ~= #FIELDS then return 'bad' end
+  local v = redis.call('HMGET', key, unpack(FIELDS))
+  for i = 1, #FIELDS do
+    local s = v[i]
+    if not s or #s > 18 or not string.find(s, '^%d+$') then return 'bad' end
+  end
+  return v
+end
+-- The first call on a pages key: its answer, or nil when the key is not a sorted set.
+local function first_call(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then return nil end
+  return r
+end
 -- The first of scores[1..len] that is missing or expired (len + 1: none). `live` inlined: in
 -- exact mode this runs once per page held.
 local function first_miss(scores, len)
@@ -234,20 +286,19 @@ local function first_miss(scores, len)
 end
 @HELD@
 local out = {}
-if ARGV[3] == '1' then
-  for c = 1, #KEYS, 2 do
-    local load = redis.call('HMGET', KEYS[c], 'num_waiting', 'num_running', 'num_free_pages', 'num_total_pages')
-    if not load[1] then
-      out[#out + 1] = -1
+local with_load = ARGV[3] == '1'
+for c = 1, #KEYS, 2 do
+  local load = heartbeat(KEYS[c])
+  if load == 'none' or load == 'bad' then
+    out[#out + 1] = load == 'none' and -1 or -2
+    if with_load then
       for i = 1, 4 do out[#out + 1] = 0 end
-    else
-      out[#out + 1] = held(KEYS[c + 1])
+    end
+  else
+    out[#out + 1] = held(KEYS[c + 1])
+    if with_load then
       for i = 1, 4 do out[#out + 1] = load[i] end
     end
-  end
-else
-  for c = 1, #KEYS, 2 do
-    out[#out + 1] = redis.call('EXISTS', KEYS[c]) == 1 and held(KEYS[c + 1]) or 0
   end
 end
 return table.concat(out, ' ')
@@ -266,7 +317,14 @@ local function held(key)
       members[split] = string.sub(blob, split * 16 - 15, split * 16)
     end
     local len = last - pos + 1
-    local j = first_miss(redis.call('ZMSCORE', key, unpack(members, pos, last)), len)
+    local scores
+    if pos == 1 then
+      scores = first_call('ZMSCORE', key, unpack(members, pos, last))
+      if not scores then return -3 end
+    else
+      scores = redis.call('ZMSCORE', key, unpack(members, pos, last))
+    end
+    local j = first_miss(scores, len)
     got = got + j - 1
     if j <= len then break end
     pos = last + 1
@@ -290,7 +348,10 @@ end
 if n > 1 then gallop[#gallop + 1] = n end
 for i, q in ipairs(gallop) do gallop_members[i] = member(q) end
 local function held(key)
-  if n == 0 or not live(redis.call('ZSCORE', key, member(1))) then return 0 end
+  if n == 0 then return 0 end
+  local first = first_call('ZSCORE', key, member(1))
+  if first == nil then return -3 end
+  if not live(first) then return 0 end
   if n == 1 then return 1 end
   local j = first_miss(redis.call('ZMSCORE', key, unpack(gallop_members)), #gallop)
   if j > #gallop then return n end
@@ -305,6 +366,7 @@ end
 """
 _SCAN_FIRST, _SCAN_MAX = 8, 64
 _EXACT_RUN = _EXACT_RUN.replace("SCAN_FIRST", str(_SCAN_FIRST)).replace("SCAN_MAX", str(_SCAN_MAX))
+_LOOKUP_LUA = _LOOKUP_LUA.replace("@FIELDS@", ", ".join(f"'{f}'" for f in _HEARTBEAT_FIELDS))
 _LOOKUP_LUA = {"exact": _LOOKUP_LUA.replace("@HELD@", _EXACT_RUN), "search": _LOOKUP_LUA.replace("@HELD@", _SEARCH_RUN)}
 # KEYS[1]: a replica's pages key. ARGV[1]: now in ms (0: the server's clock); ARGV[2]: ttl in ms;
 # ARGV[3]: 1 to delete expired entries first; then pairs (op, hashes): op '+' stores or refreshes,
@@ -317,6 +379,9 @@ if now == 0 then
 end
 local ttl = tonumber(ARGV[2])
 local key = KEYS[1]
+-- The replica owns this key: one of another type (left by anyone) is replaced, not an error.
+local kind = redis.call('TYPE', key)['ok']
+if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', key) end
 if ARGV[3] == '1' then redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now)) end
 local expiry = string.format('%d', now + ttl)
 for a = 4, #ARGV, 2 do
@@ -405,6 +470,8 @@ class _IndexBase:
         self.metrics = LookupMetrics()
         self._down_until = 0.0  # time.monotonic() before which lookups answer {} at once
         self._lookup_keys: dict[str, tuple[str, str]] = {}  # replica -> (live key, pages key)
+        self._malformed_log_after = 0.0  # time.monotonic() before which malformed entries are not logged
+        self._malformed_unlogged = 0
 
     def _now_arg(self) -> int:
         return self.clock() if self.clock is not None else 0
@@ -450,7 +517,11 @@ class _IndexBase:
 
     def _counts(self, raw: bytes, replicas: Sequence[str]) -> dict[str, int]:
         self._answered()
-        out = dict(zip(replicas, map(int, raw.split()), strict=True))
+        out = {}
+        for r, matched in zip(replicas, map(int, raw.split()), strict=True):
+            if matched < -1:
+                self._malformed(r, matched)
+            out[r] = max(matched, 0)
         if any(out.values()):
             self.metrics.hits += 1
         return out
@@ -460,11 +531,33 @@ class _IndexBase:
         values = map(int, raw.split())
         out = {}
         for r, matched, *load in zip(replicas, *[values] * 5, strict=True):  # five values per replica
-            if matched >= 0:
-                out[r] = ReplicaMatch(matched, ReplicaLoad(*load))
+            if matched < -1:
+                self._malformed(r, matched)
+            if matched >= 0 or matched == _PAGES_NOT_A_ZSET:
+                out[r] = ReplicaMatch(max(matched, 0), ReplicaLoad(*load))
         if any(m.matched_pages for m in out.values()):
             self.metrics.hits += 1
         return out
+
+    def _malformed(self, replica: str, code: int) -> None:
+        what = {_LIVE_NOT_A_HEARTBEAT: "live", _PAGES_NOT_A_ZSET: "pages"}.get(code, "?")
+        self._skip_malformed(f"{self.keys.prefix}:{what}:{replica}")
+
+    def _skip_malformed(self, key: str) -> None:
+        """Count an entry outside the schema; log the first, then at most one line a minute."""
+        self.metrics.malformed += 1
+        self._malformed_unlogged += 1
+        now = time.monotonic()
+        if now >= self._malformed_log_after:
+            logger.warning(
+                "page index: skipped %d entr%s outside kvfleet's schema (e.g. %r; see kvstore.index); "
+                "something else writes to this Redis namespace",
+                self._malformed_unlogged,
+                "y" if self._malformed_unlogged == 1 else "ies",
+                key,
+            )
+            self._malformed_unlogged = 0
+            self._malformed_log_after = now + _MALFORMED_LOG_INTERVAL_S
 
 
 class PageIndex(_IndexBase):
@@ -531,27 +624,44 @@ class PageIndex(_IndexBase):
         """Delete the replica's expired entries (lookups ignore them anyway; this frees memory)."""
         self._run_publish(replica_id, [], trim=True)
 
-    def heartbeat(self, replica_id: str, load: ReplicaLoad) -> None:
-        """Report the replica alive, with its load, for the next `heartbeat_ttl_s`."""
+    def heartbeat(self, replica_id: str, load: ReplicaLoad) -> bool:
+        """Report the replica alive, with its load, for the next `heartbeat_ttl_s`. Returns whether
+        the previous heartbeat was still there: False after the first, after a silence longer than
+        the TTL, or when Redis lost its data (a restart), i.e. whenever the index may have forgotten
+        this replica's pages too."""
         key = self.keys.live(replica_id)
         pipe = self._writer.pipeline(transaction=True)
+        pipe.exists(key)
+        pipe.delete(key)  # written whole: whatever else was left under this name goes
         pipe.hset(key, mapping={f: int(getattr(load, f)) for f in _HEARTBEAT_FIELDS})
         pipe.pexpire(key, int(self.config.heartbeat_ttl_s * 1000))
-        pipe.execute()
+        return bool(pipe.execute()[0])
 
     def live_replicas(self) -> dict[str, ReplicaLoad]:
         """Every replica of the model with a live heartbeat, and what it last reported (a SCAN
-        and one pipelined HMGET: for status pages, not for routing). Raises `redis.RedisError`."""
-        prefix = self.keys.live("")
-        keys = self._writer.scan_iter(match=_glob_escape(prefix) + "*", count=1000)
-        names = [k[len(prefix) :].decode() for k in keys]
+        and one pipelined HGETALL: for status pages, not for routing). Entries outside the schema
+        are skipped and counted. Raises `redis.RedisError` when Redis does not answer."""
+        prefix = self.keys.live("").encode()
+        keys = list(self._writer.scan_iter(match=_glob_escape(self.keys.live("")) + "*", count=1000))
         pipe = self._writer.pipeline(transaction=False)
-        for name in names:
-            pipe.hmget(self.keys.live(name), _HEARTBEAT_FIELDS)
+        for key in keys:
+            pipe.hgetall(key)
         out = {}
-        for name, values in zip(names, pipe.execute(), strict=True):
-            if values[0] is not None:  # expired between the SCAN and the HMGET
-                out[name] = ReplicaLoad(*(int(v or 0) for v in values))
+        # Errors come back per command (a key of another type answers WRONGTYPE), not raised.
+        for key, fields in zip(keys, pipe.execute(raise_on_error=False), strict=True):
+            if fields == {}:  # expired between the SCAN and the HGETALL
+                continue
+            if isinstance(fields, redis.ConnectionError | redis.TimeoutError):
+                raise fields
+            load = parse_heartbeat(fields)
+            try:
+                name = key[len(prefix) :].decode()
+            except UnicodeDecodeError:
+                load = None
+            if load is None:
+                self._skip_malformed(key.decode(errors="backslashreplace"))
+            else:
+                out[name] = load
         return dict(sorted(out.items()))
 
     def leave(self, replica_id: str) -> None:

@@ -12,6 +12,13 @@ earlier life of the replica), retrying until Redis answers; events wait in the q
 On a Redis error the thread drops the batch in hand, counts it, waits `retry_after_s`, and goes on:
 it recovers by itself when Redis returns. A dropped `removed` event leaves a stale entry that
 expires within `ttl_s`; a dropped `stored` one is written again at the page's next hit.
+
+The publisher also keeps the set of pages the replica's prefix cache holds (`stored`/`touched`
+add a page, `removed` drops it, as submitted, so dropped events do not matter). When a heartbeat
+finds that its previous one is gone (Redis restarted empty, or the replica was silent past
+`heartbeat_ttl_s` and its entries may have expired), the queue is replaced by one `stored`
+event for that whole set: the index learns again everything the replica holds, without waiting
+for each page's next hit. It costs one hash per cached page (8 bytes in the set, 16 on the wire).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from dataclasses import dataclass
 import redis
 
 from kvstore.index import PageIndex, ReplicaLoad
-from kvstore.page_pool import KVEvent
+from kvstore.page_pool import KVEvent, KVEventKind
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +47,7 @@ class PublisherMetrics:
     dropped_pages: int = 0
     publish_errors: int = 0  # failed writes of a batch, a heartbeat, a trim or the first clear
     heartbeats: int = 0
+    resyncs: int = 0  # times the whole cached set was republished after the index forgot the replica
 
 
 class Publisher:
@@ -58,6 +66,7 @@ class Publisher:
         self._lock = threading.Lock()
         self._queue: deque[KVEvent] = deque()
         self._queued_pages = 0
+        self._cached: set[int] = set()  # page hashes the replica's prefix cache holds, as submitted
         self._wake = threading.Event()
         self._idle = threading.Event()  # set when the queue is empty and nothing is in flight
         self._stopping = threading.Event()
@@ -76,6 +85,10 @@ class Publisher:
                     )
                 self._queue.append(ev)
                 self._queued_pages += len(ev.hashes)
+                if ev.kind == KVEventKind.REMOVED:
+                    self._cached.difference_update(ev.hashes)
+                else:
+                    self._cached.update(ev.hashes)
                 self.metrics.submitted_events += 1
             while self._queued_pages > self._max_queued:
                 old = self._queue.popleft()
@@ -118,15 +131,19 @@ class Publisher:
                 break
             self._stopping.wait(cfg.retry_after_s)
         next_heartbeat = next_trim = time.monotonic()
+        first_heartbeat = True
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= next_heartbeat:
                 next_heartbeat = now + cfg.heartbeat_interval_s
-                if self._try(self.index.heartbeat, self.replica_id, self.load_fn()):
-                    self.metrics.heartbeats += 1
-                else:
+                still_there = self._try(self.index.heartbeat, self.replica_id, self.load_fn())
+                if still_there is None:
                     self._stopping.wait(cfg.retry_after_s)
                     continue
+                self.metrics.heartbeats += 1
+                if not still_there and not first_heartbeat:
+                    self._resync()
+                first_heartbeat = False
             if now >= next_trim:
                 next_trim = now + cfg.trim_interval_s
                 self._try(self.index.trim, self.replica_id)
@@ -146,6 +163,24 @@ class Publisher:
             self._wake.wait(max(0.0, next_heartbeat - time.monotonic()))
             self._wake.clear()
         self._try(self.index.leave, self.replica_id)
+
+    def _resync(self) -> None:
+        """The index forgot this replica: queue everything it holds, in place of what was queued
+        (the set already reflects every queued event)."""
+        logger.warning(
+            "page index lost this replica's entries (Redis restarted, or heartbeats stopped for over %.1fs): "
+            "republishing its %d cached pages",
+            self.index.config.heartbeat_ttl_s,
+            len(self._cached),
+        )
+        with self._lock:
+            self._queue.clear()
+            self._queued_pages = 0
+            if self._cached:
+                self._queue.append(KVEvent(KVEventKind.STORED, tuple(self._cached), self.replica_id))
+                self._queued_pages = len(self._cached)
+                self._idle.clear()
+            self.metrics.resyncs += 1
 
     def _take_batch(self) -> tuple[list[KVEvent], int]:
         batch: list[KVEvent] = []
@@ -167,9 +202,10 @@ class Publisher:
             if not self._queue:
                 self._idle.set()
 
-    def _try(self, fn, *args) -> bool:
+    def _try(self, fn, *args):
+        """fn's result (True when it returns None), or None when Redis failed it."""
         try:
-            fn(*args)
+            out = fn(*args)
         except (redis.RedisError, OSError) as e:
             self.metrics.publish_errors += 1
             if not self._failing:
@@ -177,8 +213,8 @@ class Publisher:
                 logger.warning(
                     "page index write failed (%s: %s): dropping events until Redis answers", type(e).__name__, e
                 )
-            return False
+            return None
         if self._failing:
             self._failing = False
             logger.info("page index writes succeed again")
-        return True
+        return True if out is None else out

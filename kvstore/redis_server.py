@@ -6,12 +6,18 @@ x86_64 and macOS arm64; pip builds it from source elsewhere), so a plain `pip in
 Only the binary is used: the server runs as our child process in the foreground (no daemonizing,
 no pidfile), bound to 127.0.0.1, with persistence off and its files in a private temporary
 directory. `stop()` shuts it down cleanly, `kill()` simulates a crash, and `start()` after either
-brings it back on the same port.
+brings it back on the same port (the port is kept from the first start).
+
+`supervise()` (local mode uses it) adds a daemon thread that restarts the server on its port
+whenever it exits without `stop()`: a crash, an out-of-memory kill, a stray `kill -9`. It reaps
+the dead process at once (no zombie) and starts a new one, empty: clients reconnect by
+themselves, and the replicas' publishers write their pages again (see `kvstore.publisher`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -19,10 +25,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import redis
+
+logger = logging.getLogger(__name__)
 
 
 class RedisServerError(RuntimeError):
@@ -85,6 +94,11 @@ class LocalRedisServer:
         self._fixed_port = port is not None
         self._dir = Path(tempfile.mkdtemp(prefix="kvfleet-redis-"))
         self._proc: subprocess.Popen | None = None
+        self._lock = threading.RLock()  # start / stop / kill against the supervisor
+        self._wanted = False  # started and not stopped since: the supervisor keeps it running
+        self._closing = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.restarts = 0  # by the supervisor
 
     @property
     def url(self) -> str:
@@ -100,36 +114,52 @@ class LocalRedisServer:
 
     def start(self, timeout_s: float = 10.0) -> LocalRedisServer:
         """Start the server and wait until it answers PING."""
-        if self.is_running():
-            return self
-        for attempt in range(3):
-            if self.port is None or (attempt > 0 and not self._fixed_port):
-                self.port = free_port(self.host)
-            self._spawn()
-            if self._wait_ready(timeout_s):
+        with self._lock:
+            if self.is_running():
+                self._wanted = True
                 return self
-            self.kill()
-        log = (self._dir / "server.log").read_text(errors="replace")[-2000:]
-        raise RedisServerError(f"{self.executable} did not start on port {self.port}; its log ends:\n{log}")
+            for attempt in range(3):
+                if self.port is None or (attempt > 0 and not self._fixed_port):
+                    self.port = free_port(self.host)
+                self._spawn()
+                if self._wait_ready(timeout_s):
+                    self._fixed_port = True  # clients know this port now: restarts keep it
+                    self._wanted = True
+                    return self
+                self._kill()
+            log = (self._dir / "server.log").read_text(errors="replace")[-2000:]
+            raise RedisServerError(f"{self.executable} did not start on port {self.port}; its log ends:\n{log}")
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Shut the server down (SIGTERM, then SIGKILL if it lingers)."""
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self.resume()  # a frozen server would not act on SIGTERM
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        self._reap()
+        """Shut the server down (SIGTERM, then SIGKILL if it lingers); the supervisor leaves it down."""
+        with self._lock:
+            self._wanted = False
+            if self._proc is None:
+                return
+            if self._proc.poll() is None:
+                self.resume()  # a frozen server would not act on SIGTERM
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+            self._reap()
 
     def kill(self) -> None:
-        """Crash the server at once (SIGKILL): for tests of an index that vanishes."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-        self._reap()
+        """Crash the server at once (SIGKILL): for tests of an index that vanishes. Under
+        `supervise()` this is a crash like any other: the server comes back."""
+        with self._lock:
+            self._kill()
+
+    def supervise(self, check_interval_s: float = 0.1) -> LocalRedisServer:
+        """Restart the server on its port whenever it exits without `stop()`, until `close()`."""
+        with self._lock:
+            if self._supervisor is None:
+                self._supervisor = threading.Thread(
+                    target=self._supervise, args=(check_interval_s,), name=f"redis-supervisor-{self.port}", daemon=True
+                )
+                self._supervisor.start()
+        return self
 
     def pause(self) -> None:
         """Freeze the server (SIGSTOP): it keeps its port but answers nothing, like a hung Redis."""
@@ -141,8 +171,12 @@ class LocalRedisServer:
             os.kill(self._proc.pid, signal.SIGCONT)
 
     def close(self) -> None:
-        """Stop the server and remove its directory."""
+        """Stop the server (and its supervisor) and remove its directory."""
+        self._closing.set()
         self.stop()
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> LocalRedisServer:
@@ -152,6 +186,39 @@ class LocalRedisServer:
         self.close()
 
     # ------------------------------------------------------------------ internals
+    def _supervise(self, check_interval_s: float) -> None:
+        # The restarted servers are children of this thread: their parent-death signal (Linux ties
+        # it to the spawning thread) fires only when it ends, at close().
+        backoff = check_interval_s
+        while not self._closing.wait(backoff):
+            with self._lock:
+                if not self._wanted or self._closing.is_set():
+                    continue
+                proc = self._proc
+                code = proc.poll() if proc is not None else "never started"  # poll() reaps a dead child
+                if code is None:
+                    backoff = check_interval_s
+                    continue
+                self._proc = None
+                logger.warning("private Redis on port %s exited (%s): restarting it", self.port, code)
+                t0 = time.monotonic()
+                try:
+                    self.start()
+                except RedisServerError as e:
+                    backoff = min(5.0, max(backoff * 2, 0.5))
+                    logger.error(
+                        "private Redis on port %s did not restart (%s); retrying in %.1fs", self.port, e, backoff
+                    )
+                    continue
+                self.restarts += 1
+                backoff = check_interval_s
+                logger.warning("private Redis back on port %s after %.2fs", self.port, time.monotonic() - t0)
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self._reap()
+
     def _spawn(self) -> None:
         args = [
             self.executable,

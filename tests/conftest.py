@@ -21,6 +21,33 @@ if not torch.cuda.is_available():
 from cluster.demo.model import build_model_dir, train_tokenizer
 
 
+def time_factor() -> float:
+    """How many times longer than on a quiet machine a test should wait now: the environment's
+    KVFLEET_TEST_TIME_FACTOR if set, else 1 + twice the 1-minute load average per core, at most 10
+    (a 2-core box running four busy processes: 5). Waits that fail fast on a quiet machine still
+    fail, just later; nothing passes that should not."""
+    fixed = os.environ.get("KVFLEET_TEST_TIME_FACTOR")
+    if fixed:
+        return float(fixed)
+    return min(10.0, 1.0 + 2.0 * os.getloadavg()[0] / (os.cpu_count() or 1))
+
+
+def scaled(seconds: float) -> float:
+    """A timeout or time bound for a test, `seconds` on a quiet machine, longer on a loaded one."""
+    return seconds * time_factor()
+
+
+def pytest_collection_modifyitems(config, items):
+    """pytest-timeout's per-test limit (pyproject's `timeout`) scales with the load at the start,
+    like every other wait: starting the session cluster alone can outlast it on a busy box."""
+    base = float(config.getini("timeout") or 0)
+    factor = time_factor()
+    if base and factor > 1:
+        for item in items:
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(base * factor))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return train_tokenizer()
@@ -75,14 +102,17 @@ _index_namespaces = itertools.count()
 @pytest.fixture
 def make_index(redis_server):
     """Build `PageIndex`es on the session server under this test's own namespace (so tests never
-    see each other's keys); closed at teardown."""
+    see each other's keys); closed at teardown. Their lookup budget is 1 s, not 20 ms: on a loaded
+    machine a slow answer must not read as "nothing known" in a test of what lookups answer (tests
+    of the budget set `timeout_ms`)."""
     from kvstore.index import IndexConfig, PageIndex
 
     namespace = f"test{next(_index_namespaces)}"
     indexes = []
 
     def make(model_id: str = "m", server=None, clock=None, **config) -> PageIndex:
-        cfg = IndexConfig(**{"redis_url": (server or redis_server).url, "namespace": namespace, **config})
+        url = (server or redis_server).url
+        cfg = IndexConfig(**{"redis_url": url, "namespace": namespace, "timeout_ms": 1000.0, **config})
         index = PageIndex(cfg, model_id, clock=clock)
         indexes.append(index)
         return index
@@ -100,7 +130,7 @@ def serve_cluster(model_dirs):
     that break it (kill a replica, stop Redis) run last in their module and leave it serving."""
     from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, RayConfig, TargetConfig
     from cluster.local import ServeCluster
-    from kvstore.redis_server import LocalRedisServer, free_port
+    from kvstore.redis_server import free_port
 
     config = ClusterConfig.local(model_dirs["llama"], page_size=4, num_pages=256, max_model_len=512)
     config = config.model_copy(
@@ -111,14 +141,9 @@ def serve_cluster(model_dirs):
             "ray": RayConfig(num_cpus=4, dashboard_port=free_port()),
         }
     )
-    from kvstore.index import IndexConfig
-
-    # The cluster's own Redis, with fast heartbeats so status reads are fresh within a second.
-    redis = LocalRedisServer().start()
-    config = config.model_copy(
-        update={"index": IndexConfig(redis_url=redis.url, heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0)}
-    )
-    with ServeCluster(config, progress=lambda msg: None) as cluster:
-        cluster.redis_server = redis
+    # Local mode's own private Redis (supervised, as `kvfleet serve` runs it), with fast heartbeats
+    # so status reads are fresh within a second.
+    fast = dict(heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0)
+    with ServeCluster(config, progress=lambda msg: None, index_settings=fast) as cluster:
+        cluster.redis_server = cluster.redis
         yield cluster
-    redis.close()

@@ -15,11 +15,17 @@ Invariants:
   they never include a trailing U+FFFD, which may be a character whose bytes have not all arrived;
 - `held` is the longest suffix of the text past the token layer that is a prefix of some stop string,
   so the emitted text never contains the start of a stop string that later completes;
+- stop matching costs memory and time linear in the text streamed, whatever the stop strings' length:
+  each stop string has a streaming Knuth-Morris-Pratt matcher (`_StopMatcher`) whose state is the
+  length of the longest suffix of the text that is a prefix of that stop string, and whose failure
+  table is built only as far as that state has reached (a 1 MB stop string costs nothing up front);
 - with no stop string matched, everything returned by `add` and `flush` concatenates to
   `tokenizer.decode(output_ids, skip_special_tokens=...)` for byte-level BPE tokenizers.
 """
 
 from __future__ import annotations
+
+from array import array
 
 _REPLACEMENT = "\ufffd"  # what a decoder writes for bytes that are not (yet) a whole UTF-8 character
 
@@ -32,14 +38,12 @@ class IncrementalDetokenizer:
 
     __slots__ = (
         "_held",
-        "_max_held",
+        "_matchers",
         "_pieces",
         "_read_offset",
         "_sent",
         "_skip_ids",
-        "_stop_prefixes",
         "_stopped",
-        "_stops",
         "_tokenizer",
         "_tokens",
     )
@@ -50,9 +54,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         # `all_special_ids` is recomputed on each access by some tokenizers: read it once.
         self._skip_ids = frozenset(tokenizer.all_special_ids) if skip_special_tokens else frozenset()
-        self._stops = tuple(stop)
-        self._stop_prefixes = frozenset(s[:i] for s in self._stops for i in range(1, len(s)))
-        self._max_held = max(map(len, self._stops), default=1) - 1
+        self._matchers = tuple(_StopMatcher(s) for s in stop)
         self._held = ""
         self._pieces: list[str] = []
         self._stopped = False
@@ -123,25 +125,80 @@ class IncrementalDetokenizer:
 
     def _filter_stops(self, delta: str, final: bool = False) -> tuple[str, bool]:
         """The stop layer: cut at the first stop string, hold back a possible start of one."""
-        if not self._stops:
+        if not self._matchers:
             self._pieces.append(delta)
             return delta, False
+        held = len(self._held)
         text = self._held + delta
         # `held` contains no whole stop string, so any match ends in `delta`. The first stop string to
         # complete wins (the one a token-at-a-time stream meets first); on a tie, the earliest start.
         first = None
-        for s in self._stops:
-            start = text.find(s)
-            if start >= 0 and (first is None or (start + len(s), start) < first):
-                first = (start + len(s), start)
+        for m in self._matchers:
+            end = m.feed(delta)
+            if end >= 0:
+                end += held
+                start = end - len(m.stop)
+                if first is None or (end, start) < first:
+                    first = (end, start)
         if first is not None:
             out, self._held, self._stopped = text[: first[1]], "", True
         else:
-            keep = 0
-            if not final:
-                keep = min(len(text), self._max_held)
-                while keep and text[-keep:] not in self._stop_prefixes:
-                    keep -= 1
+            # Each matcher's state is its stop string's longest prefix that ends the text so far.
+            keep = 0 if final else max(m.matched for m in self._matchers)
             out, self._held = text[: len(text) - keep], text[len(text) - keep :]
         self._pieces.append(out)
         return out, self._stopped
+
+
+class _StopMatcher:
+    """Streaming Knuth-Morris-Pratt search for one stop string over text fed piece by piece.
+
+    `matched` is the length of the longest suffix of the text fed so far that is a proper prefix of
+    `stop`. `_fail[q]` is the length of the longest proper border of `stop[: q + 1]`, computed only for
+    q < the largest `matched` reached: the table grows with the text fed, not with the stop string.
+    """
+
+    __slots__ = ("_fail", "matched", "stop")
+
+    def __init__(self, stop: str):
+        self.stop = stop
+        self.matched = 0
+        self._fail = array("q", [0])
+
+    def feed(self, text: str) -> int:
+        """Advance over `text`; the index in `text` just past the stop string's first occurrence, or -1."""
+        stop, fail, n = self.stop, self._fail, len(self.stop)
+        j, i, end = self.matched, 0, len(text)
+        while i < end:
+            if j == 0:
+                # Nothing matched: skip at C speed to the next character that could start the stop.
+                i = text.find(stop[0], i)
+                if i < 0:
+                    break
+                j, i = 1, i + 1
+            else:
+                c = text[i]
+                while j and stop[j] != c:
+                    j = fail[j - 1]
+                if stop[j] == c:
+                    j += 1
+                i += 1
+            if j == n:
+                self.matched = 0
+                return i
+            if j > len(fail):
+                self._extend(j)
+        self.matched = j
+        return -1
+
+    def _extend(self, length: int) -> None:
+        """Grow the failure table to `length` entries (the standard prefix-function recurrence)."""
+        stop, fail = self.stop, self._fail
+        k = fail[-1]
+        for q in range(len(fail), length):
+            c = stop[q]
+            while k and stop[k] != c:
+                k = fail[k - 1]
+            if stop[k] == c:
+                k += 1
+            fail.append(k)

@@ -15,6 +15,7 @@ import pytest
 from cluster.demo.model import shipped_demo_pair
 from protos.kvfleet.v1 import generation_pb2 as pb
 from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
+from tests.conftest import scaled
 from workers.request import GenerateRequest, SamplingParams
 
 APP = "kvfleet-spec"
@@ -50,7 +51,9 @@ def spec_app(serve_cluster, tmp_path_factory):
         target=TargetConfig(replicas=1, num_cpus=0, metrics_period_s=0.2, routing_stats_period_s=0.2),
         ingress=IngressConfig(replicas=1, num_cpus=0),
         # adaptive off: every decode speculates; a generous timeout: the 2 shared cores are slow
-        draft=DraftConfig(model=DRAFT, replicas=2, num_cpus=0, num_speculative_tokens=4, adaptive=False, timeout_s=5),
+        draft=DraftConfig(
+            model=DRAFT, replicas=2, num_cpus=0, num_speculative_tokens=4, adaptive=False, timeout_s=scaled(5)
+        ),
         index=serve_cluster.config.index,
         app_name=APP,
     )
@@ -99,16 +102,30 @@ def draft_replica_ids() -> list[str]:
 
 
 def draft_stats() -> dict:
-    """Each live draft replica's counters, asked through the handle pinned to that replica."""
+    """Each live draft replica's counters, asked through the handle pinned to that replica.
+
+    A pinned call reaches its replica or says which one answered instead: Serve's router tries the
+    pinned replica first but moves on when it misses its queue-length probe deadline (0.1 s at
+    first), as a busy replica on a loaded machine does. The draft client counts such a call as moved;
+    here, ask again until the pinned replica itself answers."""
     from ray import serve
 
     handle = serve.get_deployment_handle("DraftWorker", app_name=APP)
     out = {}
     for rid in draft_replica_ids():
-        st = handle.stats.remote(draft_replica=rid).result(timeout_s=30)
-        assert st.replica_id == rid, "the pinned call reached another replica"
+        deadline = time.monotonic() + scaled(30)
+        while (st := handle.stats.remote(draft_replica=rid).result(timeout_s=scaled(30))).replica_id != rid:
+            assert time.monotonic() < deadline, f"no pinned call reached replica {rid}: {st.replica_id} answered"
+            time.sleep(0.1)
         out[rid] = st
     return out
+
+
+def wait_until(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + scaled(timeout_s)
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {scaled(timeout_s):.0f}s"
+        time.sleep(0.1)
 
 
 def holders(stats: dict, request_id: str) -> list[str]:
@@ -121,19 +138,19 @@ def test_calls_without_the_bearer_token_are_unauthenticated_but_health_checks_pa
 
     metadata = (("application", APP),) + ((("authorization", sent),) if sent else ())
     calls = [
-        lambda: list(stub.Generate(pb.GenerateRequest(text="x"), metadata=metadata, timeout=30)),
-        lambda: stub.Tokenize(pb.TokenizeRequest(text="x"), metadata=metadata, timeout=30),
-        lambda: stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30),
-        lambda: stub.GetStatus(pb.GetStatusRequest(), metadata=metadata, timeout=30),
+        lambda: list(stub.Generate(pb.GenerateRequest(text="x"), metadata=metadata, timeout=scaled(30))),
+        lambda: stub.Tokenize(pb.TokenizeRequest(text="x"), metadata=metadata, timeout=scaled(30)),
+        lambda: stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=scaled(30)),
+        lambda: stub.GetStatus(pb.GetStatusRequest(), metadata=metadata, timeout=scaled(30)),
     ]
     for call in calls:
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in err.value.details()
-    assert stub.ListModels(pb.ListModelsRequest(), metadata=METADATA, timeout=30).models
+    assert stub.ListModels(pb.ListModelsRequest(), metadata=METADATA, timeout=scaled(30)).models
     with grpc.insecure_channel(serve_cluster.grpc_target) as channel:  # probes carry no token
         health = health_pb2_grpc.HealthStub(channel)
-        reply = health.Check(health_pb2.HealthCheckRequest(), metadata=(("application", APP),), timeout=30)
+        reply = health.Check(health_pb2.HealthCheckRequest(), metadata=(("application", APP),), timeout=scaled(30))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -142,7 +159,7 @@ def test_greedy_output_through_draft_replicas_equals_the_plain_engines_and_each_
 ):
     async def one(stub, i):
         request = pb.GenerateRequest(text=PROMPTS[i], sampling=greedy(40), request_id=f"greedy-{i}")
-        return [t async for r in stub.Generate(request, metadata=METADATA, timeout=180) for t in r.token_ids]
+        return [t async for r in stub.Generate(request, metadata=METADATA, timeout=scaled(180)) for t in r.token_ids]
 
     async def main():
         async with grpc.aio.insecure_channel(serve_cluster.grpc_target) as channel:
@@ -151,17 +168,20 @@ def test_greedy_output_through_draft_replicas_equals_the_plain_engines_and_each_
 
     outputs = asyncio.run(main())
     assert outputs == [reference(plain_engine, p, 40) for p in PROMPTS]
-    engine = target_handle("stats").remote().result(timeout_s=30)
+    engine = target_handle("stats").remote().result(timeout_s=scaled(30))
     assert engine.spec_accepted_tokens > 0 and engine.spec_failures == 0
-    client = target_handle("draft_stats").remote().result(timeout_s=30)
-    assert client.num_failed_calls == 0 and client.num_moved == 0
+    client = target_handle("draft_stats").remote().result(timeout_s=scaled(30))
+    assert client.num_failed_calls == 0
     # the steps after each request's first call are pinned: one call per replica per step
     assert client.num_pinned_calls > client.num_routed_calls > 0
     stats = draft_stats()
     assert len(stats) == 2
     for i in range(len(PROMPTS)):
-        (holder,) = holders(stats, f"greedy-{i}")  # every call of the request went to one replica
-        assert stats[holder].calls_per_request[f"greedy-{i}"] > 3
+        # Every call of the request went to one replica, unless a pinned call moved (see draft_stats),
+        # and then the client counted it.
+        served = holders(stats, f"greedy-{i}")
+        assert 1 <= len(served) <= 1 + client.num_moved, (served, client)
+        assert sum(stats[r].calls_per_request[f"greedy-{i}"] for r in served) > 3
 
 
 def test_requests_sharing_a_long_prefix_meet_on_the_draft_replica_that_caches_it(stub, plain_engine, spec_app):
@@ -169,21 +189,22 @@ def test_requests_sharing_a_long_prefix_meet_on_the_draft_replica_that_caches_it
         stub.Generate(
             pb.GenerateRequest(text=PREFIX + "a = 1\n", sampling=greedy(8), request_id="share-1"),
             metadata=METADATA,
-            timeout=120,
+            timeout=scaled(120),
         )
     )
     assert first[-1].usage.completion_tokens == 8
     before = draft_stats()
     (holder,) = holders(before, "share-1")
-    time.sleep(0.5)  # the holder's publisher thread writes its pages to the index
     # the draft replicas' pages and heartbeats, in the shared index under the draft model's id
     from kvstore.hashing import page_hashes
     from kvstore.index import PageIndex
 
     index = PageIndex(spec_app.index, spec_app.draft_model_id)
     try:
-        assert set(index.live_replicas()) == set(before)
         hashes = page_hashes(plain_engine.tokenizer.encode(PREFIX), 4, spec_app.draft_model_id)
+        # the holder's publisher thread writes its pages to the index
+        wait_until(lambda: index.lookup(hashes, [holder])[holder] >= len(hashes) - 1, 5, "the prefix reached the index")
+        assert set(index.live_replicas()) == set(before)
         held = index.lookup(hashes, list(before))
         assert held.get(holder, 0) >= len(hashes) - 1 and not any(held.get(r, 0) for r in before if r != holder)
     finally:
@@ -192,7 +213,7 @@ def test_requests_sharing_a_long_prefix_meet_on_the_draft_replica_that_caches_it
         stub.Generate(
             pb.GenerateRequest(text=PREFIX + "b = 2\n", sampling=greedy(8), request_id="share-2"),
             metadata=METADATA,
-            timeout=120,
+            timeout=scaled(120),
         )
     )
     after = draft_stats()
@@ -215,7 +236,7 @@ def test_speculation_and_draft_calls_reach_rays_prometheus_export(stub, serve_cl
         "ray_kvfleet_spec_draft_time_seconds{": 'model="kvfleet-pycoder"',
         "ray_kvfleet_draft_calls_total{": 'kind="pinned"',
     }
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while True:
         lines = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode().splitlines()
         found = {w: [x for x in lines if x.startswith(w) and label in x] for w, label in wanted.items()}
@@ -233,10 +254,10 @@ def test_killing_a_draft_replica_mid_stream_keeps_the_greedy_output(stub, plain_
     prompt, n = PROMPTS[0], 300
     want = reference(plain_engine, prompt, n)
     call = stub.Generate(
-        pb.GenerateRequest(text=prompt, sampling=greedy(n), request_id="kill-1"), metadata=METADATA, timeout=300
+        pb.GenerateRequest(text=prompt, sampling=greedy(n), request_id="kill-1"), metadata=METADATA, timeout=scaled(300)
     )
     got = list(next(call).token_ids)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + scaled(60)
     while not (victims := holders(draft_stats(), "kill-1")):
         assert time.monotonic() < deadline, "no draft replica served the request"
         time.sleep(0.05)
@@ -244,7 +265,7 @@ def test_killing_a_draft_replica_mid_stream_keeps_the_greedy_output(stub, plain_
     for r in call:
         got.extend(r.token_ids)
     assert got == want
-    client = target_handle("draft_stats").remote().result(timeout_s=30)
+    client = target_handle("draft_stats").remote().result(timeout_s=scaled(30))
     assert client.num_failed_calls + client.num_moved >= 1, "the kill went unnoticed: was the request finished?"
-    engine = target_handle("stats").remote().result(timeout_s=30)
+    engine = target_handle("stats").remote().result(timeout_s=scaled(30))
     assert engine.spec_accepted_tokens > 0

@@ -62,7 +62,9 @@ class IndexMachine(RuleBasedStateMachine):
     @initialize()
     def setup(self):
         self.now = 1_700_000_000_000
-        config = IndexConfig(redis_url=self.url, namespace="prop", ttl_s=TTL_MS / 1000, lookup_mode="exact")
+        config = IndexConfig(
+            redis_url=self.url, namespace="prop", ttl_s=TTL_MS / 1000, lookup_mode="exact", timeout_ms=1000
+        )
         self.index = PageIndex(config, f"model{next(_models)}", clock=lambda: self.now)
         self.model = IndexModel()
 
@@ -198,7 +200,7 @@ class PrefixClosedMachine(RuleBasedStateMachine):
     @initialize()
     def setup(self):
         self.now = 1_700_000_000_000
-        config = IndexConfig(redis_url=self.url, namespace="prop-closed", ttl_s=TTL_MS / 1000)
+        config = IndexConfig(redis_url=self.url, namespace="prop-closed", ttl_s=TTL_MS / 1000, timeout_ms=1000)
         model_id = f"model{next(_models)}"
         self.search = PageIndex(config, model_id, clock=lambda: self.now)
         self.exact = PageIndex(config.model_copy(update={"lookup_mode": "exact"}), model_id, clock=lambda: self.now)

@@ -1,4 +1,6 @@
 import random
+import time
+import tracemalloc
 
 import pytest
 
@@ -206,6 +208,41 @@ def test_text_that_stops_being_a_stop_prefix_is_released_by_the_next_add(tokeniz
 def test_stop_string_followed_by_an_incomplete_character_stops_without_waiting_for_it(tokenizer):
     detok = IncrementalDetokenizer(tokenizer, [], stop=["end"])
     assert detok.add(encode(tokenizer, "The end" + ROCKET)[:-1]) == ("The ", True)
+
+
+def test_a_1_mb_stop_string_costs_memory_and_time_bounded_by_the_text_streamed(tokenizer):
+    # Every prefix of every stop string was once kept (a 1 MB stop string asked for ~500 GB): now the
+    # matcher's table grows only as far as the output has matched. The output here is long runs of
+    # the stop string's own start, so the table and the held-back text do grow, with the output.
+    stop = "ab" * 500_000
+    output = encode(tokenizer, ("ab" * 300 + "x") * 4)
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        detok = IncrementalDetokenizer(tokenizer, [], stop=[stop, "zz"])
+        deltas, stopped = stream(detok, output, chunk_sizes=(3,))
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert not stopped and "".join(deltas) == tokenizer.decode(output)
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"  # the stop string itself is 1 MB, made before
+    assert elapsed < 10, f"{elapsed:.1f} s"  # ~0.1 s on a quiet 2-core CPU
+
+
+def test_text_that_matches_most_of_a_long_stop_string_is_held_then_released(tokenizer):
+    stop = "ab" * 5_000
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[stop])
+    assert detok.add(encode(tokenizer, "ab" * 1_000)) == ("", False)  # could still become the stop string
+    assert detok.add(encode(tokenizer, "ab" * 3_999 + "a")) == ("", False)
+    assert detok.add(encode(tokenizer, "x")) == ("ab" * 4_999 + "ax", False)
+
+
+def test_a_long_stop_string_that_completes_across_many_adds_stops(tokenizer):
+    stop = "ab" * 5_000
+    detok = IncrementalDetokenizer(tokenizer, [], stop=[stop])
+    deltas, stopped = stream(detok, encode(tokenizer, "xa" + stop + "tail"), chunk_sizes=(7,))
+    assert stopped and "".join(deltas) == "xa"
 
 
 def test_add_after_a_stop_raises(tokenizer):

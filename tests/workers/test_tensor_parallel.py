@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from cluster.demo.model import build_model_dir
+from tests.conftest import scaled
 from workers.config import EngineConfig
 from workers.engine import Engine
 from workers.layers.parallel import TPInfo, shard_heads
@@ -89,9 +90,14 @@ def test_a_group_in_a_ray_placement_group_serves_and_a_dead_rank_fails_it_fast(s
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    # Rank 1's actor must start (a fresh Ray worker importing torch) and join rank 0 within the
+    # group's timeout, and a collective with a dead rank fails within it at worst: 10 s on a quiet
+    # machine, longer on a loaded one (a join once timed out at 10 s on a busy 2-core box).
+    tp_timeout_s = scaled(10)
+
     @ray.remote
     class Host:
-        def __init__(self, model: str):
+        def __init__(self, model: str, tp_timeout_s: float):
             self.engine = Engine(
                 EngineConfig(
                     model=model,
@@ -100,7 +106,7 @@ def test_a_group_in_a_ray_placement_group_serves_and_a_dead_rank_fails_it_fast(s
                     num_pages=64,
                     max_model_len=128,
                     tensor_parallel_size=2,
-                    tp_timeout_s=10,
+                    tp_timeout_s=tp_timeout_s,
                 )
             )
 
@@ -112,23 +118,23 @@ def test_a_group_in_a_ray_placement_group_serves_and_a_dead_rank_fails_it_fast(s
             return self.engine.ranks.in_ray, self.engine.ranks.alive(), self.engine.ranks._actors
 
     pg = placement_group([{"CPU": 0.25}, {"CPU": 0.25}], strategy="STRICT_PACK")
-    ray.get(pg.ready(), timeout=60)
+    ray.get(pg.ready(), timeout=scaled(60))
     try:
         host = Host.options(
             num_cpus=0.25,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, 0, placement_group_capture_child_tasks=True),
-        ).remote(str(model_dirs["llama"]))
+        ).remote(str(model_dirs["llama"]), tp_timeout_s)
         ids = [5, 17, 42, 99, 7]
-        in_ray, alive, actors = ray.get(host.ranks.remote(), timeout=120)
+        in_ray, alive, actors = ray.get(host.ranks.remote(), timeout=scaled(120))
         assert in_ray and alive and len(actors) == 1
         expected = run_one(model_dirs["llama"], ids)
-        assert ray.get(host.greedy.remote(ids), timeout=60) == expected
+        assert ray.get(host.greedy.remote(ids), timeout=scaled(60)) == expected
 
         ray.kill(actors[0])
         t0 = time.monotonic()
         with pytest.raises(Exception, match=r"engine|rank|Connection|closed|timed out"):
-            ray.get(host.greedy.remote(ids), timeout=60)
-        assert time.monotonic() - t0 < 30, "a dead rank hung the engine"
+            ray.get(host.greedy.remote(ids), timeout=tp_timeout_s + scaled(50))
+        assert time.monotonic() - t0 < tp_timeout_s + scaled(20), "a dead rank hung the engine"
         assert ray.get(host.ranks.remote())[1] is False  # the replica's health check fails on this
         ray.kill(host)
     finally:
