@@ -1,10 +1,11 @@
 """The Ray Serve application of a kvfleet cluster, built from a `ClusterConfig`.
 
-    GenerationIngress (router/ingress.py)  --DeploymentHandle, stream=True-->  TargetWorker x replicas
+    OpenAIIngress (router/openai_api.py)  --DeploymentHandle, stream=True-->  TargetWorker x replicas
                   (optional) TargetWorker --one call per draft replica per step, sticky-->  DraftWorker x replicas
 
 The ingress is the `kvfleet.v1.Generation` servicer behind Serve's gRPC proxy (`grpc_options`
-lists its servicer functions); the handle to TargetWorkers picks a replica for each request
+lists its servicer functions) and, through the same request path, OpenAI's HTTP API behind Serve's
+HTTP proxy (the application's route prefix is "/"); the handle to TargetWorkers picks a replica for each request
 according to `config.routing`: kvfleet's prefix-aware router (router/prefix_router.py, the
 default), Serve's power of two choices, or round robin. Proposal calls to DraftWorkers always go
 through the sticky prefix-aware router (StickyPrefixRouter, keyed by the draft model's id): each
@@ -24,7 +25,8 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig
-from router.ingress import GRPC_SERVICER_FUNCTIONS, GenerationIngress
+from router.ingress import GRPC_SERVICER_FUNCTIONS
+from router.openai_api import OpenAIIngress
 from router.prefix_router import PrefixAwareRouter, RoundRobinRouter, StickyPrefixRouter
 from workers.deployment import DraftWorker, TargetWorker
 
@@ -76,7 +78,7 @@ def build_app(config: ClusterConfig) -> Application:
         **placement,
     ).bind(engine, config.index, target.metrics_period_s, **draft_args)
     ingress = serve.deployment(
-        GenerationIngress,
+        OpenAIIngress,
         name="GenerationIngress",
         num_replicas=config.ingress.replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,

@@ -189,6 +189,7 @@ class ClusterConfig(_Section):
 
     @classmethod
     def local(cls, model_dir: str | Path, **engine) -> ClusterConfig:
-        """Local mode: a private Ray and Redis on this machine, gRPC on 127.0.0.1, CPU by default."""
+        """Local mode: a private Ray and Redis on this machine, gRPC (:50051) and HTTP (:8000) on 127.0.0.1, CPU
+        by default."""
         engine = {"device": "cpu", **engine}
-        return cls(engine=EngineConfig(model=str(model_dir), **engine), grpc=GrpcConfig(host="127.0.0.1", http_port=0))
+        return cls(engine=EngineConfig(model=str(model_dir), **engine), grpc=GrpcConfig(host="127.0.0.1"))

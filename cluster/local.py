@@ -35,12 +35,19 @@ class ServeCluster:
         self.redis: LocalRedisServer | None = None
         self._started_ray = False
         self.grpc_port = config.grpc.port or free_port()
+        self.http_port = config.grpc.http_port or free_port()
         self.dashboard_url: str | None = None
 
     @property
     def grpc_target(self) -> str:
         host = "127.0.0.1" if self.config.grpc.host in ("0.0.0.0", "::", "127.0.0.1") else self.config.grpc.host
         return f"{host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible HTTP API's base URL (Serve's HTTP proxy), e.g. for `openai.OpenAI(base_url=...)`."""
+        host = self.grpc_target.rsplit(":", 1)[0]
+        return f"http://{host}:{self.http_port}/v1"
 
     def start(self, timeout_s: float = 600.0) -> ServeCluster:
         import ray
@@ -78,7 +85,7 @@ class ServeCluster:
             if self.dashboard_url and "://" not in self.dashboard_url:
                 self.dashboard_url = f"http://{self.dashboard_url}"
             logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say it shorter
-            http_port = self.config.grpc.http_port or free_port()
+            http_port = self.http_port
             serve.start(
                 http_options={"host": self.config.grpc.host, "port": http_port},
                 grpc_options={**grpc_options(self.config), "port": self.grpc_port},

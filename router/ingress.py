@@ -291,8 +291,11 @@ class GenerationIngress:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("chat", f"model {self.info.model_id!r} has no chat template: send text instead")
         add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        # Render to text, then encode: `apply_chat_template(tokenize=True)` returns a list in some
+        # transformers versions and a BatchEncoding (a UserDict, no dict) in others. The template
+        # writes its own special tokens, so the encoding adds none.
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _authorize(self, grpc_context) -> None:
         if self._authorization is None:
