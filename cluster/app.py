@@ -118,7 +118,13 @@ def _router_config(config: ClusterConfig) -> RequestRouterConfig:
 
 
 def grpc_options(config: ClusterConfig) -> dict[str, Any]:
-    return {"port": config.grpc.port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
+    """Serve's gRPC proxy: kvfleet's servicer functions; server reflection only where every call is
+    open anyway (Serve answers reflection in the proxy, before the ingress checks a token)."""
+    return {
+        "port": config.grpc.port,
+        "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+        "enable_reflection": config.grpc.auth_token_file is None,
+    }
 
 
 def controller_options(config: ClusterConfig) -> dict[str, Any]:

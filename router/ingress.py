@@ -302,6 +302,20 @@ class GenerationIngress:
             raise status
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
+    # ------------------------------------------------------------------ HTTP
+    async def __call__(self, request):
+        """Serve's HTTP proxy routes every path here (the app's route prefix is "/"): `/health`
+        answers 200, anything else a clean 404 that points to the gRPC API (the OpenAI HTTP API
+        is its own deployment)."""
+        from starlette.responses import JSONResponse
+
+        if request.url.path.rstrip("/") == "/health":
+            return JSONResponse({"status": "ok", "model": self.info.model_id})
+        return JSONResponse(
+            {"error": f"no HTTP route {request.url.path!r}: kvfleet serves the kvfleet.v1.Generation gRPC API"},
+            status_code=404,
+        )
+
     # ------------------------------------------------------------------ internals
     def _decode(self, request, message_type):
         if isinstance(request, bytes | bytearray | memoryview):
@@ -357,7 +371,7 @@ class GenerationIngress:
         if len(sent) > 1:
             raise RequestError(
                 grpc.StatusCode.UNAUTHENTICATED,
-                f"{len(sent)} authorization headers: send exactly one `authorization: Bearer <token>`",
+                f"{len(sent)} authorization headers: send one bearer token (`authorization: Bearer <token>`)",
                 "unauthenticated",
             )
         token = sent[0] if sent else ""

@@ -166,7 +166,8 @@ application needs a route_prefix, or Serve's gRPC proxy does not route to it.
 */}}
 {{- define "kvfleet.serveConfig" -}}
 {{- $app := dict "name" (default "kvfleet" .Values.kvfleet.app_name) "route_prefix" "/" "import_path" "cluster.app:app_builder" "args" (include "kvfleet.clusterConfig" . | fromYaml) }}
-{{- $grpc := dict "port" (int (include "kvfleet.grpcPort" .)) "grpc_servicer_functions" (list "router.services.add_generation_servicer_to_server" "router.services.add_health_servicer_to_server") }}
+{{- $reflection := not (dig "grpc" "auth_token_file" "" $app.args) }}
+{{- $grpc := dict "port" (int (include "kvfleet.grpcPort" .)) "grpc_servicer_functions" (list "router.services.add_generation_servicer_to_server" "router.services.add_health_servicer_to_server") "enable_reflection" $reflection }}
 {{- $http := dict "host" (include "kvfleet.proxyHost" .) "port" (int (include "kvfleet.httpPort" .)) }}
 {{- $limits := default dict .Values.kvfleet.limits }}
 {{- $maxBytes := hasKey $limits "max_request_bytes" | ternary $limits.max_request_bytes 16777216 }}
