@@ -35,6 +35,7 @@ class ServeCluster:
         self.redis: LocalRedisServer | None = None
         self._started_ray = False
         self.grpc_port = config.grpc.port or free_port()
+        self.http_port = config.grpc.http_port or free_port()
         self.dashboard_url: str | None = None
 
     @property
@@ -84,9 +85,8 @@ class ServeCluster:
             if self.dashboard_url and "://" not in self.dashboard_url:
                 self.dashboard_url = f"http://{self.dashboard_url}"
             logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say it shorter
-            http_port = self.config.grpc.http_port or free_port()
             serve.start(
-                http_options={"host": self.config.grpc.host, "port": http_port},
+                http_options={"host": self.config.grpc.host, "port": self.http_port},
                 grpc_options={**grpc_options(self.config), "port": self.grpc_port},
                 controller_options=controller_options(self.config),
             )
