@@ -84,7 +84,7 @@ def build_app(config: ClusterConfig) -> Application:
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(worker, config.engine, config.index, config.grpc.auth_token_file)
+    return ingress.bind(worker, config.engine, config.index, config.grpc.auth_token_file, config.limits)
 
 
 def _gpus(configured: float | None, device: str) -> float:
@@ -120,7 +120,21 @@ def _router_config(config: ClusterConfig) -> RequestRouterConfig:
 
 
 def grpc_options(config: ClusterConfig) -> dict[str, Any]:
-    return {"port": config.grpc.port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
+    """Serve's gRPC proxy: kvfleet's servicer functions; server reflection only where every call is
+    open anyway (Serve answers reflection in the proxy, before the ingress checks a token)."""
+    return {
+        "port": config.grpc.port,
+        "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+        "enable_reflection": config.grpc.auth_token_file is None,
+    }
+
+
+def controller_options(config: ClusterConfig) -> dict[str, Any]:
+    """Serve's controller options: its proxies (which inherit the controller's environment) refuse
+    gRPC messages over `limits.max_request_bytes` (RESOURCE_EXHAUSTED, before reading them whole)
+    instead of Serve's 2 GiB; RAY_SERVE_GRPC_MAX_MESSAGE_SIZE is Serve's knob for it."""
+    env = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.limits.max_request_bytes)}
+    return {"runtime_env": {"env_vars": env}}
 
 
 def app_builder(args: dict[str, Any]) -> Application:

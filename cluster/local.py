@@ -53,7 +53,8 @@ class ServeCluster:
         import ray
         from ray import serve
 
-        from cluster.app import build_app, grpc_options
+        from cluster import bind
+        from cluster.app import build_app, controller_options, grpc_options
 
         try:
             if self.config.index is None:
@@ -76,19 +77,24 @@ class ServeCluster:
                     dashboard_port=rc.dashboard_port or None,
                     logging_level="warning",
                     log_to_driver=False,
+                    runtime_env=bind.runtime_env(self.config.grpc.host),
                 )
                 self._started_ray = True
                 self.dashboard_url = getattr(context, "dashboard_url", None)
             elif not ray.is_initialized():
-                context = ray.init(address=self.config.ray.address, namespace=self.config.ray.namespace)
+                context = ray.init(
+                    address=self.config.ray.address,
+                    namespace=self.config.ray.namespace,
+                    runtime_env=bind.runtime_env(self.config.grpc.host),
+                )
                 self.dashboard_url = getattr(context, "dashboard_url", None)
             if self.dashboard_url and "://" not in self.dashboard_url:
                 self.dashboard_url = f"http://{self.dashboard_url}"
             logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say it shorter
-            http_port = self.http_port
             serve.start(
-                http_options={"host": self.config.grpc.host, "port": http_port},
+                http_options={"host": self.config.grpc.host, "port": self.http_port},
                 grpc_options={**grpc_options(self.config), "port": self.grpc_port},
+                controller_options=controller_options(self.config),
             )
             self.progress(
                 f"deploying {self.config.model_id}: {self.config.target.replicas} TargetWorker replica(s) "

@@ -1,7 +1,7 @@
 """`OpenAIIngress`: the ingress deployment with OpenAI's HTTP API beside the gRPC servicer.
 
 One Ray Serve deployment answers both proxies: Serve's gRPC proxy calls the `kvfleet.v1.Generation`
-methods it inherits from `GenerationIngress`, and Serve's HTTP proxy calls its ASGI app:
+methods it inherits from `GenerationIngress`, and Serve's HTTP proxy calls its `__call__`:
 
     POST /v1/completions        POST /v1/chat/completions   (stream: true -> server-sent events)
     GET  /v1/models             GET  /v1/models/{model}     GET /health   (open, for probes)
@@ -24,20 +24,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import inspect
 import json
 import time
 from collections.abc import AsyncIterator
 
-from ray import serve
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from protos.kvfleet.v1 import generation_pb2 as pb
 from router.ingress import GenerationIngress, RequestError
+from router.limits import check_request_bytes
 from router.openai_wire import (
     Answer,
     ApiRequest,
@@ -81,6 +77,14 @@ def _field(exc: BaseException) -> str | None:
     return cause.field if isinstance(cause, InvalidRequestError) else None
 
 
+def _route_path(request: Request) -> str:
+    """The path inside this application (Serve's route prefix is the ASGI root_path)."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path.rstrip("/") or "/"
+
+
 def _error_response(error: OpenAIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
@@ -89,37 +93,50 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-@serve.ingress()
 class OpenAIIngress(GenerationIngress):
-    def __serve_build_asgi_app__(self) -> Starlette:
-        self._started = int(time.time())
-        self._token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: self.tokenizer.decode([t]))
-        routes = [
-            Route("/v1/completions", self._completions, methods=["POST"]),
-            Route("/v1/chat/completions", self._chat_completions, methods=["POST"]),
-            Route("/v1/models", self._models, methods=["GET"]),
-            Route("/v1/models/{model:path}", self._model, methods=["GET"]),
-            Route("/health", self._health, methods=["GET"]),
-        ]
-        return Starlette(routes=routes, exception_handlers={HTTPException: self._http_error})
+    async def __call__(self, request: Request) -> Response:
+        """Serve's HTTP proxy hands every request of this application here (a Starlette request;
+        Serve streams a `StreamingResponse` and cancels this call when the client goes away)."""
+        path = _route_path(request)
+        handler = self._routes.get((request.method, path))
+        if handler is not None:
+            return await handler(request)
+        if request.method == "GET" and path.startswith("/v1/models/"):
+            return await self._model(request, path.removeprefix("/v1/models/"))
+        if any(path == p for _, p in self._routes):
+            error = OpenAIError(405, f"{request.method} {path} is not allowed", "invalid_request_error")
+            return _error_response(error)
+        message = (
+            f"no route {request.method} {path}: this server answers OpenAI's API under /v1 (completions, "
+            "chat/completions, models), /health, and the kvfleet.v1.Generation gRPC API on its gRPC port"
+        )
+        return _error_response(OpenAIError(404, message, "invalid_request_error"))
+
+    @functools.cached_property
+    def _routes(self):
+        return {
+            ("POST", "/v1/completions"): self._completions,
+            ("POST", "/v1/chat/completions"): self._chat_completions,
+            ("GET", "/v1/models"): self._models,
+            ("GET", "/health"): self._health,
+        }
+
+    @functools.cached_property
+    def _started(self) -> int:
+        return int(time.time())
+
+    @functools.cached_property
+    def _token_text(self):
+        return functools.lru_cache(maxsize=1 << 16)(lambda t: self.tokenizer.decode([t]))
 
     # ------------------------------------------------------------------ the shared path, adapted
-    def _engine_request(self, request):
+    async def _engine_request(self, request):
         """Without max_tokens an OpenAI request runs until the context is full (OpenAI's and
         vLLM's default), not the gRPC default of 16 tokens."""
-        built = super()._engine_request(request)
-        if not _fill_context.get():
-            return built
-        if inspect.isawaitable(built):
-
-            async def filled():
-                return self._fill_context(*(await built))
-
-            return filled()
-        return self._fill_context(*built)
-
-    def _fill_context(self, engine_request, hashes):
-        engine_request.sampling.max_tokens = max(1, self.info.max_model_len - len(engine_request.prompt_token_ids))
+        engine_request, hashes = await super()._engine_request(request)
+        if _fill_context.get():
+            room = self.limits.max_model_len - len(engine_request.prompt_token_ids)
+            engine_request.sampling.max_tokens = max(1, room)
         return engine_request, hashes
 
     # ------------------------------------------------------------------ endpoints
@@ -134,10 +151,9 @@ class OpenAIIngress(GenerationIngress):
             return error
         return JSONResponse({"object": "list", "data": [self._model_card()]})
 
-    async def _model(self, request: Request) -> Response:
+    async def _model(self, request: Request, name: str) -> Response:
         if (error := self._check_token(request)) is not None:
             return error
-        name = request.path_params["model"]
         if name != self.info.model_id:
             message = f"model {name!r} is not served here; this cluster serves {self.info.model_id!r}"
             return _error_response(OpenAIError(404, message, "invalid_request_error", "model", "model_not_found"))
@@ -145,11 +161,6 @@ class OpenAIIngress(GenerationIngress):
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.info.model_id})
-
-    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
-        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        return _error_response(OpenAIError(exc.status_code, message, type_))
 
     # ------------------------------------------------------------------ internals
     async def _serve(self, request: Request, parse) -> Response:
@@ -217,23 +228,21 @@ class OpenAIIngress(GenerationIngress):
         yield b"data: [DONE]\n\n"
 
     async def _json(self, request: Request):
-        limit = self._max_request_bytes()
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise invalid(None, f"the request is {declared} bytes, more than limits.max_request_bytes ({limit})")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise invalid(None, f"the request is over limits.max_request_bytes ({limit})")
+        """The body, refused past `limits.max_request_bytes` before it is read whole."""
+        try:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit():
+                check_request_bytes(int(declared), self.limits)
+            body = bytearray()
+            async for part in request.stream():
+                body += part
+                check_request_bytes(len(body), self.limits)
+        except InvalidRequestError as e:
+            raise invalid(None, str(e)) from None
         try:
             return json.loads(body)
         except ValueError as e:
             raise invalid(None, f"the request body is not valid JSON: {e}") from None
-
-    def _max_request_bytes(self) -> int:
-        limits = getattr(self, "limits", None)
-        return limits.max_request_bytes if limits is not None else 16 * 2**20
 
     def _check_token(self, request: Request) -> Response | None:
         try:

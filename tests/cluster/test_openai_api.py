@@ -216,7 +216,7 @@ def test_models_health_and_unknown_paths(client, serve_cluster):
 
 def test_a_client_that_disconnects_aborts_its_request_and_frees_its_pages(serve_cluster, stub):
     before = idle_and_aborted(stub, 0)
-    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 480, "stream": True, "ignore_eos": True}
+    body = {"model": "llama", "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}
     url = urlsplit(f"{serve_cluster.http_url}/completions")
     for _ in range(3):
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
@@ -281,7 +281,7 @@ def _edge_waiting(edge) -> int:
 
 
 def test_a_full_queue_answers_429_with_retry_after(edge):
-    long = dict(model=edge.model, messages=MESSAGES, max_tokens=480, stream=True, extra_body=GREEDY)
+    long = dict(model=edge.model, messages=MESSAGES, max_tokens=400, stream=True, extra_body=GREEDY)
     with edge.client() as client:
         running = client.chat.completions.create(**long)  # headers come with its first token: it runs
         queued = threading.Thread(target=lambda: list(client.chat.completions.create(**long)), daemon=True)
@@ -304,7 +304,7 @@ def test_killing_the_replica_mid_stream_ends_the_stream_with_an_error_event(edge
 
     with edge.client() as client:
         stream = client.chat.completions.create(
-            model=edge.model, messages=MESSAGES, max_tokens=480, stream=True, extra_body=GREEDY
+            model=edge.model, messages=MESSAGES, max_tokens=400, stream=True, extra_body=GREEDY
         )
         assert next(iter(stream)).choices[0].delta.role == "assistant"
         [name] = [

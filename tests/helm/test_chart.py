@@ -26,7 +26,7 @@ import pytest
 import referencing
 import yaml
 
-from cluster.app import grpc_options
+from cluster.app import controller_options, grpc_options
 from cluster.config import ClusterConfig
 from tests.helm.rendering import CHART_DIR, NAMESPACE, RELEASE, VALUES_FILES, Rendered, render, values_of
 
@@ -165,6 +165,7 @@ def _config(rendered: Rendered) -> ClusterConfig:
 def test_serve_options_are_the_applications_own(rendered: Rendered):
     config, serve = _config(rendered), rendered.serve_config
     assert serve["grpc_options"] == grpc_options(config)
+    assert serve["controller_options"] == controller_options(config)
     assert serve["http_options"] == {"host": config.grpc.host, "port": config.grpc.http_port}
     assert serve["applications"][0]["name"] == config.app_name
 
