@@ -274,6 +274,20 @@ def test_grpc_service_reaches_target_pods_ready_on_the_grpc_health_service(rende
     assert "readinessProbe" not in _container(rendered.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"])
 
 
+def test_http_service_reaches_the_openai_api_on_the_target_pods(rendered: Rendered):
+    if not rendered.values["service"]["http"]["enabled"]:
+        assert not [m for m in rendered.manifests if m["kind"] == "Service" and m["metadata"]["name"].endswith("-http")]
+        return
+    config = _config(rendered)
+    service = rendered.one("Service", "-http")
+    (port,) = service["spec"]["ports"]
+    pod = rendered.worker_group("target")["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in _container(rendered.worker_group("target"))["ports"]}
+    assert ports[port["targetPort"]] == config.grpc.http_port
+    assert f"{RELEASE}-kvfleet-http" in rendered.notes and "/v1/completions" in rendered.notes
+
+
 def test_every_ray_pod_mounts_the_model_where_the_config_looks_for_it(rendered: Rendered):
     model = rendered.values["model"]
     cluster = rendered.rayservice["spec"]["rayClusterConfig"]
