@@ -1,10 +1,11 @@
 """The Ray Serve application of a kvfleet cluster, built from a `ClusterConfig`.
 
-    GenerationIngress (router/ingress.py)  --DeploymentHandle, stream=True-->  TargetWorker x replicas
+    OpenAIIngress (router/openai_api.py)  --DeploymentHandle, stream=True-->  TargetWorker x replicas
                   (optional) TargetWorker --one call per draft replica per step, sticky-->  DraftWorker x replicas
 
 The ingress is the `kvfleet.v1.Generation` servicer behind Serve's gRPC proxy (`grpc_options`
-lists its servicer functions); the handle to TargetWorkers picks a replica for each request
+lists its servicer functions) and, through the same request path, OpenAI's HTTP API behind Serve's
+HTTP proxy (the application's route prefix is "/"); the handle to TargetWorkers picks a replica for each request
 according to `config.routing`: kvfleet's prefix-aware router (router/prefix_router.py, the
 default), Serve's power of two choices, or round robin. Proposal calls to DraftWorkers always go
 through the sticky prefix-aware router (StickyPrefixRouter, keyed by the draft model's id): each
@@ -24,7 +25,8 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from cluster.config import ClusterConfig
-from router.ingress import GRPC_SERVICER_FUNCTIONS, GenerationIngress
+from router.ingress import GRPC_SERVICER_FUNCTIONS
+from router.openai_api import OpenAIIngress
 from router.prefix_router import PrefixAwareRouter, RoundRobinRouter, StickyPrefixRouter
 from workers.deployment import DraftWorker, TargetWorker
 
@@ -76,13 +78,13 @@ def build_app(config: ClusterConfig) -> Application:
         **placement,
     ).bind(engine, config.index, target.metrics_period_s, **draft_args)
     ingress = serve.deployment(
-        GenerationIngress,
+        OpenAIIngress,
         name="GenerationIngress",
         num_replicas=config.ingress.replicas,
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ingress.num_cpus},
     )
-    return ingress.bind(worker, config.engine, config.index, config.grpc.auth_token_file)
+    return ingress.bind(worker, config.engine, config.index, config.grpc.auth_token_file, config.limits)
 
 
 def _gpus(configured: float | None, device: str) -> float:
@@ -118,7 +120,21 @@ def _router_config(config: ClusterConfig) -> RequestRouterConfig:
 
 
 def grpc_options(config: ClusterConfig) -> dict[str, Any]:
-    return {"port": config.grpc.port, "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS)}
+    """Serve's gRPC proxy: kvfleet's servicer functions; server reflection only where every call is
+    open anyway (Serve answers reflection in the proxy, before the ingress checks a token)."""
+    return {
+        "port": config.grpc.port,
+        "grpc_servicer_functions": list(GRPC_SERVICER_FUNCTIONS),
+        "enable_reflection": config.grpc.auth_token_file is None,
+    }
+
+
+def controller_options(config: ClusterConfig) -> dict[str, Any]:
+    """Serve's controller options: its proxies (which inherit the controller's environment) refuse
+    gRPC messages over `limits.max_request_bytes` (RESOURCE_EXHAUSTED, before reading them whole)
+    instead of Serve's 2 GiB; RAY_SERVE_GRPC_MAX_MESSAGE_SIZE is Serve's knob for it."""
+    env = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(config.limits.max_request_bytes)}
+    return {"runtime_env": {"env_vars": env}}
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -63,6 +63,7 @@ def cmd_serve(args) -> None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         print(f"gRPC API     {cluster.grpc_target}   (kvfleet.v1.Generation; try: kvfleet generate --stream 'def f(')")
+        print(f"HTTP API     {cluster.http_url}   (OpenAI-compatible: /completions, /chat/completions, /models)")
         if cluster.dashboard_url:
             print(f"dashboard    {cluster.dashboard_url}   (metrics: ray_kvfleet_*)")
         print(f"page index   {cluster.config.index.redis_url}")

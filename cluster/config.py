@@ -6,6 +6,7 @@
     target: {replicas: 4, num_gpus: 1}
     ingress: {replicas: 2}
     grpc: {port: 50051}
+    limits: {max_request_bytes: 16777216, max_stop_strings: 16}   # router.limits.LimitsConfig
     draft: {model: /models/llama-3-1b, replicas: 2, num_speculative_tokens: 4}   # optional
     index: {redis_url: redis://redis:6379/0}     # omit in local mode: a private server is started
     ray: {address: auto}                         # omit in local mode: a local Ray is started
@@ -23,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kvstore.index import IndexConfig
+from router.limits import LimitsConfig
 from router.policy import RoutingConfig
 from workers.config import EngineConfig, SpeculativeConfig, dir_model_id
 
@@ -122,7 +124,11 @@ class GrpcConfig(_Section):
         50051, ge=0, le=65535, description="Port of Ray Serve's gRPC proxy on every node (0: a free port)."
     )
     http_port: int = Field(8000, ge=0, le=65535, description="Port of Serve's HTTP proxy (0: any free port).")
-    host: str = Field("0.0.0.0", description="Address the proxies listen on; local mode uses 127.0.0.1.")
+    host: str = Field(
+        "0.0.0.0",
+        description="Address Serve's gRPC and HTTP proxies listen on; local mode uses 127.0.0.1 (set 0.0.0.0 to "
+        "expose the API to the network). The gRPC proxy binds it where kvfleet starts Serve (cluster/bind.py).",
+    )
     auth_token_file: str | None = Field(
         None,
         description="A file holding the token every call must carry as `authorization: Bearer <token>` "
@@ -144,6 +150,9 @@ class ClusterConfig(_Section):
     target: TargetConfig = TargetConfig()
     ingress: IngressConfig = IngressConfig()
     grpc: GrpcConfig = GrpcConfig()
+    limits: LimitsConfig = Field(
+        LimitsConfig(), description="What one request may ask for, checked at the ingress before any work."
+    )
     index: IndexConfig | None = Field(
         None, description="The shared page index; None: start a private Redis-protocol server (local mode)."
     )
@@ -189,6 +198,7 @@ class ClusterConfig(_Section):
 
     @classmethod
     def local(cls, model_dir: str | Path, **engine) -> ClusterConfig:
-        """Local mode: a private Ray and Redis on this machine, gRPC on 127.0.0.1, CPU by default."""
+        """Local mode: a private Ray and Redis on this machine, gRPC (:50051) and HTTP (:8000) on 127.0.0.1, CPU
+        by default."""
         engine = {"device": "cpu", **engine}
-        return cls(engine=EngineConfig(model=str(model_dir), **engine), grpc=GrpcConfig(host="127.0.0.1", http_port=0))
+        return cls(engine=EngineConfig(model=str(model_dir), **engine), grpc=GrpcConfig(host="127.0.0.1"))

@@ -65,6 +65,7 @@ class ServeCluster:
         self.redis: LocalRedisServer | None = None
         self._started_ray = False
         self.grpc_port = config.grpc.port or free_port()
+        self.http_port = config.grpc.http_port or free_port()
         self.dashboard_url: str | None = None
 
     @property
@@ -72,11 +73,18 @@ class ServeCluster:
         host = "127.0.0.1" if self.config.grpc.host in ("0.0.0.0", "::", "127.0.0.1") else self.config.grpc.host
         return f"{host}:{self.grpc_port}"
 
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible HTTP API's base URL (Serve's HTTP proxy), e.g. for `openai.OpenAI(base_url=...)`."""
+        host = self.grpc_target.rsplit(":", 1)[0]
+        return f"http://{host}:{self.http_port}/v1"
+
     def start(self, timeout_s: float = 600.0) -> ServeCluster:
         import ray
         from ray import serve
 
-        from cluster.app import build_app, grpc_options
+        from cluster import bind
+        from cluster.app import build_app, controller_options, grpc_options
 
         try:
             if self.config.index is None:
@@ -102,19 +110,24 @@ class ServeCluster:
                     dashboard_port=rc.dashboard_port or None,
                     logging_level="warning",
                     log_to_driver=False,
+                    runtime_env=bind.runtime_env(self.config.grpc.host),
                 )
                 self._started_ray = True
                 self.dashboard_url = getattr(context, "dashboard_url", None)
             elif not ray.is_initialized():
-                context = ray.init(address=self.config.ray.address, namespace=self.config.ray.namespace)
+                context = ray.init(
+                    address=self.config.ray.address,
+                    namespace=self.config.ray.namespace,
+                    runtime_env=bind.runtime_env(self.config.grpc.host),
+                )
                 self.dashboard_url = getattr(context, "dashboard_url", None)
             if self.dashboard_url and "://" not in self.dashboard_url:
                 self.dashboard_url = f"http://{self.dashboard_url}"
             logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say it shorter
-            http_port = self.config.grpc.http_port or free_port()
             serve.start(
-                http_options={"host": self.config.grpc.host, "port": http_port},
+                http_options={"host": self.config.grpc.host, "port": self.http_port},
                 grpc_options={**grpc_options(self.config), "port": self.grpc_port},
+                controller_options=controller_options(self.config),
             )
             self.progress(
                 f"deploying {self.config.model_id}: {self.config.target.replicas} TargetWorker replica(s) "

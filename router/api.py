@@ -1,10 +1,11 @@
 """The API's messages in the engine's words, and back: pure conversions and checks, no I/O.
 
 `ModelInfo` is what the ingress knows of the model it serves (read from its directory once);
-`sampling_from_proto` and `check_prompt_ids` turn a `kvfleet.v1.GenerateRequest` into the engine's
-`SamplingParams` and token ids, raising `InvalidRequestError` (naming the field) for anything the
-engine would refuse, so a bad request never leaves the ingress. `delta_to_proto` builds the
-streamed `GenerateResponse`s.
+`sampling_from_proto` turns a `kvfleet.v1.SamplingParams` into the engine's `SamplingParams`,
+raising `InvalidRequestError` (naming the field) for anything the engine would refuse or the
+limits (router/limits.py) forbid, so a bad request never leaves the ingress. `prompt_chars`
+measures a prompt before it is tokenized. `delta_to_proto` builds the streamed
+`GenerateResponse`s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protos.kvfleet.v1 import generation_pb2 as pb
+from router.limits import Limits, check_logprobs, check_stop
 from workers.request import FinishReason, InvalidRequestError, SamplingParams, TokenDelta
 
 
@@ -42,8 +44,10 @@ def check_model(requested: str, info: ModelInfo) -> None:
         raise ModelNotFoundError(f"model {requested!r} is not served here; this cluster serves {info.model_id!r}")
 
 
-def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+def sampling_from_proto(msg: pb.SamplingParams, info: ModelInfo, limits: Limits) -> SamplingParams:
     """Unset fields keep the engine's defaults; set ones are validated (errors name the field)."""
+    check_stop(msg.stop, msg.stop_token_ids, info.vocab_size, limits)
+    check_logprobs(msg.logprobs if msg.HasField("logprobs") else None, limits)
     kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
     params = SamplingParams(
         **kwargs,
@@ -64,16 +68,9 @@ def chat_messages(chat: pb.Chat) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in chat.messages]
 
 
-def check_prompt_ids(ids: list[int], info: ModelInfo, field: str) -> None:
-    if not ids:
-        raise InvalidRequestError(field, f"the prompt is empty ({field}): give at least one token")
-    if len(ids) > info.max_model_len:
-        raise InvalidRequestError(
-            field, f"the prompt ({field}) has {len(ids)} tokens, more than max_model_len ({info.max_model_len})"
-        )
-    bad = next((t for t in ids if t >= info.vocab_size), None)
-    if bad is not None:
-        raise InvalidRequestError(field, f"{field} holds {bad}, outside the vocabulary [0, {info.vocab_size})")
+def prompt_chars(chat: pb.Chat) -> int:
+    """Characters of all chat messages together: what is measured before rendering the template."""
+    return sum(len(m.role) + len(m.content) for m in chat.messages)
 
 
 def delta_to_proto(delta: TokenDelta) -> pb.GenerateResponse:

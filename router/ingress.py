@@ -1,14 +1,19 @@
 """`GenerationIngress`: the `kvfleet.v1.Generation` servicer, a Ray Serve deployment behind Serve's
 gRPC proxy.
 
-For each `Generate` it checks the model and the sampling parameters, tokenizes the prompt (text,
-token ids, or chat messages through the model's chat template), hashes its full pages (for the
-request router) and streams the chosen TargetWorker's deltas back as `GenerateResponse`s. Every
-refusal happens here, before a worker sees the request, with the gRPC code of DESIGN.md and a
-sentence that names the field:
+For each `Generate` it decodes the request from the client's bytes (router/services.py,
+router/wire.py), checks the model, the limits (router/limits.py) and the sampling parameters,
+tokenizes the prompt (text, token ids, or chat messages through the model's chat template), hashes
+its full pages (for the request router) and streams the chosen TargetWorker's deltas back as
+`GenerateResponse`s. Every refusal happens here, before a worker sees the request, with the gRPC
+code of DESIGN.md and a sentence that names the field:
 
     InvalidRequestError    -> INVALID_ARGUMENT     ModelNotFoundError       -> NOT_FOUND
     ResourceExhaustedError -> RESOURCE_EXHAUSTED   a worker died or is gone -> UNAVAILABLE
+
+The checks run cheapest first: bytes before decoding, characters before tokenizing, tokens
+before hashing. A prompt above `_INLINE_TOKENIZE_CHARS` is tokenized in a thread, so a long
+prompt never stalls the other streams of this ingress.
 
 The last message names the serving replica and the cached prompt tokens; so does the call's
 trailing metadata (`kvfleet-replica`, `kvfleet-cached-prompt-tokens`, and `kvfleet-ingress`, the
@@ -40,20 +45,32 @@ from router.api import (
     ModelNotFoundError,
     chat_messages,
     check_model,
-    check_prompt_ids,
     delta_to_proto,
+    prompt_chars,
     sampling_from_proto,
 )
+from router.limits import (
+    Limits,
+    LimitsConfig,
+    check_max_tokens,
+    check_prompt_chars,
+    check_prompt_tokens,
+    check_request_bytes,
+    check_request_id,
+)
+from router.services import GRPC_SERVICER_FUNCTIONS
+from router.wire import decode
 from workers.config import EngineConfig
 from workers.models.config import ModelConfig
 from workers.request import EngineDeadError, GenerateRequest, InvalidRequestError, ResourceExhaustedError
 
 logger = logging.getLogger(__name__)
 
-GRPC_SERVICER_FUNCTIONS = [
-    "protos.kvfleet.v1.generation_pb2_grpc.add_GenerationServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-]
+__all__ = ["GRPC_SERVICER_FUNCTIONS", "GenerationIngress", "RequestError"]
+
+# Prompts up to this many characters are tokenized on the event loop (a thread hop costs more
+# than encoding them); longer ones in a thread.
+_INLINE_TOKENIZE_CHARS = 4096
 
 
 class RequestError(Exception):
@@ -135,6 +152,7 @@ class GenerationIngress:
         engine_config: EngineConfig,
         index_config: IndexConfig | None,
         auth_token_file: str | None = None,
+        limits: LimitsConfig | None = None,
     ):
         """`auth_token_file`: every call but the health check must carry `authorization: Bearer
         <the file's token>` metadata, else it fails UNAUTHENTICATED."""
@@ -153,6 +171,7 @@ class GenerationIngress:
             page_size=engine_config.page_size,
             vocab_size=model_config.vocab_size,
         )
+        self.limits = Limits.resolve(limits or LimitsConfig(), self.info.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(engine_config.tokenizer or engine_config.model)
         self.index = PageIndex(index_config, model_id) if index_config is not None else None
         self.metrics = IngressMetrics(model_id)
@@ -164,7 +183,9 @@ class GenerationIngress:
             self._authorization = f"Bearer {token}"
 
     # ------------------------------------------------------------------ Generation
-    async def Generate(self, request: pb.GenerateRequest, grpc_context=None) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: bytes | pb.GenerateRequest, grpc_context=None
+    ) -> AsyncIterator[pb.GenerateResponse]:
         arrival = time.perf_counter()
         first = None
         completion_tokens = 0
@@ -175,7 +196,7 @@ class GenerationIngress:
         try:
             self._authorize(grpc_context)
             deadline = _deadline(grpc_context, arrival)
-            engine_request, hashes = self._engine_request(request)
+            engine_request, hashes = await self._engine_request(self._decode(request, pb.GenerateRequest))
             stream = self.target.options(stream=True).generate.remote(engine_request, page_hashes=hashes)
             async for delta in _until(stream, deadline):
                 if first is None and delta.token_ids:
@@ -208,27 +229,30 @@ class GenerationIngress:
                 outcome, arrival, first, time.perf_counter(), completion_tokens, prompt_tokens, cached_tokens
             )
 
-    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
+    async def Tokenize(self, request: bytes | pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         try:
             self._authorize(grpc_context)
+            request = self._decode(request, pb.TokenizeRequest)
             check_model(request.model, self.info)
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
             if request.WhichOneof("input") == "chat":
-                ids = self._render_chat(request.chat)
+                ids = await self._tokenize_chat(request.chat)
             else:
-                ids = self.tokenizer.encode(request.text, add_special_tokens=add_special)
+                ids = await self._tokenize_text(request.text, add_special, "text")
             return pb.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
         except Exception as e:
             status = _status_of(e)
             self._refuse(grpc_context, status)
             raise status from e
 
-    async def ListModels(self, request: pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
+    async def ListModels(self, request: bytes | pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         try:
             self._authorize(grpc_context)
-        except RequestError as status:
+            self._decode(request, pb.ListModelsRequest)
+        except Exception as e:
+            status = _status_of(e)
             self._refuse(grpc_context, status)
-            raise
+            raise status from e
         info = self.info
         model = pb.ModelInfo(
             id=info.model_id,
@@ -239,11 +263,12 @@ class GenerationIngress:
         )
         return pb.ListModelsResponse(models=[model])
 
-    async def GetStatus(self, request: pb.GetStatusRequest, grpc_context=None) -> pb.GetStatusResponse:
+    async def GetStatus(self, request: bytes | pb.GetStatusRequest, grpc_context=None) -> pb.GetStatusResponse:
         try:
             self._authorize(grpc_context)
+            request = self._decode(request, pb.GetStatusRequest)
             check_model(request.model, self.info)
-        except (ModelNotFoundError, RequestError) as e:
+        except Exception as e:
             status = _status_of(e)
             self._refuse(grpc_context, status)
             raise status from e
@@ -261,46 +286,101 @@ class GenerationIngress:
         return out
 
     # ------------------------------------------------------------------ grpc.health.v1
-    async def Check(self, request: health_pb2.HealthCheckRequest, grpc_context=None) -> health_pb2.HealthCheckResponse:
+    async def Check(
+        self, request: bytes | health_pb2.HealthCheckRequest, grpc_context=None
+    ) -> health_pb2.HealthCheckResponse:
         """SERVING once this ingress is up (Serve only routes to replicas that passed their checks)."""
+        try:
+            request = self._decode(request, health_pb2.HealthCheckRequest)
+        except InvalidRequestError as e:
+            status = _status_of(e)
+            self._refuse(grpc_context, status)
+            raise status from e
         if request.service not in ("", "kvfleet.v1.Generation"):
             status = RequestError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}", "not_found")
             self._refuse(grpc_context, status)
             raise status
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
+    # ------------------------------------------------------------------ HTTP
+    async def __call__(self, request):
+        """Serve's HTTP proxy routes every path here (the app's route prefix is "/"): `/health`
+        answers 200, anything else a clean 404 that points to the gRPC API. (The deployment
+        cluster/app.py builds, router/openai_api.py's OpenAIIngress, serves OpenAI's API here.)"""
+        from starlette.responses import JSONResponse
+
+        if request.url.path.rstrip("/") == "/health":
+            return JSONResponse({"status": "ok", "model": self.info.model_id})
+        return JSONResponse(
+            {"error": f"no HTTP route {request.url.path!r}: kvfleet serves the kvfleet.v1.Generation gRPC API"},
+            status_code=404,
+        )
+
     # ------------------------------------------------------------------ internals
-    def _engine_request(self, request: pb.GenerateRequest) -> tuple[GenerateRequest, list[int]]:
+    def _decode(self, request, message_type):
+        if isinstance(request, bytes | bytearray | memoryview):
+            check_request_bytes(len(request), self.limits)
+        return decode(request, message_type)
+
+    async def _engine_request(self, request: pb.GenerateRequest) -> tuple[GenerateRequest, list[int]]:
         check_model(request.model, self.info)
-        sampling = sampling_from_proto(request.sampling)
+        check_request_id(request.request_id, self.limits)
+        sampling = sampling_from_proto(request.sampling, self.info, self.limits)
         kind = request.WhichOneof("prompt")
         if kind == "token_ids":
             ids, field = list(request.token_ids.ids), "token_ids"
         elif kind == "chat":
-            ids, field = self._render_chat(request.chat), "chat"
+            ids, field = await self._tokenize_chat(request.chat), "chat"
         else:
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids = self.tokenizer.encode(request.text, add_special_tokens=add_special) if request.text else []
-            field = "text"
-        check_prompt_ids(ids, self.info, field)
+            ids, field = await self._tokenize_text(request.text, add_special, "text"), "text"
+        check_prompt_tokens(ids, field, self.info.vocab_size, self.limits)
+        check_max_tokens(
+            request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None, len(ids), self.limits
+        )
         hashes = page_hashes(ids, self.info.page_size, self.info.model_id)
         return GenerateRequest(ids, sampling, request_id=request.request_id or uuid.uuid4().hex), hashes
+
+    async def _tokenize_text(self, text: str, add_special: bool, field: str) -> list[int]:
+        if not text:
+            return []
+        check_prompt_chars(len(text), field, self.limits)
+        if len(text) <= _INLINE_TOKENIZE_CHARS:
+            return self.tokenizer.encode(text, add_special_tokens=add_special)
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special)
+
+    async def _tokenize_chat(self, chat: pb.Chat) -> list[int]:
+        num_chars = prompt_chars(chat)
+        check_prompt_chars(num_chars, "chat", self.limits)
+        if num_chars <= _INLINE_TOKENIZE_CHARS:
+            return self._render_chat(chat)
+        return await asyncio.to_thread(self._render_chat, chat)
 
     def _render_chat(self, chat: pb.Chat) -> list[int]:
         messages = chat_messages(chat)
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("chat", f"model {self.info.model_id!r} has no chat template: send text instead")
         add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        # Render to text, then encode: `apply_chat_template(tokenize=True)` returns a list in some
+        # transformers versions and a BatchEncoding (a UserDict, no dict) in others. The template
+        # writes its own special tokens, so the encoding adds none.
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _authorize(self, grpc_context) -> None:
         if self._authorization is None:
             return
-        sent = ""
-        if grpc_context is not None:
-            sent = next((v for k, v in grpc_context.invocation_metadata() if k == "authorization"), "")
-        if not hmac.compare_digest(sent.encode(), self._authorization.encode()):
+        sent = [v for k, v in grpc_context.invocation_metadata() if k == "authorization"] if grpc_context else []
+        if len(sent) > 1:
+            raise RequestError(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{len(sent)} authorization headers: send one bearer token (`authorization: Bearer <token>`)",
+                "unauthenticated",
+            )
+        token = sent[0] if sent else ""
+        if isinstance(token, bytes):
+            token = token.decode("utf-8", "replace")
+        if not hmac.compare_digest(token.encode(), self._authorization.encode()):
             raise RequestError(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or wrong bearer token: send `authorization: Bearer <token>` metadata",

@@ -132,11 +132,16 @@ def holders(stats: dict, request_id: str) -> list[str]:
     return [rid for rid, st in stats.items() if request_id in st.calls_per_request]
 
 
-@pytest.mark.parametrize("sent", [None, "Bearer wrong", TOKEN], ids=["none", "wrong", "not-bearer"])
+@pytest.mark.parametrize(
+    "sent",
+    [None, "Bearer wrong", TOKEN, (f"Bearer {TOKEN}", "Bearer wrong")],
+    ids=["none", "wrong", "not-bearer", "two-headers"],
+)
 def test_calls_without_the_bearer_token_are_unauthenticated_but_health_checks_pass(stub, serve_cluster, sent):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    metadata = (("application", APP),) + ((("authorization", sent),) if sent else ())
+    sent = (sent,) if isinstance(sent, str) else sent or ()
+    metadata = (("application", APP), *(("authorization", value) for value in sent))
     calls = [
         lambda: list(stub.Generate(pb.GenerateRequest(text="x"), metadata=metadata, timeout=scaled(30))),
         lambda: stub.Tokenize(pb.TokenizeRequest(text="x"), metadata=metadata, timeout=scaled(30)),

@@ -26,7 +26,7 @@ import pytest
 import referencing
 import yaml
 
-from cluster.app import grpc_options
+from cluster.app import controller_options, grpc_options
 from cluster.config import ClusterConfig
 from tests.helm.rendering import CHART_DIR, NAMESPACE, RELEASE, VALUES_FILES, Rendered, render, values_of
 
@@ -165,6 +165,7 @@ def _config(rendered: Rendered) -> ClusterConfig:
 def test_serve_options_are_the_applications_own(rendered: Rendered):
     config, serve = _config(rendered), rendered.serve_config
     assert serve["grpc_options"] == grpc_options(config)
+    assert serve["controller_options"] == controller_options(config)
     assert serve["http_options"] == {"host": config.grpc.host, "port": config.grpc.http_port}
     assert serve["applications"][0]["name"] == config.app_name
 
@@ -271,6 +272,20 @@ def test_grpc_service_reaches_target_pods_ready_on_the_grpc_health_service(rende
     assert container["readinessProbe"]["grpc"] == {"port": config.grpc.port}
     # The head keeps KubeRay's probes: KubeRay deploys the application only once the head is Ready.
     assert "readinessProbe" not in _container(rendered.rayservice["spec"]["rayClusterConfig"]["headGroupSpec"])
+
+
+def test_http_service_reaches_the_openai_api_on_the_target_pods(rendered: Rendered):
+    if not rendered.values["service"]["http"]["enabled"]:
+        assert not [m for m in rendered.manifests if m["kind"] == "Service" and m["metadata"]["name"].endswith("-http")]
+        return
+    config = _config(rendered)
+    service = rendered.one("Service", "-http")
+    (port,) = service["spec"]["ports"]
+    pod = rendered.worker_group("target")["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in _container(rendered.worker_group("target"))["ports"]}
+    assert ports[port["targetPort"]] == config.grpc.http_port
+    assert f"{RELEASE}-kvfleet-http" in rendered.notes and "/v1/completions" in rendered.notes
 
 
 def test_every_ray_pod_mounts_the_model_where_the_config_looks_for_it(rendered: Rendered):

@@ -159,15 +159,20 @@ The kvfleet cluster config (cluster/config.py ClusterConfig) the application run
 
 {{/*
 Ray Serve's config (KubeRay serveConfigV2): the gRPC proxy's options at the top level (its
-servicer functions are router/ingress.py GRPC_SERVICER_FUNCTIONS; tests/helm checks they agree
-with cluster/app.py grpc_options), and one application whose args are the cluster config. The
+servicer functions are router/services.py GRPC_SERVICER_FUNCTIONS; tests/helm checks they agree
+with cluster/app.py grpc_options), the controller's environment (its proxies refuse messages over
+limits.max_request_bytes: cluster/app.py controller_options), and one application whose args are the cluster config. The
 application needs a route_prefix, or Serve's gRPC proxy does not route to it.
 */}}
 {{- define "kvfleet.serveConfig" -}}
 {{- $app := dict "name" (default "kvfleet" .Values.kvfleet.app_name) "route_prefix" "/" "import_path" "cluster.app:app_builder" "args" (include "kvfleet.clusterConfig" . | fromYaml) }}
-{{- $grpc := dict "port" (int (include "kvfleet.grpcPort" .)) "grpc_servicer_functions" (list "protos.kvfleet.v1.generation_pb2_grpc.add_GenerationServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") }}
+{{- $reflection := not (dig "grpc" "auth_token_file" "" $app.args) }}
+{{- $grpc := dict "port" (int (include "kvfleet.grpcPort" .)) "grpc_servicer_functions" (list "router.services.add_generation_servicer_to_server" "router.services.add_health_servicer_to_server") "enable_reflection" $reflection }}
 {{- $http := dict "host" (include "kvfleet.proxyHost" .) "port" (int (include "kvfleet.httpPort" .)) }}
-{{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "grpc_options" $grpc "applications" (list $app)) }}
+{{- $limits := default dict .Values.kvfleet.limits }}
+{{- $maxBytes := hasKey $limits "max_request_bytes" | ternary $limits.max_request_bytes 16777216 }}
+{{- $controller := dict "runtime_env" (dict "env_vars" (dict "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE" (toString (int $maxBytes)))) }}
+{{- toYaml (dict "proxy_location" "EveryNode" "http_options" $http "grpc_options" $grpc "controller_options" $controller "applications" (list $app)) }}
 {{- end }}
 
 {{/* Volumes and mounts every Ray pod carries: /dev/shm, and the model's storage. */}}
