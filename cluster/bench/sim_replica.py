@@ -6,9 +6,9 @@ conversation (every later page: a conversation's token stream is fixed, so its p
 chained hash in every turn). Equal keys are equal chains, as `kvstore.hashing` makes them.
 
 `HeldPages` records which pages each replica holds, from its KV events: as they happen (exact,
-what the oracle sees) or as the router's lagged copy of the index (value = expiry). It answers "how many leading pages of
-this prompt does replica r hold" fast, caching each (replica, system prompt) run until that
-owner's pages change on that replica or an entry of the run expires.
+what the oracle sees) or as the router's lagged copy of the index (value = expiry). It answers
+"how many leading pages of this prompt does replica r hold" fast, caching each (replica, system
+prompt) run until that owner's pages change on that replica or an entry of the run expires.
 
 `ReplicaPages` is a replica's page pool: the engine's own `kvstore.page_pool.PagePool`, keyed by
 these ints (a `PageHash` is an int too), driven as the scheduler drives it: look up the cached
