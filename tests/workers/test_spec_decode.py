@@ -12,7 +12,8 @@ import torch
 from cluster.demo_model import shipped_demo_pair
 from workers.config import SpeculativeConfig
 from workers.request import FinishReason, GenerateRequest, SamplingParams
-from workers.spec_decode import NgramProposer, Proposals, SpeculativeDecoder, expected_tokens
+from workers.spec.decoder import SpeculativeDecoder, expected_tokens
+from workers.spec.proposers import NgramProposer, Proposals
 
 TARGET, DRAFT = (str(p) for p in shipped_demo_pair())
 PROMPTS = [
@@ -259,6 +260,8 @@ async def test_no_pages_leak_after_many_accept_reject_rounds_and_aborts(pair_dir
 
 
 class _FlakyProposer:
+    blocking = False
+
     def __init__(self, inner, failures):
         self.inner, self.failures, self.calls = inner, failures, 0
 
@@ -284,6 +287,8 @@ async def test_a_failing_proposer_never_fails_a_request_and_speculation_resumes(
 
 class _BrokenProposer:
     """Answers with the wrong number of proposals, tokens outside the vocabulary, or bad q."""
+
+    blocking = False
 
     def __init__(self):
         self.calls = 0
