@@ -205,6 +205,7 @@ class Engine:
             num_preemptions=c.num_preemptions,
             num_requests_finished=c.num_requests_finished,
             num_requests_aborted=c.num_requests_aborted,
+            num_eager_decode_steps=self.runner.num_eager_decode_steps,
             **(self.spec.stats.engine_stats() if self.spec is not None else {}),
         )
 

@@ -156,3 +156,4 @@ class EngineStats:
     spec_draft_calls: int = 0
     spec_draft_time_s: float = 0.0  # time spent proposing (draft forwards or round trips)
     spec_failures: int = 0  # proposer calls that failed; the target carried on alone
+    num_eager_decode_steps: int = 0  # decode-only steps run eagerly though CUDA graphs are captured

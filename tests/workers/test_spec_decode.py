@@ -117,6 +117,25 @@ async def test_greedy_output_is_identical_with_speculation_on_cuda_with_graphs(p
     assert_pools_empty(engine)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("max_num_seqs", [1, 3])
+@pytest.mark.parametrize("k", [4, 6])
+async def test_verification_steps_replay_cuda_graphs_whenever_decode_steps_do(
+    pair_dirs, make_pair_engine, max_num_seqs, k
+):
+    """With few sequences the verification steps (max_num_seqs x (1 + k) rows) are larger than
+    any decode step: they must still find a captured graph, never run eagerly."""
+    engine = make_pair_engine(
+        spec("ngram", k=k, adaptive=False), device="cuda", num_pages=1024, max_num_seqs=max_num_seqs
+    )
+    params = [SamplingParams(max_tokens=48, ignore_eos=True) for _ in PROMPTS]
+    await run_all(engine, params, PROMPTS)
+    st = engine.stats()
+    assert engine.runner.graphs and st.spec_steps > 0
+    assert st.num_eager_decode_steps == 0
+    assert_pools_empty(engine)
+
+
 async def test_greedy_output_is_identical_with_a_draft_that_disagrees(model_dirs, make_engine):
     """A random draft (another tiny model) is rejected nearly always: every step then emits the
     target's own correction, which must still be its greedy choice."""

@@ -32,12 +32,23 @@ class RunnerConfig:
     cuda_graphs: bool
     max_graph_batch_size: int
     num_speculative_tokens: int = 0  # most proposed tokens a sequence verifies in one step
+    max_num_spec_seqs: int = 0  # most sequences that speculate in one step (0: none)
 
     @property
     def max_num_rows(self) -> int:
         """Attention rows of a step: a verification takes one per token (k + 1 per sequence)."""
         rows = self.max_num_seqs * (1 + self.num_speculative_tokens)
         return max(self.max_num_seqs, min(rows, self.max_num_batched_tokens))
+
+    @property
+    def max_graph_rows(self) -> int:
+        """Rows of the largest decode-only step replayed as a CUDA graph: a decode batch of up to
+        `max_graph_batch_size` rows, or a verification of as many of those sequences as may
+        speculate, k + 1 rows each; so a verification never runs eagerly where its decodes would
+        replay a graph."""
+        decode_rows = min(self.max_graph_batch_size, self.max_num_rows)
+        spec_seqs = min(self.max_graph_batch_size, self.max_num_seqs, self.max_num_spec_seqs)
+        return min(self.max_num_rows, max(decode_rows, spec_seqs * (1 + self.num_speculative_tokens)))
 
 
 def runner_config(config: EngineConfig, model_config: ModelConfig, device: torch.device, **overrides) -> RunnerConfig:
@@ -60,6 +71,7 @@ def runner_config(config: EngineConfig, model_config: ModelConfig, device: torch
         cuda_graphs=not config.enforce_eager,
         max_graph_batch_size=config.max_graph_batch_size,
         num_speculative_tokens=config.speculative.num_speculative_tokens if config.speculative else 0,
+        max_num_spec_seqs=config.speculative.max_batch_size if config.speculative else 0,
     )
     return RunnerConfig(**{**fields, **overrides})
 

@@ -21,10 +21,11 @@ from workers.runner.buffers import StepBuffers
 logger = logging.getLogger(__name__)
 
 
-def graph_buckets(max_graph_batch_size: int, max_num_rows: int) -> list[int]:
-    """The row counts captured: 1, 2, 4, then every multiple of 8 up to the largest step."""
-    top = min(max_graph_batch_size, max_num_rows)
-    return [b for b in [1, 2, 4, *range(8, top + 1, 8)] if b <= top]
+def graph_buckets(max_graph_rows: int) -> list[int]:
+    """The row counts captured: 1, 2, 4, every multiple of 8, and `max_graph_rows` itself, so that
+    every decode-only step of up to `max_graph_rows` rows finds a bucket (a verification of one
+    sequence with k = 4 has 5 rows: it must not fall off a set that stops at 4)."""
+    return sorted({b for b in [1, 2, 4, *range(8, max_graph_rows + 1, 8)] if b <= max_graph_rows} | {max_graph_rows})
 
 
 class DecodeGraphs:

@@ -81,7 +81,9 @@ class ModelRunner:
         self._allocate_kv_cache(self.num_pages)
         self.graphs = DecodeGraphs(self.model, self.buffers, self.ops, self.num_kv_heads, cfg.max_model_len, cfg.device)
         if cfg.cuda_graphs and cfg.device.type == "cuda" and self.ops.name == "triton" and self.tp.size == 1:
-            self.graphs.capture(graph_buckets(cfg.max_graph_batch_size, cfg.max_num_rows))
+            self.graphs.capture(graph_buckets(cfg.max_graph_rows))
+        # decode-only steps that ran eagerly although graphs are captured (none fit their rows)
+        self.num_eager_decode_steps = 0
 
     # ---------------------------------------------------------------- memory
     @property
@@ -176,6 +178,8 @@ class ModelRunner:
         num_decode_rows = sum(scheduled[i].num_tokens for i in order[:num_decode_entries])
         only_decodes = num_decode_entries == len(scheduled)
         bucket = self.graphs.bucket(num_decode_rows) if only_decodes else None
+        if only_decodes and bucket is None and len(self.graphs):
+            self.num_eager_decode_steps += 1
         token_rows, entry_rows, num_tokens, meta = self._prepare(out, order, num_decode_entries, bucket)
         if bucket is not None:
             graph_logits = self.graphs.replay(bucket)
