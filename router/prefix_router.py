@@ -17,7 +17,7 @@ routes by load alone (reason FALLBACK) and counts it; it never fails a request f
 `StickyPrefixRouter` routes proposal calls to DraftWorkers (initialised with the DRAFT model's id,
 under which the draft replicas publish their pages): a call that names a replica in its
 `draft_replica` keyword goes there while that replica is a candidate (the target pins each
-sequence to the replica holding its draft KV: workers/draft_client.py); any other call is routed
+sequence to the replica holding its draft KV: workers/spec/draft_client.py); any other call is routed
 by its `page_hashes` like a request to TargetWorkers.
 """
 

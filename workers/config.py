@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class SpeculativeConfig(BaseModel):
-    """Speculative decoding (workers/spec_decode.py): a proposer guesses, the target verifies exactly."""
+    """Speculative decoding (workers/spec/): a proposer guesses, the target verifies exactly."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

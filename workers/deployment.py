@@ -13,7 +13,7 @@ the engine loop has died so Serve replaces the replica.
 `DraftWorker` is a draft replica. It publishes its pool's pages to the same index under its own
 Serve replica id and the draft model's id, and names itself in every reply, so that targets can
 route each sequence's proposal calls to the replica holding its draft KV
-(workers/draft_client.py; the draft deployment's router is router/prefix_router.py's
+(workers/spec/draft_client.py; the draft deployment's router is router/prefix_router.py's
 StickyPrefixRouter).
 """
 
@@ -24,7 +24,7 @@ import contextvars
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
@@ -32,10 +32,10 @@ from kvstore.hashing import PageHash
 from kvstore.index import IndexConfig, PageIndex, ReplicaLoad
 from kvstore.publisher import Publisher
 from workers.config import EngineConfig
-from workers.draft_client import DraftCall, DraftClientStats, RoutedDraftProposer
 from workers.engine import Engine
 from workers.request import EngineDeadError, EngineStats, GenerateRequest, TokenDelta
-from workers.spec_decode import DraftBatch, DraftReply
+from workers.spec.draft_client import DraftCall, DraftClientStats, RoutedDraftProposer
+from workers.spec.wire import DraftBatch, DraftReply
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,12 @@ class TargetWorker:
     async def generate(
         self, request: GenerateRequest, page_hashes: list[PageHash] | None = None
     ) -> AsyncIterator[TokenDelta]:
-        """Stream the engine's deltas. `page_hashes` (the prompt's, from the ingress) are for the
-        request router; the engine hashes its own pages. Cancelling the call aborts the request."""
+        """Stream the engine's deltas. `page_hashes` (the prompt's, hashed once at the ingress) ride
+        as a keyword for the request router, which reads them there; the engine reuses them rather
+        than hashing the prompt again. Cancelling the call aborts the request."""
         self._ensure_metrics_task()
+        if page_hashes is not None and request.page_hashes is None:
+            request = replace(request, page_hashes=page_hashes)
         first = True
         async for delta in self.engine.generate(request):
             if first:  # name the replica at once, so a client knows where its request runs
@@ -170,7 +173,7 @@ class DraftWorkerStats:
 
 class DraftWorker:
     """A draft replica: one draft model with its own paged KV cache and prefix caching
-    (workers/draft.py), answering proposal calls. Calls run one at a time on the replica's event
+    (workers/spec/draft_model.py), answering proposal calls. Calls run one at a time on the replica's event
     loop; sessions of requests that ended are released by the next call (`DraftBatch.released`)
     or evicted when its pool runs short. With `index_config`, its KV events and heartbeats go to
     the shared page index under its Serve replica id and the draft model's id."""
@@ -180,7 +183,7 @@ class DraftWorker:
     def __init__(
         self, engine_config: EngineConfig, num_speculative_tokens: int, index_config: IndexConfig | None = None
     ):
-        from workers.draft import DraftModel
+        from workers.spec.draft_model import DraftModel
 
         self.model = DraftModel.standalone(engine_config, num_speculative_tokens)
         self.replica_id = _serve_replica_id()

@@ -6,11 +6,11 @@
 
 One asyncio task runs the loop: schedule a step, run it on the model (on GPU in a worker thread,
 so the event loop keeps streaming while the device works; on CPU inline), apply the results,
-push `TokenDelta`s to each request's queue. All
-scheduler and pool state is touched on the event loop's thread only, except a speculative step's
-draft pages, which the step thread allocates (`_step`) while the loop only queues new requests;
-an abort that arrives while a step runs is applied as soon as the step returns. When a request ends by any path (finish,
-abort, a consumer that stops iterating) its pages go back to the pool.
+push `TokenDelta`s to each request's queue. All scheduler and pool state is touched on the event
+loop's thread only, except a speculative step's draft pages, which the step thread allocates
+(`_step`) while the loop only queues new requests; an abort that arrives while a step runs is
+applied as soon as the step returns. When a request ends by any path (finish, abort, a consumer
+that stops iterating) its pages go back to the pool.
 
 If a step raises, the loop stops and logs it: every open stream gets `EngineDeadError` (with the
 cause chained) and later calls fail fast. Errors are never swallowed.
@@ -27,12 +27,10 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
-
 from kvstore.page_pool import KVEvent, PagePool
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
-from workers.model_runner import ModelRunner, RunnerConfig, StepResult
+from workers.kv_cache_manager import KVCacheManager
 from workers.models.config import ModelConfig
 from workers.request import (
     EngineDeadError,
@@ -44,9 +42,12 @@ from workers.request import (
     StepLogprobs,
     TokenDelta,
 )
+from workers.runner.config import resolve_device, resolve_max_model_len
+from workers.runner.model_runner import StepResult, build_runner
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.sequence import Sequence
-from workers.spec_decode import NgramProposer, Proposer, SpeculativeDecoder
+from workers.spec.decoder import SpecPlan, build_speculative_decoder
+from workers.spec.proposers import Proposals, Proposer
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +84,10 @@ class Engine:
         proposer: Proposer | None = None,
     ):
         self.config = config
-        self._proposer = proposer  # for speculative.method 'replicas': the deployment's RoutedDraftProposer
         self._kv_event_sink = kv_event_sink
         self.model_config = ModelConfig.from_dir(config.model)
         self.model_id = config.served_model_id
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
         self.ranks = None  # ranks 1..n-1 of a tensor-parallel group (workers/group.py)
         tp = None
@@ -114,18 +114,22 @@ class Engine:
                 f"({self.max_model_len}): lower max_model_len or give the pool more memory"
             )
         self.pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
+        self.kv_cache = KVCacheManager(self.pool, self.model_id)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
-                model_id=self.model_id,
                 enable_chunked_prefill=config.enable_chunked_prefill,
                 eos_token_ids=frozenset(eos),
             ),
-            self.pool,
+            self.kv_cache,
         )
-        self.spec = self._speculative_decoder() if config.speculative else None
+        self.spec = None
+        if config.speculative:
+            self.spec = build_speculative_decoder(
+                config.speculative, self.runner.cfg, num_pages, self.model_config.vocab_size, proposer
+            )
         self._streams: dict[str, _Stream] = {}
         self._pending_aborts: list[str] = []
         self._step_running = False
@@ -141,27 +145,6 @@ class Engine:
             num_pages,
             config.page_size,
             self.max_model_len,
-        )
-
-    def _speculative_decoder(self) -> SpeculativeDecoder:
-        spec = self.config.speculative
-        if spec.method == "ngram":
-            proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
-        elif spec.method == "replicas":
-            if self._proposer is None:
-                raise ValueError("speculative.method 'replicas' needs a proposer (the worker deployment passes one)")
-            proposer = self._proposer
-        else:
-            from workers.draft import DraftModel
-
-            proposer = DraftModel.for_target(self, spec)
-        return SpeculativeDecoder(
-            proposer,
-            spec.num_speculative_tokens,
-            spec.adaptive,
-            spec.max_batch_size,
-            spec.retry_after_s,
-            vocab_size=self.model_config.vocab_size,
         )
 
     # ---------------------------------------------------------------- public API
@@ -222,19 +205,8 @@ class Engine:
             num_preemptions=c.num_preemptions,
             num_requests_finished=c.num_requests_finished,
             num_requests_aborted=c.num_requests_aborted,
-            **(self._spec_stats() if self.spec is not None else {}),
-        )
-
-    def _spec_stats(self) -> dict:
-        st = self.spec.stats
-        return dict(
-            spec_steps=st.num_steps,
-            spec_proposed_tokens=st.num_proposed,
-            spec_accepted_tokens=st.num_accepted,
-            spec_emitted_tokens=st.num_emitted,
-            spec_draft_calls=st.num_draft_calls,
-            spec_draft_time_s=st.draft_time_s,
-            spec_failures=st.num_failures,
+            num_eager_decode_steps=self.runner.num_eager_decode_steps,
+            **(self.spec.stats.engine_stats() if self.spec is not None else {}),
         )
 
     async def shutdown(self) -> None:
@@ -259,6 +231,24 @@ class Engine:
     def _admit(self, request: GenerateRequest) -> _Stream:
         if self._dead is not None:
             raise EngineDeadError("the engine loop has stopped") from self._dead
+        self._check(request)
+        if len(self.scheduler.waiting) >= self.config.max_queue_len:
+            raise ResourceExhaustedError(f"the queue is full ({self.config.max_queue_len} waiting); retry later")
+        ids = request.prompt_token_ids
+        seq = Sequence(request.request_id, ids, request.sampling, request.page_hashes)
+        detok = IncrementalDetokenizer(self.tokenizer, ids, request.sampling.stop) if self.tokenizer else None
+        stream = _Stream(seq, asyncio.Queue(), detok)
+        self._streams[request.request_id] = stream
+        self.scheduler.add(seq)
+        self._ensure_loop()
+        return stream
+
+    def _check(self, request: GenerateRequest) -> None:
+        """The engine's own invariants. The ingress validates a request for the user (router/);
+        these checks keep a request that breaks them (from a direct library caller, or an edge that
+        disagrees with this engine's config) from killing the loop for every stream: a token
+        outside the vocabulary or a bad sampling value would fail the step, a prompt past
+        max_model_len would never fit, page hashes of another page size would poison the cache."""
         ids = request.prompt_token_ids
         if not ids:
             raise InvalidRequestError("prompt_token_ids", "prompt_token_ids is empty: give at least one token")
@@ -273,21 +263,18 @@ class Engine:
             raise InvalidRequestError(
                 "prompt_token_ids", f"prompt_token_ids holds {bad}, outside the vocabulary [0, {vocab})"
             )
+        hashes = request.page_hashes
+        if hashes is not None and len(hashes) != len(ids) // self.pool.page_size:
+            raise InvalidRequestError(
+                "page_hashes",
+                f"page_hashes has {len(hashes)} hashes for {len(ids) // self.pool.page_size} full pages "
+                f"of {self.pool.page_size} tokens",
+            )
         request.sampling.validate()
         if request.sampling.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a tokenizer, and this engine has none")
         if request.request_id in self._streams:
             raise InvalidRequestError("request_id", f"request_id {request.request_id!r} is already in use")
-        if len(self.scheduler.waiting) >= self.config.max_queue_len:
-            raise ResourceExhaustedError(f"the queue is full ({self.config.max_queue_len} waiting); retry later")
-
-        seq = Sequence(request.request_id, ids, request.sampling)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, request.sampling.stop) if self.tokenizer else None
-        stream = _Stream(seq, asyncio.Queue(), detok)
-        self._streams[request.request_id] = stream
-        self.scheduler.add(seq)
-        self._ensure_loop()
-        return stream
 
     def _ensure_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -318,7 +305,7 @@ class Engine:
                         # hop costs about as much as a small model's step
                         result, step_time = await loop.run_in_executor(self._executor, self._step, out, plan)
                     else:
-                        if plan is not None and plan.entries and getattr(self.spec.proposer, "blocking", False):
+                        if plan is not None and plan.entries and self.spec.proposer.blocking:
                             proposals = await loop.run_in_executor(self._executor, self.spec.propose, plan)
                             self._attach(out, plan, proposals)
                             plan = None
@@ -353,7 +340,7 @@ class Engine:
             # The error now reaches every open stream and every later call (`_dead`); the task
             # ends here rather than re-raising into a result nobody awaits.
 
-    def _step(self, out: SchedulerOutput, plan) -> tuple[StepResult, float]:
+    def _step(self, out: SchedulerOutput, plan: SpecPlan | None) -> tuple[StepResult, float]:
         """Propose (if `plan` has entries), attach the proposals, run the target step; returns
         its result and the target step's own time. On GPU this runs on the step thread, while
         the loop thread only queues new requests and defers aborts (`_step_running`), so the
@@ -364,7 +351,7 @@ class Engine:
         result = self.runner.execute(out)
         return result, time.perf_counter() - t0
 
-    def _attach(self, out: SchedulerOutput, plan, proposals) -> None:
+    def _attach(self, out: SchedulerOutput, plan: SpecPlan, proposals: Proposals | None) -> None:
         if proposals is not None:
             self.spec.attach(out, self.scheduler, plan, proposals)
 
@@ -416,60 +403,3 @@ class Engine:
             if self.spec is not None:
                 self.spec.release(seq.request_id)
         stream.queue.put_nowait(delta)
-
-
-def resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
-    limit = model_config.max_position_embeddings
-    wanted = config.max_model_len or limit
-    if wanted > limit:
-        raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings ({limit})")
-    if config.max_num_batched_tokens < wanted and not config.enable_chunked_prefill:
-        raise ValueError("with chunked prefill off, max_num_batched_tokens must be >= max_model_len")
-    return wanted
-
-
-def build_runner(config: EngineConfig, model_config: ModelConfig, device: torch.device, tp=None) -> ModelRunner:
-    """The model runner of one rank (the whole model without tensor parallelism)."""
-    return ModelRunner(runner_config(config, model_config, device), model_config, tp)
-
-
-def runner_config(config: EngineConfig, model_config: ModelConfig, device: torch.device, **overrides) -> RunnerConfig:
-    """The runner settings an engine config implies on `device`; `overrides` replace single fields
-    (a draft replica's model sizes its steps for its catch-ups and proposals)."""
-    fields = dict(
-        model_dir=config.model,
-        device=device,
-        dtype=_resolve_dtype(config.dtype, model_config.dtype, device),
-        load_format=config.load_format,
-        seed=config.seed,
-        page_size=config.page_size,
-        max_model_len=resolve_max_model_len(config, model_config),
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        kernels=config.kernels,
-        num_pages=config.num_pages,
-        gpu_memory_utilization=config.gpu_memory_utilization,
-        cpu_kv_cache_gib=config.cpu_kv_cache_gib,
-        cuda_graphs=not config.enforce_eager,
-        max_graph_batch_size=config.max_graph_batch_size,
-        num_speculative_tokens=config.speculative.num_speculative_tokens if config.speculative else 0,
-    )
-    return RunnerConfig(**{**fields, **overrides})
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but CUDA is not available")
-    return device
-
-
-def _resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type == "cpu":
-        return torch.float32
-    dtype = getattr(torch, checkpoint_dtype, None)
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16

@@ -9,7 +9,7 @@
 - anywhere else (tests, a single machine without Ray): local processes (spawned), rank r on
   cuda:r when the engine runs on CUDA.
 
-Each rank builds the same runner as the engine (`workers.engine.build_runner`) over its shard and
+Each rank builds the same runner as the engine (`workers.runner.model_runner.build_runner`) over its shard and
 serves rank 0's steps (`ModelRunner.serve_ranks`) until rank 0 stops the group.
 """
 
@@ -24,6 +24,9 @@ import torch
 
 from workers.config import EngineConfig
 from workers.layers.parallel import TPInfo
+from workers.models.config import ModelConfig
+from workers.runner.config import resolve_device
+from workers.runner.model_runner import build_runner
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +54,7 @@ def join(init: GroupInit, rank: int) -> TPInfo:
 
 
 def rank_device(device: str, rank: int, in_ray: bool) -> torch.device:
-    from workers.engine import _resolve_device
-
-    d = _resolve_device(device)
+    d = resolve_device(device)
     if d.type != "cuda":
         return d
     # A Ray actor sees only its own GPU (CUDA_VISIBLE_DEVICES); local processes share all of them.
@@ -63,9 +64,6 @@ def rank_device(device: str, rank: int, in_ray: bool) -> torch.device:
 def run_rank(config: EngineConfig, init: GroupInit, rank: int, in_ray: bool = False) -> None:
     """The life of rank `rank` (>= 1): join, build its shard, serve rank 0's steps, leave."""
     import torch.distributed as dist
-
-    from workers.engine import build_runner
-    from workers.models.config import ModelConfig
 
     device = rank_device(config.device, rank, in_ray)
     if device.type == "cuda":

@@ -1,8 +1,10 @@
 """The engine's public seam: what a caller hands in and what streams back.
 
-`GenerateRequest` carries token ids (tokenization happens once, at the ingress) and a
-`SamplingParams`; `Engine.generate` yields `TokenDelta`s. Every invalid value raises an
-`InvalidRequestError` that names the field, before anything is admitted.
+`GenerateRequest` carries token ids (tokenization happens once, at the ingress), the chained
+hashes of the prompt's full pages (hashed once, at the ingress; a direct library caller may leave
+them out and the engine hashes them) and a `SamplingParams`; `Engine.generate` yields
+`TokenDelta`s. Every invalid value raises an `InvalidRequestError` that names the field, before
+anything is admitted.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import enum
 import math
 import uuid
 from dataclasses import dataclass, field
+
+from kvstore.hashing import PageHash
 
 
 class InvalidRequestError(ValueError):
@@ -90,6 +94,9 @@ class GenerateRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # kvstore.hashing.page_hashes(prompt_token_ids, page_size, model id) with the engine's page
+    # size and served model id; None: the engine computes them
+    page_hashes: list[PageHash] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,3 +156,4 @@ class EngineStats:
     spec_draft_calls: int = 0
     spec_draft_time_s: float = 0.0  # time spent proposing (draft forwards or round trips)
     spec_failures: int = 0  # proposer calls that failed; the target carried on alone
+    num_eager_decode_steps: int = 0  # decode-only steps run eagerly though CUDA graphs are captured

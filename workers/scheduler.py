@@ -12,7 +12,8 @@ recompute is usually cheap) and it goes back to the head of the queue. A lone se
 fits, because the engine checks that the pool holds `max_model_len` tokens; so there is no
 deadlock, and nothing is admitted in a step that preempted.
 
-Pure Python: no torch, no I/O. `schedule()` plans a step; `update()` applies its results.
+Pure Python: no torch, no I/O. `schedule()` plans a step; `update()` applies its results. Pages
+come and go through the KV-cache manager (workers/kv_cache_manager.py) only.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from kvstore.page_pool import PagePool
+from workers.kv_cache_manager import KVCacheManager
 from workers.request import FinishReason
 from workers.sequence import Sequence, SequenceStatus
 
@@ -30,7 +31,6 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
-    model_id: str
     enable_chunked_prefill: bool = True
     eos_token_ids: frozenset[int] = frozenset()
 
@@ -88,10 +88,10 @@ class SchedulerCounters:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: PagePool):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
         self.config = config
-        self.pool = pool
-        self.page_size = pool.page_size
+        self.kv_cache = kv_cache
+        self.page_size = kv_cache.page_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.counters = SchedulerCounters()
@@ -109,8 +109,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self.kv_cache.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self.counters.num_requests_finished += 1
@@ -130,8 +129,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            need = self._pages_needed(seq, seq.num_computed_tokens + n)
-            while need > self.pool.num_free_pages:
+            need = self.kv_cache.pages_needed(seq, seq.num_computed_tokens + n)
+            while need > self.kv_cache.num_free_pages:
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -139,7 +138,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break
-            seq.block_table.extend(self.pool.allocate(need))
+            self.kv_cache.allocate(seq, seq.num_computed_tokens + n)
             out.scheduled.append(
                 ScheduledSeq(seq, seq.num_computed_tokens, n, seq.num_computed_tokens + n == seq.num_tokens)
             )
@@ -162,19 +161,14 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> ScheduledSeq | None:
         ps = self.page_size
         # Leave at least the last token to compute: its logits start the generation.
-        max_hit_pages = (seq.num_tokens - 1) // ps
-        cached = self.pool.lookup_prefix(seq.hashes_for(max_hit_pages, ps, self.config.model_id))
-        num_cached = len(cached) * ps
+        hit = self.kv_cache.lookup(seq, (seq.num_tokens - 1) // ps)
+        num_cached = len(hit.gpu_pages) * ps
         n = min(seq.num_tokens - num_cached, budget)
         if n < seq.num_tokens - num_cached and not self.config.enable_chunked_prefill:
             return None
-        need = -(-(num_cached + n) // ps) - len(cached)
-        if need + self.pool.num_pages_to_acquire(cached) > self.pool.num_free_pages:
+        if not self.kv_cache.allocate(seq, num_cached + n, hit):
             return None
-        self.pool.acquire(cached)
-        seq.block_table = cached + self.pool.allocate(need)
         seq.num_computed_tokens = num_cached
-        seq.num_committed_pages = len(cached)
         seq.status = SequenceStatus.RUNNING
         if not seq.admitted:
             seq.admitted = True
@@ -183,15 +177,10 @@ class Scheduler:
         self.counters.prefix_cache_hits += num_cached
         return ScheduledSeq(seq, num_cached, n, num_cached + n == seq.num_tokens)
 
-    def _pages_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.page_size) - len(seq.block_table))
-
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.block_table)
-        seq.block_table = []
+        self.kv_cache.free(seq)
         seq.num_computed_tokens = 0
-        seq.num_committed_pages = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.counters.num_preemptions += 1
@@ -208,10 +197,8 @@ class Scheduler:
         seq = s.seq
         if seq.is_finished:
             return False
-        need = self._pages_needed(seq, s.end + k)
-        if need > self.pool.num_free_pages:
+        if not self.kv_cache.allocate(seq, s.end + k):
             return False
-        seq.block_table.extend(self.pool.allocate(need))
         s.num_tokens += k
         s.draft_token_ids = list(tokens)
         s.draft_probs = probs
@@ -231,7 +218,6 @@ class Scheduler:
         was sampled) and finish sequences that hit a stop condition. A verification keeps the
         KV of its accepted tokens and gives back the pages past them. Returns each sequence
         that received tokens, with those tokens (a stop condition drops the ones after it)."""
-        ps = self.page_size
         advanced = []
         for s, token in zip(out.scheduled, sampled, strict=True):
             seq = s.seq
@@ -243,13 +229,7 @@ class Scheduler:
             seq.num_computed_tokens = s.end
             if s.end <= seq.num_prompt_tokens or s.num_tokens > 1:
                 self.counters.num_prefill_tokens += s.num_tokens
-            full = s.end // ps
-            if full > seq.num_committed_pages:
-                hashes = seq.hashes_for(full, ps, self.config.model_id)
-                pages = seq.block_table[seq.num_committed_pages : full]
-                self.pool.commit(pages, hashes[seq.num_committed_pages : full])  # may swap in cached twins
-                seq.block_table[seq.num_committed_pages : full] = pages
-                seq.num_committed_pages = full
+            self.kv_cache.commit(seq, s.end)  # may swap in cached twins
             if token is None:
                 continue
             seq.token_ids.append(token)
@@ -265,7 +245,6 @@ class Scheduler:
         last token and the accepted drafts is valid; the rejected drafts' is not (later steps
         overwrite it), and the pages past the valid KV go back to the pool."""
         seq = s.seq
-        ps = self.page_size
         emitted = []
         reason = None
         for token in tokens:
@@ -279,17 +258,8 @@ class Scheduler:
             self.finish(seq, reason)
             return emitted
         seq.num_computed_tokens = seq.num_tokens - 1
-        keep = -(-seq.num_computed_tokens // ps)
-        if len(seq.block_table) > keep:
-            self.pool.free(seq.block_table[keep:])
-            del seq.block_table[keep:]
-        full = seq.num_computed_tokens // ps
-        if full > seq.num_committed_pages:
-            hashes = seq.hashes_for(full, ps, self.config.model_id)
-            pages = seq.block_table[seq.num_committed_pages : full]
-            self.pool.commit(pages, hashes[seq.num_committed_pages : full])
-            seq.block_table[seq.num_committed_pages : full] = pages
-            seq.num_committed_pages = full
+        self.kv_cache.trim(seq, seq.num_computed_tokens)
+        self.kv_cache.commit(seq, seq.num_computed_tokens)
         return emitted
 
     def _stop_reason(self, seq: Sequence, token: int) -> FinishReason | None:

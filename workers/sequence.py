@@ -4,14 +4,15 @@ Invariants:
 - `token_ids` is the prompt followed by the generated tokens; `num_prompt_tokens` splits them;
 - `num_computed_tokens` tokens have their KV written in the pages of `block_table` (those of the
   first `num_committed_pages` pages are also registered in the prefix cache);
-- `page_hashes[i]` is the chained hash of full page i of `token_ids` (computed lazily).
+- `page_hashes[i]` is the chained hash of full page i of `token_ids`: the prompt's come with the
+  request (the ingress hashed them), the KV-cache manager computes the rest as they are needed.
 """
 
 from __future__ import annotations
 
 import enum
 
-from kvstore.hashing import PageHash, page_hashes
+from kvstore.hashing import PageHash
 from workers.request import FinishReason, SamplingParams
 
 
@@ -38,7 +39,13 @@ class Sequence:
         "generator",
     )
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        page_hashes: list[PageHash] | None = None,
+    ):
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -48,7 +55,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_committed_pages = 0
         self.num_cached_prompt_tokens = 0
-        self.page_hashes: list[PageHash] = []
+        self.page_hashes: list[PageHash] = list(page_hashes or ())
         self.finish_reason: FinishReason | None = None
         self.admitted = False  # set at the first admission; usage counts cached tokens once
         self.generator: object | None = None  # a seeded request's RNG, made by the model runner
@@ -68,15 +75,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
-
-    def hashes_for(self, num_pages: int, page_size: int, model_id: str) -> list[PageHash]:
-        """The hashes of the first `num_pages` full pages, extending the chain as needed."""
-        have = len(self.page_hashes)
-        if num_pages > have:
-            parent = self.page_hashes[-1] if have else None
-            tokens = self.token_ids[have * page_size : num_pages * page_size]
-            self.page_hashes.extend(page_hashes(tokens, page_size, model_id, parent))
-        return self.page_hashes[:num_pages]
 
     def __repr__(self) -> str:
         return (

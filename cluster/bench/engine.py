@@ -249,7 +249,7 @@ def bench_decode_steps(engine: Engine, batch_sizes: list[int], context_len: int,
                 "tokens_per_s": batch / step,
                 "bytes_per_step": bytes_read,
                 "bandwidth_fraction": bytes_read / step / bandwidth,
-                "cuda_graph": runner._bucket(batch) is not None,
+                "cuda_graph": runner.graphs.bucket(batch) is not None,
             }
         )
     return rows

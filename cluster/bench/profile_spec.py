@@ -60,12 +60,13 @@ def _on_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def instrument(engine: Engine) -> None:
-    from workers import model_runner, spec_decode
+    from workers.runner import model_runner
+    from workers.spec import verify
 
     runner = engine.runner
     runner.execute = _timed("target.execute", runner.execute)
     runner.forward = _timed("target.forward", runner.forward)
-    model_runner.verify = _timed("target.verify", spec_decode.verify)
+    model_runner.verify = _timed("target.verify", verify.verify)
     spec = engine.spec
     spec.propose = _timed("spec.propose", spec.propose)
     draft = spec.proposer

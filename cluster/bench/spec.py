@@ -12,7 +12,7 @@ the baseline's). Wall times cover whole requests (prompts are short: decode domi
 `--proposers replicas` starts a local Ray (`--ray-cpus`, no fixed port), a private Redis for the
 page index and Ray Serve (no proxies), deploys `--draft-replicas` DraftWorkers behind their sticky
 prefix-aware router, and drives the target engine here in-process through a real
-DeploymentHandle (workers/draft_client.py's RoutedDraftProposer): the same rows as the
+DeploymentHandle (workers/spec/draft_client.py's RoutedDraftProposer): the same rows as the
 in-process draft, so the two compare in one run; the report's `replicas_vs_in_process` gives
 the ratio of their tok/s per (batch, k).
 
@@ -38,7 +38,7 @@ from cluster.demo.model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
-from workers.spec_decode import expected_tokens
+from workers.spec.decoder import expected_tokens
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -100,7 +100,7 @@ class _DraftReplicas:
         from kvstore.redis_server import LocalRedisServer
         from router.prefix_router import StickyPrefixRouter
         from workers.deployment import DraftWorker, draft_submit
-        from workers.draft_client import RoutedDraftProposer
+        from workers.spec.draft_client import RoutedDraftProposer
 
         self.redis = LocalRedisServer().start()
         index = IndexConfig(redis_url=self.redis.url)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from kvstore.hashing import page_hashes
-from workers.draft_client import DraftRoutes, RoutedDraftProposer
 from workers.request import SamplingParams
 from workers.sequence import Sequence
-from workers.spec_decode import DraftReply
+from workers.spec.draft_client import DraftRoutes, RoutedDraftProposer
+from workers.spec.wire import DraftReply
 
 PS, MODEL = 4, "draft-model"
 GREEDY = SamplingParams(max_tokens=8)

@@ -10,10 +10,10 @@ import torch
 
 from cluster.demo.model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
-from workers.draft_client import RoutedDraftProposer
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
-from workers.spec_decode import DraftBatch
+from workers.spec.draft_client import RoutedDraftProposer
+from workers.spec.wire import DraftBatch
 
 TARGET, DRAFT = (str(p) for p in shipped_demo_pair())
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n"]
@@ -86,7 +86,7 @@ def greedy_reference():
 
 
 async def test_remote_draft_proposals_keep_greedy_output_identical(greedy_reference):
-    from workers.draft import DraftModel
+    from workers.spec.draft_model import DraftModel
 
     draft = DraftModel.standalone(draft_config(), 4)
 

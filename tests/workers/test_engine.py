@@ -47,6 +47,26 @@ async def test_a_shared_three_page_prefix_is_prefilled_once(make_engine):
     assert after.num_prefill_tokens - before.num_prefill_tokens == 7
 
 
+async def test_the_prompts_page_hashes_from_the_request_are_used_not_recomputed(make_engine, monkeypatch):
+    from kvstore.hashing import page_hashes
+    from workers import kv_cache_manager
+
+    engine = make_engine(page_size=16)
+    prefix = ids(48, seed=1)
+    params = SamplingParams(max_tokens=2, ignore_eos=True)
+    hashed = []
+    monkeypatch.setattr(kv_cache_manager, "page_hashes", lambda t, *a: hashed.append(len(t)) or page_hashes(t, *a))
+    prompt = prefix + ids(5, seed=2)
+    carried = page_hashes(prompt, 16, engine.model_id)
+    first = await engine.complete(GenerateRequest(prompt, params, page_hashes=carried))
+    assert first.num_cached_prompt_tokens == 0 and hashed == []  # the prompt's 3 pages came with it
+    second = await engine.complete(GenerateRequest(prefix + ids(7, seed=3), params))  # a library caller: none
+    assert second.num_cached_prompt_tokens == 48 and hashed == [48]
+    with pytest.raises(InvalidRequestError) as e:
+        await engine.complete(GenerateRequest(prompt, params, page_hashes=carried[:1]))
+    assert e.value.field == "page_hashes"
+
+
 async def test_seeded_sampling_repeats_and_different_seeds_differ(make_engine):
     engine = make_engine()
     prompt = ids(12)

@@ -3,6 +3,7 @@
 import pytest
 
 from kvstore.page_pool import PagePool
+from workers.kv_cache_manager import KVCacheManager
 from workers.request import FinishReason, SamplingParams
 from workers.scheduler import Scheduler, SchedulerConfig
 from workers.sequence import Sequence
@@ -16,11 +17,10 @@ def make(num_pages=64, budget=64, max_seqs=8, chunked=True, max_model_len=64, ca
         max_num_seqs=max_seqs,
         max_num_batched_tokens=budget,
         max_model_len=max_model_len,
-        model_id="m",
         enable_chunked_prefill=chunked,
         eos_token_ids=frozenset({1}),
     )
-    return Scheduler(cfg, pool)
+    return Scheduler(cfg, KVCacheManager(pool, "m"))
 
 
 def seq(rid, prompt, max_tokens=4, **kw):
@@ -52,7 +52,7 @@ def test_prefill_then_decode_until_max_tokens_and_pages_return():
     assert [(x.start, x.num_tokens) for x in out.scheduled] == [(10, 1)]
     run_to_end(s)
     assert a.output_token_ids == [7, 7, 7] and a.finish_reason is FinishReason.LENGTH
-    assert s.pool.num_free_pages == s.pool.num_pages
+    assert s.kv_cache.pool.num_free_pages == s.kv_cache.pool.num_pages
 
 
 def test_chunked_prefill_splits_a_prompt_by_the_token_budget_and_mixes_with_decodes():
@@ -103,7 +103,7 @@ def test_cached_prefix_is_skipped_and_last_token_always_computed():
     assert (out.scheduled[0].start, out.scheduled[0].num_tokens) == (8, 4)
     run_to_end(s)
     assert s.counters.prefix_cache_hits == 20
-    assert s.pool.num_free_pages == s.pool.num_pages
+    assert s.kv_cache.pool.num_free_pages == s.kv_cache.pool.num_pages
 
 
 def test_prefix_caching_off_recomputes_everything():
@@ -130,7 +130,7 @@ def test_preemption_frees_the_youngest_and_everything_still_finishes():
     assert preempted and set(preempted) == {"b"}
     assert a.output_token_ids == [7] * 8 and b.output_token_ids == [7] * 8
     assert s.counters.num_preemptions == len(preempted)
-    assert s.pool.num_free_pages == s.pool.num_pages
+    assert s.kv_cache.pool.num_free_pages == s.kv_cache.pool.num_pages
 
 
 def test_preempted_sequence_resumes_from_its_cached_pages():
@@ -178,7 +178,7 @@ def test_finish_frees_pages_from_any_state():
     s.finish(c, FinishReason.ABORT)
     s.finish(b, FinishReason.ABORT)
     s.finish(b, FinishReason.ABORT)  # twice is harmless
-    assert not s.has_work and s.pool.num_free_pages == s.pool.num_pages
+    assert not s.has_work and s.kv_cache.pool.num_free_pages == s.kv_cache.pool.num_pages
 
 
 def test_update_skips_a_sequence_finished_while_its_step_ran():
@@ -196,7 +196,7 @@ def test_full_pages_are_committed_as_they_complete(budget):
     s = make(budget=budget)
     s.add(seq("a", range(10, 23), max_tokens=4))  # 13 + 4 = 17 tokens
     run_to_end(s)
-    assert s.pool.num_cached_pages == 4  # tokens 0..15 in 4 full pages; the 17th token's KV is never computed
+    assert s.kv_cache.pool.num_cached_pages == 4  # tokens 0..15 in 4 full pages; the 17th token's KV is never computed
 
 
 def test_the_same_prefix_computed_twice_at_once_ends_up_on_shared_pages():
@@ -206,9 +206,9 @@ def test_the_same_prefix_computed_twice_at_once_ends_up_on_shared_pages():
     s.add(b)
     step(s)  # both prefill the same 12 tokens (3 pages) in one step
     assert a.block_table[:3] == b.block_table[:3]
-    assert all(s.pool.ref_counts[p] == 2 for p in a.block_table[:3])
+    assert all(s.kv_cache.pool.ref_counts[p] == 2 for p in a.block_table[:3])
     run_to_end(s)
-    assert s.pool.num_free_pages == s.pool.num_pages
+    assert s.kv_cache.pool.num_free_pages == s.kv_cache.pool.num_pages
 
 
 def test_a_recomputed_last_page_of_a_cached_prompt_is_swapped_for_the_cached_page():
@@ -216,10 +216,10 @@ def test_a_recomputed_last_page_of_a_cached_prompt_is_swapped_for_the_cached_pag
     first = seq("a", range(10, 22), max_tokens=1)  # 3 full pages, all cached when it finishes
     s.add(first)
     run_to_end(s)
-    cached = s.pool.lookup_prefix(first.page_hashes[:3])
+    cached = s.kv_cache.pool.lookup_prefix(first.page_hashes[:3])
     again = seq("b", range(10, 22), max_tokens=2)
     s.add(again)
     step(s)  # pages 0-1 hit; page 2 is recomputed (its logits start the answer) into a copy
     assert again.block_table[:3] == cached  # ... which commit swapped for the cached page
     run_to_end(s)
-    assert s.pool.num_free_pages == s.pool.num_pages
+    assert s.kv_cache.pool.num_free_pages == s.kv_cache.pool.num_pages

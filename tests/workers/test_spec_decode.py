@@ -12,7 +12,8 @@ import torch
 from cluster.demo.model import shipped_demo_pair
 from workers.config import SpeculativeConfig
 from workers.request import FinishReason, GenerateRequest, SamplingParams
-from workers.spec_decode import NgramProposer, Proposals, SpeculativeDecoder, expected_tokens
+from workers.spec.decoder import SpeculativeDecoder, expected_tokens
+from workers.spec.proposers import NgramProposer, Proposals
 
 TARGET, DRAFT = (str(p) for p in shipped_demo_pair())
 PROMPTS = [
@@ -113,6 +114,25 @@ async def test_greedy_output_is_identical_with_speculation_on_cuda_with_graphs(p
     assert await run_all(engine, params[:1], PROMPTS[:1]) == want_alone
     assert await run_all(engine, params, PROMPTS) == want
     assert engine.stats().spec_accepted_tokens > 0
+    assert_pools_empty(engine)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("max_num_seqs", [1, 3])
+@pytest.mark.parametrize("k", [4, 6])
+async def test_verification_steps_replay_cuda_graphs_whenever_decode_steps_do(
+    pair_dirs, make_pair_engine, max_num_seqs, k
+):
+    """With few sequences the verification steps (max_num_seqs x (1 + k) rows) are larger than
+    any decode step: they must still find a captured graph, never run eagerly."""
+    engine = make_pair_engine(
+        spec("ngram", k=k, adaptive=False), device="cuda", num_pages=1024, max_num_seqs=max_num_seqs
+    )
+    params = [SamplingParams(max_tokens=48, ignore_eos=True) for _ in PROMPTS]
+    await run_all(engine, params, PROMPTS)
+    st = engine.stats()
+    assert engine.runner.graphs and st.spec_steps > 0
+    assert st.num_eager_decode_steps == 0
     assert_pools_empty(engine)
 
 
@@ -259,6 +279,8 @@ async def test_no_pages_leak_after_many_accept_reject_rounds_and_aborts(pair_dir
 
 
 class _FlakyProposer:
+    blocking = False
+
     def __init__(self, inner, failures):
         self.inner, self.failures, self.calls = inner, failures, 0
 
@@ -284,6 +306,8 @@ async def test_a_failing_proposer_never_fails_a_request_and_speculation_resumes(
 
 class _BrokenProposer:
     """Answers with the wrong number of proposals, tokens outside the vocabulary, or bad q."""
+
+    blocking = False
 
     def __init__(self):
         self.calls = 0

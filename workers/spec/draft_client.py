@@ -36,7 +36,8 @@ import torch
 
 from kvstore.hashing import PageHash, page_hashes
 from workers.sequence import Sequence
-from workers.spec_decode import DraftBatch, DraftReply, ProposalRequest, Proposals
+from workers.spec.proposers import Proposals
+from workers.spec.wire import DraftBatch, DraftReply, ProposalRequest
 
 logger = logging.getLogger(__name__)
 

@@ -17,30 +17,40 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 
 import torch
 
 from kvstore.page_pool import PagePool
-from workers.config import SpeculativeConfig, dir_model_id
-from workers.model_runner import ModelRunner, RunnerConfig, kv_page_bytes
+from workers.config import EngineConfig, SpeculativeConfig, dir_model_id
+from workers.kv_cache_manager import KVCacheManager
 from workers.models.config import ModelConfig
+from workers.runner.config import RunnerConfig, resolve_device, runner_config
+from workers.runner.draft_decode import DeviceFedDecoder
+from workers.runner.memory import kv_page_bytes
+from workers.runner.model_runner import ModelRunner
 from workers.sampling import make_generator, upload
 from workers.scheduler import ScheduledSeq, SchedulerOutput
 from workers.sequence import Sequence
-from workers.spec_decode import DraftBatch, DraftReply, Proposals
+from workers.spec.proposers import Proposals
+from workers.spec.wire import DraftBatch, DraftReply
 
 # Catch-ups up to this many tokens run as decode rows (a graph replay); longer ones as prefill.
 _MAX_DECODE_ROWS = 8
 
 
 class DraftModel:
+    blocking = False  # the engine proposes inline on CPU; on GPU its step thread runs every step
+
     def __init__(self, runner_config: RunnerConfig, model_config: ModelConfig, model_id: str):
         self.runner = ModelRunner(runner_config, model_config)
+        self.decoder = DeviceFedDecoder(self.runner)
         self.model_id = model_id
         self.page_size = runner_config.page_size
         self.max_num_batched_tokens = runner_config.max_num_batched_tokens
         self.pool = PagePool(self.runner.num_pages, self.page_size, True, f"draft:{model_id}")
+        self.kv_cache = KVCacheManager(self.pool, model_id)
         self.sessions: OrderedDict[str, Sequence] = OrderedDict()  # least recently used first
         self.device = runner_config.device
         self.vocab_size = model_config.vocab_size
@@ -49,16 +59,13 @@ class DraftModel:
         self.num_cached_prompt_tokens = 0  # tokens new sessions found in the prefix cache
 
     @classmethod
-    def standalone(cls, config, num_speculative_tokens: int) -> DraftModel:
+    def standalone(cls, config: EngineConfig, num_speculative_tokens: int) -> DraftModel:
         """A draft replica's model from an `EngineConfig` of the draft (cluster/config.py's draft section)."""
-
-        from workers.engine import _resolve_device, runner_config
-
         mc = ModelConfig.from_dir(config.model)
         rc = runner_config(
             config,
             mc,
-            _resolve_device(config.device),
+            resolve_device(config.device),
             max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_num_seqs * _MAX_DECODE_ROWS),
             num_speculative_tokens=max(num_speculative_tokens, _MAX_DECODE_ROWS) - 1,
         )
@@ -89,29 +96,26 @@ class DraftModel:
         self.kv_event_sink = sink
 
     @classmethod
-    def for_target(cls, engine, spec: SpeculativeConfig) -> DraftModel:
-        """A draft beside `engine`'s target: same device, dtype, page size and limits."""
-        from workers.engine import runner_config
-
+    def beside(
+        cls, target: RunnerConfig, target_num_pages: int, vocab_size: int, spec: SpeculativeConfig
+    ) -> DraftModel:
+        """A draft beside a target run as `target` (its runner's settings): same device, dtype,
+        page size and limits; `target_num_pages` and `vocab_size` are the target's pool and vocabulary."""
         mc = ModelConfig.from_dir(spec.draft_model)
-        if mc.vocab_size != engine.model_config.vocab_size:
+        if mc.vocab_size != vocab_size:
             raise ValueError(
                 f"the draft's vocabulary ({mc.vocab_size}) differs from the target's "
-                f"({engine.model_config.vocab_size}): a draft must share the target's tokenizer"
+                f"({vocab_size}): a draft must share the target's tokenizer"
             )
-        cfg = engine.config
-        rows = cfg.max_num_seqs * (1 + spec.num_speculative_tokens)
-        # The target's model config: the same dtype and max_model_len as the target.
-        rc = runner_config(
-            cfg,
-            engine.model_config,
-            engine.device,
+        rows = target.max_num_seqs * (1 + spec.num_speculative_tokens)
+        rc = dataclasses.replace(
+            target,
             model_dir=spec.draft_model,
-            max_num_batched_tokens=max(cfg.max_num_batched_tokens, rows),
+            max_num_batched_tokens=max(target.max_num_batched_tokens, rows),
             # a catch-up after a fully accepted proposal computes two rows per sequence
-            max_graph_batch_size=min(cfg.max_graph_batch_size, 2 * cfg.max_num_seqs),
+            max_graph_batch_size=min(target.max_graph_batch_size, 2 * target.max_num_seqs),
             num_speculative_tokens=_MAX_DECODE_ROWS - 1,  # rows of a catch-up
-            num_pages=spec.draft_num_pages or _default_num_pages(engine, mc),
+            num_pages=spec.draft_num_pages or _default_num_pages(target, target_num_pages, mc),
         )
         return cls(rc, mc, dir_model_id(spec.draft_model))
 
@@ -121,8 +125,8 @@ class DraftModel:
         would draw from the draft's distribution (greedy: its argmax); with their
         distributions for sampled requests.
 
-        The drawn tokens stay on the device and feed the next step's input (`plan_decodes`: the
-        positions, slots and page tables of all k - 1 steps are known before the first), so the
+        The drawn tokens stay on the device and feed the next step's input (`DeviceFedDecoder`: the
+        positions, slots and block tables of all k - 1 steps are known before the first), so the
         host waits on the device once per call, not once per token. A repetition penalty needs
         each step's tokens on the host (the history it penalises): such a batch syncs per step."""
         tokens: list[list[int]] = [[] for _ in seqs]
@@ -160,27 +164,19 @@ class DraftModel:
     def release(self, request_id: str) -> None:
         session = self.sessions.pop(request_id, None)
         if session is not None:
-            self.pool.free(session.block_table)
-            session.block_table = []
+            self.kv_cache.free(session)
 
     # ------------------------------------------------------------------ internals
     def _sync(self, seq: Sequence, k: int, keep: set[str]) -> Sequence | None:
         """The request's session, its tokens set to the target's and its KV rolled back to their
         longest common prefix, with pages for k more; None if the pool cannot hold it."""
-        ps = self.page_size
         target = seq.token_ids
         n = len(target)
         session = self.sessions.get(seq.request_id)
+        hit = None
         if session is None:
             session = Sequence(seq.request_id, target, seq.sampling)
-            cached = self.pool.lookup_prefix(session.hashes_for((n - 1) // ps, ps, self.model_id))
-            self.pool.acquire(cached)
-            session.block_table = list(cached)
-            session.num_computed_tokens = session.num_committed_pages = len(cached)
-            session.num_computed_tokens *= ps
-            self.sessions[seq.request_id] = session
-            self.num_sessions_started += 1
-            self.num_cached_prompt_tokens += session.num_computed_tokens
+            hit = self.kv_cache.lookup(session, (n - 1) // self.page_size)
         else:
             self.sessions.move_to_end(seq.request_id)
             mine = session.token_ids
@@ -194,14 +190,16 @@ class DraftModel:
             session.num_computed_tokens = min(m, n - 1)
             session.token_ids = list(target)
         session.num_prompt_tokens = n  # here: how many tokens the target has verified
-        need = -(-(n + k - 1) // ps) - len(session.block_table)
-        while need > self.pool.num_free_pages:
+        while not self.kv_cache.allocate(session, n + k - 1, hit):
             victim = next((r for r in self.sessions if r not in keep), None)
             if victim is None:
                 return None
             self.release(victim)
-        if need > 0:
-            session.block_table.extend(self.pool.allocate(need))
+        if hit is not None:  # a new session: its cached prefix is computed
+            session.num_computed_tokens = len(hit.gpu_pages) * self.page_size
+            self.sessions[seq.request_id] = session
+            self.num_sessions_started += 1
+            self.num_cached_prompt_tokens += session.num_computed_tokens
         return session
 
     def _catch_up(self, sessions: list[Sequence]) -> torch.Tensor:
@@ -260,14 +258,7 @@ class DraftModel:
 
     def _commit(self, s: Sequence) -> None:
         """Cache the full pages of the target-verified tokens (`num_prompt_tokens` of them here)."""
-        ps = self.page_size
-        full = min(s.num_prompt_tokens, s.num_computed_tokens) // ps
-        if full > s.num_committed_pages:
-            hashes = s.hashes_for(full, ps, self.model_id)
-            pages = s.block_table[s.num_committed_pages : full]
-            self.pool.commit(pages, hashes[s.num_committed_pages : full])
-            s.block_table[s.num_committed_pages : full] = pages
-            s.num_committed_pages = full
+        self.kv_cache.commit(s, min(s.num_prompt_tokens, s.num_computed_tokens))
 
     def _draw(
         self, logits: torch.Tensor, params: list, generators: list, sampled: torch.Tensor | None, history=None
@@ -310,16 +301,16 @@ class DraftModel:
         if steps > 1:
             # plan step j computes draft j (position n + j) of the rows that want draft j + 1
             starts = [s.num_tokens for s in sessions]
-            plan = self.runner.plan_decodes(starts, [k - 1 for k in ks], steps - 1, [s.block_table for s in sessions])
+            plan = self.decoder.plan(starts, [k - 1 for k in ks], steps - 1, [s.block_table for s in sessions])
         choices, qs = [], []
         for j in range(steps):
             if j:
                 if sampled is None and history is None:  # greedy: all the steps in one graph
-                    looped = self.runner.decode_loop(plan, choices[0])
+                    looped = self.decoder.loop(plan, choices[0])
                     if looped is not None:
                         choices += looped.unbind(0)
                         break
-                logits = self.runner.decode_step(plan, j - 1, choices[-1])
+                logits = self.decoder.step(plan, j - 1, choices[-1])
             choice, q = self._draw(logits, params, generators, sampled, history)
             choices.append(choice)
             qs.append(q)
@@ -336,12 +327,12 @@ class DraftModel:
         return out, q_all
 
 
-def _default_num_pages(engine, mc: ModelConfig) -> int:
+def _default_num_pages(target: RunnerConfig, target_num_pages: int, mc: ModelConfig) -> int:
     """As many pages as the target's pool (the same tokens), or on GPU what half the free memory
     holds if less: the target's pool has taken its share of gpu_memory_utilization already."""
-    pages = engine.runner.num_pages
-    if engine.device.type == "cuda":
-        page_bytes = kv_page_bytes(mc, engine.config.page_size, mc.num_kv_heads, engine.runner.cfg.dtype)
-        free, _ = torch.cuda.mem_get_info(engine.device)
+    pages = target_num_pages
+    if target.device.type == "cuda":
+        page_bytes = kv_page_bytes(mc, target.page_size, mc.num_kv_heads, target.dtype)
+        free, _ = torch.cuda.mem_get_info(target.device)
         pages = min(pages, int(free * 0.5 // page_bytes))
     return max(1, pages)
