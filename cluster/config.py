@@ -112,7 +112,7 @@ class DraftConfig(_Section):
 
 
 class IngressConfig(_Section):
-    """The ingress deployment: the gRPC servicer (validation, tokenization, page hashes)."""
+    """The ingress deployment: the gRPC servicer and the OpenAI HTTP API (validation, tokenization, page hashes)."""
 
     replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)

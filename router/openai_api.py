@@ -258,4 +258,5 @@ class OpenAIIngress(GenerationIngress):
             "created": self._started,
             "owned_by": "kvfleet",
             "max_model_len": self.info.max_model_len,
+            "vocab_size": self.info.vocab_size,  # kvfleet's: what token-id prompts may hold
         }

@@ -11,8 +11,8 @@ What the engine cannot do is refused with a sentence, never ignored: `n` > 1, se
 `presence_penalty`/`frequency_penalty` other than 0 (the sampler has `repetition_penalty`, sent as
 a kvfleet extension), `logit_bias`, `echo`, `suffix`, `best_of` > 1, tools, JSON modes, and any
 parameter this server does not know. kvfleet extensions beside OpenAI's: `top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `add_special_tokens` (completions) and
-`add_generation_prompt` (chat).
+`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `return_token_ids` (vLLM's: each choice also
+carries its `token_ids`), `add_special_tokens` (completions) and `add_generation_prompt` (chat).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class ApiRequest:
     # Without max_tokens, OpenAI's API (and vLLM's) generate until the context is full, not the
     # gRPC API's default of 16: the ingress fills in the room the prompt leaves.
     fill_context: bool = False
+    return_token_ids: bool = False
     params: dict[str, str] = field(default_factory=dict)  # kvfleet's field -> the parameter the client sent
 
     @property
@@ -98,6 +99,7 @@ _COMMON = {
     "repetition_penalty",
     "ignore_eos",
     "stop_token_ids",
+    "return_token_ids",
 }
 _CHAT = _COMMON | {
     "messages",
@@ -222,6 +224,8 @@ def _common(args: dict[str, Any], out: ApiRequest, max_tokens_param: str) -> Non
     sampling.stop_token_ids.extend(ids)
     if "ignore_eos" in args:
         sampling.ignore_eos = _bool(args, "ignore_eos")
+    if "return_token_ids" in args:
+        out.return_token_ids = _bool(args, "return_token_ids")
     if "n" in args and _int(args, "n", 1, INT32_MAX) != 1:
         raise invalid("n", "n must be 1: this server returns one choice per request (send n requests)")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -320,11 +324,13 @@ class Answer:
     """The responses of one request, gathered for a non-streamed answer."""
 
     text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[pb.PositionLogprobs] = field(default_factory=list)
     last: pb.GenerateResponse | None = None
 
     def add(self, response: pb.GenerateResponse) -> None:
         self.text.append(response.text)
+        self.token_ids.extend(response.token_ids)
         self.logprobs.extend(response.logprobs)
         if response.finish_reason:
             self.last = response
@@ -364,6 +370,8 @@ class Formatter:
             choice["text"] = text
             out = self._envelope("text_completion")
         choice["finish_reason"] = _FINISH.get(last.finish_reason)
+        if self.api.return_token_ids:
+            choice["token_ids"] = answer.token_ids
         out.update(choices=[choice], usage=usage(last), system_fingerprint=None)
         return out
 
@@ -376,7 +384,8 @@ class Formatter:
     def chunk(self, response: pb.GenerateResponse) -> dict[str, Any] | None:
         """The chunk for one streamed response (None when it adds nothing a client sees)."""
         finish = _FINISH.get(response.finish_reason)
-        if not response.text and not response.logprobs and finish is None:
+        ids = self.api.return_token_ids and response.token_ids
+        if not response.text and not response.logprobs and finish is None and not ids:
             return None
         choice: dict[str, Any] = {"index": 0}
         if self.api.kind == "chat":
@@ -385,6 +394,8 @@ class Formatter:
             choice["text"] = response.text
         choice["logprobs"] = self._logprobs(response.logprobs)
         choice["finish_reason"] = finish
+        if self.api.return_token_ids:
+            choice["token_ids"] = list(response.token_ids)
         return self._chunk(choice)
 
     def usage_chunk(self, last: pb.GenerateResponse) -> dict[str, Any]:

@@ -13,12 +13,19 @@ other in this process; `--compare` runs prefix_aware, power_of_two and round_rob
 ratios. Reported: TTFT, TPOT, inter-token latency and end-to-end latency (mean, p50, p90, p99),
 requests/s and output tokens/s, and the prompt-token cache hit rate (cached / prompt tokens, from
 each response's usage).
+
+`--url` runs the same workload once against a deployment that is already serving, instead of local
+clusters: `grpc://HOST:PORT` (or `HOST:PORT`) through the gRPC API, `http://HOST:PORT/v1` through the
+OpenAI HTTP API (streamed `/v1/completions` with token-id prompts; `return_token_ids` keeps each
+conversation's history in token ids); `--token` (default `$KVFLEET_TOKEN`) is its bearer token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -52,11 +59,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 async def _run_workload(target: str, args, vocab_size: int) -> tuple[list[Turn], float]:
-    import grpc
-
-    from protos.kvfleet.v1 import generation_pb2 as pb
-    from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
-
+    """The conversations through `target`: a gRPC address, or an OpenAI HTTP base URL (http://...)."""
     rng = random.Random(args.seed)
     low = 3  # skip the special tokens
     systems = [[rng.randrange(low, vocab_size) for _ in range(args.system_len)] for _ in range(args.system_prompts)]
@@ -72,8 +75,7 @@ async def _run_workload(target: str, args, vocab_size: int) -> tuple[list[Turn],
     thinks = {(u, t): rng.expovariate(1 / args.think_time) if args.think_time > 0 else 0.0 for (u, t) in questions}
     results: list[Turn] = []
 
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.GenerationStub(channel)
+    async with _client(target, args) as send:
         begin = time.perf_counter()
 
         async def conversation(u: int):
@@ -82,30 +84,10 @@ async def _run_workload(target: str, args, vocab_size: int) -> tuple[list[Turn],
             for t in range(args.turns):
                 prompt = history + questions[(u, t)]
                 turn = Turn(u, t)
-                req = pb.GenerateRequest(
-                    token_ids=pb.TokenIds(ids=prompt),
-                    sampling=pb.SamplingParams(max_tokens=args.answer_len, ignore_eos=True),
-                )
-                sent = last = time.perf_counter()
-                answer: list[int] = []
-                try:
-                    async for r in stub.Generate(req, timeout=args.timeout):
-                        now = time.perf_counter()
-                        if r.token_ids:
-                            if not answer:
-                                turn.ttft = now - sent
-                            else:
-                                turn.itl.append(now - last)
-                            last = now
-                            answer += r.token_ids
-                        if r.finish_reason:
-                            turn.prompt_tokens = r.usage.prompt_tokens
-                            turn.cached_tokens = r.usage.cached_prompt_tokens
-                            turn.replica = r.replica
-                    turn.e2e = time.perf_counter() - sent
-                    turn.output_tokens = len(answer)
-                except grpc.RpcError as e:
-                    turn.error = f"{e.code().name}: {e.details()}"
+                sent = time.perf_counter()
+                answer = await send(prompt, turn)
+                turn.e2e = time.perf_counter() - sent
+                turn.output_tokens = len(answer)
                 results.append(turn)
                 if turn.error:
                     return
@@ -115,6 +97,131 @@ async def _run_workload(target: str, args, vocab_size: int) -> tuple[list[Turn],
         await asyncio.gather(*(conversation(u) for u in range(args.users)))
         elapsed = time.perf_counter() - begin
     return results, elapsed
+
+
+class _Clock:
+    """TTFT and inter-token latencies of one turn, from the times its tokens arrive."""
+
+    def __init__(self, turn: Turn):
+        self.turn = turn
+        self.sent = self.last = time.perf_counter()
+        self.first = True
+
+    def tokens(self) -> None:
+        now = time.perf_counter()
+        if self.first:
+            self.turn.ttft = now - self.sent
+            self.first = False
+        else:
+            self.turn.itl.append(now - self.last)
+        self.last = now
+
+
+@contextlib.asynccontextmanager
+async def _client(target: str, args):
+    """`send(prompt_ids, turn) -> answer_ids` over gRPC or OpenAI's HTTP API; it fills `turn`."""
+    token = getattr(args, "token", None)
+    if target.startswith(("http://", "https://")):
+        import aiohttp
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        url = target.rstrip("/") + "/completions"
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=args.timeout)) as session:
+
+            async def send_http(prompt: list[int], turn: Turn) -> list[int]:
+                body = {
+                    "prompt": prompt,
+                    "max_tokens": args.answer_len,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "return_token_ids": True,
+                }
+                clock, answer = _Clock(turn), []
+                try:
+                    async with session.post(url, json=body) as r:
+                        if r.status != 200:
+                            turn.error = f"HTTP {r.status}: {(await r.text())[:200]}"
+                            return answer
+                        async for line in r.content:
+                            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                                continue
+                            event = json.loads(line[6:])
+                            if "error" in event:
+                                turn.error = f"HTTP stream: {event['error']['message']}"
+                            for choice in event.get("choices", []):
+                                if choice.get("token_ids"):
+                                    clock.tokens()
+                                    answer += choice["token_ids"]
+                            if event.get("usage"):
+                                turn.prompt_tokens = event["usage"]["prompt_tokens"]
+                                details = event["usage"].get("prompt_tokens_details") or {}
+                                turn.cached_tokens = details.get("cached_tokens", 0)
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    turn.error = f"HTTP: {e!r}"
+                return answer
+
+            yield send_http
+        return
+
+    import grpc
+
+    from protos.kvfleet.v1 import generation_pb2 as pb
+    from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    async with grpc.aio.insecure_channel(target.removeprefix("grpc://")) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+
+        async def send_grpc(prompt: list[int], turn: Turn) -> list[int]:
+            req = pb.GenerateRequest(
+                token_ids=pb.TokenIds(ids=prompt),
+                sampling=pb.SamplingParams(max_tokens=args.answer_len, ignore_eos=True),
+            )
+            clock, answer = _Clock(turn), []
+            try:
+                async for r in stub.Generate(req, timeout=args.timeout, metadata=metadata):
+                    if r.token_ids:
+                        clock.tokens()
+                        answer += r.token_ids
+                    if r.finish_reason:
+                        turn.prompt_tokens = r.usage.prompt_tokens
+                        turn.cached_tokens = r.usage.cached_prompt_tokens
+                        turn.replica = r.replica
+            except grpc.RpcError as e:
+                turn.error = f"{e.code().name}: {e.details()}"
+            return answer
+
+        yield send_grpc
+
+
+def _vocab_size(target: str, token: str | None) -> int:
+    """The served model's vocabulary, asked of the deployment (gRPC ListModels or /v1/models)."""
+    if target.startswith(("http://", "https://")):
+        import urllib.request
+
+        request = urllib.request.Request(target.rstrip("/") + "/models")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return int(json.load(reply)["data"][0]["vocab_size"])
+    import grpc
+
+    from protos.kvfleet.v1 import generation_pb2 as pb
+    from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with grpc.insecure_channel(target.removeprefix("grpc://")) as channel:
+        reply = pb_grpc.GenerationStub(channel).ListModels(pb.ListModelsRequest(), timeout=30, metadata=metadata)
+    return reply.models[0].vocab_size
+
+
+def _run_url(args) -> dict:
+    """The workload once, against the deployment at `args.url` (its routing policy, its replicas)."""
+    vocab = _vocab_size(args.url, args.token)
+    print(f"[{args.url}] {args.users} conversations...", file=sys.stderr, flush=True)
+    turns, elapsed = asyncio.run(_run_workload(args.url, args, vocab))
+    return _report(args.url, turns, elapsed)
 
 
 def _report(policy: str, turns: list[Turn], elapsed: float) -> dict:
@@ -191,13 +298,23 @@ def _table(reports: list[dict]) -> str:
 
 
 def run_serve_bench(args) -> dict:
+    args.token = args.token or os.environ.get("KVFLEET_TOKEN") or None
+    if args.url is not None:
+        if args.compare:
+            raise SystemExit("--compare starts a local cluster per policy; with --url the deployment's policy runs")
+        reports = [_run_url(args)]
+        print(_table(reports))
+        out = {"workload": {k: v for k, v in vars(args).items() if k not in ("func", "token")}, "results": reports}
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        return out
     if args.model is None:
         from cluster.demo.model import shipped_demo_pair
 
         args.model = str(shipped_demo_pair()[0])
     policies = list(POLICIES) if args.compare else [args.policy]
     reports = [_run_policy(p, args) for p in policies]
-    out = {"workload": {k: v for k, v in vars(args).items() if k != "func"}, "results": reports}
+    out = {"workload": {k: v for k, v in vars(args).items() if k not in ("func", "token")}, "results": reports}
     print(_table(reports))
     if len(reports) > 1:
         base = reports[0]
@@ -225,6 +342,12 @@ def add_serve_parser(bench_subparsers) -> None:
         help="prefix-sharing conversations through the gRPC API, per routing policy",
         description=__doc__.split("\n\n")[1],
     )
+    p.add_argument(
+        "--url",
+        help="run against this deployment instead of local clusters: grpc://HOST:PORT (or HOST:PORT) for gRPC, "
+        "http://HOST:PORT/v1 for the OpenAI HTTP API",
+    )
+    p.add_argument("--token", help="bearer token of the deployment at --url (default: $KVFLEET_TOKEN)")
     p.add_argument("--model", help="model directory (default: the demo model kvfleet-pycoder)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--replicas", type=int, default=3)

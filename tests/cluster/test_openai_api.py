@@ -69,6 +69,7 @@ def edge(serve_cluster, model_dirs, tmp_path_factory):
 
     from cluster.app import build_app
     from cluster.config import IngressConfig, TargetConfig
+    from router.policy import RoutingConfig
 
     root = tmp_path_factory.mktemp("edge")
     model = root / "llama-chat"
@@ -86,12 +87,15 @@ def edge(serve_cluster, model_dirs, tmp_path_factory):
             "grpc": base.grpc.model_copy(update={"auth_token_file": str(root / "token")}),
             "index": base.index.model_copy(update={"namespace": "openai-edge"}),
             "app_name": "kvfleet-openai-edge",
+            # One replica needs no prefix-aware router; without one, the routing-decision series that
+            # test_serve's metrics test sums (over every application) stay the session app's alone.
+            "routing": RoutingConfig(policy="power_of_two"),
         }
     )
     serve.run(build_app(config), name=config.app_name, route_prefix="/edge")
     url = serve_cluster.http_url.replace("/v1", "/edge/v1")
     yield Edge(url, "sesame", config.app_name, config.model_id, serve_cluster.grpc_target)
-    serve.delete(config.app_name)
+    serve.delete(config.app_name)  # gRPC calls without `application` metadata need one application
 
 
 def call(method: str, url: str, body: bytes | dict | None = None, headers=None) -> tuple[int, dict]:
@@ -134,7 +138,7 @@ def test_streamed_completion_equals_the_non_streamed_one(client):
 
 
 def test_token_id_prompts_and_logprobs(client, stub):
-    ids = list(range(10, 30))
+    ids = list(range(300, 320))  # tokens no other test of the session starts a prompt with
     want = grpc_text(stub, token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=8, ignore_eos=True))
     out = client.completions.create(model="llama", prompt=ids, max_tokens=8, logprobs=3, extra_body=GREEDY)
     choice = out.choices[0]
@@ -146,7 +150,7 @@ def test_token_id_prompts_and_logprobs(client, stub):
 
 
 def test_a_repeated_prompt_reports_cached_tokens(client):
-    ids = list(range(40, 40 + 41))  # 10 full pages of 4 tokens, and one more
+    ids = list(range(400, 400 + 41))  # 10 full pages of 4 tokens, and one more; a prefix no other test sends
     cached = []
     for _ in range(3):
         out = client.completions.create(model="llama", prompt=ids, max_tokens=2, extra_body=GREEDY)
@@ -228,6 +232,26 @@ def test_a_client_that_disconnects_aborts_its_request_and_frees_its_pages(serve_
         conn.close()  # mid-stream
     # Serve passes the disconnect on to the ingress (almost always: see the gRPC cancel test)
     assert before + 1 <= idle_and_aborted(stub, before + 1) <= before + 3
+
+
+def test_bench_serve_drives_a_running_deployment_over_http_and_grpc_alike(serve_cluster, capsys):
+    import argparse
+
+    from cluster.bench_serve import add_serve_parser
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    reports = {}
+    for url in (serve_cluster.http_url, f"grpc://{serve_cluster.grpc_target}"):
+        workload = "--users 3 --turns 2 --system-prompts 1 --system-len 24 --question-len 4 --answer-len 6"
+        args = parser.parse_args(["serve", "--url", url, *workload.split(), "--rate", "50", "--think-time", "0"])
+        (reports[url],) = args.func(args)["results"]
+    for report in reports.values():
+        assert report["errors"] == 0 and report["requests"] == 6, report["first_errors"]
+        assert report["output_tokens_per_s"] > 0 and report["ttft_s"]["p50"] > 0
+    # the same seeded conversations, the same greedy answers: the same prompts, token for token
+    assert len({r["prompt_tokens"] for r in reports.values()}) == 1
+    assert serve_cluster.http_url in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------- chat, token, queue (edge app)

@@ -177,3 +177,14 @@ def test_streamed_completion_chunks():
     assert chunk["usage"] is None
     assert fmt.chunk(_final(""))["choices"][0]["finish_reason"] == "stop"
     assert fmt.usage_chunk(_final(""))["choices"] == []
+
+
+def test_return_token_ids_adds_each_chunks_ids():
+    api = completion_request({"prompt": "x", "stream": True, "return_token_ids": True})
+    fmt = Formatter(api, "m", str)
+    chunk = fmt.chunk(pb.GenerateResponse(token_ids=[5, 6]))  # text may lag the ids: still sent
+    assert chunk["choices"][0]["token_ids"] == [5, 6] and chunk["choices"][0]["text"] == ""
+    answer = Answer()
+    answer.add(pb.GenerateResponse(token_ids=[5], text="a"))
+    answer.add(pb.GenerateResponse(token_ids=[6], text="b", finish_reason=pb.FINISH_REASON_LENGTH))
+    assert fmt.answer(answer)["choices"][0]["token_ids"] == [5, 6]
