@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvstore.page_pool import KVEvent, PagePool
 from workers.config import EngineConfig
@@ -33,13 +33,13 @@ from workers.detokenizer import IncrementalDetokenizer
 from workers.kv_cache_manager import KVCacheManager
 from workers.models.config import ModelConfig
 from workers.request import (
+    Completion,
     EngineDeadError,
     EngineStats,
     FinishReason,
     GenerateRequest,
     InvalidRequestError,
     ResourceExhaustedError,
-    StepLogprobs,
     TokenDelta,
 )
 from workers.runner.config import resolve_device, resolve_max_model_len
@@ -50,19 +50,6 @@ from workers.spec.decoder import SpecPlan, build_speculative_decoder
 from workers.spec.proposers import Proposals, Proposer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Completion:
-    """A whole request's output, for callers that do not stream."""
-
-    request_id: str
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[StepLogprobs] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    num_prompt_tokens: int = 0
-    num_cached_prompt_tokens: int = 0
 
 
 @dataclass

@@ -133,6 +133,19 @@ class TokenDelta:
     replica_id: str = ""  # the engine's `EngineConfig.replica_id`, on the last delta (and the first, in a cluster)
 
 
+@dataclass
+class Completion:
+    """A whole request's output, for callers that do not stream (`Engine.complete`)."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[StepLogprobs] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_prompt_tokens: int = 0
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """The load and cache figures a router needs, as of the last engine step."""

@@ -163,7 +163,7 @@ def launch_costs(args) -> None:
         "target graph replay (1 row)": t_runner.graphs[1][0].replay,
         "target graph replay (8 rows)": t_runner.graphs[8][0].replay,
         "draft graph replay (1 row)": d_runner.graphs[1][0].replay,
-        "copy_ device->device (8 ints)": lambda: t_runner.positions[:8].copy_(small),
+        "copy_ device->device (8 ints)": lambda: t_runner.buffers.positions[:8].copy_(small),
         "argmax [1, 8192]": lambda: logits.argmax(dim=-1),
         "upload 8 ints (pinned, non-blocking)": lambda: upload(list(range(8)), torch.int64, dev),
         "pageable H2D non_blocking (8 ints)": lambda: small.copy_(torch.tensor(list(range(8))), non_blocking=True),
