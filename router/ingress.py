@@ -68,9 +68,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["GRPC_SERVICER_FUNCTIONS", "GenerationIngress", "RequestError"]
 
-# Prompts up to this many characters are tokenized on the event loop (a thread hop costs more
-# than encoding them); longer ones in a thread.
+# Prompts up to this many characters are tokenized, and requests up to this many bytes decoded,
+# on the event loop (a thread hop costs more than the work); larger ones in a thread.
 _INLINE_TOKENIZE_CHARS = 4096
+_INLINE_DECODE_BYTES = 256 * 1024
 
 
 class RequestError(Exception):
@@ -196,7 +197,7 @@ class GenerationIngress:
         try:
             self._authorize(grpc_context)
             deadline = _deadline(grpc_context, arrival)
-            engine_request, hashes = await self._engine_request(self._decode(request, pb.GenerateRequest))
+            engine_request, hashes = await self._engine_request(await self._decode(request, pb.GenerateRequest))
             stream = self.target.options(stream=True).generate.remote(engine_request, page_hashes=hashes)
             async for delta in _until(stream, deadline):
                 if first is None and delta.token_ids:
@@ -232,7 +233,7 @@ class GenerationIngress:
     async def Tokenize(self, request: bytes | pb.TokenizeRequest, grpc_context=None) -> pb.TokenizeResponse:
         try:
             self._authorize(grpc_context)
-            request = self._decode(request, pb.TokenizeRequest)
+            request = await self._decode(request, pb.TokenizeRequest)
             check_model(request.model, self.info)
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
             if request.WhichOneof("input") == "chat":
@@ -248,7 +249,7 @@ class GenerationIngress:
     async def ListModels(self, request: bytes | pb.ListModelsRequest, grpc_context=None) -> pb.ListModelsResponse:
         try:
             self._authorize(grpc_context)
-            self._decode(request, pb.ListModelsRequest)
+            await self._decode(request, pb.ListModelsRequest)
         except Exception as e:
             status = _status_of(e)
             self._refuse(grpc_context, status)
@@ -266,7 +267,7 @@ class GenerationIngress:
     async def GetStatus(self, request: bytes | pb.GetStatusRequest, grpc_context=None) -> pb.GetStatusResponse:
         try:
             self._authorize(grpc_context)
-            request = self._decode(request, pb.GetStatusRequest)
+            request = await self._decode(request, pb.GetStatusRequest)
             check_model(request.model, self.info)
         except Exception as e:
             status = _status_of(e)
@@ -291,7 +292,7 @@ class GenerationIngress:
     ) -> health_pb2.HealthCheckResponse:
         """SERVING once this ingress is up (Serve only routes to replicas that passed their checks)."""
         try:
-            request = self._decode(request, health_pb2.HealthCheckRequest)
+            request = await self._decode(request, health_pb2.HealthCheckRequest)
         except InvalidRequestError as e:
             status = _status_of(e)
             self._refuse(grpc_context, status)
@@ -317,10 +318,13 @@ class GenerationIngress:
         )
 
     # ------------------------------------------------------------------ internals
-    def _decode(self, request, message_type):
-        if isinstance(request, bytes | bytearray | memoryview):
-            check_request_bytes(len(request), self.limits)
-        return decode(request, message_type)
+    async def _decode(self, request, message_type):
+        if not isinstance(request, bytes | bytearray | memoryview):
+            return decode(request, message_type)
+        check_request_bytes(len(request), self.limits)
+        if len(request) <= _INLINE_DECODE_BYTES:
+            return decode(request, message_type)
+        return await asyncio.to_thread(decode, request, message_type)
 
     async def _engine_request(self, request: pb.GenerateRequest) -> tuple[GenerateRequest, list[int]]:
         check_model(request.model, self.info)
@@ -333,7 +337,8 @@ class GenerationIngress:
             ids, field = await self._tokenize_chat(request.chat), "chat"
         else:
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids, field = await self._tokenize_text(request.text, add_special, "text"), "text"
+            ids = await self._tokenize_text(request.text, add_special, "text") if request.text else []
+            field = "text"
         check_prompt_tokens(ids, field, self.info.vocab_size, self.limits)
         check_max_tokens(
             request.sampling.max_tokens if request.sampling.HasField("max_tokens") else None, len(ids), self.limits
@@ -342,8 +347,6 @@ class GenerationIngress:
         return GenerateRequest(ids, sampling, request_id=request.request_id or uuid.uuid4().hex), hashes
 
     async def _tokenize_text(self, text: str, add_special: bool, field: str) -> list[int]:
-        if not text:
-            return []
         check_prompt_chars(len(text), field, self.limits)
         if len(text) <= _INLINE_TOKENIZE_CHARS:
             return self.tokenizer.encode(text, add_special_tokens=add_special)
