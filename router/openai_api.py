@@ -94,6 +94,8 @@ def _sse(obj) -> bytes:
 
 
 class OpenAIIngress(GenerationIngress):
+    """`GenerationIngress` (same constructor) with OpenAI's HTTP API on Serve's HTTP proxy."""
+
     async def __call__(self, request: Request) -> Response:
         """Serve's HTTP proxy hands every request of this application here (a Starlette request;
         Serve streams a `StreamingResponse` and cancels this call when the client goes away)."""
@@ -121,13 +123,10 @@ class OpenAIIngress(GenerationIngress):
             ("GET", "/health"): self._health,
         }
 
-    @functools.cached_property
-    def _started(self) -> int:
-        return int(time.time())
-
-    @functools.cached_property
-    def _token_text(self):
-        return functools.lru_cache(maxsize=1 << 16)(lambda t: self.tokenizer.decode([t]))
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._started = int(time.time())  # the model card's `created`
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: self.tokenizer.decode([t]))  # logprobs
 
     # ------------------------------------------------------------------ the shared path, adapted
     async def _engine_request(self, request):
