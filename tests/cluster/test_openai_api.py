@@ -237,7 +237,7 @@ def test_a_client_that_disconnects_aborts_its_request_and_frees_its_pages(serve_
 def test_bench_serve_drives_a_running_deployment_over_http_and_grpc_alike(serve_cluster, capsys):
     import argparse
 
-    from cluster.bench_serve import add_serve_parser
+    from cluster.bench.serve import add_serve_parser
 
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers())

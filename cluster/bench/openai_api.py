@@ -1,6 +1,6 @@
 """The OpenAI HTTP API against the gRPC API on one local cluster, in one run (issue 21's figures).
 
-    PYTHONPATH=. python bench/openai_api.py [--requests 200] [--concurrency 16] [--duration 20] [--json out.json]
+    python -m cluster.bench.openai_api [--requests 200] [--concurrency 16] [--duration 20] [--json out.json]
 
 1. Time to first token of 1-token completions, one at a time, HTTP and gRPC alternating request by
    request (so a shared machine's drift moves both): HTTP is a raw keep-alive connection reading
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from cluster.bench_stats import percentile
+from cluster.bench.stats import percentile
 from protos.kvfleet.v1 import generation_pb2 as pb
 from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
 

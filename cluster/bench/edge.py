@@ -1,6 +1,6 @@
 """Figures of the API edge under hostile input (issue 16), on a local cluster started here.
 
-    PYTHONPATH=$PWD python bench/edge_hardening.py [--out bench/results/edge-hardening-cpu.json]
+    python -m cluster.bench.edge [--out bench/results/edge-hardening-cpu.json]
 
 Local mode as `kvfleet serve` starts it (the demo model on CPU, gRPC on 127.0.0.1, a private
 Redis), on free ports. Measures: the time to refuse a 10 MB prompt and a 1 MB stop string (and a
