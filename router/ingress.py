@@ -46,6 +46,7 @@ from router.api import (
 )
 from workers.config import EngineConfig
 from workers.models.config import ModelConfig
+from workers.models.tokenizer import load_tokenizer
 from workers.request import EngineDeadError, GenerateRequest, InvalidRequestError, ResourceExhaustedError
 
 logger = logging.getLogger(__name__)
@@ -139,7 +140,6 @@ class GenerationIngress:
         """`auth_token_file`: every call but the health check must carry `authorization: Bearer
         <the file's token>` metadata, else it fails UNAUTHENTICATED."""
         from ray import serve
-        from transformers import AutoTokenizer
 
         from cluster.metrics import IngressMetrics
 
@@ -153,7 +153,7 @@ class GenerationIngress:
             page_size=engine_config.page_size,
             vocab_size=model_config.vocab_size,
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(engine_config.tokenizer or engine_config.model)
+        self.tokenizer = load_tokenizer(engine_config.tokenizer or engine_config.model)
         self.index = PageIndex(index_config, model_id) if index_config is not None else None
         self.metrics = IngressMetrics(model_id)
         self._authorization = None
@@ -291,8 +291,11 @@ class GenerationIngress:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError("chat", f"model {self.info.model_id!r} has no chat template: send text instead")
         add_prompt = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        # Render to text, then encode: `apply_chat_template(tokenize=True)` returns a list in some
+        # transformers versions and a BatchEncoding (a UserDict, no dict) in others. The template
+        # writes its own special tokens, so the encoding adds none.
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _authorize(self, grpc_context) -> None:
         if self._authorization is None:

@@ -1,4 +1,4 @@
-"""`ModelConfig`: what the engine needs from a Hugging Face `config.json`, read without
+"""`ModelConfig`: what the engine needs from a Hugging Face `config.json` (or a GGUF file's metadata), read without
 `transformers` so that every supported family (Llama 2/3, Mistral, Qwen2, Qwen3) maps onto one
 decoder with a few switches (biases, q/k norm, tied embeddings, rope scaling).
 """
@@ -50,6 +50,13 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
+        """From a Hugging Face directory's config.json, or from a GGUF file's metadata (`path` the file
+        or a directory holding one)."""
+        from workers.models.gguf import find_gguf, read_config
+
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return read_config(gguf_file)
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
