@@ -170,6 +170,12 @@ def bench_transformers_throughput(
 def transformers_model(model_dir: str, dtype: torch.dtype, device: torch.device, dummy: bool):
     import transformers
 
+    from workers.models.gguf import find_gguf
+
+    if find_gguf(model_dir) is not None:
+        from cluster.default_model import transformers_from_gguf
+
+        return transformers_from_gguf(model_dir, dtype, device)
     if dummy:  # same shapes, random weights (speed does not depend on the values)
         config = transformers.AutoConfig.from_pretrained(model_dir)
         with torch.device(device):

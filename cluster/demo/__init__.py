@@ -1,0 +1,1 @@
+"""Building, training and distilling the models kvfleet ships for its demo."""
