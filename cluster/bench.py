@@ -122,7 +122,7 @@ async def _engine_run(engine: Engine, work: Workload) -> int:
 
 
 def bench_engine_throughput(engine: Engine, work: Workload) -> ThroughputResult:
-    asyncio.run(_engine_run(engine, Workload(work.prompts[:2], [4, 4])))  # warm-up
+    asyncio.run(_engine_run(engine, Workload(work.prompts[:2], [4] * len(work.prompts[:2]))))  # warm-up
     engine.pool.reset_prefix_cache()
     start = time.perf_counter()
     produced = asyncio.run(_engine_run(engine, work))
