@@ -29,10 +29,9 @@ def main() -> None:
 
     def run(prompt, n):
         llm.reset()
-        llm.eval(prompt)
-        for _ in range(n):
-            tok = llm.sample(temp=0.0)
-            llm.eval([tok])
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True), 1):
+            if i == n:
+                return n
         return n
 
     run(work["prompts"][0], 4)  # warm-up
