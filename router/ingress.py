@@ -62,6 +62,7 @@ from router.services import GRPC_SERVICER_FUNCTIONS
 from router.wire import decode
 from workers.config import EngineConfig
 from workers.models.config import ModelConfig
+from workers.models.tokenizer import load_tokenizer
 from workers.request import EngineDeadError, GenerateRequest, InvalidRequestError, ResourceExhaustedError
 
 logger = logging.getLogger(__name__)
@@ -158,7 +159,6 @@ class GenerationIngress:
         """`auth_token_file`: every call but the health check must carry `authorization: Bearer
         <the file's token>` metadata, else it fails UNAUTHENTICATED."""
         from ray import serve
-        from transformers import AutoTokenizer
 
         from router.metrics import IngressMetrics
 
@@ -173,7 +173,7 @@ class GenerationIngress:
             vocab_size=model_config.vocab_size,
         )
         self.limits = Limits.resolve(limits or LimitsConfig(), self.info.max_model_len)
-        self.tokenizer = AutoTokenizer.from_pretrained(engine_config.tokenizer or engine_config.model)
+        self.tokenizer = load_tokenizer(engine_config.tokenizer or engine_config.model)
         self.index = PageIndex(index_config, model_id) if index_config is not None else None
         self.metrics = IngressMetrics(model_id)
         self._authorization = None

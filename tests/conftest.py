@@ -147,3 +147,37 @@ def serve_cluster(model_dirs):
     with ServeCluster(config, progress=lambda msg: None, index_settings=fast) as cluster:
         cluster.redis_server = cluster.redis
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The default model's GGUF file (SmolLM2-135M-Instruct, installed by `make install`)."""
+    from cluster.default_model import ModelNotInstalledError, default_model_path
+
+    try:
+        return default_model_path()
+    except ModelNotInstalledError as e:  # `make install` installs it: a missing model is a broken setup
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' LlamaForCausalLM on the same GGUF, float32, its weights dequantized by
+    transformers' own GGUF conversion (gguf.quants): the reference the engine is checked against.
+    Built from the converted state dict, which takes seconds where `from_pretrained(gguf_file=)`
+    takes minutes on a 2-core CPU; once per session."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    meta = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=False)["config"]
+    config = transformers.LlamaConfig(
+        **{k: v for k, v in meta.items() if k not in ("model_type", "_model_name_or_path")}
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+    tensors = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return model

@@ -46,7 +46,10 @@ class SpeculativeConfig(BaseModel):
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="Path to a Hugging Face model directory (config.json, *.safetensors, tokenizer).")
+    model: str = Field(
+        description="A Hugging Face model directory (config.json, *.safetensors, tokenizer) or a GGUF file "
+        "(or a directory holding one)."
+    )
     model_id: str | None = Field(
         None, description="Name clients use and page hashes carry; default: the directory name."
     )
@@ -107,5 +110,7 @@ class EngineConfig(BaseModel):
 
 
 def dir_model_id(model_dir: str | Path) -> str:
-    """The id of a model served from `model_dir` with no `model_id` configured."""
-    return Path(model_dir).resolve().name
+    """The id of a model served from `model_dir` with no `model_id` configured (a GGUF file's name
+    without its `.gguf`)."""
+    path = Path(model_dir).resolve()
+    return path.stem if path.suffix == ".gguf" else path.name

@@ -87,9 +87,9 @@ class Engine:
         self.tokenizer = None
         eos = set(self.model_config.eos_token_ids)
         if not config.skip_tokenizer_init:
-            from transformers import AutoTokenizer
+            from workers.models.tokenizer import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+            self.tokenizer = load_tokenizer(config.tokenizer or config.model)
             if self.tokenizer.eos_token_id is not None:
                 eos.add(self.tokenizer.eos_token_id)
 

@@ -122,7 +122,7 @@ async def _engine_run(engine: Engine, work: Workload) -> int:
 
 
 def bench_engine_throughput(engine: Engine, work: Workload) -> ThroughputResult:
-    asyncio.run(_engine_run(engine, Workload(work.prompts[:2], [4, 4])))  # warm-up
+    asyncio.run(_engine_run(engine, Workload(work.prompts[:2], [4] * len(work.prompts[:2]))))  # warm-up
     engine.pool.reset_prefix_cache()
     start = time.perf_counter()
     produced = asyncio.run(_engine_run(engine, work))
@@ -170,6 +170,12 @@ def bench_transformers_throughput(
 def transformers_model(model_dir: str, dtype: torch.dtype, device: torch.device, dummy: bool):
     import transformers
 
+    from workers.models.gguf_file import find_gguf
+
+    if find_gguf(model_dir) is not None:
+        from cluster.default_model import transformers_from_gguf
+
+        return transformers_from_gguf(model_dir, dtype, device)
     if dummy:  # same shapes, random weights (speed does not depend on the values)
         config = transformers.AutoConfig.from_pretrained(model_dir)
         with torch.device(device):

@@ -59,6 +59,29 @@ PROMPTS = [
     "try:\n    import _thread\nexcept ImportError:\n",
 ]
 
+# For a chat model (a tokenizer with a chat template): one user turn each, rendered by the template.
+CHAT_QUESTIONS = [
+    "Why is the sky blue?",
+    "Write a short poem about the sea.",
+    "What are three tips for staying focused while studying?",
+    "Explain how a refrigerator works.",
+    "What is the difference between a virus and a bacterium?",
+    "Give me a recipe for pancakes.",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do airplanes stay in the air?",
+]
+
+
+def bench_prompts(tok, batch: int) -> list[list[int]]:
+    if not getattr(tok, "chat_template", None):
+        return [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
+    out = []
+    for i in range(batch):
+        messages = [{"role": "user", "content": CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)]}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        out.append(tok.encode(text, add_special_tokens=False))
+    return out
+
 
 async def generate_all(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
     outs = await asyncio.gather(*(engine.complete(GenerateRequest(p, params)) for p in prompts))
@@ -169,7 +192,7 @@ def run_spec_bench(args) -> dict:
         decoder = engine.spec
         tok = engine.tokenizer
         for batch in args.batch_sizes:
-            prompts = [tok.encode(PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
+            prompts = bench_prompts(tok, batch)
             engine.spec = None
             asyncio.run(generate_all(engine, prompts, warm))
             for k in args.ks:

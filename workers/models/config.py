@@ -1,4 +1,4 @@
-"""`ModelConfig`: what the engine needs from a Hugging Face `config.json`, read without
+"""`ModelConfig`: what the engine needs from a Hugging Face `config.json` (or a GGUF file's metadata), read without
 `transformers` so that every supported family (Llama 2/3, Mistral, Qwen2, Qwen3) maps onto one
 decoder with a few switches (biases, q/k norm, tied embeddings, rope scaling).
 """
@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from workers.models.gguf_file import SUPPORTED_ARCHITECTURES, field, find_gguf, open_reader
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -50,6 +52,11 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
+        """From a Hugging Face directory's config.json, or from a GGUF file's metadata (`path` the file
+        or a directory holding one)."""
+        gguf_file = find_gguf(path)
+        if gguf_file is not None:
+            return cls.from_gguf(gguf_file)
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -58,6 +65,60 @@ class ModelConfig:
         gen_file = path / "generation_config.json"
         gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
         return cls.from_dict(cfg, gen)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> ModelConfig:
+        """The `ModelConfig` of a GGUF file, from its metadata (no tensor data is read)."""
+        path = Path(path)
+        reader = open_reader(path)
+        arch = field(reader, "general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{path.name}: GGUF architecture {arch!r} is not supported; "
+                f"kvfleet reads {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+
+        def key(name, default=None):
+            return field(reader, f"{arch}.{name}", default)
+
+        hidden = int(key("embedding_length"))
+        num_heads = int(key("attention.head_count"))
+        head_dim = int(key("attention.key_length", hidden // num_heads))
+        names = {t.name for t in reader.tensors}
+        if "rope_freqs.weight" in names:
+            raise UnsupportedModelError(f"{path.name}: per-frequency rope factors (rope_freqs) are not supported")
+        scaling = key("rope.scaling.type", "none")
+        theta = float(key("rope.freq_base", 10000.0))
+        if scaling in ("none", None):
+            rope = RopeConfig(theta=theta)
+        elif scaling == "linear":
+            rope = RopeConfig(theta=theta, kind="linear", factor=float(key("rope.scaling.factor")))
+        else:
+            raise UnsupportedModelError(f"{path.name}: rope scaling {scaling!r} is not supported (none, linear)")
+        vocab = key("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+        eos = field(reader, "tokenizer.ggml.eos_token_id")
+        return cls(
+            model_type=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(key("attention.head_count_kv", num_heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope=rope,
+            max_position_embeddings=int(key("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in names,
+            qkv_bias=False,
+            o_bias=False,
+            mlp_bias=False,
+            qk_norm=False,
+            sliding_window=None,
+            # Dequantized weights have no dtype of their own: float32 on CPU, bfloat16 on GPU ("auto").
+            dtype="float32",
+            eos_token_ids=() if eos is None else (int(eos),),
+        )
 
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:

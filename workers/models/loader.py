@@ -1,5 +1,6 @@
 """Build a model on its device and fill its weights: from `*.safetensors` files (one or many,
-read tensor by tensor so that host memory holds one tensor at a time) or, for benchmarks,
+read tensor by tensor so that host memory holds one tensor at a time), from a GGUF file
+(workers/models/gguf.py: dequantized tensor by tensor) or, for benchmarks,
 `dummy` random values of the right shapes (as vLLM's `load_format=dummy`).
 """
 
@@ -12,6 +13,8 @@ import torch
 
 from workers.layers.parallel import TPInfo
 from workers.models.config import ModelConfig
+from workers.models.gguf import iter_gguf_weights
+from workers.models.gguf_file import find_gguf
 from workers.models.llama import LlamaForCausalLM
 
 
@@ -47,6 +50,8 @@ def load_model(
         p.data = p.data.to(dtype)
     if load_format == "dummy":
         _fill_dummy(model, seed)
+    elif (gguf_file := find_gguf(model_dir)) is not None:
+        model.load_weights(iter_gguf_weights(gguf_file, cfg))
     else:
         model.load_weights(iter_safetensors(Path(model_dir)))
     return model.eval()
