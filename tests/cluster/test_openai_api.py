@@ -156,7 +156,9 @@ def test_a_repeated_prompt_reports_cached_tokens(client):
         out = client.completions.create(model="llama", prompt=ids, max_tokens=2, extra_body=GREEDY)
         cached.append(out.usage.prompt_tokens_details.cached_tokens)
         time.sleep(0.3)  # the replica's publisher writes its pages to the index
-    assert cached[0] == 0 and cached[-1] == 40, cached
+    # A repeat that reaches the holder reuses its 10 full pages; routing may still balance one repeat
+    # elsewhere under load (test_serve checks where repeats go), but not both.
+    assert cached[0] == 0 and set(cached[1:]) <= {0, 40} and 40 in cached[1:], cached
 
 
 def test_a_stop_string_ends_the_text_before_it(client):
