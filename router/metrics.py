@@ -114,3 +114,9 @@ class RouterMetrics:
             tag_keys=("model",),
         )
         self.index_lookup_failures.set_default_tags(tags)
+        self.index_malformed_entries = Counter(
+            "kvfleet_index_malformed_entries_total",
+            description="Entries read from the page index outside kvfleet's schema, skipped (see kvstore.index).",
+            tag_keys=("model",),
+        )
+        self.index_malformed_entries.set_default_tags(tags)

@@ -72,7 +72,10 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         if hashes and self._index_config is not None:
             index = self._ensure_index()
             t0 = time.perf_counter()
+            malformed = index.metrics.malformed
             matches = await index.try_lookup_with_load(hashes, ids)
+            if index.metrics.malformed > malformed:
+                metrics.index_malformed_entries.inc(index.metrics.malformed - malformed)
             if matches is None:
                 metrics.index_lookup_failures.inc()
             else:
