@@ -67,3 +67,38 @@ def w8a16_matmul(x: torch.Tensor, qweight, scales) -> torch.Tensor:
 
 def fp8_matmul(x: torch.Tensor, qweight, scales) -> torch.Tensor:
     return (x.float() @ dequant_fp8(qweight, scales).T).to(x.dtype)
+
+
+# Round-to-nearest quantizers into the layouts above (a calibrated method, e.g. AWQ, transforms the
+# float weights first and then calls these).
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"group size {group_size} does not divide the {k} input columns")
+    return w.float().reshape(n, k // group_size, group_size)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max RTN: (qweight uint8 [N, K // 2], scales, zeros [N, K // G] float32)."""
+    g = _groups(w, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = ((hi - lo) / 15.0).clamp_min(1e-10)
+    codes = torch.round((g - lo[..., None]) / scales[..., None]).clamp_(0, 15)
+    return pack_int4(codes.reshape(w.shape)), scales, lo + 8.0 * scales
+
+
+def quantize_int8(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax RTN: (qweight int8 [N, K], scales [N, K // G] float32)."""
+    g = _groups(w, group_size)
+    scales = (g.abs().amax(-1) / 127.0).clamp_min(1e-10)
+    codes = torch.round(g / scales[..., None]).clamp_(-127, 127)
+    return codes.reshape(w.shape).to(torch.int8), scales
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel absmax to E4M3's largest finite value 448: (qweight, scales float32 [N])."""
+    wf = w.float()
+    scales = (wf.abs().amax(-1) / 448.0).clamp_min(1e-12)
+    return (wf / scales[:, None]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn), scales
