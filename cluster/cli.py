@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--json", help="also write the report here")
     eng.set_defaults(func=cmd_bench_engine)
 
+    from cluster.bench.realmodel import add_realmodel_parser
+
+    add_realmodel_parser(bench, eng)
+
     from cluster.bench.spec import add_arguments as add_spec_arguments
 
     spec = bench.add_parser(
