@@ -112,10 +112,11 @@ def cmd_demo(args) -> None:
 
 def cmd_bench_engine(args) -> None:
     from cluster.bench.engine import run_engine_bench
+    from cluster.bench.shared_prefix import run_shared_prefix_bench
 
     if not args.model and not args.shape:
         args.model = str(demo_model())
-    run_engine_bench(args)
+    (run_shared_prefix_bench if args.workload == "shared-prefix" else run_engine_bench)(args)
 
 
 def cmd_bench_spec(args) -> None:
@@ -211,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--hf-batch-size", type=int, default=16, help="transformers batch size (padded)")
     eng.add_argument("--no-compare", action="store_true", help="skip the transformers run")
     eng.add_argument("--json", help="also write the report here")
+    eng.add_argument(
+        "--workload",
+        choices=["random", "shared-prefix"],
+        default="random",
+        help="shared-prefix: requests sharing a long system prompt, prefix caching off vs on (TTFT, hit rate)",
+    )
+    eng.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: tokens of the shared prompt")
+    eng.add_argument("--suffix-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
+    eng.add_argument("--concurrency", type=int, default=1, help="shared-prefix: requests in flight")
     eng.set_defaults(func=cmd_bench_engine)
 
     from cluster.bench.realmodel import add_realmodel_parser
