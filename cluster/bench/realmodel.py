@@ -6,10 +6,13 @@ It runs, one after the other, on the prompts of `kvfleet bench engine` (Workload
   2. `kvfleet bench engine --num-requests 1 --hf-batch-size 1`: kvfleet, then transformers;
   3. llama.cpp on the 16 requests, one at a time (it decodes one sequence);
   4. `kvfleet bench engine --num-requests 16 --hf-batch-size 16`,
-and writes the rows, the load average before and after each step, and the ratios. Everything after
+and writes the rows, the load average before and after each step, and the ratios. On a CPU that other
+work shares, run it with OMP_WAIT_POLICY=passive (torch and llama.cpp both use OpenMP, whose spinning
+barriers make 2 threads 10-20x slower than 1 when a core is taken; the variable must be set before
+torch loads, so in the environment; llama.cpp's process inherits it; the report records it). Everything after
 `--` goes to `kvfleet bench engine` as is, so its engine options (e.g. a future `--quantization`) apply:
 
-    kvfleet bench realmodel --llamacpp-python /work/llamacpp-venv/bin/python \
+    OMP_WAIT_POLICY=passive kvfleet bench realmodel --llamacpp-python /work/llamacpp-venv/bin/python \
         --json bench/results/realmodel-cpu.json -- --quantization int8
 """
 
@@ -39,12 +42,6 @@ def add_realmodel_parser(bench, engine_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--llamacpp-python", help="a Python with llama-cpp-python; none: kvfleet and transformers only")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="requests per run (transformers batch)")
-    p.add_argument(
-        "--omp-wait-policy",
-        default="passive",
-        help="OMP_WAIT_POLICY of the llama.cpp process ('' keeps the environment's): on a loaded CPU, "
-        "OpenMP's spinning barriers make 2 threads 10x slower than 1",
-    )
     p.add_argument("--extra-bufts", action="store_true", help="let llama.cpp use AMX/repack buffers")
     p.add_argument("--json", help="write the report here")
     p.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: options of `kvfleet bench engine`")
@@ -57,12 +54,10 @@ def _llamacpp(args, gguf: str, work) -> dict:
         wpath.write_text(json.dumps({"prompts": work.prompts, "output_lens": work.output_lens}))
         cmd = [args.llamacpp_python, str(HARNESS), gguf, str(wpath), "--threads", str(args.threads), "--json", str(out)]
         cmd += ["--extra-bufts"] if args.extra_bufts else []
-        env = os.environ | ({"OMP_WAIT_POLICY": args.omp_wait_policy} if args.omp_wait_policy else {})
+        env = dict(os.environ)
         env.pop("PYTHONPATH", None)
         subprocess.run(cmd, check=True, env=env)
-        row = json.loads(out.read_text())
-    row["omp_wait_policy"] = env.get("OMP_WAIT_POLICY", "")
-    return row
+        return json.loads(out.read_text())
 
 
 def _ratio(a: dict | None, b: dict | None) -> float | None:
@@ -88,6 +83,7 @@ def run_realmodel_bench(args) -> dict:
         "engine_args": extra,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_start": os.getloadavg(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "runs": [],
     }
 

@@ -89,8 +89,9 @@ def _ms(xs: list[float]) -> dict[str, float]:
 
 
 def bench_shared_prefix(engine: Engine, work: SharedPrefixWorkload, concurrency: int, seed: int) -> dict:
-    """One engine on the workload; a warm-up request with a different prefix first, the cache emptied."""
-    warm = SharedPrefixWorkload.make(1, len(work.prefix), (4, 4), (2, 2), engine.model_config.vocab_size, seed + 1)
+    """One engine on the workload. First a warm-up, two requests sharing another prefix (so the cached
+    path, where it is on, has run too: compiled kernels, CUDA graphs), then the cache emptied."""
+    warm = SharedPrefixWorkload.make(2, len(work.prefix), (4, 4), (2, 2), engine.model_config.vocab_size, seed + 1)
     asyncio.run(_timed_requests(engine, warm.prompts, warm.output_lens, 1))
     engine.pool.reset_prefix_cache()
     before = engine.stats()
