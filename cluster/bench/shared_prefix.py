@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import random
 import statistics
 import time
@@ -165,6 +166,7 @@ def run_shared_prefix_bench(args) -> dict:
             "seed": args.seed,
         },
         "runs": [],
+        "load_average_start": os.getloadavg(),
     }
 
     def save() -> None:
@@ -203,6 +205,7 @@ def run_shared_prefix_bench(args) -> dict:
     report["ttft_p50_speedup"] = off["ttft_ms"]["p50"] / on["ttft_ms"]["p50"]
     report["ttft_mean_speedup"] = off["ttft_ms"]["mean"] / on["ttft_ms"]["mean"]
     report["output_tokens_per_s_ratio"] = on["output_tokens_per_s"] / off["output_tokens_per_s"]
+    report["load_average_end"] = os.getloadavg()
     print(
         f"with / without prefix caching: TTFT p50 {report['ttft_p50_speedup']:.2f}x faster, "
         f"output tok/s {report['output_tokens_per_s_ratio']:.2f}x",
