@@ -6,11 +6,12 @@ It runs, one after the other, on the prompts of `kvfleet bench engine` (Workload
   2. `kvfleet bench engine --num-requests 1 --hf-batch-size 1`: kvfleet, then transformers;
   3. llama.cpp on the 16 requests, one at a time (it decodes one sequence);
   4. `kvfleet bench engine --num-requests 16 --hf-batch-size 16`,
-and writes the rows, the load average before and after each step, and the ratios. On a CPU that other
-work shares, run it with OMP_WAIT_POLICY=passive (torch and llama.cpp both use OpenMP, whose spinning
-barriers make 2 threads 10-20x slower than 1 when a core is taken; the variable must be set before
-torch loads, so in the environment; llama.cpp's process inherits it; the report records it). Everything after
-`--` goes to `kvfleet bench engine` as is, so its engine options (e.g. a future `--quantization`) apply:
+(`--repeats R`: steps 1-2 R times, alternating, then 3-4; each system's row is its median run), and
+writes the rows, the load average before and after each step, and the ratios. On a CPU that other work
+shares, run it with OMP_WAIT_POLICY=passive: torch and llama.cpp both use OpenMP, whose spinning barriers
+make 2 threads 10-20x slower than 1 when a core is taken (the variable must be set before torch loads, so
+in the environment; llama.cpp's process inherits it; the report records it). Everything after `--` goes
+to `kvfleet bench engine` as is, so its engine options (e.g. a future `--quantization`) apply:
 
     OMP_WAIT_POLICY=passive kvfleet bench realmodel --llamacpp-python /work/llamacpp-venv/bin/python \
         --json bench/results/realmodel-cpu.json -- --quantization int8
@@ -42,6 +43,7 @@ def add_realmodel_parser(bench, engine_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--llamacpp-python", help="a Python with llama-cpp-python; none: kvfleet and transformers only")
     p.add_argument("--threads", type=int, default=2, help="CPU threads of every system")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="requests per run (transformers batch)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each system, alternating; rows: the median")
     p.add_argument("--extra-bufts", action="store_true", help="let llama.cpp use AMX/repack buffers")
     p.add_argument("--json", help="write the report here")
     p.add_argument("engine_args", nargs=argparse.REMAINDER, help="after --: options of `kvfleet bench engine`")
@@ -95,18 +97,22 @@ def run_realmodel_bench(args) -> dict:
     for n in args.batch_sizes:
         argv = [*extra, "--model", gguf, "--num-requests", str(n), "--hf-batch-size", str(n)]
         eng = args.engine_parser.parse_args([*argv, "--parts", "throughput", "--device", "cpu"])
-        run: dict = {"num_requests": n, "load_average_before": os.getloadavg(), "rows": {}}
-        if args.llamacpp_python:
-            # The engine's vocabulary is the GGUF's; Workload.make draws the same prompts from it.
-            from workers.models.gguf import read_config
+        run: dict = {"num_requests": n, "load_average_before": os.getloadavg(), "rows": {}, "all_rows": []}
+        for _ in range(args.repeats):
+            if args.llamacpp_python:
+                # The engine's vocabulary is the GGUF's; Workload.make draws the same prompts from it.
+                from workers.models.gguf import read_config
 
-            vocab = read_config(Path(gguf)).vocab_size
-            work = Workload.make(n, (eng.min_prompt, eng.max_prompt), (eng.min_output, eng.max_output), vocab, eng.seed)
-            run["rows"]["llama.cpp"] = _llamacpp(args, gguf, work)
-            print(f"llama.cpp, {n} request(s): {run['rows']['llama.cpp']['output_tokens_per_s']:.1f} tok/s", flush=True)
-        engine_report = run_engine_bench(eng)
-        for row in engine_report.get("throughput", []):
-            run["rows"][row["system"]] = row
+                vocab = read_config(Path(gguf)).vocab_size
+                lens = (eng.min_prompt, eng.max_prompt), (eng.min_output, eng.max_output)
+                row = _llamacpp(args, gguf, Workload.make(n, *lens, vocab, eng.seed))
+                run["all_rows"].append(row)
+                print(f"llama.cpp, {n} request(s): {row['output_tokens_per_s']:.1f} tok/s", flush=True)
+            engine_report = run_engine_bench(eng)
+            run["all_rows"] += engine_report.get("throughput", [])
+        for system in dict.fromkeys(r["system"] for r in run["all_rows"]):
+            mine = sorted((r for r in run["all_rows"] if r["system"] == system), key=lambda r: r["output_tokens_per_s"])
+            run["rows"][system] = mine[(len(mine) - 1) // 2]  # the median run (the lower one of an even count)
         run["kvfleet_dtype"] = engine_report.get("dtype")
         run["load_average_after"] = os.getloadavg()
         rows = run["rows"]
