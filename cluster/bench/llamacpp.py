@@ -12,7 +12,11 @@ Extra buffer types (AMX, CPU repack) are off unless `--extra-bufts`: the registr
 the first decode. GCC 12's `_tile_loadconfig` tells the compiler it reads 8 bytes of the 64-byte tile
 configuration, so -O3 drops the stores of the rows and column widths and LDTILECFG loads stack garbage
 (a general-protection fault). Without extra buffer types the weights stay in the CPU buffer and the
-AVX-512 kernels run them; on a Q4_1 file nothing else is lost (the CPU repack does not take Q4_1).
+AVX-512 kernels run them; the CPU repack it also turns off takes none of this file's Q4_1 weights (it
+repacks Q4_0, Q4_K, Q8_0, IQ4_NL, ...). A build without AMX should not need the switch (untested here):
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+-DGGML_AVX512_VBMI=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+pip install llama-cpp-python==0.3.36 --no-binary :all:
 """
 
 import argparse
