@@ -1,0 +1,271 @@
+"""Triton matmuls over quantized weights (y = x W^T, x [M, K] fp16/bf16, W stored [N, K] quantized);
+`quant_reference.py` defines the input layouts and is their oracle.
+
+One tiled kernel per scheme serves every M: the weight bytes are loaded as they are stored and
+turned into x's dtype in registers, inside the tile loop, never written back dequantized.
+- **int4** (W4A16): a tile holds one scale group per row (the K tile divides the group), so
+  sum_k x_k ((q_k - 8) s + z) = s * dot(x, q) + (z - 8 s) * sum_k x_k: the tensor cores multiply
+  x by the raw codes 0..15 (exact in fp16/bf16), the scale and zero are applied once per tile in
+  float32. The packed byte j of a row holds columns 2j (low nibble) and 2j + 1 (high), so the
+  kernel multiplies the low nibbles by x's even columns and the high ones by its odd columns:
+  no shuffle to interleave nibbles.
+- **int8** (W8A16): dot(x, q) per tile times the tile's group scale.
+- **fp8** (E4M3, per output channel): weight-only below `FP8_SCALED_MM_MIN_M` rows (dot(x, q),
+  the channel scale applied once at the end); from there on, on GPUs with fp8 tensor cores
+  (capability >= 8.9), dynamic per-token activation scales and `torch._scaled_mm` (W8A8).
+
+Small M (decode) is memory-bound: a 16-row tile and a split of K over several programs put enough
+loads in flight to fill the GPU (partials in float32, summed after); large M (prefill) uses big
+tiles and no split. Configs are hand-picked per M bucket (`pick_config`), from a sweep on an H200
+(cluster/bench/quant_kernels.py). Every shape comes from the tensors and nothing syncs with the
+host, so a decode step that calls these is CUDA-graph capturable.
+
+`prepare_*` turn the reference layouts into the kernels' (scales as float32 rows per K group, the
+int4 zero folded into z - 8 s); the packed weight bytes stay as they are ([N, K] row-major, also
+what `torch._scaled_mm` wants for its column-major second operand).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_SCALED_MM_MIN_M = 128  # rows from which fp8 runs W8A8 on fp8 tensor cores (where there are some)
+_FP8_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_config(m: int, n: int, k: int, max_block_k: int, device: torch.device) -> MatmulConfig:
+    """The tile shape for an [m, k] x [k, n] product whose K tile may be at most `max_block_k`
+    (it must stay inside one scale group). Small M: 16-row tiles, split K until about four
+    programs per SM are in flight. Large M: 128 x 128 tiles, no split."""
+    if m > 64:
+        return MatmulConfig(block_m=128, block_n=128, block_k=min(64, max_block_k), num_warps=8, num_stages=3)
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n = 64 if m <= 16 else 128
+    block_k = min(128, max_block_k)
+    n_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    k_tiles = k // block_k
+    split_k = max(1, min(triton.cdiv(4 * _num_sms(device), n_tiles), k_tiles // 4, 16))
+    return MatmulConfig(block_m, block_n, block_k, split_k, num_warps=4, num_stages=4)
+
+
+def _max_block_k(group_size: int) -> int:
+    """The largest power of two <= 128 that divides the group (a K tile never straddles groups)."""
+    b = 128
+    while group_size % b:
+        b //= 2
+    return b
+
+
+@triton.jit
+def _quant_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sg,
+    stride_om,
+    stride_osplit,
+    GROUP_SIZE: tl.constexpr,
+    KIND: tl.constexpr,  # 0: int4 (packed pairs), 1: int8 group-wise, 2: fp8 per channel
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    TILES_PER_SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = m_offs < M
+    n_mask = n_offs < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_tiles = K // BLOCK_K
+    t0 = split * TILES_PER_SPLIT
+    t1 = tl.minimum(t0 + TILES_PER_SPLIT, k_tiles)
+    if KIND == 0:
+        HALF: tl.constexpr = BLOCK_K // 2
+        j = tl.arange(0, HALF)
+        for t in range(t0, t1):
+            k0 = t * BLOCK_K
+            xp = x_ptr + m_offs[:, None] * stride_xm + (k0 + 2 * j)[None, :]
+            xe = tl.load(xp, mask=m_mask[:, None], other=0.0)
+            xo = tl.load(xp + 1, mask=m_mask[:, None], other=0.0)
+            # packed bytes of this tile, as [BLOCK_K // 2, BLOCK_N] (K down, N across)
+            w = tl.load(w_ptr + n_offs[None, :] * stride_wn + (k0 // 2 + j)[:, None], mask=n_mask[None, :], other=0)
+            lo = (w & 0xF).to(x_ptr.dtype.element_ty)
+            hi = (w >> 4).to(x_ptr.dtype.element_ty)
+            if IEEE:
+                p = tl.dot(xe, lo, input_precision="ieee") + tl.dot(xo, hi, input_precision="ieee")
+            else:
+                p = tl.dot(xe, lo) + tl.dot(xo, hi)
+            g = k0 // GROUP_SIZE
+            s = tl.load(s_ptr + g * stride_sg + n_offs, mask=n_mask, other=0.0)
+            z = tl.load(z_ptr + g * stride_sg + n_offs, mask=n_mask, other=0.0)
+            xsum = tl.sum(xe.to(tl.float32), 1) + tl.sum(xo.to(tl.float32), 1)
+            acc += p * s[None, :] + xsum[:, None] * z[None, :]
+    else:
+        kk = tl.arange(0, BLOCK_K)
+        for t in range(t0, t1):
+            k0 = t * BLOCK_K
+            x = tl.load(x_ptr + m_offs[:, None] * stride_xm + (k0 + kk)[None, :], mask=m_mask[:, None], other=0.0)
+            w = tl.load(w_ptr + n_offs[None, :] * stride_wn + (k0 + kk)[:, None], mask=n_mask[None, :], other=0.0)
+            w = w.to(x_ptr.dtype.element_ty)
+            if IEEE:
+                p = tl.dot(x, w, input_precision="ieee")
+            else:
+                p = tl.dot(x, w)
+            if KIND == 1:
+                s = tl.load(s_ptr + (k0 // GROUP_SIZE) * stride_sg + n_offs, mask=n_mask, other=0.0)
+                acc += p * s[None, :]
+            else:
+                acc += p
+    if KIND == 2:  # one scale per output channel: applied once
+        acc *= tl.load(s_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
+    out = out_ptr + split * stride_osplit + m_offs[:, None] * stride_om + n_offs[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _launch(x, w, s, z, n, k, group_size, kind, config: MatmulConfig | None) -> torch.Tensor:
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"x must be [M, {k}], got {list(x.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    m = x.shape[0]
+    max_bk = _max_block_k(group_size)
+    cfg = config or pick_config(m, n, k, max_bk, x.device)
+    if cfg.block_k > max_bk or k % cfg.block_k:
+        raise ValueError(f"K tile {cfg.block_k} must divide the scale group {group_size} and K {k}")
+    k_tiles = k // cfg.block_k
+    split_k = max(1, min(cfg.split_k, k_tiles))
+    tiles_per_split = triton.cdiv(k_tiles, split_k)
+    split_k = triton.cdiv(k_tiles, tiles_per_split)
+    if split_k == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return out if split_k == 1 else out.sum(0).to(x.dtype)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split_k)
+    _quant_matmul_kernel[grid](
+        x,
+        w,
+        s,
+        z if z is not None else s,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        w.stride(0),
+        s.stride(0) if s.dim() == 2 else 0,
+        n,
+        m * n,
+        GROUP_SIZE=group_size,
+        KIND=kind,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        TILES_PER_SPLIT=tiles_per_split,
+        IEEE=x.dtype == torch.float32,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out if split_k == 1 else out.sum(0).to(x.dtype)
+
+
+# ---------------------------------------------------------------- int4 (W4A16)
+def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """Reference layout (uint8 [N, K // 2], scales/zeros [N, K // G]) -> (qweight, scales [K // G, N]
+    float32, z - 8 s [K // G, N] float32)."""
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    if scales.shape != zeros.shape or scales.shape[0] != n or k % scales.shape[1]:
+        raise ValueError(f"int4 scales/zeros {list(scales.shape)} do not fit a [{n}, {k}] weight")
+    group_size = k // scales.shape[1]
+    if group_size < 32 or group_size % 32:
+        raise ValueError(f"the int4 kernel needs a group size that is a multiple of 32, got {group_size}")
+    s = scales.float().t().contiguous()
+    z = (zeros.float() - 8.0 * scales.float()).t().contiguous()
+    return qweight.contiguous(), s, z
+
+
+def int4_matmul(x: torch.Tensor, qweight, scales_t, zeros_t, *, config: MatmulConfig | None = None) -> torch.Tensor:
+    n, k = qweight.shape[0], 2 * qweight.shape[1]
+    return _launch(x, qweight, scales_t, zeros_t, n, k, k // scales_t.shape[0], 0, config)
+
+
+# ---------------------------------------------------------------- int8 (W8A16)
+def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor):
+    """Reference layout (int8 [N, K], scales [N, K // G]) -> (qweight, scales [K // G, N] float32)."""
+    n, k = qweight.shape
+    if scales.shape[0] != n or k % scales.shape[1]:
+        raise ValueError(f"int8 scales {list(scales.shape)} do not fit a [{n}, {k}] weight")
+    group_size = k // scales.shape[1]
+    if group_size % 16:
+        raise ValueError(f"the int8 kernel needs a group size that is a multiple of 16, got {group_size}")
+    return qweight.contiguous(), scales.float().t().contiguous()
+
+
+def int8_matmul(x: torch.Tensor, qweight, scales_t, *, config: MatmulConfig | None = None) -> torch.Tensor:
+    n, k = qweight.shape
+    return _launch(x, qweight, scales_t, None, n, k, k // scales_t.shape[0], 1, config)
+
+
+# ---------------------------------------------------------------- fp8 (E4M3, per output channel)
+def prepare_fp8(qweight: torch.Tensor, scales: torch.Tensor):
+    """Reference layout (float8_e4m3fn [N, K], scales [N] float32) -> (qweight, scales [N] float32,
+    scales [1, N] float32 for `torch._scaled_mm`)."""
+    n, k = qweight.shape
+    if qweight.dtype != torch.float8_e4m3fn or scales.numel() != n:
+        raise ValueError(
+            f"fp8 weights must be float8_e4m3fn [N, K] with N scales, got {qweight.dtype} {list(scales.shape)}"
+        )
+    if k % 16:
+        raise ValueError(f"the fp8 kernel needs K to be a multiple of 16, got {k}")
+    s = scales.float().reshape(n).contiguous()
+    return qweight.contiguous(), s, s[None, :]
+
+
+def has_fp8_tensor_cores(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul(
+    x: torch.Tensor, qweight, scales, scales_row, *, config: MatmulConfig | None = None, scaled_mm: bool | None = None
+) -> torch.Tensor:
+    """Weight-only below FP8_SCALED_MM_MIN_M rows; W8A8 (`scaled_mm`) from there on where the GPU has
+    fp8 tensor cores (`scaled_mm` forces either path)."""
+    n, k = qweight.shape
+    if scaled_mm is None:
+        scaled_mm = x.shape[0] >= FP8_SCALED_MM_MIN_M and has_fp8_tensor_cores(x.device)
+    if not scaled_mm:
+        return _launch(x, qweight, scales, None, n, k, k, 2, config)
+    x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / _FP8_MAX).clamp_min(1e-12)
+    xq = (x.float() / x_scale).clamp_(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=scales_row, out_dtype=x.dtype)
