@@ -28,9 +28,11 @@ def write_kv(
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     for new, cache in ((k, k_cache), (v, v_cache)):
-        new = new.to(cache.dtype)
-        if cache.dtype == torch.float8_e4m3fn:  # CPU index_copy_ has no fp8: copy the bytes
-            new, cache = new.view(torch.uint8), cache.view(torch.uint8)
+        if cache.dtype == torch.float8_e4m3fn:  # CUDA's cast does not saturate; CPU's index_copy_ has no fp8
+            new = new.clamp(-448.0, 448.0).to(cache.dtype).view(torch.uint8)
+            cache = cache.view(torch.uint8)
+        else:
+            new = new.to(cache.dtype)
         cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, new)
 
 
