@@ -1,28 +1,28 @@
 """Triton matmuls over quantized weights (y = x W^T, x [M, K] fp16/bf16, W stored [N, K] quantized);
 `quant_reference.py` defines the input layouts and is their oracle.
 
-One tiled kernel per scheme serves every M: the weight bytes are loaded as they are stored and
-turned into x's dtype in registers, inside the tile loop, never written back dequantized.
-- **int4** (W4A16): a tile holds one scale group per row (the K tile divides the group), so
-  sum_k x_k ((q_k - 8) s + z) = s * dot(x, q) + (z - 8 s) * sum_k x_k: the tensor cores multiply
-  x by the raw codes 0..15 (exact in fp16/bf16), the scale and zero are applied once per tile in
-  float32. The packed byte j of a row holds columns 2j (low nibble) and 2j + 1 (high), so the
-  kernel multiplies the low nibbles by x's even columns and the high ones by its odd columns:
-  no shuffle to interleave nibbles.
+One tiled kernel serves every M: the weight bytes are loaded as stored and turned into x's dtype in
+registers inside the tile loop, never written back dequantized; tl.dot multiplies.
+- **int4** (W4A16): a K tile stays inside one scale group, so sum_k x_k ((q_k - 8) s + z) =
+  s * dot(x, q) + (z - 8 s) * sum_k x_k: the tensor cores see the raw codes (exact in fp16/bf16),
+  scale and zero are applied once per tile in float32. A code becomes a float by OR-ing it into
+  the mantissa of a constant (128 + q as bf16, 1024 + q as fp16; the constant is taken back through
+  sum_k x_k), avoiding int-to-float converts. `prepare_int4` repacks each K tile so that byte j
+  holds columns j and j + tile / 2: the low and high nibbles meet contiguous halves of x.
 - **int8** (W8A16): dot(x, q) per tile times the tile's group scale.
 - **fp8** (E4M3, per output channel): weight-only below `FP8_SCALED_MM_MIN_M` rows (dot(x, q),
   the channel scale applied once at the end); from there on, on GPUs with fp8 tensor cores
-  (capability >= 8.9), dynamic per-token activation scales and `torch._scaled_mm` (W8A8).
+  (capability >= 8.9), per-token activation scales (one Triton kernel) and `torch._scaled_mm` (W8A8).
 
-Small M (decode) is memory-bound: a 16-row tile and a split of K over several programs put enough
-loads in flight to fill the GPU (partials in float32, summed after); large M (prefill) uses big
-tiles and no split. Configs are hand-picked per M bucket (`pick_config`), from a sweep on an H200
-(cluster/bench/quant_kernels.py). Every shape comes from the tensors and nothing syncs with the
-host, so a decode step that calls these is CUDA-graph capturable.
+Decode (small M) is memory-bound: 16-row tiles and K split over several programs put enough loads
+in flight; the last split of each output tile to finish (a counter per tile) sums the float32
+partials and writes the output, so a call is one kernel. Prefill (M > 64) uses 128 x 128 tiles, no
+split. Configs are hand-picked per M bucket (`pick_config`) and were checked against a sweep on an
+H200 (cluster/bench/quant_kernels.py; bench/results/quant-kernels-h200.json). Every shape comes from
+the tensors and nothing syncs with the host: the calls are CUDA-graph capturable.
 
-`prepare_*` turn the reference layouts into the kernels' (scales as float32 rows per K group, the
-int4 zero folded into z - 8 s); the packed weight bytes stay as they are ([N, K] row-major, also
-what `torch._scaled_mm` wants for its column-major second operand).
+Measured on an H200 (M = 1): int8 and fp8 reach 1.5-3.2 TB/s of weight bytes, int4 only 0.6-1.1:
+its unpacking, not memory, bounds it, so int4 is slower than bf16 there (see the results file).
 """
 
 from __future__ import annotations
@@ -193,6 +193,8 @@ _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 
 def _tile_locks(device: torch.device) -> torch.Tensor:
+    """The split-K counters of `device`, made at the first prepare_* (at load, never inside a CUDA
+    graph capture, whose memory pool would own them)."""
     if device not in _locks:
         _locks[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
     return _locks[device]
@@ -267,6 +269,7 @@ def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     packed = (codes[:, :, 0] | (codes[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
     s = scales.float().t().contiguous()
     z = (zeros.float() - 8.0 * scales.float()).t().contiguous()
+    _tile_locks(qweight.device)
     return packed, s, z
 
 
@@ -284,6 +287,7 @@ def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor):
     group_size = k // scales.shape[1]
     if group_size % 16:
         raise ValueError(f"the int8 kernel needs a group size that is a multiple of 16, got {group_size}")
+    _tile_locks(qweight.device)
     return qweight.contiguous(), scales.float().t().contiguous()
 
 
@@ -304,6 +308,7 @@ def prepare_fp8(qweight: torch.Tensor, scales: torch.Tensor):
     if k % 16:
         raise ValueError(f"the fp8 kernel needs K to be a multiple of 16, got {k}")
     s = scales.float().reshape(n).contiguous()
+    _tile_locks(qweight.device)
     return qweight.contiguous(), s, s[None, :]
 
 
