@@ -204,7 +204,7 @@ def _sweep(args, l2) -> list[dict]:
                         results.append((_measure(copies, fn, nbytes, x, n, k, cfg), cfg))
                     except Exception as e:  # out of resources for a tile: skip it
                         print(f"skip {cfg}: {type(e).__name__}")
-                picked = tq.pick_config(m, n, k, 128, torch.device("cuda"))
+                picked = tq.pick_config(m, n, k, 128, torch.device("cuda"), int4=scheme == "int4")
                 r, cfg = min(results, key=lambda rc: rc[0]["us"])
                 picked_r = _measure(copies, fn, nbytes, x, n, k)
                 rows.append(

@@ -106,6 +106,9 @@ def test_pick_config_splits_k_for_decode_and_tiles_prefill_without_split():
     prefill = tq.pick_config(512, 4096, 4096, 128, cpu)
     assert prefill.block_m == 128 and prefill.split_k == 1
     assert tq.pick_config(16, 4096, 4096, 32, cpu).block_k == 32  # a K tile stays inside its group
+    # the H200 sweep's best int4 decode tiles (o: 4096 -> 4096, down: 14336 -> 4096)
+    assert tq.pick_config(1, 4096, 4096, 128, cpu, int4=True) == tq.MatmulConfig(16, 128, 128, 8)
+    assert tq.pick_config(1, 4096, 14336, 128, cpu, int4=True) == tq.MatmulConfig(16, 128, 128, 16)
 
 
 @needs_gpu

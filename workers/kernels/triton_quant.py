@@ -54,14 +54,15 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def pick_config(m: int, n: int, k: int, max_block_k: int, device: torch.device) -> MatmulConfig:
+def pick_config(m: int, n: int, k: int, max_block_k: int, device: torch.device, int4: bool = False) -> MatmulConfig:
     """The tile shape for an [m, k] x [k, n] product whose K tile may be at most `max_block_k`
     (it must stay inside one scale group). Small M: 16-row tiles, split K until about four
-    programs per SM are in flight. Large M: 128 x 128 tiles, no split."""
+    programs per SM are in flight (int4, bound by unpacking rather than loads, did best with
+    128-column tiles in the H200 sweep). Large M: 128 x 128 tiles, no split."""
     if m > 64:
         return MatmulConfig(block_m=128, block_n=128, block_k=min(64, max_block_k), num_warps=8, num_stages=3)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64 if m <= 16 else 128
+    block_n = 64 if m <= 16 and not int4 else 128
     block_k = min(128, max_block_k)
     n_tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     k_tiles = k // block_k
@@ -206,7 +207,7 @@ def _launch(x, w, s, z, n, k, group_size, kind, config: MatmulConfig | None) -> 
     x = x if x.stride(1) == 1 else x.contiguous()
     m = x.shape[0]
     max_bk = _max_block_k(group_size)
-    cfg = config or pick_config(m, n, k, max_bk, x.device)
+    cfg = config or pick_config(m, n, k, max_bk, x.device, int4=kind == 0)
     block_k = max_bk if kind == 0 else cfg.block_k  # int4 bytes are packed per tile of max_bk columns
     if block_k > max_bk or k % block_k:
         raise ValueError(f"K tile {block_k} must divide the scale group {group_size} and K {k}")
