@@ -10,6 +10,7 @@ kvfleet bench api ...        the Ray Serve + gRPC path against the engine in-pro
 kvfleet bench serve ...      prefix-sharing conversations through the gRPC API, per routing policy (--compare)
 kvfleet bench simulate ...   the routing policy in a discrete-event simulation of 8 to 1,024 replicas
 kvfleet bench index ...      the Redis page index: lookup latency, publish throughput, memory per entry
+kvfleet bench quant-kernels  int4/int8/fp8 matmul kernels against bf16 on Llama-3-8B shapes (GPU)
 """
 
 from __future__ import annotations
@@ -129,6 +130,12 @@ def cmd_bench_api(args) -> None:
     from cluster.bench.api import run_api_bench
 
     run_api_bench(args)
+
+
+def cmd_bench_quant_kernels(args) -> None:
+    from cluster.bench.quant_kernels import main as run_quant_kernels_bench
+
+    run_quant_kernels_bench(args)
 
 
 def cmd_bench_index(args) -> None:
@@ -257,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(bench)
     add_simulate_parser(bench)
+
+    from cluster.bench.quant_kernels import add_arguments as add_quant_kernels_arguments
+
+    qk = bench.add_parser(
+        "quant-kernels",
+        help="int4/int8/fp8 matmul kernels against bf16 on Llama-3-8B layer shapes (GPU)",
+        description="kvfleet bench quant-kernels --json bench/results/quant-kernels-h200.json",
+    )
+    add_quant_kernels_arguments(qk)
+    qk.set_defaults(func=cmd_bench_quant_kernels)
 
     idx = bench.add_parser("index", help="Redis page index: lookup latency, publish throughput, memory per entry")
     idx.add_argument("--redis-url", help="an existing Redis (default: a private local server on a free port)")

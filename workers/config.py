@@ -58,6 +58,11 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto': the checkpoint's dtype on GPU, float32 on CPU."
     )
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto",
+        description="'auto': the KV cache in the model's dtype; 'fp8': float8 E4M3 pages (scale 1.0), twice "
+        "the pages of bf16 in the same memory (needs compute capability >= 8.9 on GPU).",
+    )
     load_format: Literal["auto", "dummy"] = Field(
         "auto", description="'dummy' fills the weights with small random values (benchmarks)."
     )

@@ -133,3 +133,40 @@ def test_rms_norm_matches_reference(with_residual):
 def test_silu_and_mul_matches_reference():
     x = rand(3, 2 * 80)
     torch.testing.assert_close(triton_norm.silu_and_mul(x), reference.silu_and_mul(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- fp8 KV cache (kv_cache_dtype: fp8)
+FP8 = torch.float8_e4m3fn
+
+
+def test_fp8_kv_cache_attention_matches_reference():
+    """Both paths read the same fp8 pages and upcast them: they agree as closely as with float pages."""
+    gen = torch.Generator().manual_seed(3)
+    q_lens, ctx_lens = [1, 1, 1, 7, 3], [5, 16, 40, 7, 20]
+    tables = random_tables(ctx_lens, 4, 64, gen)
+    k_cache, v_cache = (c.to(FP8) for c in make_cache(64, 4, 2, 64))
+    q = rand(sum(q_lens), 8, 64)
+    meta = meta_for(q_lens, ctx_lens, tables, num_splits=2)
+    got = get_ops("triton", DEVICE).attention(q, k_cache, v_cache, meta, 0.125, None)
+    want = get_ops("torch", DEVICE).attention(q, k_cache, v_cache, meta, 0.125, None)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+    upcast = get_ops("torch", DEVICE).attention(q, k_cache.float(), v_cache.float(), meta, 0.125, None)
+    torch.testing.assert_close(want, upcast, atol=0, rtol=0)
+
+
+def test_rope_and_write_kv_into_fp8_cache_rounds_and_saturates_as_reference():
+    tokens, heads, kv_heads, head_dim = 4, 4, 2, 64
+    q, k, v = rand(tokens, heads, head_dim), rand(tokens, kv_heads, head_dim), rand(tokens, kv_heads, head_dim)
+    v[1, 0, :4] = torch.tensor([1000.0, -1000.0, 448.0, 0.01])  # beyond E4M3's range: saturate to +-448
+    angles = torch.arange(16, dtype=torch.float32, device=DEVICE)[:, None] * torch.rand(head_dim // 2, device=DEVICE)
+    emb = torch.cat((angles, angles), dim=-1)
+    positions = torch.tensor([0, 5, 3, 9], device=DEVICE)
+    slots = torch.tensor([0, 6, -1, 3], device=DEVICE)
+    caches_ref = [torch.zeros(2, 4, kv_heads, head_dim, device=DEVICE, dtype=FP8) for _ in range(2)]
+    caches_got = [c.clone() for c in caches_ref]
+    reference.rope_and_write_kv(q.clone(), k, v, *caches_ref, emb.cos(), emb.sin(), positions, slots)
+    triton_attention.rope_and_write_kv(q.clone(), k, v, *caches_got, emb.cos(), emb.sin(), positions, slots)
+    assert caches_got[1].float().view(-1, kv_heads, head_dim)[6, 0, :3].tolist() == [448.0, -448.0, 448.0]
+    # the rotation may differ in the last float bit, which can flip an fp8 rounding: one E4M3 step
+    torch.testing.assert_close(caches_got[0].float(), caches_ref[0].float(), atol=2e-3, rtol=0.13)
+    torch.testing.assert_close(caches_got[1].float(), caches_ref[1].float(), atol=0, rtol=0)

@@ -2,8 +2,10 @@
 kernel is tested against.
 
 KV cache layout, per layer: `k_cache`, `v_cache` of shape [num_pages, page_size, num_kv_heads,
-head_dim]. Token slot s lives in page s // page_size at offset s % page_size; slot -1 means
-"padding, write nothing".
+head_dim], in the model's dtype or float8_e4m3fn (`kv_cache_dtype: fp8`, one fixed scale of 1.0:
+values are stored as they are, rounded to E4M3 and saturated at +-448, and read back upcast).
+Token slot s lives in page s // page_size at offset s % page_size; slot -1 means "padding, write
+nothing".
 
 Attention inputs are flattened over the batch: `q` is [num_tokens, num_heads, head_dim] with the
 new tokens of sequence b at rows query_start_loc[b]:query_start_loc[b+1]; `seq_lens[b]` is the
@@ -20,12 +22,18 @@ import torch.nn.functional as F
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Scatter new keys/values [num_tokens, num_kv_heads, head_dim] into their slots."""
+    """Scatter new keys/values [num_tokens, num_kv_heads, head_dim] into their slots. An fp8 cache
+    (float8_e4m3fn, scale 1.0) stores them rounded to nearest, saturated at +-448."""
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        if cache.dtype == torch.float8_e4m3fn:  # CUDA's cast does not saturate; CPU's index_copy_ has no fp8
+            new = new.clamp(-448.0, 448.0).to(cache.dtype).view(torch.uint8)
+            cache = cache.view(torch.uint8)
+        else:
+            new = new.to(cache.dtype)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, new)
 
 
 def paged_attention(

@@ -10,7 +10,8 @@
   group at once (each K/V row is read once), then a second kernel merges the splits by their
   log-sum-exp. Splits let a few long sequences fill the GPU.
 
-Layout as in reference.py: caches [num_pages, page_size, num_kv_heads, head_dim]; the batch
+Layout as in reference.py: caches [num_pages, page_size, num_kv_heads, head_dim], in the model's
+dtype or float8_e4m3fn (written saturated, read upcast to q's dtype in registers); the batch
 is ordered decodes first: sequences [0, num_decodes) have one query each at rows 0..num_decodes-1.
 All shapes the kernels see are fixed by their tensors, so a decode step can be graph-captured.
 """
@@ -45,6 +46,7 @@ def _rope_write_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_QH: tl.constexpr,
     BLOCK_KH: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     half: tl.constexpr = HEAD_DIM // 2
@@ -70,11 +72,30 @@ def _rope_write_kernel(
         k2 = tl.load(kp + half, mask=kmask, other=0.0).to(tl.float32)
         # cache rows are contiguous: slot * kv_heads * head_dim
         cp = slot * NUM_KV_HEADS * HEAD_DIM + kh * HEAD_DIM + d[None, :]
-        tl.store(k_cache_ptr + cp, (k1 * cos - k2 * sin).to(k_cache_ptr.dtype.element_ty), mask=kmask)
-        tl.store(k_cache_ptr + cp + half, (k2 * cos + k1 * sin).to(k_cache_ptr.dtype.element_ty), mask=kmask)
         vp = v_ptr + t * stride_vt + kh * stride_vh + d[None, :]
-        tl.store(v_cache_ptr + cp, tl.load(vp, mask=kmask).to(v_cache_ptr.dtype.element_ty), mask=kmask)
-        tl.store(v_cache_ptr + cp + half, tl.load(vp + half, mask=kmask).to(v_cache_ptr.dtype.element_ty), mask=kmask)
+        v1 = tl.load(vp, mask=kmask).to(tl.float32)
+        v2 = tl.load(vp + half, mask=kmask).to(tl.float32)
+        _store_kv(k_cache_ptr + cp, k1 * cos - k2 * sin, kmask, KV_FP8)
+        _store_kv(k_cache_ptr + cp + half, k2 * cos + k1 * sin, kmask, KV_FP8)
+        _store_kv(v_cache_ptr + cp, v1, kmask, KV_FP8)
+        _store_kv(v_cache_ptr + cp + half, v2, kmask, KV_FP8)
+
+
+@triton.jit
+def _store_kv(ptr, x, mask, KV_FP8: tl.constexpr):
+    """Store into the cache's dtype. For an fp8 cache (scale 1.0) the value is first rounded to the
+    nearest E4M3 value (ties to even) and saturated at +-448 in float32, as torch's cast does, so the
+    cast itself is exact: the same bytes on every GPU and in Triton's interpreter (whose own fp8
+    rounding loses the carry into the exponent)."""
+    if KV_FP8:
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        step_exp = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; subnormals below 2**-6
+        step = ((step_exp + 127) << 23).to(tl.float32, bitcast=True)
+        y = x / step  # exact: a power of two; |y| < 16
+        y = (y + 12582912.0) - 12582912.0  # 1.5 * 2**23: round half to even in float32
+        x = y * step
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
 
 def rope_and_write_kv(q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping) -> None:
@@ -105,6 +126,7 @@ def rope_and_write_kv(q, k, v, k_cache, v_cache, cos, sin, positions, slot_mappi
         HEAD_DIM=head_dim,
         BLOCK_QH=triton.next_power_of_2(num_q_heads),
         BLOCK_KH=triton.next_power_of_2(num_kv_heads),
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
     )
 
 
@@ -133,7 +155,7 @@ def _attend_block(
     d = tl.arange(0, HEAD_DIM)
     page = tl.load(block_tables_ptr + table_row + n_offs // PAGE_SIZE, mask=n_mask, other=0)
     rows = (page * PAGE_SIZE + n_offs % PAGE_SIZE) * NUM_KV_HEADS + kvh
-    k = tl.load(k_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0)
+    k = tl.load(k_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0).to(q.dtype)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -144,7 +166,7 @@ def _attend_block(
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=n_mask[:, None], other=0.0).to(q.dtype)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:

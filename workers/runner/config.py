@@ -33,6 +33,11 @@ class RunnerConfig:
     max_graph_batch_size: int
     num_speculative_tokens: int = 0  # most proposed tokens a sequence verifies in one step
     max_num_spec_seqs: int = 0  # most sequences that speculate in one step (0: none)
+    kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        return self.kv_cache_dtype or self.dtype
 
     @property
     def max_num_rows(self) -> int:
@@ -72,6 +77,7 @@ def runner_config(config: EngineConfig, model_config: ModelConfig, device: torch
         max_graph_batch_size=config.max_graph_batch_size,
         num_speculative_tokens=config.speculative.num_speculative_tokens if config.speculative else 0,
         max_num_spec_seqs=config.speculative.max_batch_size if config.speculative else 0,
+        kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, device),
     )
     return RunnerConfig(**{**fields, **overrides})
 
@@ -94,6 +100,20 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for, but CUDA is not available")
     return device
+
+
+def resolve_kv_cache_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """'fp8' is float8 E4M3 pages; the Triton kernels convert to and from it in registers, which
+    needs fp8 support (compute capability >= 8.9). None: the model's dtype."""
+    if name == "auto":
+        return None
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(
+            f"kv_cache_dtype 'fp8' needs a GPU with fp8 support (compute capability >= 8.9: Ada, Hopper or "
+            f"later); {device} has {major}.{minor}: use kv_cache_dtype 'auto'"
+        )
+    return torch.float8_e4m3fn
 
 
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:

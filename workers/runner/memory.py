@@ -1,8 +1,10 @@
 """KV memory: the bytes of a page, the cache tensors, and how many pages fit.
 
 The KV cache is one k and one v tensor per attention layer, shape [num_pages, page_size,
-num_kv_heads, head_dim]. On CPU the pool gets `cpu_kv_cache_gib`; on CUDA, what is left of
-`gpu_memory_utilization` after the weights and the peak of the largest step, measured once.
+num_kv_heads, head_dim], in the model's dtype or float8 (`kv_cache_dtype: fp8`): pages are counted
+with the element size, so fp8 fits twice the pages of bf16 (four times float32's) in the same
+bytes. On CPU the pool gets `cpu_kv_cache_gib`; on CUDA, what is left of `gpu_memory_utilization`
+after the weights and the peak of the largest step, measured once.
 """
 
 from __future__ import annotations

@@ -88,11 +88,11 @@ class ModelRunner:
     # ---------------------------------------------------------------- memory
     @property
     def page_bytes(self) -> int:
-        return kv_page_bytes(self.model_config, self.page_size, self.num_kv_heads, self.cfg.dtype)
+        return kv_page_bytes(self.model_config, self.page_size, self.num_kv_heads, self.cfg.kv_dtype)
 
     def _allocate_kv_cache(self, num_pages: int) -> None:
         shape = (num_pages, self.page_size, self.num_kv_heads, self.model_config.head_dim)
-        allocate_kv_cache(self.model, shape, self.cfg.dtype, self.device)
+        allocate_kv_cache(self.model, shape, self.cfg.kv_dtype, self.device)
 
     @torch.inference_mode()
     def _profile_step(self, num_tokens: int) -> None:

@@ -332,7 +332,7 @@ def _default_num_pages(target: RunnerConfig, target_num_pages: int, mc: ModelCon
     holds if less: the target's pool has taken its share of gpu_memory_utilization already."""
     pages = target_num_pages
     if target.device.type == "cuda":
-        page_bytes = kv_page_bytes(mc, target.page_size, mc.num_kv_heads, target.dtype)
+        page_bytes = kv_page_bytes(mc, target.page_size, mc.num_kv_heads, target.kv_dtype)
         free, _ = torch.cuda.mem_get_info(target.device)
         pages = min(pages, int(free * 0.5 // page_bytes))
     return max(1, pages)
