@@ -33,6 +33,8 @@ class RunnerConfig:
     max_graph_batch_size: int
     num_speculative_tokens: int = 0  # most proposed tokens a sequence verifies in one step
     max_num_spec_seqs: int = 0  # most sequences that speculate in one step (0: none)
+    quantization: str = "none"  # workers/quant/: none, fp8, int8, int4, int4-awq, gguf
+    quantization_group_size: int = 128
 
     @property
     def max_num_rows(self) -> int:
@@ -72,6 +74,8 @@ def runner_config(config: EngineConfig, model_config: ModelConfig, device: torch
         max_graph_batch_size=config.max_graph_batch_size,
         num_speculative_tokens=config.speculative.num_speculative_tokens if config.speculative else 0,
         max_num_spec_seqs=config.speculative.max_batch_size if config.speculative else 0,
+        quantization=config.quantization,
+        quantization_group_size=config.quantization_group_size,
     )
     return RunnerConfig(**{**fields, **overrides})
 
