@@ -116,10 +116,13 @@ def test_refusals_name_scheme_layer_and_device(model_dirs, tmp_path):
     _, model = _tiny(model_dirs["llama"])
     with pytest.raises(
         QuantizationError,
-        match=r"group size 128 does not divide the 64 input columns of layer model\.layers\.0\.self_attn\.qkv_proj; group sizes that divide it: 64, 32",
+        match=r"group size 128 does not divide the 64 input columns of layer model\.layers\.0\.self_attn\.qkv_proj; "
+        r"group sizes that divide it: 64, 32",
     ):
         quantize_model(model, "int4", group_size=128)
-    with pytest.raises(QuantizationError, match="fp8 needs a GPU with fp8 tensor cores.*on CPU use int8, int4 or gguf"):
+    with pytest.raises(
+        QuantizationError, match=r"fp8 needs a GPU with fp8 tensor cores.*on CPU use int8, int4 or gguf"
+    ):
         quantize_model(model, "fp8")
     with pytest.raises(QuantizationError, match="int4 on CPU takes group sizes 32, 64, 128, 256, not 16"):
         quantize_model(model, "int4", group_size=16)
@@ -129,7 +132,7 @@ def test_refusals_name_scheme_layer_and_device(model_dirs, tmp_path):
         EngineConfig(model=str(model_dirs["llama"]), device="cpu", quantization="fp8")
     cfg = ModelConfig.from_dir(model_dirs["llama"])
     with pytest.raises(
-        QuantizationError, match="quantization gguf keeps a GGUF file's blocks, but .* is no GGUF model"
+        QuantizationError, match=r"quantization gguf keeps a GGUF file's blocks, but .* is no GGUF model"
     ):
         load_model(model_dirs["llama"], cfg, torch.float32, CPU, 64, get_ops("torch", CPU), quantization="gguf")
 
