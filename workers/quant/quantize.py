@@ -22,7 +22,7 @@ from workers.layers.basic import MergedLinear
 from workers.layers.parallel import RowParallelLinear
 from workers.quant.backends import Backend, check_device, get_backend
 from workers.quant.layers import QuantMergedLinear, QuantRowParallelLinear, _QuantLinear
-from workers.quant.layout import Kind, QuantizationError, quantize_rtn
+from workers.quant.layout import Kind, QuantizationError, QuantWeight, quantize_rtn
 
 SCHEMES = ("fp8", "int8", "int4", "int4-awq")
 GROUP_SIZES_CPU_INT4 = (32, 64, 128, 256)  # what aten's int4 CPU kernel takes
@@ -102,11 +102,31 @@ def quantize_model(
         if isinstance(layer, _QuantLinear):
             raise QuantizationError(f"layer {name} is already quantized ({layer.kind})")
         g = effective_group_size(kind, group_size, input_columns(layer), chosen)
-        cls = QuantMergedLinear if isinstance(layer, MergedLinear) else QuantRowParallelLinear
-        new = cls.from_float(layer, kind, g, lambda w, g=g: quantize_rtn(w, kind, g))
+        if isinstance(layer, MergedLinear):
+            new = QuantMergedLinear.from_float(layer, kind, g, lambda w, g=g: quantize_rtn(w, kind, g))
+        else:
+            new = QuantRowParallelLinear.from_float(
+                layer, kind, g, lambda w, g=g, tp=layer.tp: _rtn_shard(w, kind, g, tp)
+            )
         new.finalize(chosen, keep_layout=keep_layout)
         _replace(model, name, new)
     return report
+
+
+def _rtn_shard(w: torch.Tensor, kind: Kind, group_size: int, tp) -> QuantWeight:
+    """RTN of a row-parallel layer's shard. A per-output-channel scale (fp8; int8 on the CPU
+    kernel) spans the whole row, which the ranks hold in pieces: its absmax is reduced over them,
+    so every rank quantizes with the scales one rank would use (TP=2 computes what TP=1 does)."""
+    if tp.size == 1 or (kind != "fp8" and group_size != w.shape[1]):
+        return quantize_rtn(w, kind, group_size)
+    absmax = tp.all_reduce_max(w.float().abs().amax(1))
+    wf = w.float()
+    if kind == "fp8":
+        scales = (absmax / 448.0).clamp_min(1e-12)
+        return QuantWeight("fp8", (wf / scales[:, None]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn), scales)
+    scales = (absmax / 127.0).clamp_min(1e-10)
+    codes = torch.round(wf / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return QuantWeight("int8", codes, scales[:, None])
 
 
 def _apply_awq(model, calib_batches, group_size: int) -> dict:
