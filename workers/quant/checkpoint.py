@@ -72,7 +72,7 @@ def save_quantized(model, src_dir: str | Path, dst_dir: str | Path, scheme: str,
             raise QuantizationError(f"layer {name} kept no layout to save (quantize with keep_layout=True)")
         prefix, _, leaf = name.rpartition(".")
         if isinstance(layer, QuantMergedLinear):
-            for proj, lo, rows in zip(_MERGED_PARTS[leaf], layer.offsets, layer.part_sizes, strict=True):
+            for proj, lo, rows in zip(_MERGED_PARTS[leaf], layer.offsets[:-1], layer.part_sizes, strict=True):
                 for key, t in layer.layout.rows(lo, rows).tensors().items():
                     tensors[f"{prefix}.{proj}.{key}"] = t
                 if layer.bias is not None:
