@@ -119,6 +119,14 @@ def cmd_quantize(args) -> None:
     print(f"wrote {args.scheme} (group {args.group_size}) to {summary['dst']}{extra}")
 
 
+def cmd_bench_quant(args) -> None:
+    from cluster.bench.quant import run_quant_bench
+
+    if not args.model:
+        args.model = str(demo_model())
+    run_quant_bench(args)
+
+
 def cmd_bench_engine(args) -> None:
     from cluster.bench.engine import run_engine_bench
 
@@ -233,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4", "int4-awq", "gguf"])
     eng.add_argument("--quantization-group-size", type=int, default=128)
     eng.set_defaults(func=cmd_bench_engine)
+
+    qb = bench.add_parser("quant", help="output tokens/s per quantization scheme (one engine per scheme)")
+    from cluster.bench.quant import add_arguments as add_quant_arguments
+
+    add_quant_arguments(qb)
+    qb.set_defaults(func=cmd_bench_quant)
 
     from cluster.bench.spec import add_arguments as add_spec_arguments
 

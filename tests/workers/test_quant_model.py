@@ -142,5 +142,5 @@ def test_saved_checkpoint_loads_without_recalibration(model_dirs, tmp_path):
     fp8 = quantize_checkpoint(src, tmp_path / "llama-fp8", "fp8")
     with pytest.raises(QuantizationError, match="fp8 needs a GPU"):
         Engine(EngineConfig(model=fp8["dst"], **base))
-    with pytest.raises(QuantizationError, match="holds int4 weights .* quantization int8 cannot apply"):
+    with pytest.raises(QuantizationError, match=r"holds int4 weights .* quantization int8 cannot apply"):
         Engine(EngineConfig(model=str(dst), quantization="int8", **base))

@@ -83,7 +83,7 @@ class QuantMergedLinear(_QuantLinear):
         out = cls(layer.parts, layer.weight.shape[1], kind, group_size, layer.bias is not None, layer.weight.device)
         out.layout = quantize(layer.weight.data)
         if layer.bias is not None:
-            out.bias.data.copy_(layer.bias.data)
+            out.bias.data = layer.bias.data.clone()  # its dtype too
         out._loaded = set(out._expected())
         return out
 
@@ -143,7 +143,7 @@ class QuantRowParallelLinear(_QuantLinear):
         )
         out.layout = quantize(layer.weight.data)
         if layer.bias is not None:
-            out.bias.data.copy_(layer.bias.data)
+            out.bias.data = layer.bias.data.clone()  # its dtype too
         out._loaded = set(out._expected())
         return out
 
