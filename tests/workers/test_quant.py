@@ -157,3 +157,22 @@ def test_gguf_with_a_float_linear_is_refused_by_tensor(tmp_path):
         QuantizationError, match=r"tensor blk\.0\.attn_q\.weight is F16, which quantization gguf does not keep"
     ):
         linear_kinds(path)
+
+
+def test_int4_awq_calls_awq_then_rtn(model_dirs):
+    """int4-awq = workers/quant/awq.py's apply_awq on the float model, then int4 RTN; a build
+    without that module refuses the scheme by name."""
+    import importlib.util
+
+    cfg, model = _tiny(model_dirs["llama"])
+    batches = [torch.randint(0, cfg.vocab_size, (24,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    if importlib.util.find_spec("workers.quant.awq") is None:
+        with pytest.raises(QuantizationError, match=r"int4-awq needs workers/quant/awq\.py"):
+            quantize_model(model, "int4-awq", group_size=32, calib_batches=batches)
+        return
+    with pytest.raises(QuantizationError, match="int4-awq needs calibration batches"):
+        quantize_model(model, "int4-awq", group_size=32)
+    report = quantize_model(model, "int4-awq", group_size=32, calib_batches=batches)
+    assert report["group_size"] == 32
+    layers = [m for m in model.modules() if isinstance(m, _QuantLinear)]
+    assert layers and {(m.kind, m.group_size) for m in layers} == {("int4", 32)}
