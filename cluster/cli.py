@@ -111,6 +111,23 @@ def cmd_demo(args) -> None:
         )
 
 
+def cmd_quantize(args) -> None:
+    from workers.quant.convert import quantize_checkpoint
+
+    summary = quantize_checkpoint(args.src, args.dst, args.scheme, args.group_size)
+    awq = summary.get("awq")
+    extra = f"; AWQ error / RTN error {awq['mean_mse_ratio']:.3f}" if awq else ""
+    print(f"wrote {args.scheme} (group {args.group_size}) to {summary['dst']}{extra}")
+
+
+def cmd_bench_quant(args) -> None:
+    from cluster.bench.quant import run_quant_bench
+
+    if not args.model:
+        args.model = str(demo_model())
+    run_quant_bench(args)
+
+
 def cmd_bench_engine(args) -> None:
     from cluster.bench.engine import run_engine_bench
     from cluster.bench.shared_prefix import run_shared_prefix_bench
@@ -185,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_client_commands(sub)
 
+    quant = sub.add_parser(
+        "quantize",
+        help="write a quantized copy of a Hugging Face model directory (loads again without recalibration)",
+    )
+    quant.add_argument("src", help="a float Hugging Face model directory")
+    quant.add_argument("dst", help="the directory to write")
+    quant.add_argument("--scheme", required=True, choices=["int4", "int4-awq", "int8", "fp8"])
+    quant.add_argument("--group-size", type=int, default=128, help="input columns per scale (int4, int8)")
+    quant.set_defaults(func=cmd_quantize)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     eng = bench.add_parser(
         "engine",
@@ -228,11 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: tokens of the shared prompt")
     eng.add_argument("--suffix-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
     eng.add_argument("--concurrency", type=int, default=1, help="shared-prefix: requests in flight")
+    eng.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4", "int4-awq", "gguf"])
+    eng.add_argument("--quantization-group-size", type=int, default=128)
     eng.set_defaults(func=cmd_bench_engine)
 
     from cluster.bench.realmodel import add_realmodel_parser
 
     add_realmodel_parser(bench, eng)
+
+    qb = bench.add_parser("quant", help="output tokens/s per quantization scheme (one engine per scheme)")
+    from cluster.bench.quant import add_arguments as add_quant_arguments
+
+    add_quant_arguments(qb)
+    qb.set_defaults(func=cmd_bench_quant)
 
     from cluster.bench.spec import add_arguments as add_spec_arguments
 

@@ -317,6 +317,7 @@ def run_engine_bench(args) -> dict:
         "torch": torch.__version__,
         "model": model,
         "load_format": args.load_format,
+        "quantization": getattr(args, "quantization", "none"),
     }
     engine = Engine(
         EngineConfig(
@@ -328,6 +329,8 @@ def run_engine_bench(args) -> dict:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
             enforce_eager=args.enforce_eager,
+            quantization=getattr(args, "quantization", "none"),
+            quantization_group_size=getattr(args, "quantization_group_size", 128),
         )
     )
 

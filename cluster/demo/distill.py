@@ -376,7 +376,7 @@ def cmd_train(args) -> None:
 
 
 def _permute(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """llama.cpp's rotary row order (the inverse of workers.models.gguf._unpermute)."""
+    """llama.cpp's rotary row order (the inverse of workers.models.gguf.unpermute)."""
     rows = w.shape[0]
     return w.reshape(num_heads, 2, rows // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 

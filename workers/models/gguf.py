@@ -11,7 +11,7 @@ Block layouts (llama.cpp's ggml-quants; each block covers 32 consecutive values 
 K-quants are not read yet (the shipped SmolLM2 file has none): such a tensor fails at load, by name.
 
 llama.cpp's converter permutes the rows of Llama's q/k projections (per head, from the halves layout
-of Hugging Face's rotary to interleaved pairs); `_unpermute` undoes it so the weights match
+of Hugging Face's rotary to interleaved pairs); `unpermute` undoes it so the weights match
 transformers' layout, which our rotary follows.
 """
 
@@ -105,9 +105,10 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.n
     return fn(blocks).reshape(shape)
 
 
-def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
+def unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's rotary permutation of a q or k projection's rows (per head: pairs
-    (2i, 2i+1) back to (i, i + head_dim/2))."""
+    (2i, 2i+1) back to (i, i + head_dim/2)). Rows only: it applies as well to a quantized tensor's
+    packed rows and their scales (workers/quant/gguf_blocks.py)."""
     rows = w.shape[0]
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -125,13 +126,15 @@ def hf_name(gguf_name: str) -> str:
     raise UnsupportedModelError(f"GGUF tensor {gguf_name!r} has no place in a Llama model")
 
 
-def iter_gguf_weights(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 tensor) of every tensor of the file, dequantized one at a time;
-    logs its progress. Every tensor's type is checked before the first is dequantized, so an
-    unsupported file fails at once."""
+def iter_gguf_weights(
+    path: str | Path, cfg: ModelConfig, only: set[str] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor) of every tensor of the file (or of those GGUF names in
+    `only`), dequantized one at a time; logs its progress. Every tensor's type is checked before the
+    first is dequantized, so an unsupported file fails at once."""
     path = Path(path)
     reader = open_reader(path)
-    tensors = list(reader.tensors)
+    tensors = [t for t in reader.tensors if only is None or t.name in only]
     for t in tensors:
         type_name = t.tensor_type.name
         if type_name not in SUPPORTED_TENSOR_TYPES:
@@ -146,9 +149,9 @@ def iter_gguf_weights(path: str | Path, cfg: ModelConfig) -> Iterator[tuple[str,
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-varying dimension first
         w = dequantize(t.data, t.tensor_type.name, shape)
         if t.name.endswith("attn_q.weight"):
-            w = _unpermute(w, cfg.num_heads)
+            w = unpermute(w, cfg.num_heads)
         elif t.name.endswith("attn_k.weight"):
-            w = _unpermute(w, cfg.num_kv_heads)
+            w = unpermute(w, cfg.num_kv_heads)
         yield hf_name(t.name), torch.from_numpy(np.ascontiguousarray(w))
         now = time.monotonic()
         if now - last_log > 2.0 or i + 1 == len(tensors):

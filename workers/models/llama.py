@@ -178,11 +178,14 @@ class LlamaForCausalLM(nn.Module):
                 modules[target].load_part(part, leaf, tensor)
                 loaded.add(f"{target}.{leaf}#{part}")
                 continue
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-            module = modules[module_name]
-            if isinstance(module, RowParallelLinear | VocabParallelEmbedding | ParallelLMHead):
+            module = modules.get(module_name)
+            # sharded and quantized layers (workers/quant/layers.py) load their own tensors
+            if isinstance(module, RowParallelLinear | VocabParallelEmbedding | ParallelLMHead) or getattr(
+                module, "loads_itself", False
+            ):
                 module.load(leaf, tensor)
+            elif name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             else:
                 param = params[name]
                 if tuple(param.shape) != shape_of(tensor):
@@ -193,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
         for name in params:
             module_name, _, leaf = name.rpartition(".")
             module = modules[module_name]
-            if isinstance(module, MergedLinear):
+            if isinstance(module, MergedLinear) or hasattr(module, "part_sizes"):  # float or quantized
                 missing += [f"{name}#{i}" for i in range(len(module.part_sizes)) if f"{name}#{i}" not in loaded]
             elif name not in loaded:
                 missing.append(name)

@@ -2,6 +2,11 @@
 read tensor by tensor so that host memory holds one tensor at a time), from a GGUF file
 (workers/models/gguf.py: dequantized tensor by tensor) or, for benchmarks,
 `dummy` random values of the right shapes (as vLLM's `load_format=dummy`).
+
+Quantization (workers/quant/) happens here too: a float checkpoint is loaded, then its linear layers
+are quantized in place (`quantization` int8 / int4 / int4-awq / fp8); a GGUF file with
+`quantization: gguf`, and a checkpoint written by `kvfleet quantize` (whatever `quantization` says,
+unless it names another scheme), load straight into quantized layers.
 """
 
 from __future__ import annotations
@@ -16,6 +21,18 @@ from workers.models.config import ModelConfig
 from workers.models.gguf import iter_gguf_weights
 from workers.models.gguf_file import find_gguf
 from workers.models.llama import LlamaForCausalLM
+from workers.quant.backends import check_device, get_backend
+from workers.quant.checkpoint import read_quant_config, saved_layer_kinds
+from workers.quant.gguf_blocks import iter_gguf_quantized, linear_kinds
+from workers.quant.layout import QuantizationError
+from workers.quant.quantize import (
+    calibration_batches,
+    check_group_size,
+    finalize_model,
+    prepare_empty,
+    quantize_model,
+    scheme_kind,
+)
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, object]]:
@@ -42,18 +59,54 @@ def load_model(
     load_format: str = "auto",
     seed: int = 0,
     tp: TPInfo | None = None,
+    quantization: str = "none",
+    group_size: int = 128,
+    quant_backend: str = "auto",
 ) -> LlamaForCausalLM:
     with torch.device(device):
         model = LlamaForCausalLM(cfg, max_positions, ops, tp)
     # Rotary tables stay float32 (cast per use, as HF does); parameters take the model dtype.
     for p in model.parameters():
         p.data = p.data.to(dtype)
+    gguf_file = find_gguf(model_dir) if load_format != "dummy" else None
+    saved = read_quant_config(model_dir) if load_format != "dummy" and gguf_file is None else None
+    if quantization == "gguf":
+        if gguf_file is None:
+            raise QuantizationError(
+                f"quantization gguf keeps a GGUF file's blocks, but {model_dir} is no GGUF model; "
+                "use int8, int4 or fp8 for a float checkpoint"
+            )
+        prepare_empty(model, linear_kinds(gguf_file))
+        model.load_weights(iter_gguf_quantized(gguf_file, cfg))
+        finalize_model(model, quant_backend)
+        return model.eval()
+    if saved is not None:
+        if quantization not in ("none", saved["scheme"]):
+            raise QuantizationError(
+                f"{model_dir} holds {saved['scheme']} weights (written by kvfleet quantize); "
+                f"quantization {quantization} cannot apply to them: leave it unset"
+            )
+        kinds = saved_layer_kinds(model, saved)
+        kind = next(iter(kinds.values()))[0]
+        check_device(kind, device)
+        check_group_size(model, kind, saved["group_size"] or 1 << 30, get_backend(kind, device, "reference"))
+        prepare_empty(model, kinds)
+        model.load_weights(iter_safetensors(Path(model_dir)))
+        finalize_model(model, quant_backend)
+        return model.eval()
+    if quantization != "none":  # refuse before the (long) load what the device or shapes cannot run
+        kind = scheme_kind(quantization)
+        check_device(kind, device)
+        check_group_size(model, kind, group_size, get_backend(kind, device, quant_backend))
     if load_format == "dummy":
         _fill_dummy(model, seed)
-    elif (gguf_file := find_gguf(model_dir)) is not None:
+    elif gguf_file is not None:
         model.load_weights(iter_gguf_weights(gguf_file, cfg))
     else:
         model.load_weights(iter_safetensors(Path(model_dir)))
+    if quantization != "none":
+        batches = calibration_batches(model_dir) if quantization == "int4-awq" else None
+        quantize_model(model, quantization, group_size, backend=quant_backend, calib_batches=batches)
     return model.eval()
 
 

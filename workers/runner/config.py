@@ -38,6 +38,8 @@ class RunnerConfig:
     @property
     def kv_dtype(self) -> torch.dtype:
         return self.kv_cache_dtype or self.dtype
+    quantization: str = "none"  # workers/quant/: none, fp8, int8, int4, int4-awq, gguf
+    quantization_group_size: int = 128
 
     @property
     def max_num_rows(self) -> int:
@@ -78,6 +80,8 @@ def runner_config(config: EngineConfig, model_config: ModelConfig, device: torch
         num_speculative_tokens=config.speculative.num_speculative_tokens if config.speculative else 0,
         max_num_spec_seqs=config.speculative.max_batch_size if config.speculative else 0,
         kv_cache_dtype=resolve_kv_cache_dtype(config.kv_cache_dtype, device),
+        quantization=config.quantization,
+        quantization_group_size=config.quantization_group_size,
     )
     return RunnerConfig(**{**fields, **overrides})
 

@@ -64,6 +64,10 @@ class ModelRunner:
             cfg.load_format,
             cfg.seed,
             self.tp,
+            cfg.quantization,
+            cfg.quantization_group_size,
+            # quantized matmuls: aten on CPU, Triton on CUDA; `kernels: torch` on a GPU runs their reference
+            "reference" if cfg.device.type == "cuda" and self.ops.name == "torch" else "auto",
         )
         self.num_kv_heads = self.model.num_local_kv_heads
         self.sampler = Sampler(cfg.device, seed=cfg.seed)

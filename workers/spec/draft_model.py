@@ -26,6 +26,7 @@ from kvstore.page_pool import PagePool
 from workers.config import EngineConfig, SpeculativeConfig, dir_model_id
 from workers.kv_cache_manager import KVCacheManager
 from workers.models.config import ModelConfig
+from workers.models.gguf_file import find_gguf
 from workers.runner.config import RunnerConfig, resolve_device, runner_config
 from workers.runner.draft_decode import DeviceFedDecoder
 from workers.runner.memory import kv_page_bytes
@@ -111,6 +112,10 @@ class DraftModel:
         rc = dataclasses.replace(
             target,
             model_dir=spec.draft_model,
+            # a draft that is no GGUF file cannot keep GGUF blocks: it loads in float
+            quantization="none"
+            if target.quantization == "gguf" and find_gguf(spec.draft_model) is None
+            else target.quantization,
             max_num_batched_tokens=max(target.max_num_batched_tokens, rows),
             # a catch-up after a fully accepted proposal computes two rows per sequence
             max_graph_batch_size=min(target.max_graph_batch_size, 2 * target.max_num_seqs),

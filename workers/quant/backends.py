@@ -1,0 +1,172 @@
+"""The matmul kernels a quantized layer calls, chosen by device (gpt-fast's and torchao's split):
+
+- `aten` (CPU): PyTorch's own weight-only kernels. int4: `_convert_weight_to_int4pack_for_cpu`
+  (int32 codes [N, K] -> its tiled layout) and `_weight_int4pack_mm_for_cpu`, whose scales-and-zeros
+  tensor [K // G, N, 2] holds our (scales, zeros) as they are: it computes (q - 8) * s + z, the
+  contract's formula. int8: `_weight_int8pack_mm`, per output channel only; a group-wise int8
+  weight (GGUF Q8_0, group 32) is requantized per channel at load, and the error is logged. Both
+  kernels are fast only with bfloat16 activations (measured on AMX and AVX-512: float32 inputs are
+  10-60x slower), so x is cast to bfloat16 and the result back to x's dtype.
+- `triton` (CUDA): workers/kernels/triton_quant.py, imported lazily (`prepare_*` repacks once at
+  load, `*_matmul(x, *prepared)` runs).
+- `reference` (any device): workers/kernels/quant_reference.py, dequantize then multiply in float32:
+  the oracle of the tests, and what `kernels: torch` runs on a GPU. On CPU it rounds x to bfloat16
+  first, as the aten path does, so the two differ only by summation order. `dequantized` is the
+  same arithmetic with the weight dequantized once at load (tests of whole generations).
+
+A backend is a pair of functions: `prepare(QuantWeight) -> tuple` of tensors (and ints) run once, at load,
+and `matmul(x [M, K], *prepared) -> [M, N]`: no host syncs, so CUDA graphs can capture it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from workers.kernels import quant_reference as qr
+from workers.quant.layout import QuantizationError, QuantWeight, quantize_rtn
+
+log = logging.getLogger(__name__)
+
+CPU_ACT_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    prepare: Callable[[QuantWeight], tuple[torch.Tensor, ...]]
+    matmul: Callable[..., torch.Tensor]
+
+
+# ---- aten (CPU) ---------------------------------------------------------------------------------
+
+
+def _aten_prepare_int4(w: QuantWeight):
+    codes = qr.unpack_int4(w.qweight).to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    scales_and_zeros = torch.stack([w.scales.T, w.zeros.T], dim=-1).to(CPU_ACT_DTYPE).contiguous()
+    return packed, scales_and_zeros, w.group_size
+
+
+def _aten_int4(x, packed, scales_and_zeros, group_size: int):
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(CPU_ACT_DTYPE), packed, group_size, scales_and_zeros)
+    return y.to(x.dtype)
+
+
+def per_channel_int8(w: QuantWeight) -> QuantWeight:
+    """A group-wise int8 weight requantized with one scale per output row (aten's int8 kernel
+    takes no groups); logs the largest change of any weight, relative to its row's largest."""
+    if w.scales.shape[1] == 1:
+        return w
+    dense = w.dequantize()
+    out = quantize_rtn(dense, "int8", dense.shape[1])
+    err = ((out.dequantize() - dense).abs().amax(1) / dense.abs().amax(1).clamp_min(1e-12)).max().item()
+    log.debug("int8 group %d -> per channel: largest change %.2e of its row's largest weight", w.group_size, err)
+    return out
+
+
+def _aten_prepare_int8(w: QuantWeight):
+    w = per_channel_int8(w)
+    return w.qweight.contiguous(), w.scales[:, 0].to(CPU_ACT_DTYPE).contiguous()
+
+
+def _aten_int8(x, qweight, scales):
+    return torch.ops.aten._weight_int8pack_mm(x.to(CPU_ACT_DTYPE), qweight, scales).to(x.dtype)
+
+
+# ---- reference (any device) ---------------------------------------------------------------------
+
+
+def _ref_prepare(w: QuantWeight):
+    return tuple(w.tensors().values())
+
+
+def _ref_input(x):
+    return x.to(CPU_ACT_DTYPE).to(x.dtype) if x.device.type == "cpu" else x
+
+
+def _ref(fn):
+    return lambda x, *t: fn(_ref_input(x), *t)
+
+
+# ---- triton (CUDA) ------------------------------------------------------------------------------
+
+
+def _triton(kind: str) -> Backend:
+    try:
+        from workers.kernels import triton_quant
+    except ImportError as e:
+        raise QuantizationError(
+            f"{kind} on CUDA needs workers/kernels/triton_quant.py, which this build lacks "
+            "(set kernels: torch to run the pure-torch reference instead)"
+        ) from e
+
+    def prepare(w: QuantWeight):
+        if kind == "int4":
+            return tuple(triton_quant.prepare_int4(w.qweight, w.scales, w.zeros))
+        if kind == "int8":
+            return tuple(triton_quant.prepare_int8(w.qweight, w.scales))
+        return tuple(triton_quant.prepare_fp8(w.qweight, w.scales))
+
+    return Backend("triton", prepare, getattr(triton_quant, f"{kind}_matmul"))
+
+
+def _dequantized_prepare(w: QuantWeight):
+    return (w.dequantize(),)
+
+
+def _dequantized(x, weight):
+    return torch.nn.functional.linear(_ref_input(x).float(), weight).to(x.dtype)
+
+
+# The same weights dequantized once, multiplied in float32: the "dequantized reference path" the
+# real model's greedy output is held to (fast enough for whole generations; float-sized memory).
+DEQUANTIZED = Backend("dequantized", _dequantized_prepare, _dequantized)
+
+_REFERENCE = {
+    "int4": Backend("reference", _ref_prepare, _ref(qr.w4a16_matmul)),
+    "int8": Backend("reference", _ref_prepare, _ref(qr.w8a16_matmul)),
+    "fp8": Backend("reference", _ref_prepare, _ref(qr.fp8_matmul)),
+}
+_ATEN = {
+    "int4": Backend("aten", _aten_prepare_int4, _aten_int4),
+    "int8": Backend("aten", _aten_prepare_int8, _aten_int8),
+}
+
+BACKENDS = ("auto", "aten", "triton", "reference", "dequantized")
+
+
+def check_device(kind: str, device: torch.device) -> None:
+    """Refuse a scheme the device cannot run, with a sentence saying what would."""
+    if kind != "fp8":
+        return
+    if device.type == "cpu":
+        raise QuantizationError(
+            "quantization fp8 needs a GPU with fp8 tensor cores (compute capability 8.9+: Ada, Hopper); "
+            "on CPU use int8, int4 or gguf"
+        )
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise QuantizationError(
+                f"quantization fp8 needs fp8 tensor cores (compute capability 8.9+), but {device} "
+                f"({torch.cuda.get_device_name(device)}) has {major}.{minor}; use int8 or int4 there"
+            )
+
+
+def get_backend(kind: str, device: torch.device, name: str = "auto") -> Backend:
+    """`name` 'auto': aten on CPU, triton on CUDA; 'reference' anywhere."""
+    if name not in BACKENDS:
+        raise QuantizationError(f"unknown quantized-matmul backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "reference":
+        return _REFERENCE[kind]
+    if name == "dequantized":
+        return DEQUANTIZED
+    if name == "aten" or (name == "auto" and device.type == "cpu"):
+        if kind not in _ATEN:
+            raise QuantizationError(f"{kind} has no CPU kernel; on CPU use int8, int4 or gguf")
+        return _ATEN[kind]
+    return _triton(kind)
