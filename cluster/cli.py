@@ -10,6 +10,7 @@ kvfleet bench api ...        the Ray Serve + gRPC path against the engine in-pro
 kvfleet bench serve ...      prefix-sharing conversations through the gRPC API, per routing policy (--compare)
 kvfleet bench simulate ...   the routing policy in a discrete-event simulation of 8 to 1,024 replicas
 kvfleet bench index ...      the Redis page index: lookup latency, publish throughput, memory per entry
+kvfleet bench quality ...    perplexity, top-1 agreement and KL per quantization scheme on held-out text
 """
 
 from __future__ import annotations
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(bench)
     add_simulate_parser(bench)
+
+    from cluster.bench.quality import add_quality_parser
+
+    add_quality_parser(bench)
 
     idx = bench.add_parser("index", help="Redis page index: lookup latency, publish throughput, memory per entry")
     idx.add_argument("--redis-url", help="an existing Redis (default: a private local server on a free port)")

@@ -12,7 +12,7 @@ from workers.kernels.ops import get_ops
 from workers.models.config import ModelConfig
 from workers.models.loader import load_model
 from workers.models.tokenizer import load_tokenizer
-from workers.quant.awq import AWQError, apply_awq, fake_int4, search_clip, search_scale
+from workers.quant.awq import AWQError, apply_awq, fake_int4, reference_fake_int4, search_clip, search_scale
 from workers.quant.calibration import CALIBRATION_TEXT, CalibrationTextError, load_calibration_batches
 from workers.quant.prefill import prefill_logits
 
@@ -33,7 +33,7 @@ def _linears(model):
 
 def _fake_quantize(model, group_size):
     for lin in _linears(model):
-        lin.weight.data.copy_(fake_int4(lin.weight.data, group_size))
+        lin.weight.data.copy_(reference_fake_int4(lin.weight.data, group_size))
     return model
 
 
@@ -79,6 +79,12 @@ def test_scale_search_protects_outlier_input_channels():
     # the chosen scale's error, recomputed by hand: (x / s) Q(W s)^T against x W^T
     recomputed = ((x / s) @ fake_int4(w * s, 64).T - x @ w.T).pow(2).mean()
     assert float(recomputed) == pytest.approx(mse, rel=1e-4)
+
+
+def test_fast_fake_int4_is_the_reference_round_trip():
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    w[:, 7] = 3.0  # an outlier column stretches its groups
+    torch.testing.assert_close(fake_int4(w, 64), reference_fake_int4(w, 64), atol=1e-7, rtol=0)
 
 
 def test_clip_search_never_raises_the_error_and_lowers_it_for_heavy_tails():

@@ -30,9 +30,10 @@ import torch
 from workers.kernels.quant_reference import dequant_int4, quantize_int4
 from workers.quant.prefill import prefill_hidden
 
-ALPHA_GRID = tuple(i / 20 for i in range(21))
+ALPHA_GRID = tuple(i / 10 for i in range(11))
 CLIP_GRID = tuple(1.0 - i / 20 for i in range(10))  # 1.0 .. 0.55 of each group's abs max
-ROWS_PER_BATCH = 64  # calibration rows kept per linear and batch for the error searches
+ROWS_PER_BATCH = 64  # calibration rows kept per linear and batch for the error searches,
+MAX_ROWS = 512  # and at most this many of them in all (evenly spread over the batches)
 
 
 class AWQError(ValueError):
@@ -40,7 +41,20 @@ class AWQError(ValueError):
 
 
 def fake_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    """w after int4 RTN and back (float32): what the int4 kernels multiply by."""
+    """w after int4 RTN and back (float32): what the int4 kernels multiply by. The arithmetic of
+    quant_reference's `quantize_int4` then `dequant_int4` without packing the codes (the searches
+    call it hundreds of times; tests hold it to the reference)."""
+    n, k = w.shape
+    if k % group_size:
+        raise AWQError(f"group size {group_size} does not divide the {k} input columns")
+    g = w.float().reshape(n, k // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scales = ((hi - lo) / 15.0).clamp_min(1e-10)
+    codes = torch.round((g - lo) / scales).clamp_(0, 15)
+    return ((codes - 8.0) * scales + (lo + 8.0 * scales)).reshape(n, k)
+
+
+def reference_fake_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return dequant_int4(*quantize_int4(w, group_size))
 
 
@@ -64,7 +78,8 @@ class _InputStats:
         return self.abs_sum / max(self.rows, 1)
 
     def x(self) -> torch.Tensor:
-        return torch.cat(self.samples)
+        x = torch.cat(self.samples)
+        return x[:: -(-x.shape[0] // MAX_ROWS)]
 
 
 def _linears(layer) -> dict[str, torch.nn.Module]:
