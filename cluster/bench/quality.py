@@ -163,7 +163,7 @@ def quantized_copy(base, scheme: str, group_size: int, path: str, calib: list[to
 def run_quality(
     model_path: str | Path,
     schemes: list[str],
-    num_seqs: int = 16,
+    num_seqs: int = 8,
     seq_len: int = 512,
     calib_seqs: int = 16,
     calib_seq_len: int = 512,
@@ -216,7 +216,8 @@ def run_quality(
             eval_s[scheme] += time.perf_counter() - t0
             ref = logits if ref is None else ref
             scores[scheme].add(ref, logits, ids[1:])
-        log(f"sequence {i + 1}/{len(sequences)} done")
+        running = "  ".join(f"{k} {math.exp(v.nll / v.positions):.3f}" for k, v in scores.items())
+        log(f"sequence {i + 1}/{len(sequences)}: perplexity so far {running}")
 
     base_ppl = math.exp(scores["none"].nll / scores["none"].positions)
     rows = []
@@ -289,7 +290,7 @@ def add_quality_parser(bench) -> None:
     )
     p.add_argument("--model", help="HF model directory or GGUF file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
-    p.add_argument("--num-seqs", type=int, default=16, help="held-out sequences to evaluate")
+    p.add_argument("--num-seqs", type=int, default=8, help="held-out sequences to evaluate")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences for int4-awq")
     p.add_argument("--calib-seq-len", type=int, default=512)

@@ -33,7 +33,7 @@ from workers.quant.prefill import prefill_hidden
 ALPHA_GRID = tuple(i / 10 for i in range(11))
 CLIP_GRID = tuple(1.0 - i / 20 for i in range(10))  # 1.0 .. 0.55 of each group's abs max
 ROWS_PER_BATCH = 64  # calibration rows kept per linear and batch for the error searches,
-MAX_ROWS = 512  # and at most this many of them in all (evenly spread over the batches)
+MAX_ROWS = 256  # and at most this many of them in all (evenly spread over the batches)
 
 
 class AWQError(ValueError):
