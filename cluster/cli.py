@@ -11,6 +11,7 @@ kvfleet bench serve ...      prefix-sharing conversations through the gRPC API, 
 kvfleet bench simulate ...   the routing policy in a discrete-event simulation of 8 to 1,024 replicas
 kvfleet bench index ...      the Redis page index: lookup latency, publish throughput, memory per entry
 kvfleet bench quant-kernels  int4/int8/fp8 matmul kernels against bf16 on Llama-3-8B shapes (GPU)
+kvfleet bench quality ...    perplexity, top-1 agreement and KL per quantization scheme on held-out text
 """
 
 from __future__ import annotations
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_quant_kernels_arguments(qk)
     qk.set_defaults(func=cmd_bench_quant_kernels)
+    from cluster.bench.quality import add_quality_parser
+
+    add_quality_parser(bench)
 
     idx = bench.add_parser("index", help="Redis page index: lookup latency, publish throughput, memory per entry")
     idx.add_argument("--redis-url", help="an existing Redis (default: a private local server on a free port)")
