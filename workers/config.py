@@ -69,6 +69,12 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory for weights + KV.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU when num_pages is not set.")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; default: the model's limit.")
+    host_kv_cache_gib: float = Field(
+        0.0,
+        ge=0,
+        description="Host-memory KV tier (pinned on GPU): device pages evicted from the prefix cache are "
+        "copied here and restored on a later hit instead of recomputed; 0: off.",
+    )
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one step.")
     max_num_batched_tokens: int = Field(
         2048, ge=1, description="Most tokens computed in one step (prefill chunks + decodes)."
@@ -100,6 +106,8 @@ class EngineConfig(BaseModel):
     def _check(self) -> EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs and not self.enable_chunked_prefill:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs when chunked prefill is off")
+        if self.host_kv_cache_gib > 0 and self.tensor_parallel_size > 1:
+            raise ValueError("host_kv_cache_gib needs tensor_parallel_size 1 (the tier holds rank 0's KV only)")
         return self
 
     @property
