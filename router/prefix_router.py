@@ -4,7 +4,8 @@ and the sticky prefix-aware router for DraftWorkers.
 `PrefixAwareRouter` runs inside every DeploymentHandle that routes to TargetWorkers (the ingress
 replicas hold them). For each request it reads the prompt's page hashes from the call's
 `page_hashes` keyword (the ingress computes them once), asks the shared page index in ONE round
-trip how many leading pages each candidate replica holds (with each replica's heartbeat), and lets
+trip how many leading pages each candidate replica holds (on its device, then in its host tier;
+with each replica's heartbeat), and lets
 `router.policy.choose` weigh that against load. Load is Serve's own count of requests in flight on
 each replica (its queue-length cache: fresh, updated as this handle sends requests), else the
 replica's last heartbeat. The chosen replica comes first; the others follow least loaded first,
@@ -73,7 +74,7 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
             index = self._ensure_index()
             t0 = time.perf_counter()
             malformed = index.metrics.malformed
-            matches = await index.try_lookup_with_load(hashes, ids)
+            matches = await index.try_lookup_with_load(hashes, ids, with_tiers=True)
             if index.metrics.malformed > malformed:
                 metrics.index_malformed_entries.inc(index.metrics.malformed - malformed)
             if matches is None:
@@ -82,9 +83,10 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
                 metrics.index_lookup_latency.observe(time.perf_counter() - t0)
         views = [self._view(r, (matches or {}).get(rid)) for r, rid in zip(candidate_replicas, ids, strict=True)]
         matched = None if matches is None else {rid: m.matched_pages for rid, m in matches.items()}
+        host = None if matches is None else {rid: m.host_pages for rid, m in matches.items() if m.host_pages}
         if not hashes:
             matched = {}  # nothing to match (a prompt shorter than a page): route by load
-        decision = choose(views, matched, self._config, self._rng)
+        decision = choose(views, matched, self._config, self._rng, host)
         metrics.decisions.inc(1, {"reason": decision.reason.value if hashes else "no_hashes"})
         if decision.matched_pages:
             metrics.matched_pages.inc(decision.matched_pages)
