@@ -43,6 +43,29 @@ class SpeculativeConfig(BaseModel):
         return self
 
 
+class KVTransferConfig(BaseModel):
+    """Pulls of KV pages between replicas (workers/kv_transfer.py): a replica that lacks leading
+    pages of a prompt that another live replica holds (the page index says which) asks it for them
+    before the request enters its scheduler, when moving them is predicted faster than computing them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="Pull missing prefix pages from the replica holding them.")
+    timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of one pull; past it the pages are recomputed (never an error)."
+    )
+    min_pages: int = Field(1, ge=1, description="Fewest missing pages worth a pull.")
+    assumed_bandwidth_gib_s: float = Field(
+        1.0, gt=0, description="Transfer bandwidth the cost model assumes until it has measured a pull."
+    )
+    assumed_prefill_tokens_s: float = Field(
+        2000.0, gt=0, description="Prefill rate the cost model assumes until the engine has measured one."
+    )
+    replicas_refresh_s: float = Field(
+        2.0, gt=0, description="How often the list of live replicas (the candidates to pull from) is re-read."
+    )
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
