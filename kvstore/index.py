@@ -226,7 +226,8 @@ def parse_heartbeat(fields: object) -> ReplicaLoad | None:
 # ARGV[2]: the prompt's page hashes, 16 bytes each, concatenated (one string, sliced here with
 # string.sub where a page is probed, rather than one argument per page); ARGV[3]: '1' to return
 # the load fields too; ARGV[4]: '1' when KEYS come in triples (live, pages, host) and each
-# candidate's answer ends with the pages of its host tier that continue its device run. Returns one string of space-separated integers (one bulk string parses ~10x
+# candidate's answer ends with the pages of its host tier that continue its device run.
+# Returns one string of space-separated integers (one bulk string parses ~10x
 # faster than an array in redis-py), per candidate: its matched pages, or -1 without a live
 # heartbeat, -2 for a heartbeat outside the schema, -3 (live, holding nothing) for a pages key
 # that is not a sorted set; with ARGV[3] = '1', each followed by its four load fields (0s unless
@@ -519,7 +520,8 @@ class _IndexBase:
         for r in replicas:
             triple = cache.get(r)
             if triple is None:  # bytes: redis-py packs them a third faster than str
-                triple = cache[r] = tuple(k.encode() for k in (self.keys.live(r), self.keys.pages(r), self.keys.host(r)))
+                names = (self.keys.live(r), self.keys.pages(r), self.keys.host(r))
+                triple = cache[r] = tuple(k.encode() for k in names)
             keys += triple if with_tiers else triple[:2]
         return keys, [self._now_arg(), encode_hashes(hashes), int(with_load), int(with_tiers)]
 

@@ -15,8 +15,8 @@ The rule, in the words of SGLang's cache-aware router and llm-d's scorers, made 
    (it would have to evict or preempt to take more).
 2. Among eligible candidates, the one holding the most leading pages wins (ties: the lower load,
    then a random pick). A page in a replica's host-memory tier (restored by a copy, not reused
-   in place) counts `host_page_weight` of a device page. If it holds at least `min_matched_pages`, the reason is PREFIX_HIT, or
-   SPILL if an overloaded candidate held more of the prompt.
+   in place) counts `host_page_weight` of a device page. If it holds at least
+   `min_matched_pages`, the reason is PREFIX_HIT, or SPILL if an overloaded candidate held more.
 3. Otherwise the least-loaded eligible candidate wins (ties broken at random): SPILL if an
    ineligible candidate held the prefix (the popular prefix now gets a second holder), LOAD if
    nobody held any of it, FALLBACK if the index gave no answer (route by load alone).

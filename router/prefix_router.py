@@ -20,6 +20,9 @@ under which the draft replicas publish their pages): a call that names a replica
 `draft_replica` keyword goes there while that replica is a candidate (the target pins each
 sequence to the replica holding its draft KV: workers/spec/draft_client.py); any other call is routed
 by its `page_hashes` like a request to TargetWorkers.
+
+A call to TargetWorkers that names a replica in its `pin_replica` keyword (a pull's
+`export_pages`: workers/transfer.py) goes to that replica first, under either router.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 PAGE_HASHES_KWARG = "page_hashes"
 DRAFT_REPLICA_KWARG = "draft_replica"  # DraftWorker.propose's keyword: the replica a call is pinned to
+PIN_REPLICA_KWARG = "pin_replica"  # TargetWorker.export_pages's keyword: a pull asks that replica (workers/transfer.py)
 
 
 class PrefixAwareRouter(FIFOMixin, RequestRouter):
@@ -55,6 +59,9 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        pinned = _pinned(candidate_replicas, pending_request, PIN_REPLICA_KWARG)
+        if pinned is not None:
+            return pinned
         try:
             return await self._choose(candidate_replicas, pending_request)
         except Exception:
@@ -151,6 +158,23 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        pinned = _pinned(candidate_replicas, pending_request, PIN_REPLICA_KWARG)
+        if pinned is not None:
+            return pinned
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         i = next(self._next) % len(ordered)
         return [[r] for r in ordered[i:] + ordered[:i]]
+
+
+def _pinned(
+    candidates: list[RunningReplica], pending_request: PendingRequest | None, kwarg: str
+) -> list[list[RunningReplica]] | None:
+    """The replica a call names in `kwarg` first, then the others (Serve tries them only if it
+    refuses); None when the call names none or that replica is not a candidate."""
+    pin = pending_request.kwargs.get(kwarg) if pending_request is not None else None
+    if not pin:
+        return None
+    first = next((r for r in candidates if r.replica_id.unique_id == pin), None)
+    if first is None:
+        return None
+    return [[first]] + [[r] for r in candidates if r is not first]

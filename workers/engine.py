@@ -34,8 +34,8 @@ from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.kv_cache_manager import KVCacheManager
 from workers.kv_tiers import HostTier
-from workers.page_io import PageIO
 from workers.models.config import ModelConfig
+from workers.page_io import PageIO
 from workers.request import (
     Completion,
     EngineDeadError,
@@ -107,10 +107,7 @@ class Engine:
             )
         self.pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
         device_kv = KVPages.of_model(self.runner.model)
-        self.host_tier = None
-        if config.host_kv_cache_gib > 0:
-            num_host = max(1, int(config.host_kv_cache_gib * 2**30) // device_kv.page_bytes())
-            self.host_tier = HostTier(device_kv, num_host, config.page_size, config.replica_id)
+        self.host_tier = HostTier.build(device_kv, config.host_kv_cache_gib, config.page_size, config.replica_id)
         self.kv_cache = KVCacheManager(self.pool, self.model_id, self.host_tier)
         self.page_io = PageIO(self.kv_cache, device_kv, self.host_tier, self.model_id, config.replica_id)
         self._prefill_time_s = 0.0
@@ -208,17 +205,8 @@ class Engine:
             prefill_time_s=self._prefill_time_s,
             num_inserted_pages=self.page_io.num_inserted_pages,
             num_exported_pages=self.page_io.num_exported_pages,
-            **(self._host_stats() if self.host_tier is not None else {}),
+            **(self.host_tier.engine_stats() if self.host_tier is not None else {}),
             **(self.spec.stats.engine_stats() if self.spec is not None else {}),
-        )
-
-    def _host_stats(self) -> dict[str, int]:
-        h = self.host_tier.stats()
-        return dict(
-            num_host_pages=h.num_pages,
-            num_host_cached_pages=h.num_cached_pages,
-            num_host_stored_pages=h.num_stored_pages,
-            num_host_restored_pages=h.num_restored_pages,
         )
 
     # ---------------------------------------------------------------- pages between replicas

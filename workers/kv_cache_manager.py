@@ -28,9 +28,8 @@ Invariants (beside the pool's):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvstore.hashing import PageHash, page_hashes
@@ -67,11 +66,11 @@ class PrefixHit:
 
     @property
     def gpu_pages(self) -> list[int]:
-        return [p for p, loc in zip(self.pages, self.locations) if loc is PageLocation.GPU]
+        return [p for p, loc in zip(self.pages, self.locations, strict=True) if loc is PageLocation.GPU]
 
     @property
     def host_pages(self) -> list[int]:
-        return [p for p, loc in zip(self.pages, self.locations) if loc is PageLocation.HOST]
+        return [p for p, loc in zip(self.pages, self.locations, strict=True) if loc is PageLocation.HOST]
 
 
 class KVCacheManager:

@@ -40,6 +40,13 @@ class HostTier:
         self.num_stored_pages = 0
         self.num_restored_pages = 0
 
+    @classmethod
+    def build(cls, device: KVPages, gib: float, page_size: int, replica_id: str) -> HostTier | None:
+        """A tier of `gib` GiB beside `device` (None for 0: no tier)."""
+        if gib <= 0:
+            return None
+        return cls(device, max(1, int(gib * 2**30) // device.page_bytes()), page_size, replica_id)
+
     def lookup(self, h: PageHash) -> int | None:
         """The host page holding hash `h`, if any."""
         return self.pool.cached_page(h)
@@ -81,4 +88,14 @@ class HostTier:
     def stats(self) -> HostTierStats:
         return HostTierStats(
             self.pool.num_pages, self.pool.num_cached_pages, self.num_stored_pages, self.num_restored_pages
+        )
+
+    def engine_stats(self) -> dict[str, int]:
+        """The tier's fields of `EngineStats`."""
+        h = self.stats()
+        return dict(
+            num_host_pages=h.num_pages,
+            num_host_cached_pages=h.num_cached_pages,
+            num_host_stored_pages=h.num_stored_pages,
+            num_host_restored_pages=h.num_restored_pages,
         )

@@ -19,7 +19,9 @@ from workers.runner.kv_pages import KVPages
 
 
 class PageIO:
-    def __init__(self, kv_cache: KVCacheManager, device: KVPages, host: HostTier | None, model_id: str, replica_id: str):
+    def __init__(
+        self, kv_cache: KVCacheManager, device: KVPages, host: HostTier | None, model_id: str, replica_id: str
+    ):
         self.kv_cache = kv_cache
         self.device = device
         self.host = host

@@ -40,7 +40,7 @@ class InProcess:
 
 async def setup(make_engine, **transport):
     holder, puller = make_engine(replica_id="A"), make_engine(replica_id="B")
-    prompt = ids(64, seed=11) + [3]
+    prompt = [*ids(64, seed=11), 3]
     await holder.complete(GenerateRequest(prompt, GREEDY))
     request = GenerateRequest(prompt, GREEDY, page_hashes=page_hashes(prompt, 4, puller.model_id))
     return holder, puller, request, InProcess({"A": holder}, **transport)
@@ -68,7 +68,7 @@ async def test_a_pull_inserts_the_holders_pages_and_the_output_is_identical(make
 
 
 async def test_the_cost_model_recomputes_when_moving_pages_is_predicted_slower(make_engine):
-    holder, puller, request, transport = await setup(make_engine)
+    _holder, puller, request, transport = await setup(make_engine)
     slow_link = KVTransferConfig(enabled=True, assumed_bandwidth_gib_s=1e-6, assumed_prefill_tokens_s=1e6)
     p = KVPuller(puller, transport, located({"A": 16}), slow_link)
     assert await p.prepare(request) == 0
@@ -107,7 +107,7 @@ async def test_pages_evicted_on_the_holder_between_lookup_and_pull_are_recompute
     assert await p.prepare(request) == 0
     assert p.stats.fallbacks["evicted"] == 1
     # a partial answer: the holder keeps 8 of the 16 pages; those 8 are pulled, the rest computed
-    half = ids(64, seed=11)[:32] + [3]
+    half = [*ids(64, seed=11)[:32], 3]
     await holder.complete(GenerateRequest(half, GREEDY))
     p2 = KVPuller(puller, transport, located({"A": 16}), FAST)
     assert await p2.prepare(dataclasses.replace(request, request_id="again")) == 8

@@ -60,14 +60,16 @@ class KVPages:
     def gather(self, pages: Sequence[int]) -> torch.Tensor:
         """Pages `pages` as one CPU tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim]."""
         idx = self._index(pages)
-        out = torch.stack([torch.stack((k.index_select(0, idx), v.index_select(0, idx))) for k, v in zip(self.k, self.v)])
-        return out.cpu()
+        per_layer = [
+            torch.stack((k.index_select(0, idx), v.index_select(0, idx))) for k, v in zip(self.k, self.v, strict=True)
+        ]
+        return torch.stack(per_layer).cpu()
 
     def scatter(self, pages: Sequence[int], data: torch.Tensor) -> None:
         """Write `data` (as `gather` returns it) into pages `pages`."""
         idx = self._index(pages)
         data = data.to(self.device)
-        for i, (k, v) in enumerate(zip(self.k, self.v)):
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
             k.index_copy_(0, idx, data[i, 0])
             v.index_copy_(0, idx, data[i, 1])
 
@@ -83,5 +85,5 @@ def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: 
     si = torch.tensor(list(src_pages), dtype=torch.long, device=src.device)
     di = torch.tensor(list(dst_pages), dtype=torch.long, device=dst.device)
     for s, d in ((src.k, dst.k), (src.v, dst.v)):
-        for a, b in zip(s, d):
+        for a, b in zip(s, d, strict=True):
             b.index_copy_(0, di, a.index_select(0, si).to(dst.device))
