@@ -22,7 +22,7 @@ sequence to the replica holding its draft KV: workers/spec/draft_client.py); any
 by its `page_hashes` like a request to TargetWorkers.
 
 A call to TargetWorkers that names a replica in its `pin_replica` keyword (a pull's
-`export_pages`: workers/transfer.py) goes to that replica first, under either router.
+`export_pages`: workers/transfer.py) goes to that replica while it is a candidate, under either router.
 """
 
 from __future__ import annotations
@@ -169,12 +169,13 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
 def _pinned(
     candidates: list[RunningReplica], pending_request: PendingRequest | None, kwarg: str
 ) -> list[list[RunningReplica]] | None:
-    """The replica a call names in `kwarg` first, then the others (Serve tries them only if it
-    refuses); None when the call names none or that replica is not a candidate."""
+    """Only the replica a call names in `kwarg` (Serve waits for it rather than send the call
+    elsewhere); None when the call names none or that replica is not a candidate (gone: the call
+    is routed as any other, and the caller sees who answered)."""
     pin = pending_request.kwargs.get(kwarg) if pending_request is not None else None
     if not pin:
         return None
     first = next((r for r in candidates if r.replica_id.unique_id == pin), None)
     if first is None:
         return None
-    return [[first]] + [[r] for r in candidates if r is not first]
+    return [[first]]

@@ -95,11 +95,12 @@ class TargetWorker:
         logger.info("TargetWorker %s serves %s", self.replica_id, self.engine.model_id)
 
     async def generate(
-        self, request: GenerateRequest, page_hashes: list[PageHash] | None = None
+        self, request: GenerateRequest, page_hashes: list[PageHash] | None = None, pin_replica: str | None = None
     ) -> AsyncIterator[TokenDelta]:
         """Stream the engine's deltas. `page_hashes` (the prompt's, hashed once at the ingress) ride
         as a keyword for the request router, which reads them there; the engine reuses them rather
-        than hashing the prompt again. Cancelling the call aborts the request."""
+        than hashing the prompt again (`pin_replica`, also for the router, names the replica that
+        must serve the call). Cancelling the call aborts the request."""
         self._ensure_metrics_task()
         if page_hashes is not None and request.page_hashes is None:
             request = replace(request, page_hashes=page_hashes)
@@ -112,7 +113,8 @@ class TargetWorker:
                 first = False
             yield delta
 
-    async def stats(self) -> EngineStats:
+    async def stats(self, pin_replica: str | None = None) -> EngineStats:
+        """The engine's figures (`pin_replica`: for the request router, to ask a given replica)."""
         return self.engine.stats()
 
     async def export_pages(self, hashes: list[PageHash], pin_replica: str | None = None) -> PagePayload:
@@ -120,7 +122,7 @@ class TargetWorker:
         (`pin_replica` is for the request router: the call must reach this replica)."""
         return await self.engine.export_pages(hashes)
 
-    async def pull_stats(self) -> PullStats | None:
+    async def pull_stats(self, pin_replica: str | None = None) -> PullStats | None:
         """How this replica's pulls went (None when kv_transfer is off)."""
         return None if self.puller is None else self.puller.stats
 
