@@ -105,7 +105,11 @@ class TargetWorker:
         if page_hashes is not None and request.page_hashes is None:
             request = replace(request, page_hashes=page_hashes)
         if self.puller is not None and request.page_hashes:
-            await self.puller.prepare(request)
+            try:
+                await self.puller.prepare(request)
+            except Exception:  # a pull only saves work: a bug in it must not fail the request
+                logger.exception("pull for %s failed; its pages will be recomputed", request.request_id)
+                self.puller.stats.fallbacks["error"] += 1
         first = True
         async for delta in self.engine.generate(request):
             if first:  # name the replica at once, so a client knows where its request runs
