@@ -92,6 +92,7 @@ class TargetWorker:
         self.metrics = WorkerMetrics(self.engine.model_id, self.replica_id)
         self._metrics_period_s = metrics_period_s
         self._metrics_task: asyncio.Task | None = None
+        self._warm_task: asyncio.Task | None = None  # the pull transport's first call
         logger.info("TargetWorker %s serves %s", self.replica_id, self.engine.model_id)
 
     async def generate(
@@ -169,6 +170,9 @@ class TargetWorker:
             # request, and Serve then never delivers that request's cancellation (seen on 2.60).
             loop = asyncio.get_running_loop()
             self._metrics_task = loop.create_task(self._report_metrics(), context=contextvars.Context())
+            if self.puller is not None and self._warm_task is None:
+                warm = self.puller.transport.warm(self.replica_id)
+                self._warm_task = loop.create_task(warm, context=contextvars.Context())
 
     async def _report_metrics(self) -> None:
         while True:

@@ -209,9 +209,11 @@ class KVCacheManager:
                 return 0
             pages = self.pool.allocate(n)
             write_at = todo[:n]
-            write(pages, [i - start for i in write_at])
-            self.pool.commit(pages, [hashes[i] for i in write_at])
-            self.pool.free(pages)
+            try:
+                write(pages, [i - start for i in write_at])
+                self.pool.commit(pages, [hashes[i] for i in write_at])
+            finally:
+                self.pool.free(pages)  # uncommitted (the write failed): back as empty pages
             return n
         finally:
             self.pool.free(held)
