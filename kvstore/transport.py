@@ -7,8 +7,8 @@ the asked pages it still holds, each with its chained hash, under its model id a
 layout; the receiver checks all three (`check_payload`) before it inserts a single page, so a page
 of another model, another layout, or another prefix never enters its cache.
 
-Plain data only: the page bytes travel as one `bytes` object (layers x k/v x pages x page_size x
-heads x head_dim, in the layout's dtype), never a pickle of a tensor.
+Plain data only: the page bytes travel as one buffer (layers x k/v x pages x page_size x heads x
+head_dim, in the layout's dtype), never a pickle of a tensor.
 """
 
 from __future__ import annotations
@@ -43,13 +43,14 @@ class PageLayout:
 @dataclass(frozen=True)
 class PagePayload:
     """The leading run of asked pages a holder sent: `hashes[i]` is page i's chained hash; `data`
-    holds the pages' KV, `len(hashes) * layout.page_bytes` bytes."""
+    holds the pages' KV, `len(hashes) * layout.page_bytes` bytes: any bytes-like buffer (`bytes`,
+    or a flat uint8 numpy array, which Ray moves out of band, without pickling or extra copies)."""
 
     replica_id: str
     model_id: str
     layout: PageLayout
     hashes: tuple[PageHash, ...]
-    data: bytes
+    data: object  # a bytes-like buffer
 
     @property
     def num_pages(self) -> int:
@@ -82,6 +83,14 @@ class PageTransport(Protocol):
         ...
 
 
+def payload_bytes(payload: PagePayload) -> int:
+    """Bytes of `payload.data` (-1 if it is not a buffer)."""
+    try:
+        return memoryview(payload.data).nbytes
+    except TypeError:
+        return -1
+
+
 def check_payload(
     payload: PagePayload, model_id: str, layout: PageLayout, asked: Sequence[PageHash]
 ) -> PullFailure | None:
@@ -92,6 +101,6 @@ def check_payload(
         return PullFailure.MISMATCH
     if n > len(asked) or tuple(asked[:n]) != payload.hashes:
         return PullFailure.MISMATCH
-    if len(payload.data) != n * layout.page_bytes:
+    if payload_bytes(payload) != n * layout.page_bytes:
         return PullFailure.MISMATCH
     return None

@@ -161,8 +161,8 @@ class KVCacheManager:
         return n
 
     def export(
-        self, hashes: list[PageHash], read: Callable[[list[int], list[int], list[bool]], bytes]
-    ) -> tuple[int, bytes]:
+        self, hashes: list[PageHash], read: Callable[[list[int], list[int], list[bool]], object]
+    ) -> tuple[int, object]:
         """The leading run of `hashes` held here (device or host), read by `read(device_pages,
         host_pages, on_device)` (`on_device[i]`: page i of the run is the next device page, else
         the next host page) under a reference that keeps them from eviction for the time of the

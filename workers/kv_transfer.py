@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.hashing import PageHash
-from kvstore.transport import PageTransport, PullFailure, TransportError, check_payload
+from kvstore.transport import PageTransport, PullFailure, TransportError, check_payload, payload_bytes
 from workers.config import KVTransferConfig
 from workers.request import GenerateRequest
 
@@ -119,9 +119,10 @@ class KVPuller:
         st = self.stats
         st.num_pulls += 1
         st.num_pages += inserted
-        st.num_bytes += len(payload.data)
+        size = payload_bytes(payload)
+        st.num_bytes += size
         st.time_s += dt
-        self._bandwidth = (1 - _EWMA) * self._bandwidth + _EWMA * len(payload.data) / max(dt, 1e-6)
+        self._bandwidth = (1 - _EWMA) * self._bandwidth + _EWMA * size / max(dt, 1e-6)
         return inserted
 
     def _fallback(self, reason: PullFailure, holder: str = "", exc: BaseException | None = None) -> int:

@@ -9,6 +9,9 @@ the device pool, as if computed here. Both run between engine steps (the engine 
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 
 from kvstore.hashing import PageHash
@@ -44,7 +47,7 @@ class PageIO:
                 h = iter(range(len(device_pages), len(on_device)))
                 order = [next(d) if dev else next(h) for dev in on_device]
                 data = data[:, :, order]
-            return _to_bytes(data)
+            return _to_buffer(data)
 
         n, data = self.kv_cache.export(hashes, read)
         self.num_exported_pages += n
@@ -58,7 +61,7 @@ class PageIO:
             return 0
         lay = self.layout
         shape = (lay.num_layers, 2, n, lay.page_size, lay.num_kv_heads, lay.head_dim)
-        data = _from_bytes(payload.data, self.device.k[0].dtype, shape)
+        data = _from_buffer(payload.data, self.device.k[0].dtype, shape)
 
         def write(pages: list[int], payload_pages: list[int]) -> None:
             self.device.scatter(pages, data[:, :, payload_pages])
@@ -68,11 +71,15 @@ class PageIO:
         return inserted
 
 
-def _to_bytes(t: torch.Tensor) -> bytes:
-    t = t.contiguous()
-    return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes()
+def _to_buffer(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array sharing its memory: Ray moves a numpy array
+    without pickling it (out of band, into the object store), so a payload costs one copy there."""
+    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
 
 
-def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+def _from_buffer(data, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A read-only view of a payload's bytes (a Ray object-store buffer, or bytes) as a tensor."""
+    with warnings.catch_warnings():  # the buffer is read-only, and only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))
     return raw.view(dtype).view(shape)

@@ -367,6 +367,7 @@ def add_serve_parser(bench_subparsers) -> None:
         "--tiers", action="store_true", help="run {no tier, host tier, host tier + pulls} (cluster/bench/tiers.py)"
     )
     p.add_argument("--host-kv-cache-gib", type=float, default=0.5, help="host tier per replica, with --tiers")
+    p.add_argument("--variants", nargs="+", choices=("no_tier", "host_tier", "host_tier+pulls"), help="with --tiers")
     p.add_argument("--system-prompts", type=int, default=3)
     p.add_argument("--system-len", type=int, default=768, help="tokens per system prompt")
     p.add_argument("--users", type=int, default=24)

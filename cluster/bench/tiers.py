@@ -20,15 +20,18 @@ VARIANTS = ("no_tier", "host_tier", "host_tier+pulls")
 
 
 def _raw_bandwidth(num_bytes: int, repeats: int = 7) -> float:
-    """Bytes/s of one Ray actor call returning `num_bytes` bytes to this process (median of `repeats`)."""
+    """Bytes/s of one Ray actor call returning `num_bytes` bytes (a uint8 array, as a payload's
+    data travels) to this process (median of `repeats`)."""
     import ray
 
     @ray.remote(num_cpus=0)
     class Source:
         def __init__(self, n: int):
-            self.data = bytes(n)
+            import numpy as np
 
-        def get(self) -> bytes:
+            self.data = np.ones(n, dtype=np.uint8)  # as a payload travels: out of band, no pickling
+
+        def get(self):
             return self.data
 
     src = Source.remote(num_bytes)
@@ -40,6 +43,45 @@ def _raw_bandwidth(num_bytes: int, repeats: int = 7) -> float:
         times.append(time.perf_counter() - t0)
     ray.kill(src)
     return num_bytes / statistics.median(times)
+
+
+def _transport_bandwidth(config, repeats: int = 5) -> dict:
+    """The pull path on idle replicas: one replica computes a prompt of max_model_len / 2 tokens,
+    then `export_pages` calls pinned to it (the Serve call a pull makes, the holder's read and the
+    reply) move its pages here; against a raw Ray actor call of as many bytes."""
+    import random
+
+    import ray
+    from ray import serve
+
+    from kvstore.hashing import page_hashes
+    from kvstore.transport import payload_bytes
+    from workers.request import GenerateRequest, SamplingParams
+
+    prefix = f"SERVE_REPLICA::{config.app_name}#TargetWorker#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    holder = sorted(n[len(prefix) :] for n in names)[0]
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, 500) for _ in range(config.engine.max_model_len // 2)] + [7]
+    hashes = page_hashes(prompt, config.engine.page_size, config.model_id)
+    handle = serve.get_deployment_handle("TargetWorker", app_name=config.app_name)
+    request = GenerateRequest(prompt, SamplingParams(max_tokens=1))
+    list(handle.options(stream=True).generate.remote(request, page_hashes=hashes, pin_replica=holder))
+    times, size = [], 0
+    for _ in range(repeats + 1):  # the first call warms this handle
+        t0 = time.perf_counter()
+        payload = handle.export_pages.remote(hashes, pin_replica=holder).result(timeout_s=60)
+        times.append(time.perf_counter() - t0)
+        size = payload_bytes(payload)
+    serve_bw = size / statistics.median(times[1:])
+    raw_bw = _raw_bandwidth(size)
+    return dict(
+        idle_export_bytes=size,
+        idle_export_pages=payload.num_pages,
+        idle_export_bandwidth_bytes_s=serve_bw,
+        raw_ray_call_bandwidth_bytes_s=raw_bw,
+        idle_export_vs_raw=serve_bw / raw_bw,
+    )
 
 
 def _replica_figures(app_name: str) -> dict:
@@ -100,11 +142,15 @@ def _run_variant(variant: str, args) -> dict:
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
         figures = _replica_figures(config.app_name)
         if figures["pulls"]:
+            # in the run: wall time of each pull, including the wait for the holder's and the
+            # puller's current engine step (on CPU a step runs on the replica's event loop)
             figures["pull_bandwidth_bytes_s"] = figures["pulled_bytes"] / figures["pull_time_s"]
             mean_bytes = figures["pulled_bytes"] // figures["pulls"]
-            figures["raw_ray_call_bandwidth_bytes_s"] = _raw_bandwidth(mean_bytes)
             figures["mean_pull_bytes"] = mean_bytes
-            figures["pull_vs_raw"] = figures["pull_bandwidth_bytes_s"] / figures["raw_ray_call_bandwidth_bytes_s"]
+            figures["raw_ray_call_bandwidth_bytes_s_at_mean_pull"] = raw = _raw_bandwidth(mean_bytes)
+            figures["pull_vs_raw"] = figures["pull_bandwidth_bytes_s"] / raw
+        if config.kv_transfer.enabled:
+            figures |= _transport_bandwidth(config)
     report = _report(variant, turns, elapsed) | {"tiers": figures}
     print(
         f"[{variant}] {report['requests']} requests in {elapsed:.1f} s, hit rate {report['cache_hit_rate']:.1%}, "
@@ -118,9 +164,11 @@ def _run_variant(variant: str, args) -> dict:
 def run_tiers(args) -> dict:
     from cluster.bench.serve import _table
 
-    reports = [_run_variant(v, args) for v in VARIANTS]
+    reports = [_run_variant(v, args) for v in (args.variants or VARIANTS)]
     print(_table(reports))
     base = reports[0]
+    if len(reports) < 2:
+        return {"results": reports}
     ratios = {
         r["policy"]: {
             "ttft_mean_x_lower": base["ttft_s"]["mean"] / r["ttft_s"]["mean"] if r["ttft_s"]["mean"] else None,

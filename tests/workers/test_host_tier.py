@@ -98,7 +98,8 @@ async def test_a_payload_of_another_prefix_model_or_layout_is_rejected(make_engi
     assert check_payload(payload, "other-model", lay, hashes) is PullFailure.MISMATCH
     other = dataclasses.replace(lay, dtype="bfloat16")
     assert check_payload(payload, holder.model_id, other, hashes) is PullFailure.MISMATCH
-    short = dataclasses.replace(payload, data=payload.data[:-1])
+    short = dataclasses.replace(payload, data=payload.data[:-1])  # a byte short
+    assert check_payload(dataclasses.replace(payload, data=None), holder.model_id, lay, hashes) is PullFailure.MISMATCH
     assert check_payload(short, holder.model_id, lay, hashes) is PullFailure.MISMATCH
     # a holder that evicted the tail answers a shorter run: valid, the rest is recomputed
     partial = await holder.export_pages([*hashes[:3], 12345])

@@ -60,10 +60,12 @@ class KVPages:
     def gather(self, pages: Sequence[int]) -> torch.Tensor:
         """Pages `pages` as one CPU tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim]."""
         idx = self._index(pages)
-        per_layer = [
-            torch.stack((k.index_select(0, idx), v.index_select(0, idx))) for k, v in zip(self.k, self.v, strict=True)
-        ]
-        return torch.stack(per_layer).cpu()
+        t = self.k[0]
+        out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):  # one copy, into place
+            torch.index_select(k, 0, idx, out=out[i, 0])
+            torch.index_select(v, 0, idx, out=out[i, 1])
+        return out.cpu()
 
     def scatter(self, pages: Sequence[int], data: torch.Tensor) -> None:
         """Write `data` (as `gather` returns it) into pages `pages`."""
