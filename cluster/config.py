@@ -175,6 +175,8 @@ class ClusterConfig(_Section):
             raise ValueError("set the tensor-parallel size as target.tensor_parallel_size, not engine's")
         if self.draft is not None and self.engine.speculative is not None:
             raise ValueError("set either draft (draft replicas) or engine.speculative (in-process), not both")
+        if self.kv_transfer.enabled and self.target.tensor_parallel_size > 1:
+            raise ValueError("kv_transfer needs target.tensor_parallel_size 1 (a pull moves rank 0's KV only)")
         if self.kv_transfer.enabled and self.routing.policy == "power_of_two":
             raise ValueError(
                 "kv_transfer needs routing.policy prefix_aware or round_robin (they route a pull to its holder)"
