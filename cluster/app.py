@@ -67,6 +67,8 @@ def build_app(config: ClusterConfig) -> Application:
         ).bind(config.draft.engine_config(config.engine), config.draft.num_speculative_tokens, config.index)
         engine = engine.model_copy(update={"speculative": config.draft.speculative()})
         draft_args = dict(draft=draft, draft_timeout_s=config.draft.timeout_s, draft_model_id=config.draft_model_id)
+    if config.kv_transfer.enabled:
+        draft_args["kv_transfer"] = config.kv_transfer
     worker = serve.deployment(
         TargetWorker,
         name="TargetWorker",

@@ -9,6 +9,7 @@
     limits: {max_request_bytes: 16777216, max_stop_strings: 16}   # router.limits.LimitsConfig
     draft: {model: /models/llama-3-1b, replicas: 2, num_speculative_tokens: 4}   # optional
     index: {redis_url: redis://redis:6379/0}     # omit in local mode: a private server is started
+    kv_transfer: {enabled: true}                 # replicas pull prefix pages from each other
     ray: {address: auto}                         # omit in local mode: a local Ray is started
 
 Every other section nests the config model of the folder that owns it (`EngineConfig` from
@@ -26,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kvstore.index import IndexConfig
 from router.limits import LimitsConfig
 from router.policy import RoutingConfig
-from workers.config import EngineConfig, SpeculativeConfig, dir_model_id
+from workers.config import EngineConfig, KVTransferConfig, SpeculativeConfig, dir_model_id
 
 
 class _Section(BaseModel):
@@ -160,6 +161,9 @@ class ClusterConfig(_Section):
         RoutingConfig(), description="How the ingress picks a TargetWorker replica for each request (router/policy.py)."
     )
     draft: DraftConfig | None = Field(None, description="Draft replicas for speculative decoding; None: none.")
+    kv_transfer: KVTransferConfig = Field(
+        KVTransferConfig(), description="Pulls of KV pages between TargetWorker replicas (workers/kv_transfer.py)."
+    )
     ray: RayConfig = RayConfig()
     app_name: str = Field("kvfleet", description="Ray Serve application name (the gRPC 'application' metadata).")
 
@@ -171,6 +175,12 @@ class ClusterConfig(_Section):
             raise ValueError("set the tensor-parallel size as target.tensor_parallel_size, not engine's")
         if self.draft is not None and self.engine.speculative is not None:
             raise ValueError("set either draft (draft replicas) or engine.speculative (in-process), not both")
+        if self.kv_transfer.enabled and self.target.tensor_parallel_size > 1:
+            raise ValueError("kv_transfer needs target.tensor_parallel_size 1 (a pull moves rank 0's KV only)")
+        if self.kv_transfer.enabled and self.routing.policy == "power_of_two":
+            raise ValueError(
+                "kv_transfer needs routing.policy prefix_aware or round_robin (they route a pull to its holder)"
+            )
         return self
 
     @property

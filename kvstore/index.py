@@ -14,6 +14,9 @@ a Redis Cluster hash tag, so all keys of one model live on one slot and one scri
                                             expiry, ms since the epoch on the server's clock.
                                             Key TTL: `ttl_s`, renewed by every publish, so the whole
                                             set of a replica that stops publishing disappears.
+    {ns}:{{model}}:host:{replica}    ZSET   the same, for the pages in the replica's host-memory tier
+                                            (workers/kv_tiers.py); absent without one. Not
+                                            prefix-closed (it holds evicted tails): lookups scan it.
     {ns}:{{model}}:live:{replica}    HASH   exactly the eight fields num_waiting, num_running,
                                             num_free_pages, num_total_pages, prefix_cache_queries,
                                             prefix_cache_hits, num_requests_finished,
@@ -95,7 +98,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kvstore.hashing import PageHash
-from kvstore.page_pool import KVEvent, KVEventKind
+from kvstore.page_pool import KVEvent, KVEventKind, KVTier
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +181,9 @@ class ReplicaLoad:
 
 @dataclass(frozen=True)
 class ReplicaMatch:
-    matched_pages: int  # leading pages of the prompt that the replica holds
+    matched_pages: int  # leading pages of the prompt that the replica holds on its device
     load: ReplicaLoad
+    host_pages: int = 0  # pages after those in its host tier (asked with `with_tiers`)
 
 
 @dataclass
@@ -221,7 +225,9 @@ def parse_heartbeat(fields: object) -> ReplicaLoad | None:
 # KEYS: live_1, pages_1, live_2, pages_2, ...  ARGV[1]: now in ms (0: the server's clock);
 # ARGV[2]: the prompt's page hashes, 16 bytes each, concatenated (one string, sliced here with
 # string.sub where a page is probed, rather than one argument per page); ARGV[3]: '1' to return
-# the load fields too. Returns one string of space-separated integers (one bulk string parses ~10x
+# the load fields too; ARGV[4]: '1' when KEYS come in triples (live, pages, host) and each
+# candidate's answer ends with the pages of its host tier that continue its device run.
+# Returns one string of space-separated integers (one bulk string parses ~10x
 # faster than an array in redis-py), per candidate: its matched pages, or -1 without a live
 # heartbeat, -2 for a heartbeat outside the schema, -3 (live, holding nothing) for a pages key
 # that is not a sorted set; with ARGV[3] = '1', each followed by its four load fields (0s unless
@@ -285,20 +291,42 @@ local function first_miss(scores, len)
   return j
 end
 @HELD@
+-- Pages from..n held live in `key` (a host-tier set), in order, up to the first miss: exact
+-- chunked ZMSCORE (host sets hold evicted tails, so they need not be prefix-closed).
+local function extend(key, from)
+  local got, pos = 0, from
+  while pos <= n do
+    local last = math.min(pos + 63, n)
+    local args = {}
+    for i = pos, last do args[#args + 1] = member(i) end
+    local scores = first_call('ZMSCORE', key, unpack(args))
+    if not scores then return 0 end
+    local j = first_miss(scores, last - pos + 1)
+    got = got + j - 1
+    if j <= last - pos + 1 then break end
+    pos = last + 1
+  end
+  return got
+end
 local out = {}
 local with_load = ARGV[3] == '1'
-for c = 1, #KEYS, 2 do
+local with_tiers = ARGV[4] == '1'
+local stride = with_tiers and 3 or 2
+for c = 1, #KEYS, stride do
   local load = heartbeat(KEYS[c])
   if load == 'none' or load == 'bad' then
     out[#out + 1] = load == 'none' and -1 or -2
     if with_load then
       for i = 1, 4 do out[#out + 1] = 0 end
     end
+    if with_tiers then out[#out + 1] = 0 end
   else
-    out[#out + 1] = held(KEYS[c + 1])
+    local got = held(KEYS[c + 1])
+    out[#out + 1] = got
     if with_load then
       for i = 1, 4 do out[#out + 1] = load[i] end
     end
+    if with_tiers then out[#out + 1] = extend(KEYS[c + 2], math.max(got, 0) + 1) end
   end
 end
 return table.concat(out, ' ')
@@ -436,6 +464,12 @@ class IndexKeys:
     def live(self, replica_id: str) -> str:
         return f"{self.prefix}:live:{replica_id}"
 
+    def host(self, replica_id: str) -> str:
+        return f"{self.prefix}:host:{replica_id}"
+
+    def tier(self, replica_id: str, tier: KVTier) -> str:
+        return self.host(replica_id) if tier is KVTier.HOST else self.pages(replica_id)
+
 
 def _client_kwargs(config: IndexConfig, timeout_ms: float, connect_timeout_ms: float) -> tuple[str, dict]:
     url = config.redis_url
@@ -476,17 +510,20 @@ class _IndexBase:
     def _now_arg(self) -> int:
         return self.clock() if self.clock is not None else 0
 
-    def _lookup_args(self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool) -> tuple[list, list]:
+    def _lookup_args(
+        self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool, with_tiers: bool = False
+    ) -> tuple[list, list]:
         cache = self._lookup_keys
         if len(cache) > 65536:  # replica ids churn as replicas restart
             cache.clear()
         keys = []
         for r in replicas:
-            pair = cache.get(r)
-            if pair is None:  # bytes: redis-py packs them a third faster than str
-                pair = cache[r] = (self.keys.live(r).encode(), self.keys.pages(r).encode())
-            keys += pair
-        return keys, [self._now_arg(), encode_hashes(hashes), int(with_load)]
+            triple = cache.get(r)
+            if triple is None:  # bytes: redis-py packs them a third faster than str
+                names = (self.keys.live(r), self.keys.pages(r), self.keys.host(r))
+                triple = cache[r] = tuple(k.encode() for k in names)
+            keys += triple if with_tiers else triple[:2]
+        return keys, [self._now_arg(), encode_hashes(hashes), int(with_load), int(with_tiers)]
 
     def _skip(self) -> bool:
         self.metrics.lookups += 1
@@ -526,15 +563,16 @@ class _IndexBase:
             self.metrics.hits += 1
         return out
 
-    def _matches(self, raw: bytes, replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
+    def _matches(self, raw: bytes, replicas: Sequence[str], with_tiers: bool = False) -> dict[str, ReplicaMatch]:
         self._answered()
         values = map(int, raw.split())
         out = {}
-        for r, matched, *load in zip(replicas, *[values] * 5, strict=True):  # five values per replica
+        width = 6 if with_tiers else 5  # per replica: matched, four load fields[, host pages]
+        for r, matched, *rest in zip(replicas, *[values] * width, strict=True):
             if matched < -1:
                 self._malformed(r, matched)
             if matched >= 0 or matched == _PAGES_NOT_A_ZSET:
-                out[r] = ReplicaMatch(max(matched, 0), ReplicaLoad(*load))
+                out[r] = ReplicaMatch(max(matched, 0), ReplicaLoad(*rest[:4]), rest[4] if with_tiers else 0)
         if any(m.matched_pages for m in out.values()):
             self.metrics.hits += 1
         return out
@@ -588,16 +626,21 @@ class PageIndex(_IndexBase):
         raw = self._call(hashes, replicas, with_load=False)
         return {} if raw is None else self._counts(raw, replicas)
 
-    def lookup_with_load(self, hashes: Sequence[PageHash], replicas: Sequence[str]) -> dict[str, ReplicaMatch]:
+    def lookup_with_load(
+        self, hashes: Sequence[PageHash], replicas: Sequence[str], with_tiers: bool = False
+    ) -> dict[str, ReplicaMatch]:
         """Like `lookup`, with each replica's reported load, in the same round trip; only
-        replicas with a live heartbeat are keys of the answer."""
-        raw = self._call(hashes, replicas, with_load=True)
-        return {} if raw is None else self._matches(raw, replicas)
+        replicas with a live heartbeat are keys of the answer. `with_tiers`: each match also
+        counts the pages of the replica's host tier that continue its device run."""
+        raw = self._call(hashes, replicas, with_load=True, with_tiers=with_tiers)
+        return {} if raw is None else self._matches(raw, replicas, with_tiers)
 
-    def _call(self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool) -> bytes | None:
+    def _call(
+        self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool, with_tiers: bool = False
+    ) -> bytes | None:
         if not replicas or self._skip():
             return None
-        keys, args = self._lookup_args(hashes, replicas, with_load)
+        keys, args = self._lookup_args(hashes, replicas, with_load, with_tiers)
         try:
             return self._lookup_script(keys, args)
         except (redis.RedisError, OSError) as e:
@@ -607,22 +650,23 @@ class PageIndex(_IndexBase):
     # ------------------------------------------------------------------ writes (raise redis.RedisError)
     def publish(self, events: Iterable[KVEvent]) -> None:
         """Apply events in order: stored/touched refresh entries to now + ttl_s, removed deletes them."""
-        ops: dict[str, list] = {}
+        ops: dict[tuple[str, KVTier], list] = {}  # one script call per (replica, tier) key
         for ev in events:
             if not ev.hashes:
                 continue
             op = b"-" if ev.kind == KVEventKind.REMOVED else b"+"
-            args = ops.setdefault(ev.replica_id, [])
+            args = ops.setdefault((ev.replica_id, ev.tier), [])
             if args and args[-2] == op:
                 args[-1] += encode_hashes(ev.hashes)
             else:
                 args += (op, encode_hashes(ev.hashes))
-        for replica_id, args in ops.items():
-            self._run_publish(replica_id, args, trim=False)
+        for (replica_id, tier), args in ops.items():
+            self._run_publish(replica_id, args, trim=False, tier=tier)
 
     def trim(self, replica_id: str) -> None:
         """Delete the replica's expired entries (lookups ignore them anyway; this frees memory)."""
         self._run_publish(replica_id, [], trim=True)
+        self._run_publish(replica_id, [], trim=True, tier=KVTier.HOST)
 
     def heartbeat(self, replica_id: str, load: ReplicaLoad) -> bool:
         """Report the replica alive, with its load, for the next `heartbeat_ttl_s`. Returns whether
@@ -670,15 +714,15 @@ class PageIndex(_IndexBase):
 
     def clear(self, replica_id: str) -> None:
         """Forget everything about the replica (it starts again under the same id)."""
-        self._writer.delete(self.keys.pages(replica_id), self.keys.live(replica_id))
+        self._writer.delete(self.keys.pages(replica_id), self.keys.host(replica_id), self.keys.live(replica_id))
 
     def close(self) -> None:
         self._reader.close()
         self._writer.close()
 
-    def _run_publish(self, replica_id: str, ops: list, trim: bool) -> None:
+    def _run_publish(self, replica_id: str, ops: list, trim: bool, tier: KVTier = KVTier.GPU) -> None:
         ttl_ms = int(self.config.ttl_s * 1000)
-        self._publish_script([self.keys.pages(replica_id)], [self._now_arg(), ttl_ms, int(trim), *ops])
+        self._publish_script([self.keys.tier(replica_id, tier)], [self._now_arg(), ttl_ms, int(trim), *ops])
 
 
 class AsyncPageIndex(_IndexBase):
@@ -702,17 +746,19 @@ class AsyncPageIndex(_IndexBase):
         return {} if raw is None else self._matches(raw, replicas)
 
     async def try_lookup_with_load(
-        self, hashes: Sequence[PageHash], replicas: Sequence[str]
+        self, hashes: Sequence[PageHash], replicas: Sequence[str], with_tiers: bool = False
     ) -> dict[str, ReplicaMatch] | None:
         """Like `lookup_with_load`, but None when the index gave no answer (down, slow, or in its
         retry pause), so a router can tell "nobody holds this" from "nobody knows"."""
-        raw = await self._call(hashes, replicas, with_load=True) if replicas else b""
-        return None if raw is None else self._matches(raw, replicas) if replicas else {}
+        raw = await self._call(hashes, replicas, with_load=True, with_tiers=with_tiers) if replicas else b""
+        return None if raw is None else self._matches(raw, replicas, with_tiers) if replicas else {}
 
-    async def _call(self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool) -> bytes | None:
+    async def _call(
+        self, hashes: Sequence[PageHash], replicas: Sequence[str], with_load: bool, with_tiers: bool = False
+    ) -> bytes | None:
         if not replicas or self._skip():
             return None
-        keys, args = self._lookup_args(hashes, replicas, with_load)
+        keys, args = self._lookup_args(hashes, replicas, with_load, with_tiers)
         try:
             return await self._lookup_script(keys, args)
         except (redis.RedisError, OSError) as e:

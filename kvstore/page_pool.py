@@ -14,16 +14,25 @@ Every page that enters the prefix cache emits a `stored` KVEvent, every prefix h
 one for the pages it reuses, and every page that leaves the cache (evicted for reuse, or the
 cache cleared) a `removed` one; `take_events()` hands them, in order, to whoever publishes them
 to the shared index (the engine after each step, a draft replica after each call).
+
+A pool may have an `on_evict` hook: `allocate` calls it with the (page, hash) pairs it takes from
+the cache, before handing the pages out (so before anything overwrites them): the host-memory
+tier copies them out there (workers/kv_tiers.py). A pool is one tier: its events carry it.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from kvstore.hashing import PageHash
+
+
+class KVTier(enum.StrEnum):
+    GPU = "gpu"  # the replica's device page pool (its main pool, whatever the device)
+    HOST = "host"  # the replica's host-memory tier
 
 
 class KVEventKind(enum.StrEnum):
@@ -37,6 +46,7 @@ class KVEvent:
     kind: KVEventKind
     hashes: tuple[PageHash, ...]
     replica_id: str
+    tier: KVTier = KVTier.GPU
 
 
 class NoFreePagesError(RuntimeError):
@@ -44,13 +54,22 @@ class NoFreePagesError(RuntimeError):
 
 
 class PagePool:
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True, replica_id: str = ""):
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        enable_prefix_caching: bool = True,
+        replica_id: str = "",
+        tier: KVTier = KVTier.GPU,
+    ):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"num_pages and page_size must be >= 1, got {num_pages} and {page_size}")
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         self.replica_id = replica_id
+        self.tier = tier
+        self.on_evict: Callable[[list[int], list[PageHash]], None] | None = None
         self.ref_counts = [0] * num_pages
         self.page_hash: list[PageHash | None] = [None] * num_pages
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))
@@ -78,6 +97,16 @@ class PagePool:
             pages.append(page)
         return pages
 
+    def cached_page(self, h: PageHash) -> int | None:
+        """The page caching hash `h`, if any (references unchanged)."""
+        return self._cached.get(h) if self.enable_prefix_caching else None
+
+    def touch(self, pages: Iterable[int]) -> None:
+        """Make unreferenced cached pages the most recently used (last to be evicted)."""
+        for p in pages:
+            if p in self._free:
+                self._free.move_to_end(p)
+
     def num_pages_to_acquire(self, pages: Iterable[int]) -> int:
         """How many of `pages` are free now, i.e. would leave the free queue if acquired."""
         return sum(1 for p in pages if self.ref_counts[p] == 0)
@@ -101,6 +130,7 @@ class PagePool:
             raise NoFreePagesError(f"asked for {n} pages, {len(self._free)} free")
         out = []
         removed = []
+        evicted = []
         for _ in range(n):
             p, _ = self._free.popitem(last=False)
             h = self.page_hash[p]
@@ -108,10 +138,13 @@ class PagePool:
                 del self._cached[h]
                 self.page_hash[p] = None
                 removed.append(h)
+                evicted.append(p)
             self.ref_counts[p] = 1
             out.append(p)
         if removed:
             self._emit(KVEventKind.REMOVED, removed)
+            if self.on_evict is not None:
+                self.on_evict(evicted, removed)
         return out
 
     def free(self, pages: Sequence[int]) -> None:
@@ -175,6 +208,6 @@ class PagePool:
     def _emit(self, kind: KVEventKind, hashes: list[PageHash]) -> None:
         last = self._events[-1] if self._events else None
         if last is not None and last.kind == kind:
-            self._events[-1] = KVEvent(kind, last.hashes + tuple(hashes), self.replica_id)
+            self._events[-1] = KVEvent(kind, last.hashes + tuple(hashes), self.replica_id, self.tier)
         else:
-            self._events.append(KVEvent(kind, tuple(hashes), self.replica_id))
+            self._events.append(KVEvent(kind, tuple(hashes), self.replica_id, self.tier))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import redis
 
 from kvstore.index import PageIndex, ReplicaLoad
-from kvstore.page_pool import KVEvent, KVEventKind
+from kvstore.page_pool import KVEvent, KVEventKind, KVTier
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ class Publisher:
         self._lock = threading.Lock()
         self._queue: deque[KVEvent] = deque()
         self._queued_pages = 0
-        self._cached: set[int] = set()  # page hashes the replica's prefix cache holds, as submitted
+        # page hashes the replica holds, per tier (device pool, host tier), as submitted
+        self._cached: dict[KVTier, set[int]] = {t: set() for t in KVTier}
         self._wake = threading.Event()
         self._idle = threading.Event()  # set when the queue is empty and nothing is in flight
         self._stopping = threading.Event()
@@ -86,9 +87,9 @@ class Publisher:
                 self._queue.append(ev)
                 self._queued_pages += len(ev.hashes)
                 if ev.kind == KVEventKind.REMOVED:
-                    self._cached.difference_update(ev.hashes)
+                    self._cached[ev.tier].difference_update(ev.hashes)
                 else:
-                    self._cached.update(ev.hashes)
+                    self._cached[ev.tier].update(ev.hashes)
                 self.metrics.submitted_events += 1
             while self._queued_pages > self._max_queued:
                 old = self._queue.popleft()
@@ -171,15 +172,16 @@ class Publisher:
             "page index lost this replica's entries (Redis restarted, or heartbeats stopped for over %.1fs): "
             "republishing its %d cached pages",
             self.index.config.heartbeat_ttl_s,
-            len(self._cached),
+            sum(map(len, self._cached.values())),
         )
         with self._lock:
             self._queue.clear()
             self._queued_pages = 0
-            if self._cached:
-                self._queue.append(KVEvent(KVEventKind.STORED, tuple(self._cached), self.replica_id))
-                self._queued_pages = len(self._cached)
-                self._idle.clear()
+            for tier, cached in self._cached.items():
+                if cached:
+                    self._queue.append(KVEvent(KVEventKind.STORED, tuple(cached), self.replica_id, tier))
+                    self._queued_pages += len(cached)
+                    self._idle.clear()
             self.metrics.resyncs += 1
 
     def _take_batch(self) -> tuple[list[KVEvent], int]:
@@ -190,8 +192,8 @@ class Publisher:
                 ev = self._queue.popleft()
                 room = self._max_batch - pages
                 if len(ev.hashes) > room:  # split: the rest goes back to the front, in order
-                    self._queue.appendleft(KVEvent(ev.kind, ev.hashes[room:], ev.replica_id))
-                    ev = KVEvent(ev.kind, ev.hashes[:room], ev.replica_id)
+                    self._queue.appendleft(KVEvent(ev.kind, ev.hashes[room:], ev.replica_id, ev.tier))
+                    ev = KVEvent(ev.kind, ev.hashes[:room], ev.replica_id, ev.tier)
                 batch.append(ev)
                 pages += len(ev.hashes)
             self._queued_pages -= pages

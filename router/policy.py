@@ -14,8 +14,9 @@ The rule, in the words of SGLang's cache-aware router and llm-d's scorers, made 
    replica whose free KV pages have fallen under `min_free_page_fraction` counts as overloaded too
    (it would have to evict or preempt to take more).
 2. Among eligible candidates, the one holding the most leading pages wins (ties: the lower load,
-   then a random pick). If it holds at least `min_matched_pages`, the reason is PREFIX_HIT, or
-   SPILL if an overloaded candidate held more of the prompt.
+   then a random pick). A page in a replica's host-memory tier (restored by a copy, not reused
+   in place) counts `host_page_weight` of a device page. If it holds at least
+   `min_matched_pages`, the reason is PREFIX_HIT, or SPILL if an overloaded candidate held more.
 3. Otherwise the least-loaded eligible candidate wins (ties broken at random): SPILL if an
    ineligible candidate held the prefix (the popular prefix now gets a second holder), LOAD if
    nobody held any of it, FALLBACK if the index gave no answer (route by load alone).
@@ -50,6 +51,13 @@ class RoutingConfig(BaseModel):
     min_free_page_fraction: float = Field(
         0.02, ge=0, le=1, description="A replica with fewer free KV pages than this fraction is overloaded."
     )
+    host_page_weight: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="What a leading page in a replica's host-memory tier counts for against one on its device "
+        "(a host hit costs a copy back; a device hit nothing).",
+    )
 
 
 class Reason(enum.StrEnum):
@@ -71,7 +79,7 @@ class ReplicaView:
 class Decision:
     replica_id: str
     reason: Reason
-    matched_pages: int  # leading pages the chosen replica holds
+    matched_pages: int  # leading pages the chosen replica holds (device and host tier)
 
 
 def choose(
@@ -79,9 +87,11 @@ def choose(
     matched_pages: dict[str, int] | None,
     config: RoutingConfig,
     rng: random.Random | None = None,
+    host_pages: dict[str, int] | None = None,
 ) -> Decision:
     """The replica for one request. `matched_pages` maps replica id -> leading pages of the prompt
-    it holds (a missing replica holds none); None means the index gave no answer."""
+    it holds on its device (a missing replica holds none); None means the index gave no answer.
+    `host_pages`: the pages of its host tier that continue that run."""
     if not candidates:
         raise ValueError("no candidate replicas")
     rng = rng or random
@@ -92,15 +102,19 @@ def choose(
         return c.load > limit or (c.load > min_load and short_of_pages(c.num_free_pages, c.num_total_pages, config))
 
     eligible = [c for c in candidates if not overloaded(c)] or [c for c in candidates if c.load == min_load]
-    held = matched_pages or {}
+    host = host_pages or {}
+    held = {r: n + host.get(r, 0) for r, n in (matched_pages or {}).items()}
+    w = config.host_page_weight
+    score = {r: n + w * host.get(r, 0) for r, n in (matched_pages or {}).items()}
 
-    best_pages = max(held.get(c.replica_id, 0) for c in eligible)
-    passed_over = max(held.values(), default=0) > best_pages  # the holders not eligible held more
-    if best_pages >= config.min_matched_pages:
-        holders = [c for c in eligible if held.get(c.replica_id, 0) == best_pages]
+    qualified = [c for c in eligible if held.get(c.replica_id, 0) >= config.min_matched_pages]
+    if qualified:
+        best = max(score[c.replica_id] for c in qualified)
+        holders = [c for c in qualified if score[c.replica_id] == best]
         # A longer holder was overloaded: a partial holder takes the request, and that is a spill.
-        reason = Reason.SPILL if passed_over else Reason.PREFIX_HIT
-        return Decision(_least_loaded(holders, rng).replica_id, reason, best_pages)
+        reason = Reason.SPILL if max(score.values()) > best else Reason.PREFIX_HIT
+        chosen = _least_loaded(holders, rng).replica_id
+        return Decision(chosen, reason, held[chosen])
 
     chosen = _least_loaded(eligible, rng)
     if matched_pages is None:

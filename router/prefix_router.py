@@ -4,7 +4,8 @@ and the sticky prefix-aware router for DraftWorkers.
 `PrefixAwareRouter` runs inside every DeploymentHandle that routes to TargetWorkers (the ingress
 replicas hold them). For each request it reads the prompt's page hashes from the call's
 `page_hashes` keyword (the ingress computes them once), asks the shared page index in ONE round
-trip how many leading pages each candidate replica holds (with each replica's heartbeat), and lets
+trip how many leading pages each candidate replica holds (on its device, then in its host tier;
+with each replica's heartbeat), and lets
 `router.policy.choose` weigh that against load. Load is Serve's own count of requests in flight on
 each replica (its queue-length cache: fresh, updated as this handle sends requests), else the
 replica's last heartbeat. The chosen replica comes first; the others follow least loaded first,
@@ -19,6 +20,9 @@ under which the draft replicas publish their pages): a call that names a replica
 `draft_replica` keyword goes there while that replica is a candidate (the target pins each
 sequence to the replica holding its draft KV: workers/spec/draft_client.py); any other call is routed
 by its `page_hashes` like a request to TargetWorkers.
+
+A call to TargetWorkers that names a replica in its `pin_replica` keyword (a pull's
+`export_pages`: workers/transfer.py) goes to that replica while it is a candidate, under either router.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 PAGE_HASHES_KWARG = "page_hashes"
 DRAFT_REPLICA_KWARG = "draft_replica"  # DraftWorker.propose's keyword: the replica a call is pinned to
+PIN_REPLICA_KWARG = "pin_replica"  # TargetWorker.export_pages's keyword: a pull asks that replica (workers/transfer.py)
 
 
 class PrefixAwareRouter(FIFOMixin, RequestRouter):
@@ -54,6 +59,9 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        pinned = _pinned(candidate_replicas, pending_request, PIN_REPLICA_KWARG)
+        if pinned is not None:
+            return pinned
         try:
             return await self._choose(candidate_replicas, pending_request)
         except Exception:
@@ -73,7 +81,7 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
             index = self._ensure_index()
             t0 = time.perf_counter()
             malformed = index.metrics.malformed
-            matches = await index.try_lookup_with_load(hashes, ids)
+            matches = await index.try_lookup_with_load(hashes, ids, with_tiers=True)
             if index.metrics.malformed > malformed:
                 metrics.index_malformed_entries.inc(index.metrics.malformed - malformed)
             if matches is None:
@@ -82,9 +90,10 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
                 metrics.index_lookup_latency.observe(time.perf_counter() - t0)
         views = [self._view(r, (matches or {}).get(rid)) for r, rid in zip(candidate_replicas, ids, strict=True)]
         matched = None if matches is None else {rid: m.matched_pages for rid, m in matches.items()}
+        host = None if matches is None else {rid: m.host_pages for rid, m in matches.items() if m.host_pages}
         if not hashes:
             matched = {}  # nothing to match (a prompt shorter than a page): route by load
-        decision = choose(views, matched, self._config, self._rng)
+        decision = choose(views, matched, self._config, self._rng, host)
         metrics.decisions.inc(1, {"reason": decision.reason.value if hashes else "no_hashes"})
         if decision.matched_pages:
             metrics.matched_pages.inc(decision.matched_pages)
@@ -149,6 +158,24 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        pinned = _pinned(candidate_replicas, pending_request, PIN_REPLICA_KWARG)
+        if pinned is not None:
+            return pinned
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         i = next(self._next) % len(ordered)
         return [[r] for r in ordered[i:] + ordered[:i]]
+
+
+def _pinned(
+    candidates: list[RunningReplica], pending_request: PendingRequest | None, kwarg: str
+) -> list[list[RunningReplica]] | None:
+    """Only the replica a call names in `kwarg` (Serve waits for it rather than send the call
+    elsewhere); None when the call names none or that replica is not a candidate (gone: the call
+    is routed as any other, and the caller sees who answered)."""
+    pin = pending_request.kwargs.get(kwarg) if pending_request is not None else None
+    if not pin:
+        return None
+    first = next((r for r in candidates if r.replica_id.unique_id == pin), None)
+    if first is None:
+        return None
+    return [[first]]

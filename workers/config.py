@@ -43,6 +43,29 @@ class SpeculativeConfig(BaseModel):
         return self
 
 
+class KVTransferConfig(BaseModel):
+    """Pulls of KV pages between replicas (workers/kv_transfer.py): a replica that lacks leading
+    pages of a prompt that another live replica holds (the page index says which) asks it for them
+    before the request enters its scheduler, when moving them is predicted faster than computing them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="Pull missing prefix pages from the replica holding them.")
+    timeout_s: float = Field(
+        2.0, gt=0, description="Deadline of one pull; past it the pages are recomputed (never an error)."
+    )
+    min_pages: int = Field(1, ge=1, description="Fewest missing pages worth a pull.")
+    assumed_bandwidth_gib_s: float = Field(
+        1.0, gt=0, description="Transfer bandwidth the cost model assumes until it has measured a pull."
+    )
+    assumed_prefill_tokens_s: float = Field(
+        2000.0, gt=0, description="Prefill rate the cost model assumes until the engine has measured one."
+    )
+    replicas_refresh_s: float = Field(
+        2.0, gt=0, description="How often the list of live replicas (the candidates to pull from) is re-read."
+    )
+
+
 class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -74,6 +97,12 @@ class EngineConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory for weights + KV.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size on CPU when num_pages is not set.")
     max_model_len: int | None = Field(None, ge=1, description="Longest prompt + output; default: the model's limit.")
+    host_kv_cache_gib: float = Field(
+        0.0,
+        ge=0,
+        description="Host-memory KV tier (pinned on GPU): device pages evicted from the prefix cache are "
+        "copied here and restored on a later hit instead of recomputed; 0: off.",
+    )
     max_num_seqs: int = Field(256, ge=1, description="Most sequences in one step.")
     max_num_batched_tokens: int = Field(
         2048, ge=1, description="Most tokens computed in one step (prefill chunks + decodes)."
@@ -120,6 +149,8 @@ class EngineConfig(BaseModel):
                 "quantization fp8 needs a GPU with fp8 tensor cores (compute capability 8.9+); "
                 "on CPU use int8, int4 or gguf"
             )
+        if self.host_kv_cache_gib > 0 and self.tensor_parallel_size > 1:
+            raise ValueError("host_kv_cache_gib needs tensor_parallel_size 1 (the tier holds rank 0's KV only)")
         return self
 
     @property

@@ -31,11 +31,14 @@ import torch
 from kvstore.hashing import PageHash
 from kvstore.index import IndexConfig, PageIndex, ReplicaLoad
 from kvstore.publisher import Publisher
-from workers.config import EngineConfig
+from kvstore.transport import PagePayload
+from workers.config import EngineConfig, KVTransferConfig
 from workers.engine import Engine
+from workers.kv_transfer import KVPuller, PullStats
 from workers.request import EngineDeadError, EngineStats, GenerateRequest, TokenDelta
 from workers.spec.draft_client import DraftCall, DraftClientStats, RoutedDraftProposer
 from workers.spec.wire import DraftBatch, DraftReply
+from workers.transfer import IndexLocator, RayPageTransport
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +52,15 @@ class TargetWorker:
         draft=None,
         draft_timeout_s: float = 0.5,
         draft_model_id: str = "",
+        kv_transfer: KVTransferConfig | None = None,
     ):
         """`draft`: a DeploymentHandle to DraftWorker replicas of the model `draft_model_id` (then
         engine_config.speculative's method is 'replicas'); each engine step sends one call per
         draft replica holding some of its sequences, pinned, plus routed calls for new ones. The
         sequences of a call slower than `draft_timeout_s`, or failing, are not speculated that
-        step and re-route; when every call of a step fails, the target decodes alone a while."""
+        step and re-route; when every call of a step fails, the target decodes alone a while.
+        `kv_transfer` (enabled, with an index): before a request enters the engine, pull the
+        leading pages of its prompt that another replica holds (workers/kv_transfer.py)."""
 
         from workers.metrics import WorkerMetrics
 
@@ -75,20 +81,36 @@ class TargetWorker:
         if index_config is not None:
             index = PageIndex(index_config, self.engine.model_id)
             self.publisher = Publisher(index, self.replica_id, self._load).start()
+        self.puller: KVPuller | None = None
+        self._locator: IndexLocator | None = None
+        if kv_transfer is not None and kv_transfer.enabled and index_config is not None:
+            self._locator = IndexLocator(
+                index_config, self.engine.model_id, self.replica_id, kv_transfer.replicas_refresh_s
+            )
+            transport = RayPageTransport(_own_deployment_handle)
+            self.puller = KVPuller(self.engine, transport, self._locator, kv_transfer)
         self.metrics = WorkerMetrics(self.engine.model_id, self.replica_id)
         self._metrics_period_s = metrics_period_s
         self._metrics_task: asyncio.Task | None = None
+        self._warm_task: asyncio.Task | None = None  # the pull transport's first call
         logger.info("TargetWorker %s serves %s", self.replica_id, self.engine.model_id)
 
     async def generate(
-        self, request: GenerateRequest, page_hashes: list[PageHash] | None = None
+        self, request: GenerateRequest, page_hashes: list[PageHash] | None = None, pin_replica: str | None = None
     ) -> AsyncIterator[TokenDelta]:
         """Stream the engine's deltas. `page_hashes` (the prompt's, hashed once at the ingress) ride
         as a keyword for the request router, which reads them there; the engine reuses them rather
-        than hashing the prompt again. Cancelling the call aborts the request."""
+        than hashing the prompt again (`pin_replica`, also for the router, names the replica that
+        must serve the call). Cancelling the call aborts the request."""
         self._ensure_metrics_task()
         if page_hashes is not None and request.page_hashes is None:
             request = replace(request, page_hashes=page_hashes)
+        if self.puller is not None and request.page_hashes:
+            try:
+                await self.puller.prepare(request)
+            except Exception:  # a pull only saves work: a bug in it must not fail the request
+                logger.exception("pull for %s failed; its pages will be recomputed", request.request_id)
+                self.puller.stats.fallbacks["error"] += 1
         first = True
         async for delta in self.engine.generate(request):
             if first:  # name the replica at once, so a client knows where its request runs
@@ -96,8 +118,18 @@ class TargetWorker:
                 first = False
             yield delta
 
-    async def stats(self) -> EngineStats:
+    async def stats(self, pin_replica: str | None = None) -> EngineStats:
+        """The engine's figures (`pin_replica`: for the request router, to ask a given replica)."""
         return self.engine.stats()
+
+    async def export_pages(self, hashes: list[PageHash], pin_replica: str | None = None) -> PagePayload:
+        """The leading run of `hashes` this replica holds, for another replica's pull
+        (`pin_replica` is for the request router: the call must reach this replica)."""
+        return await self.engine.export_pages(hashes)
+
+    async def pull_stats(self, pin_replica: str | None = None) -> PullStats | None:
+        """How this replica's pulls went (None when kv_transfer is off)."""
+        return None if self.puller is None else self.puller.stats
 
     async def draft_stats(self) -> DraftClientStats | None:
         """How this replica's proposal calls went (None without draft replicas)."""
@@ -119,6 +151,8 @@ class TargetWorker:
             self._metrics_task.cancel()
         await self.engine.shutdown()
         _close(self.publisher)
+        if self._locator is not None:
+            self._locator.close()
 
     # ------------------------------------------------------------------ internals
     def _publish(self, events) -> None:
@@ -136,6 +170,9 @@ class TargetWorker:
             # request, and Serve then never delivers that request's cancellation (seen on 2.60).
             loop = asyncio.get_running_loop()
             self._metrics_task = loop.create_task(self._report_metrics(), context=contextvars.Context())
+            if self.puller is not None and self._warm_task is None:
+                warm = self.puller.transport.warm(self.replica_id)
+                self._warm_task = loop.create_task(warm, context=contextvars.Context())
 
     async def _report_metrics(self) -> None:
         while True:
@@ -143,6 +180,7 @@ class TargetWorker:
                 self.engine.stats(),
                 self.publisher.metrics if self.publisher else None,
                 self.proposer.stats if self.proposer is not None else None,
+                self.puller.stats if self.puller is not None else None,
             )
             await asyncio.sleep(self._metrics_period_s)
 
@@ -249,6 +287,14 @@ def _close(publisher: Publisher | None) -> None:
     if publisher is not None:
         publisher.close()
         publisher.index.close()
+
+
+def _own_deployment_handle():
+    """A handle to this replica's own deployment (for pulls from its peers)."""
+    from ray import serve
+
+    ctx = serve.get_replica_context()
+    return serve.get_deployment_handle(ctx.deployment, ctx.app_name)
 
 
 def _serve_replica_id() -> str:

@@ -27,11 +27,15 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from kvstore.hashing import PageHash
 from kvstore.page_pool import KVEvent, PagePool
+from kvstore.transport import PagePayload
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
 from workers.kv_cache_manager import KVCacheManager
+from workers.kv_tiers import HostTier
 from workers.models.config import ModelConfig
+from workers.page_io import PageIO
 from workers.request import (
     Completion,
     EngineDeadError,
@@ -43,6 +47,7 @@ from workers.request import (
     TokenDelta,
 )
 from workers.runner.config import resolve_device, resolve_max_model_len
+from workers.runner.kv_pages import KVPages
 from workers.runner.model_runner import StepResult, build_runner
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.sequence import Sequence
@@ -101,7 +106,11 @@ class Engine:
                 f"({self.max_model_len}): lower max_model_len or give the pool more memory"
             )
         self.pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
-        self.kv_cache = KVCacheManager(self.pool, self.model_id)
+        device_kv = KVPages.of_model(self.runner.model)
+        self.host_tier = HostTier.build(device_kv, config.host_kv_cache_gib, config.page_size, config.replica_id)
+        self.kv_cache = KVCacheManager(self.pool, self.model_id, self.host_tier)
+        self.page_io = PageIO(self.kv_cache, device_kv, self.host_tier, self.model_id, config.replica_id)
+        self._prefill_time_s = 0.0
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -193,8 +202,30 @@ class Engine:
             num_requests_finished=c.num_requests_finished,
             num_requests_aborted=c.num_requests_aborted,
             num_eager_decode_steps=self.runner.num_eager_decode_steps,
+            prefill_time_s=self._prefill_time_s,
+            num_inserted_pages=self.page_io.num_inserted_pages,
+            num_exported_pages=self.page_io.num_exported_pages,
+            **(self.host_tier.engine_stats() if self.host_tier is not None else {}),
             **(self.spec.stats.engine_stats() if self.spec is not None else {}),
         )
+
+    # ---------------------------------------------------------------- pages between replicas
+    async def export_pages(self, hashes: list[PageHash]) -> PagePayload:
+        """The leading run of `hashes` this replica holds (device or host tier), read between steps."""
+        await self._between_steps()
+        return self.page_io.export(hashes)
+
+    async def insert_pages(self, payload: PagePayload, hashes: list[PageHash], start: int) -> int:
+        """Cache a checked payload's pages (`hashes[start:]`, continuing `hashes[:start]`) as if
+        computed here, between steps; a request admitted after this finds them cached."""
+        await self._between_steps()
+        return self.page_io.insert(payload, hashes, start)
+
+    async def _between_steps(self) -> None:
+        # On CPU a step runs on the loop's thread: any coroutine runs between steps. On GPU the
+        # step thread may touch the pool (draft pages) while it runs: wait for it to return.
+        while self._step_running:
+            await asyncio.sleep(0.001)
 
     async def shutdown(self) -> None:
         """Abort every request and stop the loop."""
@@ -310,6 +341,8 @@ class Engine:
                         self._finish(self._streams[request_id], FinishReason.ABORT)
                 self._pending_aborts.clear()
                 events = self.pool.take_events()
+                if self.host_tier is not None:
+                    events += self.host_tier.take_events()
                 if events and self._kv_event_sink is not None:
                     self._kv_event_sink(events)
                 await asyncio.sleep(0)  # let consumers and new requests in between steps
@@ -336,7 +369,10 @@ class Engine:
             self._attach(out, plan, self.spec.propose(plan))
         t0 = time.perf_counter()
         result = self.runner.execute(out)
-        return result, time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if any(not s.is_decode for s in out.scheduled):
+            self._prefill_time_s += dt  # the prefill rate the pull cost model weighs transfers against
+        return result, dt
 
     def _attach(self, out: SchedulerOutput, plan: SpecPlan, proposals: Proposals | None) -> None:
         if proposals is not None:

@@ -13,9 +13,11 @@ request brought from the ingress, extended here as tokens are generated: the one
 hashes pages).
 
 A lookup answers page by page where each page is: on this GPU (in the pool), in this replica's
-host memory, on another replica, or nowhere (where the answer stops). Only the GPU tier exists
-today; the host-memory tier and pages pulled from other replicas plug in here, and the scheduler
-decides from the answer what to reuse, what to fetch and what to compute.
+host memory (workers/kv_tiers.py), or nowhere (where the answer stops). `allocate` reuses the
+GPU pages by reference and restores the host pages into fresh device pages, which are cached
+again; the scheduler computes the rest. Pages on other replicas are pulled before a request
+reaches the scheduler (workers/kv_transfer.py) and `insert`ed here as cached pages, so by the
+time it is admitted they are GPU pages like any other; `export` reads pages for such a pull.
 
 Invariants (beside the pool's):
 - a sequence's `block_table` holds one page per `page_size` tokens of its first tokens, and its
@@ -26,11 +28,16 @@ Invariants (beside the pool's):
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvstore.hashing import PageHash, page_hashes
 from kvstore.page_pool import PagePool
 from workers.sequence import Sequence
+
+if TYPE_CHECKING:
+    from workers.kv_tiers import HostTier
 
 
 def cdiv(a: int, b: int) -> int:
@@ -40,29 +47,40 @@ def cdiv(a: int, b: int) -> int:
 
 class PageLocation(enum.Enum):
     GPU = "gpu"  # in this replica's page pool: reused by reference, nothing to compute or copy
-    HOST = "host"  # in this replica's host-memory tier (not yet built): restored by a copy
-    REMOTE = "remote"  # on another replica (not yet built): fetched over the page transport
+    HOST = "host"  # in this replica's host-memory tier: restored by a copy
+    REMOTE = "remote"  # on another replica: pulled before admission (workers/kv_transfer.py)
 
 
 @dataclass
 class PrefixHit:
     """Where the leading full pages of a sequence are cached, from its first page on: page i is at
-    `locations[i]`; the run stops at the first page cached nowhere. `gpu_pages` are the pool's
-    pages of the leading run that is on this GPU (today: the whole run)."""
+    `locations[i]`, as `pages[i]` (a pool page for GPU, a host-tier page for HOST); the run stops
+    at the first page cached nowhere."""
 
     locations: list[PageLocation] = field(default_factory=list)
-    gpu_pages: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
 
     @property
     def num_pages(self) -> int:
         return len(self.locations)
 
+    @property
+    def gpu_pages(self) -> list[int]:
+        return [p for p, loc in zip(self.pages, self.locations, strict=True) if loc is PageLocation.GPU]
+
+    @property
+    def host_pages(self) -> list[int]:
+        return [p for p, loc in zip(self.pages, self.locations, strict=True) if loc is PageLocation.HOST]
+
 
 class KVCacheManager:
-    def __init__(self, pool: PagePool, model_id: str):
+    def __init__(self, pool: PagePool, model_id: str, host: HostTier | None = None):
         self.pool = pool
         self.page_size = pool.page_size
         self.model_id = model_id
+        self.host = host
+        if host is not None:
+            pool.on_evict = host.store
 
     @property
     def num_free_pages(self) -> int:
@@ -71,8 +89,21 @@ class KVCacheManager:
     # ---------------------------------------------------------------- lookups
     def lookup(self, seq: Sequence, max_pages: int) -> PrefixHit:
         """Where the first (up to) `max_pages` full pages of `seq` are cached. Takes no references."""
-        pages = self.pool.lookup_prefix(self.hashes(seq, max_pages))
-        return PrefixHit([PageLocation.GPU] * len(pages), pages)
+        hashes = self.hashes(seq, max_pages)
+        if self.host is None or not self.pool.enable_prefix_caching:
+            pages = self.pool.lookup_prefix(hashes)
+            return PrefixHit([PageLocation.GPU] * len(pages), pages)
+        hit = PrefixHit()
+        for h in hashes:
+            page = self.pool.cached_page(h)
+            loc = PageLocation.GPU
+            if page is None:
+                page, loc = self.host.lookup(h), PageLocation.HOST
+                if page is None:
+                    break
+            hit.locations.append(loc)
+            hit.pages.append(page)
+        return hit
 
     def hashes(self, seq: Sequence, num_pages: int) -> list[PageHash]:
         """The chained hashes of the first `num_pages` full pages of `seq`, extending its chain as needed."""
@@ -90,21 +121,102 @@ class KVCacheManager:
     # ---------------------------------------------------------------- changes
     def allocate(self, seq: Sequence, num_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Give `seq` pages for its first `num_tokens` tokens: a sequence that holds none starts
-        with the GPU pages of `hit` (a reference taken on each; they count as committed), then
-        fresh pages. Returns False, changing nothing, if the pool has too few free pages."""
-        reused = hit.gpu_pages if hit is not None else []
-        if reused and seq.block_table:
+        with the pages of `hit` (a GPU page by reference, a host page restored into a fresh
+        page and cached again; all count as committed), then fresh pages. Returns False,
+        changing nothing, if the pool has too few free pages."""
+        if hit is not None and hit.num_pages and seq.block_table:
             raise AssertionError(f"{seq!r} already holds pages: a prefix hit starts an empty block table")
+        reused = hit.gpu_pages if hit is not None else []
+        slots = hit.host_pages if hit is not None else []
         need = max(0, cdiv(num_tokens, self.page_size) - len(seq.block_table) - len(reused))
         if need + (self.pool.num_pages_to_acquire(reused) if reused else 0) > self.pool.num_free_pages:
             return False
         if reused:
             self.pool.acquire(reused)  # before allocating: eviction must not take them
-            seq.block_table = list(reused)
-            seq.num_committed_pages = len(reused)
-        if need:
-            seq.block_table.extend(self.pool.allocate(need))
+        if slots:
+            self.host.pin(slots)  # the device's evictions go to the host tier: it must not take them
+        fresh = self.pool.allocate(need) if need else []
+        if hit is not None and hit.num_pages:
+            restored = fresh[: len(slots)]
+            if slots:
+                self.host.restore(slots, restored)
+                self.host.unpin(slots)
+            it_gpu, it_new = iter(reused), iter(restored)
+            table = [next(it_gpu) if loc is PageLocation.GPU else next(it_new) for loc in hit.locations]
+            self.pool.commit(table, self.hashes(seq, hit.num_pages))  # caches the restored pages
+            seq.block_table = table
+            seq.num_committed_pages = hit.num_pages
+            fresh = fresh[len(slots) :]
+        seq.block_table.extend(fresh)
         return True
+
+    # ---------------------------------------------------------------- pages between replicas
+    def held_run(self, hashes: list[PageHash]) -> int:
+        """How many leading pages of `hashes` this replica holds (device or host)."""
+        n = 0
+        for h in hashes:
+            if self.pool.cached_page(h) is None and (self.host is None or self.host.lookup(h) is None):
+                break
+            n += 1
+        return n
+
+    def export(
+        self, hashes: list[PageHash], read: Callable[[list[int], list[int], list[bool]], object]
+    ) -> tuple[int, object]:
+        """The leading run of `hashes` held here (device or host), read by `read(device_pages,
+        host_pages, on_device)` (`on_device[i]`: page i of the run is the next device page, else
+        the next host page) under a reference that keeps them from eviction for the time of the
+        read. Returns (pages, bytes)."""
+        device, host, order = [], [], []
+        for h in hashes:
+            p = self.pool.cached_page(h)
+            if p is not None:
+                device.append(p)
+                order.append(True)
+                continue
+            s = self.host.lookup(h) if self.host is not None else None
+            if s is None:
+                break
+            host.append(s)
+            order.append(False)
+        if not order:
+            return 0, b""
+        self.pool.acquire(device)
+        if host:
+            self.host.pin(host)
+        try:
+            return len(order), read(device, host, order)
+        finally:
+            self.pool.free(device)
+            if host:
+                self.host.unpin(host)
+
+    def insert(self, hashes: list[PageHash], start: int, write: Callable[[list[int], list[int]], None]) -> int:
+        """Cache pages pulled from another replica: `hashes[start:]` continue a run `hashes[:start]`
+        held here; `write(pages, payload_pages)` fills device `pages` with the payload's pages
+        `payload_pages` (page i of the payload is `hashes[start + i]`). Pages already
+        cached here are skipped; when the pool is short only the leading ones go in. The run held
+        here is held (referenced) meanwhile, so making room never evicts it. Returns how many
+        pages were inserted (as cached, unreferenced pages, most recently used)."""
+        if not self.pool.enable_prefix_caching:
+            return 0
+        held = [p for h in hashes[:start] if (p := self.pool.cached_page(h)) is not None]
+        self.pool.acquire(held)
+        try:
+            todo = [i for i in range(start, len(hashes)) if self.pool.cached_page(hashes[i]) is None]
+            n = min(len(todo), self.pool.num_free_pages)
+            if not n:
+                return 0
+            pages = self.pool.allocate(n)
+            write_at = todo[:n]
+            try:
+                write(pages, [i - start for i in write_at])
+                self.pool.commit(pages, [hashes[i] for i in write_at])
+            finally:
+                self.pool.free(pages)  # uncommitted (the write failed): back as empty pages
+            return n
+        finally:
+            self.pool.free(held)
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         """Register the full pages among the first `num_tokens` tokens of `seq` (their KV computed

@@ -2,9 +2,10 @@
 dashboard's metrics view shows them, prefixed `ray_`, e.g. `ray_kvfleet_queue_length`).
 
 `WorkerMetrics`: what a worker group holds (queue, running sequences, KV pages, prefix-cache hits,
-page-index publishing, speculation and draft calls), set by `TargetWorker` (workers/deployment.py)
-from its engine's `EngineStats`. Every series is tagged with the model and the replica. Metrics are
-created once per process (Ray registers them by name).
+the host-memory tier, pulls between replicas, page-index publishing, speculation and draft calls),
+set by `TargetWorker` (workers/deployment.py) from its engine's `EngineStats`. Every series is
+tagged with the model and the replica. Metrics are created once per process (Ray registers them
+by name).
 """
 
 from __future__ import annotations
@@ -65,9 +66,31 @@ class WorkerMetrics:
             "kvfleet_draft_rerouted_sequences_total",
             "Sequences whose draft replica failed (their draft KV is rebuilt on another) or answered off its pin.",
         )
-        self._last: dict[str, int] = {}
+        # The host-memory tier and pulls between replicas (zero when off).
+        self.host_pages = gauge("kvfleet_host_kv_pages", "Pages of the host-memory KV tier.")
+        self.host_used = gauge("kvfleet_host_kv_used_pages", "Host-tier pages holding a page's KV.")
+        self.host_stored = counter(
+            "kvfleet_host_kv_stored_pages_total", "Device pages copied to host memory on eviction."
+        )
+        self.host_restored = counter(
+            "kvfleet_host_kv_restored_pages_total", "Host pages copied back to the device on a prefix hit."
+        )
+        self.pulled_pages = counter("kvfleet_kv_pulled_pages_total", "Pages pulled from other replicas and cached.")
+        self.pulled_bytes = counter("kvfleet_kv_pulled_bytes_total", "Bytes of KV pulled from other replicas.")
+        self.pulls = counter("kvfleet_kv_pulls_total", "Pulls that brought at least one page.")
+        self.pull_time = counter("kvfleet_kv_pull_seconds_total", "Wall time of those pulls (fetch, check, insert).")
+        self.exported_pages = counter("kvfleet_kv_exported_pages_total", "Pages sent to other replicas' pulls.")
+        self.pull_fallbacks = Counter(
+            "kvfleet_kv_pull_fallbacks_total",
+            description="Pulls not made or failed, so their pages were recomputed, by reason: not_worth (cost "
+            "model), timeout, error (holder dead or unreachable), mismatch (hash, model or layout), evicted "
+            "(the holder no longer held them), index_down.",
+            tag_keys=(*keys, "reason"),
+        )
+        self.pull_fallbacks.set_default_tags(tags)
+        self._last: dict[str, float] = {}
 
-    def update(self, stats, publisher_metrics=None, draft_stats=None) -> None:
+    def update(self, stats, publisher_metrics=None, draft_stats=None, pull_stats=None) -> None:
         """Set the gauges from an `EngineStats` and advance the counters by what changed."""
         self.waiting.set(stats.num_waiting)
         self.running.set(stats.num_running)
@@ -89,12 +112,25 @@ class WorkerMetrics:
             self._advance(self.index_published_pages, "ip", publisher_metrics.published_pages)
             self._advance(self.index_dropped_pages, "id", publisher_metrics.dropped_pages)
             self._advance(self.index_errors, "ie", publisher_metrics.publish_errors)
+        if stats.num_host_pages:
+            self.host_pages.set(stats.num_host_pages)
+            self.host_used.set(stats.num_host_cached_pages)
+            self._advance(self.host_stored, "hs", stats.num_host_stored_pages)
+            self._advance(self.host_restored, "hr", stats.num_host_restored_pages)
+        self._advance(self.exported_pages, "xp", stats.num_exported_pages)
+        if pull_stats is not None:
+            self._advance(self.pulled_pages, "pp", pull_stats.num_pages)
+            self._advance(self.pulled_bytes, "pb", pull_stats.num_bytes)
+            self._advance(self.pulls, "pn", pull_stats.num_pulls)
+            self._advance(self.pull_time, "pt", pull_stats.time_s)
+            for reason, n in pull_stats.fallbacks.items():
+                self._advance(self.pull_fallbacks, f"pf-{reason}", n, {"reason": reason})
         if draft_stats is not None:
             for kind in ("pinned", "routed", "failed"):
                 self._advance(self.draft_calls, f"dc-{kind}", getattr(draft_stats, f"num_{kind}_calls"), {"kind": kind})
             self._advance(self.draft_rerouted, "dr", draft_stats.num_dropped + draft_stats.num_moved)
 
-    def _advance(self, counter: Counter, key: str, total: int, tags: dict | None = None) -> None:
+    def _advance(self, counter: Counter, key: str, total: float, tags: dict | None = None) -> None:
         delta = total - self._last.get(key, 0)
         if delta > 0:
             counter.inc(delta, tags)

@@ -170,3 +170,10 @@ class EngineStats:
     spec_draft_time_s: float = 0.0  # time spent proposing (draft forwards or round trips)
     spec_failures: int = 0  # proposer calls that failed; the target carried on alone
     num_eager_decode_steps: int = 0  # decode-only steps run eagerly though CUDA graphs are captured
+    prefill_time_s: float = 0.0  # time of the steps that computed prompt tokens (the prefill rate's)
+    num_host_pages: int = 0  # pages of the host-memory tier (0: off)
+    num_host_cached_pages: int = 0  # of those, holding a page
+    num_host_stored_pages: int = 0  # device pages copied to the host tier on eviction, since start
+    num_host_restored_pages: int = 0  # host pages copied back on a prefix hit, since start
+    num_inserted_pages: int = 0  # pages pulled from other replicas and cached here, since start
+    num_exported_pages: int = 0  # pages sent to other replicas, since start

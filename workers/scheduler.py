@@ -162,7 +162,7 @@ class Scheduler:
         ps = self.page_size
         # Leave at least the last token to compute: its logits start the generation.
         hit = self.kv_cache.lookup(seq, (seq.num_tokens - 1) // ps)
-        num_cached = len(hit.gpu_pages) * ps
+        num_cached = hit.num_pages * ps  # GPU pages reused, host pages restored
         n = min(seq.num_tokens - num_cached, budget)
         if n < seq.num_tokens - num_cached and not self.config.enable_chunked_prefill:
             return None

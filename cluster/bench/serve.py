@@ -14,6 +14,8 @@ ratios. Reported: TTFT, TPOT, inter-token latency and end-to-end latency (mean, 
 requests/s and output tokens/s, and the prompt-token cache hit rate (cached / prompt tokens, from
 each response's usage).
 
+`--tiers` runs the workload on {no tier, host tier, host tier + pulls} instead (cluster/bench/tiers.py).
+
 `--url` runs the same workload once against a deployment that is already serving, instead of local
 clusters: `grpc://HOST:PORT` (or `HOST:PORT`) through the gRPC API, `http://HOST:PORT/v1` through the
 OpenAI HTTP API (streamed `/v1/completions` with token-id prompts; `return_token_ids` keeps each
@@ -312,6 +314,13 @@ def run_serve_bench(args) -> dict:
         from cluster.demo.model import shipped_demo_pair
 
         args.model = str(shipped_demo_pair()[0])
+    if args.tiers:
+        from cluster.bench.tiers import run_tiers
+
+        out = {"workload": {k: v for k, v in vars(args).items() if k not in ("func", "token")}} | run_tiers(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        return out
     policies = list(POLICIES) if args.compare else [args.policy]
     reports = [_run_policy(p, args) for p in policies]
     out = {"workload": {k: v for k, v in vars(args).items() if k not in ("func", "token")}, "results": reports}
@@ -354,6 +363,11 @@ def add_serve_parser(bench_subparsers) -> None:
     p.add_argument("--worker-cpus", type=float, default=0.5, help="Ray CPUs per TargetWorker replica")
     p.add_argument("--policy", choices=POLICIES, default="prefix_aware")
     p.add_argument("--compare", action="store_true", help="run every policy on the same workload")
+    p.add_argument(
+        "--tiers", action="store_true", help="run {no tier, host tier, host tier + pulls} (cluster/bench/tiers.py)"
+    )
+    p.add_argument("--host-kv-cache-gib", type=float, default=0.5, help="host tier per replica, with --tiers")
+    p.add_argument("--variants", nargs="+", choices=("no_tier", "host_tier", "host_tier+pulls"), help="with --tiers")
     p.add_argument("--system-prompts", type=int, default=3)
     p.add_argument("--system-len", type=int, default=768, help="tokens per system prompt")
     p.add_argument("--users", type=int, default=24)

@@ -67,3 +67,19 @@ def test_gpus_follow_the_device_unless_configured(model_dirs):
     assert gpus("cuda") == 1.0 and gpus("cuda:0") == 1.0 and gpus("cpu") == 0.0
     assert gpus("auto") == 0.0  # this machine's Ray (if any) has no GPUs: 'auto' runs on CPU
     assert gpus("cpu", num_gpus=0.5) == 0.5
+
+
+def test_kv_transfer_reaches_the_workers_only_when_enabled_and_needs_a_routing_policy_that_pins(model_dirs):
+    from router.policy import RoutingConfig
+    from workers.config import KVTransferConfig
+
+    assert "kv_transfer" not in worker_deployment(config(model_dirs["llama"])).init_kwargs
+    on = config(model_dirs["llama"]).model_copy(update={"kv_transfer": KVTransferConfig(enabled=True, timeout_s=1.5)})
+    assert worker_deployment(on).init_kwargs["kv_transfer"].timeout_s == 1.5
+    base = dict(engine=EngineConfig(model=str(model_dirs["llama"])), kv_transfer={"enabled": True})
+    with pytest.raises(ValueError, match="round_robin"):
+        ClusterConfig(**base, routing=RoutingConfig(policy="power_of_two"))
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        ClusterConfig(**base, target=TargetConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="host_kv_cache_gib"):
+        EngineConfig(model=str(model_dirs["llama"]), host_kv_cache_gib=1, tensor_parallel_size=2)

@@ -387,3 +387,33 @@ def test_config_rejects_a_heartbeat_ttl_within_the_interval_and_braces_in_names(
         IndexConfig(namespace="a{b}")
     with pytest.raises(ValueError, match="model_id"):
         AsyncPageIndex(IndexConfig(), "m{1}")
+
+
+@pytest.mark.parametrize("mode", ["search", "exact"])
+def test_host_tier_entries_continue_the_device_run_only_when_asked_with_tiers(make_index, mode):
+    from kvstore.page_pool import KVTier
+
+    index = make_index(lookup_mode=mode)
+    prompt = list(range(1, 11))  # 10 pages
+    index.publish(
+        [
+            KVEvent(KVEventKind.STORED, tuple(prompt[:4]), "a"),  # device: pages 0-3
+            KVEvent(KVEventKind.STORED, tuple(prompt[2:8]), "a", KVTier.HOST),  # host: pages 2-7
+            KVEvent(KVEventKind.STORED, tuple(prompt[:3]), "b"),  # b: device only
+            KVEvent(KVEventKind.STORED, tuple(prompt[:9]), "c", KVTier.HOST),  # c: host only
+        ]
+    )
+    for r in "abc":
+        index.heartbeat(r, ReplicaLoad())
+    # the device run alone, as routers without tiers (and older ones) read it
+    assert index.lookup(prompt, ["a", "b", "c"]) == {"a": 4, "b": 3, "c": 0}
+    plain = index.lookup_with_load(prompt, ["a", "b", "c"])
+    assert {r: (m.matched_pages, m.host_pages) for r, m in plain.items()} == {"a": (4, 0), "b": (3, 0), "c": (0, 0)}
+    tiered = index.lookup_with_load(prompt, ["a", "b", "c", "gone"], with_tiers=True)
+    assert {r: (m.matched_pages, m.host_pages) for r, m in tiered.items()} == {"a": (4, 4), "b": (3, 0), "c": (0, 9)}
+    # a removed host entry ends the host run; the device run is untouched
+    index.publish([KVEvent(KVEventKind.REMOVED, (prompt[6],), "a", KVTier.HOST)])
+    assert index.lookup_with_load(prompt, ["a"], with_tiers=True)["a"].host_pages == 2
+    index.clear("c")
+    index.heartbeat("c", ReplicaLoad())
+    assert index.lookup_with_load(prompt, ["c"], with_tiers=True)["c"].host_pages == 0

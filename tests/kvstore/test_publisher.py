@@ -201,3 +201,23 @@ def test_submit_stays_fast_while_redis_hangs(make_index, publishers):
             server.resume()
         pub.submit([stored("a", 500)])
         assert wait_until(lambda: index.lookup([500], ["a"]) == {"a": 1})
+
+
+def test_a_resync_republishes_each_tier_under_its_own_key(make_index, publishers):
+    from kvstore.page_pool import KVTier
+
+    with LocalRedisServer() as server:
+        index = make_index(server=server, **FAST)
+        pub = publishers(index, "a")
+        hashes = page_hashes(list(range(24)), PAGE, "m")
+        pub.submit([stored("a", *hashes[:2]), KVEvent(KVEventKind.STORED, tuple(hashes[2:5]), "a", KVTier.HOST)])
+        assert pub.flush(scaled(2.0))
+
+        def tiers():
+            m = index.lookup_with_load(hashes, ["a"], with_tiers=True).get("a")
+            return m and (m.matched_pages, m.host_pages)
+
+        assert tiers() == (2, 3)
+        server.kill()
+        server.start()
+        assert wait_until(lambda: tiers() == (2, 3), timeout_s=10)

@@ -87,3 +87,22 @@ def test_a_popular_prefix_spreads_once_its_holder_runs_ahead():
 def test_no_candidates_is_an_error():
     with pytest.raises(ValueError):
         choose([], {}, CONFIG)
+
+
+def test_a_host_tier_page_counts_a_little_below_a_device_page():
+    # r0: 10 pages on its device; r1: 10 pages, 4 of them in its host tier; r2: 6 + 6 in host.
+    gpu, host = {"r0": 10, "r1": 6, "r2": 6}, {"r1": 4, "r2": 6}
+    d = choose(views(2, 2, 2), gpu, CONFIG, host_pages=host)
+    assert (d.replica_id, d.reason, d.matched_pages) == ("r2", Reason.PREFIX_HIT, 12)  # 6 + 0.9 * 6 > 10
+    even = {"r0": 10, "r1": 6, "r2": 0}
+    d = choose(views(2, 2, 2), even, CONFIG, host_pages={"r1": 4})
+    assert (d.replica_id, d.matched_pages) == ("r0", 10)  # 10 on the device beat 6 + 0.9 * 4
+    only_host = choose(views(2, 2, 2), {"r0": 0, "r1": 0}, CONFIG, host_pages={"r1": 3})
+    assert (only_host.replica_id, only_host.reason, only_host.matched_pages) == ("r1", Reason.PREFIX_HIT, 3)
+    weightless = RoutingConfig(host_page_weight=0.0)
+    assert choose(views(2, 2, 2), even, weightless, host_pages={"r1": 40}).replica_id == "r0"
+
+
+def test_host_pages_do_not_make_an_overloaded_holder_eligible():
+    d = choose(views(9, 2), {"r0": 2, "r1": 0}, CONFIG, host_pages={"r0": 20})
+    assert (d.replica_id, d.reason) == ("r1", Reason.SPILL)

@@ -1,0 +1,182 @@
+"""`kvfleet bench serve --tiers`: the same workload with {no tier, host tier, host tier + pulls}.
+
+Each variant runs on a fresh local cluster (prefix-aware routing, cold caches) with the workload
+of `kvfleet bench serve`, sized so that the hot prefixes outgrow one replica's page pool (few
+`--num-pages` per replica). Reported per variant: hit rate and TTFT (as `bench serve`), the
+replicas' host-tier and pull counters, and, for the pull variant, the pulls' bandwidth (bytes over
+fetch + check + insert wall time) against the transport's raw bandwidth measured in the same
+cluster: a plain Ray actor call returning as many bytes as a mean pull, with the same object-store
+path the Serve call takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+
+VARIANTS = ("no_tier", "host_tier", "host_tier+pulls")
+
+
+def _raw_bandwidth(num_bytes: int, repeats: int = 7) -> float:
+    """Bytes/s of one Ray actor call returning `num_bytes` bytes (a uint8 array, as a payload's
+    data travels) to this process (median of `repeats`)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Source:
+        def __init__(self, n: int):
+            import numpy as np
+
+            self.data = np.ones(n, dtype=np.uint8)  # as a payload travels: out of band, no pickling
+
+        def get(self):
+            return self.data
+
+    src = Source.remote(num_bytes)
+    ray.get(src.get.remote())  # warm: actor started, first transfer done
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ray.get(src.get.remote())
+        times.append(time.perf_counter() - t0)
+    ray.kill(src)
+    return num_bytes / statistics.median(times)
+
+
+def _transport_bandwidth(config, repeats: int = 5) -> dict:
+    """The pull path on idle replicas: one replica computes a prompt of max_model_len / 2 tokens,
+    then `export_pages` calls pinned to it (the Serve call a pull makes, the holder's read and the
+    reply) move its pages here; against a raw Ray actor call of as many bytes."""
+    import random
+
+    import ray
+    from ray import serve
+
+    from kvstore.hashing import page_hashes
+    from kvstore.transport import payload_bytes
+    from workers.request import GenerateRequest, SamplingParams
+
+    prefix = f"SERVE_REPLICA::{config.app_name}#TargetWorker#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    holder = sorted(n[len(prefix) :] for n in names)[0]
+    rng = random.Random(1)
+    prompt = [rng.randrange(3, 500) for _ in range(config.engine.max_model_len // 2)] + [7]
+    hashes = page_hashes(prompt, config.engine.page_size, config.model_id)
+    handle = serve.get_deployment_handle("TargetWorker", app_name=config.app_name)
+    request = GenerateRequest(prompt, SamplingParams(max_tokens=1))
+    list(handle.options(stream=True).generate.remote(request, page_hashes=hashes, pin_replica=holder))
+    times, size = [], 0
+    for _ in range(repeats + 1):  # the first call warms this handle
+        t0 = time.perf_counter()
+        payload = handle.export_pages.remote(hashes, pin_replica=holder).result(timeout_s=60)
+        times.append(time.perf_counter() - t0)
+        size = payload_bytes(payload)
+    serve_bw = size / statistics.median(times[1:])
+    raw_bw = _raw_bandwidth(size)
+    return dict(
+        idle_export_bytes=size,
+        idle_export_pages=payload.num_pages,
+        idle_export_bandwidth_bytes_s=serve_bw,
+        raw_ray_call_bandwidth_bytes_s=raw_bw,
+        idle_export_vs_raw=serve_bw / raw_bw,
+    )
+
+
+def _replica_figures(app_name: str) -> dict:
+    """Sum of every TargetWorker replica's tier and pull counters (each asked by a pinned call)."""
+    import ray
+    from ray import serve
+
+    prefix = f"SERVE_REPLICA::{app_name}#TargetWorker#"
+    ids = [
+        a["name"][len(prefix) :]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(prefix)
+    ]
+    handle = serve.get_deployment_handle("TargetWorker", app_name=app_name)
+    out = dict(host_stored_pages=0, host_restored_pages=0, pulls=0, pulled_pages=0, pulled_bytes=0, pull_time_s=0.0)
+    fallbacks: dict[str, int] = {}
+    for rid in ids:
+        st = handle.stats.remote(pin_replica=rid).result(timeout_s=60)
+        out["host_stored_pages"] += st.num_host_stored_pages
+        out["host_restored_pages"] += st.num_host_restored_pages
+        pulls = handle.pull_stats.remote(pin_replica=rid).result(timeout_s=60)
+        if pulls is not None:
+            out["pulls"] += pulls.num_pulls
+            out["pulled_pages"] += pulls.num_pages
+            out["pulled_bytes"] += pulls.num_bytes
+            out["pull_time_s"] += pulls.time_s
+            for reason, n in pulls.fallbacks.items():
+                fallbacks[reason] = fallbacks.get(reason, 0) + n
+    out["pull_fallbacks"] = fallbacks
+    return out
+
+
+def _run_variant(variant: str, args) -> dict:
+    from cluster.bench.serve import _report, _run_workload
+    from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, RayConfig, TargetConfig
+    from cluster.local import ServeCluster
+    from workers.config import KVTransferConfig
+    from workers.models.config import ModelConfig
+
+    engine = dict(
+        device=args.device,
+        max_model_len=args.max_model_len,
+        num_pages=args.num_pages,
+        host_kv_cache_gib=args.host_kv_cache_gib if variant != "no_tier" else 0.0,
+    )
+    config = ClusterConfig.local(args.model, **engine).model_copy(
+        update={
+            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus),
+            "ingress": IngressConfig(replicas=1, num_cpus=0.25),
+            "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
+            "ray": RayConfig(num_cpus=max(4, args.replicas + 2), dashboard_port=0),
+            "kv_transfer": KVTransferConfig(enabled=variant == "host_tier+pulls", timeout_s=5.0),
+        }
+    )
+    vocab = ModelConfig.from_dir(args.model).vocab_size
+    print(f"[{variant}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
+    with ServeCluster(config, progress=lambda m: None) as cluster:
+        turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
+        figures = _replica_figures(config.app_name)
+        if figures["pulls"]:
+            # in the run: wall time of each pull, including the wait for the holder's and the
+            # puller's current engine step (on CPU a step runs on the replica's event loop)
+            figures["pull_bandwidth_bytes_s"] = figures["pulled_bytes"] / figures["pull_time_s"]
+            mean_bytes = figures["pulled_bytes"] // figures["pulls"]
+            figures["mean_pull_bytes"] = mean_bytes
+            figures["raw_ray_call_bandwidth_bytes_s_at_mean_pull"] = raw = _raw_bandwidth(mean_bytes)
+            figures["pull_vs_raw"] = figures["pull_bandwidth_bytes_s"] / raw
+        if config.kv_transfer.enabled:
+            figures |= _transport_bandwidth(config)
+    report = _report(variant, turns, elapsed) | {"tiers": figures}
+    print(
+        f"[{variant}] {report['requests']} requests in {elapsed:.1f} s, hit rate {report['cache_hit_rate']:.1%}, "
+        f"mean TTFT {report['ttft_s']['mean'] * 1e3:.0f} ms, {figures}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return report
+
+
+def run_tiers(args) -> dict:
+    from cluster.bench.serve import _table
+
+    reports = [_run_variant(v, args) for v in (args.variants or VARIANTS)]
+    print(_table(reports))
+    base = reports[0]
+    if len(reports) < 2:
+        return {"results": reports}
+    ratios = {
+        r["policy"]: {
+            "ttft_mean_x_lower": base["ttft_s"]["mean"] / r["ttft_s"]["mean"] if r["ttft_s"]["mean"] else None,
+            "ttft_p90_x_lower": base["ttft_s"]["p90"] / r["ttft_s"]["p90"] if r["ttft_s"]["p90"] else None,
+            "hit_rate": r["cache_hit_rate"],
+        }
+        for r in reports[1:]
+    }
+    for name, r in ratios.items():
+        print(f"{name} vs no_tier: mean TTFT {r['ttft_mean_x_lower']:.2f}x lower, hit rate {r['hit_rate']:.1%}")
+    return {"results": reports, "vs_no_tier": ratios}

@@ -1,0 +1,72 @@
+"""The host-memory tier under the KV-cache manager, on small CPU tensors: what is copied where,
+the host LRU, pins during a restore, and that neither pool keeps a reference afterwards."""
+
+import torch
+
+from kvstore.page_pool import KVTier, PagePool
+from workers.kv_cache_manager import KVCacheManager, PageLocation
+from workers.kv_tiers import HostTier
+from workers.request import SamplingParams
+from workers.runner.kv_pages import KVPages
+from workers.sequence import Sequence
+
+PS = 2
+
+
+def setup(device_pages=6, host_pages=4):
+    k = [torch.zeros(device_pages, PS, 1, 2) for _ in range(2)]
+    v = [torch.zeros(device_pages, PS, 1, 2) for _ in range(2)]
+    device = KVPages(k, v)
+    host = HostTier(device, host_pages, PS, "r")
+    kv = KVCacheManager(PagePool(device_pages, PS, replica_id="r"), "m", host)
+    return device, host, kv
+
+
+def run(kv, device, tokens, rid):
+    """Admit, 'compute' (write each page's KV as its first token id), commit and free a sequence."""
+    seq = Sequence(rid, tokens, SamplingParams())
+    n = (len(tokens) - 1) // PS
+    hit = kv.lookup(seq, n)
+    assert kv.allocate(seq, len(tokens), hit)
+    for i in range(hit.num_pages, len(seq.block_table)):
+        for t in device.k + device.v:
+            t[seq.block_table[i]] = float(tokens[i * PS])
+    kv.commit(seq, len(tokens))
+    pages = list(seq.block_table)
+    kv.free(seq)
+    return hit, pages
+
+
+def test_evicted_pages_go_to_host_and_come_back_with_their_kv():
+    device, host, kv = setup()
+    a = [10, 11, 12, 13, 14, 15, 9]  # 3 full pages
+    run(kv, device, a, "a")
+    run(kv, device, [20, 21, 22, 23, 24, 25, 9], "b")  # 6 pages in all: a's pages are evicted
+    run(kv, device, [30, 31, 32, 33, 9], "c")
+    assert host.stats().num_stored_pages >= 3
+    hit, pages = run(kv, device, a, "a2")
+    assert hit.locations == [PageLocation.HOST] * 3
+    assert [device.k[0][p, 0, 0, 0].item() for p in pages[:3]] == [10.0, 12.0, 14.0]
+    assert host.stats().num_restored_pages == 3
+    again, _ = run(kv, device, a, "a3")
+    assert again.locations == [PageLocation.GPU] * 3  # cached on the device again
+    assert all(rc == 0 for rc in host.pool.ref_counts) and all(rc == 0 for rc in kv.pool.ref_counts)
+    events = host.take_events()
+    assert events and all(e.tier is KVTier.HOST for e in events)
+
+
+def test_a_mixed_hit_restores_its_host_pages_pinned_against_host_eviction():
+    device, host, kv = setup(device_pages=4, host_pages=1)
+    run(kv, device, [1, 2, 3, 4, 9], "a")  # 2 full pages + 1
+    run(kv, device, [5, 6, 7, 8, 9], "b")  # evicts a's tail page (released first) into the 1 host page
+    seq = Sequence("a2", [1, 2, 3, 4, 9], SamplingParams())
+    hit = kv.lookup(seq, 2)
+    assert hit.locations == [PageLocation.GPU, PageLocation.HOST]
+    stored = host.stats().num_stored_pages
+    # the allocation evicts b's pages; the host tier's only page is a's, pinned: b's are not stored
+    assert kv.allocate(seq, 5, hit)
+    assert host.stats().num_stored_pages == stored
+    assert [device.k[0][p, 0, 0, 0].item() for p in seq.block_table[:2]] == [1.0, 3.0]
+    assert host.lookup(kv.hashes(seq, 2)[1]) is not None
+    kv.free(seq)
+    assert all(rc == 0 for rc in host.pool.ref_counts) and all(rc == 0 for rc in kv.pool.ref_counts)

@@ -1,0 +1,116 @@
+"""Pulls between two engines in one process through an in-process `PageTransport`: the cost model,
+the deadline, and every fault (slow or dead holder, mismatched or evicted pages, no index) leave
+the request served with identical greedy output, counted, and no page held on either side
+(conftest.make_engine checks the pools at teardown)."""
+
+import asyncio
+import dataclasses
+import random
+
+from kvstore.hashing import page_hashes
+from kvstore.transport import PullFailure, TransportError
+from workers.config import KVTransferConfig
+from workers.kv_transfer import KVPuller
+from workers.request import GenerateRequest, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
+FAST = KVTransferConfig(enabled=True, timeout_s=2.0, assumed_bandwidth_gib_s=100.0, assumed_prefill_tokens_s=10.0)
+
+
+def ids(n, seed=0):
+    rng = random.Random(seed)
+    return [rng.randrange(3, 512) for _ in range(n)]
+
+
+class InProcess:
+    """A transport to engines of this process; `tamper` changes what the holder sends."""
+
+    def __init__(self, engines, delay_s=0.0, tamper=None, fail=None):
+        self.engines, self.delay_s, self.tamper, self.fail = engines, delay_s, tamper, fail
+        self.calls = 0
+
+    async def fetch(self, replica_id, hashes, timeout_s):
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        payload = await self.engines[replica_id].export_pages(list(hashes))
+        await asyncio.sleep(self.delay_s)
+        return self.tamper(payload) if self.tamper else payload
+
+
+async def setup(make_engine, **transport):
+    holder, puller = make_engine(replica_id="A"), make_engine(replica_id="B")
+    prompt = [*ids(64, seed=11), 3]
+    await holder.complete(GenerateRequest(prompt, GREEDY))
+    request = GenerateRequest(prompt, GREEDY, page_hashes=page_hashes(prompt, 4, puller.model_id))
+    return holder, puller, request, InProcess({"A": holder}, **transport)
+
+
+def located(answer):
+    async def locate(hashes):
+        return None if answer is None else dict(answer)
+
+    return locate
+
+
+async def test_a_pull_inserts_the_holders_pages_and_the_output_is_identical(make_engine):
+    holder, puller, request, transport = await setup(make_engine)
+    p = KVPuller(puller, transport, located({"A": 16, "B": 0}), FAST)
+    assert await p.prepare(request) == 16
+    out = await puller.complete(dataclasses.replace(request, request_id="r2"))
+    ref = await holder.complete(dataclasses.replace(request, request_id="r3"))
+    assert out.num_cached_prompt_tokens == 64 and out.token_ids == ref.token_ids
+    assert (p.stats.num_pulls, p.stats.num_pages) == (1, 16)
+    assert p.stats.num_bytes == 16 * puller.page_io.layout.page_bytes and p.stats.bandwidth_bytes_s > 0
+    assert not any(p.stats.fallbacks.values())
+    assert await p.prepare(dataclasses.replace(request, request_id="r4")) == 0  # held now: no call
+    assert transport.calls == 1
+
+
+async def test_the_cost_model_recomputes_when_moving_pages_is_predicted_slower(make_engine):
+    _holder, puller, request, transport = await setup(make_engine)
+    slow_link = KVTransferConfig(enabled=True, assumed_bandwidth_gib_s=1e-6, assumed_prefill_tokens_s=1e6)
+    p = KVPuller(puller, transport, located({"A": 16}), slow_link)
+    assert await p.prepare(request) == 0
+    assert p.stats.fallbacks["not_worth"] == 1 and transport.calls == 0
+
+
+async def test_faults_fall_back_to_recompute_and_are_counted(make_engine):
+    holder, puller, request, _ = await setup(make_engine)
+    ref = await holder.complete(dataclasses.replace(request, request_id="ref"))
+
+    def wrong_hashes(payload):
+        return dataclasses.replace(payload, hashes=tuple(h ^ 1 for h in payload.hashes))
+
+    cases = [
+        (InProcess({"A": holder}, delay_s=1.0), located({"A": 16}), "timeout"),
+        (InProcess({}, fail=ConnectionError("holder died")), located({"A": 16}), "error"),
+        (InProcess({}, fail=TransportError(PullFailure.ERROR, "actor died")), located({"A": 16}), "error"),
+        (InProcess({"A": holder}, tamper=wrong_hashes), located({"A": 16}), "mismatch"),
+        (InProcess({"A": holder}), located(None), "index_down"),
+    ]
+    config = FAST.model_copy(update={"timeout_s": 0.2})
+    for i, (transport, locate, reason) in enumerate(cases):
+        p = KVPuller(puller, transport, locate, config)
+        assert await p.prepare(dataclasses.replace(request, request_id=f"p{i}")) == 0, reason
+        assert p.stats.fallbacks[reason] == 1, reason
+        assert puller.kv_cache.held_run(request.page_hashes) == 0
+    out = await puller.complete(dataclasses.replace(request, request_id="served"))
+    assert out.num_cached_prompt_tokens == 0 and out.token_ids == ref.token_ids
+    assert holder.pool.num_free_pages == holder.pool.num_pages
+
+
+async def test_pages_evicted_on_the_holder_between_lookup_and_pull_are_recomputed(make_engine):
+    holder, puller, request, transport = await setup(make_engine)
+    holder.pool.reset_prefix_cache()  # the holder evicted everything after the index said it held it
+    p = KVPuller(puller, transport, located({"A": 16}), FAST)
+    assert await p.prepare(request) == 0
+    assert p.stats.fallbacks["evicted"] == 1
+    # a partial answer: the holder keeps 8 of the 16 pages; those 8 are pulled, the rest computed
+    half = [*ids(64, seed=11)[:32], 3]
+    await holder.complete(GenerateRequest(half, GREEDY))
+    p2 = KVPuller(puller, transport, located({"A": 16}), FAST)
+    assert await p2.prepare(dataclasses.replace(request, request_id="again")) == 8
+    assert p2.stats.fallbacks["evicted"] == 1
+    out = await puller.complete(dataclasses.replace(request, request_id="served"))
+    assert out.num_cached_prompt_tokens == 32

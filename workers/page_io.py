@@ -1,0 +1,85 @@
+"""Page bytes in and out of an engine's KV cache: the engine side of pulls between replicas.
+
+`PageIO.export` answers a pull: the leading run of asked page hashes this replica holds, on the
+device or in its host tier, as a `PagePayload` (kvstore/transport.py) under this replica's model
+id and page layout, read while the KV-cache manager holds a reference on every page (so no
+eviction can take one mid-read). `PageIO.insert` takes a checked payload and caches its pages in
+the device pool, as if computed here. Both run between engine steps (the engine sees to that).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from kvstore.hashing import PageHash
+from kvstore.transport import PageLayout, PagePayload
+from workers.kv_cache_manager import KVCacheManager
+from workers.kv_tiers import HostTier
+from workers.runner.kv_pages import KVPages
+
+
+class PageIO:
+    def __init__(
+        self, kv_cache: KVCacheManager, device: KVPages, host: HostTier | None, model_id: str, replica_id: str
+    ):
+        self.kv_cache = kv_cache
+        self.device = device
+        self.host = host
+        self.model_id = model_id
+        self.replica_id = replica_id
+        self.layout: PageLayout = device.layout(kv_cache.page_size)
+        self.num_exported_pages = 0
+        self.num_inserted_pages = 0
+
+    def export(self, hashes: list[PageHash]) -> PagePayload:
+        def read(device_pages: list[int], host_pages: list[int], on_device: list[bool]) -> bytes:
+            parts = []
+            if device_pages:
+                parts.append(self.device.gather(device_pages))
+            if host_pages:
+                parts.append(self.host.host.gather(host_pages))
+            data = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+            if len(parts) > 1:  # back into the run's order
+                d = iter(range(len(device_pages)))
+                h = iter(range(len(device_pages), len(on_device)))
+                order = [next(d) if dev else next(h) for dev in on_device]
+                data = data[:, :, order]
+            return _to_buffer(data)
+
+        n, data = self.kv_cache.export(hashes, read)
+        self.num_exported_pages += n
+        return PagePayload(self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data)
+
+    def insert(self, payload: PagePayload, hashes: list[PageHash], start: int) -> int:
+        """Cache `payload`'s pages (checked: they are `hashes[start:start + n]`) after the run
+        `hashes[:start]`. Returns how many went in."""
+        n = payload.num_pages
+        if not n:
+            return 0
+        lay = self.layout
+        shape = (lay.num_layers, 2, n, lay.page_size, lay.num_kv_heads, lay.head_dim)
+        data = _from_buffer(payload.data, self.device.k[0].dtype, shape)
+
+        def write(pages: list[int], payload_pages: list[int]) -> None:
+            self.device.scatter(pages, data[:, :, payload_pages])
+
+        inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write)
+        self.num_inserted_pages += inserted
+        return inserted
+
+
+def _to_buffer(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bytes as a flat uint8 array sharing its memory: Ray moves a numpy array
+    without pickling it (out of band, into the object store), so a payload costs one copy there."""
+    return t.contiguous().view(torch.uint8).reshape(-1).numpy()
+
+
+def _from_buffer(data, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A read-only view of a payload's bytes (a Ray object-store buffer, or bytes) as a tensor."""
+    with warnings.catch_warnings():  # the buffer is read-only, and only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8))
+    return raw.view(dtype).view(shape)

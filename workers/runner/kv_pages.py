@@ -1,0 +1,91 @@
+"""KV pages as tensors: read and write whole pages of a set of per-layer k/v caches.
+
+`KVPages` wraps the k and v tensors of every attention layer (shape [num_pages, page_size,
+num_kv_heads, head_dim] each): the model's device cache (`KVPages.of_model`), or a host-memory
+copy of the same layout (`KVPages.host`, pinned on CUDA so copies to and from it can run
+asynchronously). Pages move between two of them by index (`copy_pages`), or leave as one
+contiguous tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim] (`gather`) and come back
+from one (`scatter`): the layout a page travels in between replicas (kvstore/transport.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvstore.transport import PageLayout
+
+
+class KVPages:
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        if not k or len(k) != len(v):
+            raise ValueError("KVPages needs one k and one v tensor per layer")
+        self.k = k
+        self.v = v
+        self.device = k[0].device
+
+    @classmethod
+    def of_model(cls, model) -> KVPages:
+        layers = list(model.attention_layers())
+        return cls([a.k_cache for a in layers], [a.v_cache for a in layers])
+
+    @classmethod
+    def host(cls, like: KVPages, num_pages: int) -> KVPages:
+        """A host-memory pool of `num_pages` pages in the layout of `like` (pinned when `like` is on CUDA)."""
+        pin = like.device.type == "cuda"
+        shape = (num_pages, *like.k[0].shape[1:])
+        dtype = like.k[0].dtype
+
+        def make():
+            return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+        return cls([make() for _ in like.k], [make() for _ in like.v])
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    def layout(self, page_size: int) -> PageLayout:
+        t = self.k[0]
+        return PageLayout(len(self.k), page_size, t.shape[2], t.shape[3], str(t.dtype).removeprefix("torch."))
+
+    def page_bytes(self) -> int:
+        t = self.k[0]
+        return 2 * len(self.k) * t[0].numel() * t.element_size()
+
+    def _index(self, pages: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(list(pages), dtype=torch.long, device=self.device)
+
+    def gather(self, pages: Sequence[int]) -> torch.Tensor:
+        """Pages `pages` as one CPU tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim]."""
+        idx = self._index(pages)
+        t = self.k[0]
+        out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):  # one copy, into place
+            torch.index_select(k, 0, idx, out=out[i, 0])
+            torch.index_select(v, 0, idx, out=out[i, 1])
+        return out.cpu()
+
+    def scatter(self, pages: Sequence[int], data: torch.Tensor) -> None:
+        """Write `data` (as `gather` returns it) into pages `pages`."""
+        idx = self._index(pages)
+        data = data.to(self.device)
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            k.index_copy_(0, idx, data[i, 0])
+            v.index_copy_(0, idx, data[i, 1])
+
+
+def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: Sequence[int]) -> None:
+    """Copy pages `src_pages` of `src` into pages `dst_pages` of `dst`, layer by layer.
+
+    The copies are synchronous: a copy to the host is complete when this returns, before the
+    step that reuses the device pages overwrites them. (Overlapping them on a side stream with
+    events is the GPU follow-up; on CPU there is nothing to overlap.)"""
+    if not src_pages:
+        return
+    si = torch.tensor(list(src_pages), dtype=torch.long, device=src.device)
+    di = torch.tensor(list(dst_pages), dtype=torch.long, device=dst.device)
+    for s, d in ((src.k, dst.k), (src.v, dst.v)):
+        for a, b in zip(s, d, strict=True):
+            b.index_copy_(0, di, a.index_select(0, si).to(dst.device))

@@ -1,0 +1,98 @@
+"""The Ray side of pulls between TargetWorker replicas: the `PageTransport` over Serve calls, and
+where the holders are (the page index).
+
+`RayPageTransport.fetch` calls `TargetWorker.export_pages` on the named replica through a handle
+to the replica's own deployment, pinned by the `pin_replica` keyword (the deployment's request
+router honours it: router/prefix_router.py). The reply names the replica that answered; an
+answer from another (the holder has gone, so the call was routed elsewhere) is refused. On a
+deadline the call is cancelled.
+
+`IndexLocator` answers "who holds how many of these leading pages" from the shared page index:
+the live replicas (a SCAN of heartbeats, re-read every `replicas_refresh_s` off the event loop)
+and one lookup with tiers (device run + host tier). None when the index does not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from kvstore.hashing import PageHash
+from kvstore.index import AsyncPageIndex, IndexConfig, PageIndex
+from kvstore.transport import PagePayload, PullFailure, TransportError
+
+logger = logging.getLogger(__name__)
+
+PIN_REPLICA_KWARG = "pin_replica"  # router/prefix_router.py reads the same keyword
+
+
+class RayPageTransport:
+    def __init__(self, handle_factory):
+        """`handle_factory()`: a DeploymentHandle to the TargetWorker deployment (made on first use:
+        a replica cannot get a handle to its own deployment while it is being constructed)."""
+        self._factory = handle_factory
+        self._handle = None
+
+    async def warm(self, replica_id: str) -> None:
+        """Make the handle and send one empty export to `replica_id` (this replica), so that the
+        first pull does not pay for the handle's and its router's start (hundreds of ms)."""
+        with contextlib.suppress(Exception):
+            await self.fetch(replica_id, [], 60.0)
+
+    async def fetch(self, replica_id: str, hashes: Sequence[PageHash], timeout_s: float) -> PagePayload:
+        if self._handle is None:
+            self._handle = self._factory()
+        response = self._handle.export_pages.remote(list(hashes), **{PIN_REPLICA_KWARG: replica_id})
+        try:
+            payload = await asyncio.wait_for(_await(response), timeout_s)
+        except TimeoutError:
+            response.cancel()
+            raise
+        except Exception as e:
+            raise TransportError(PullFailure.ERROR, f"export_pages on {replica_id} failed: {e!r}") from e
+        if not isinstance(payload, PagePayload) or payload.replica_id != replica_id:
+            got = getattr(payload, "replica_id", type(payload).__name__)
+            raise TransportError(PullFailure.ERROR, f"asked {replica_id} for pages, {got} answered (holder gone?)")
+        return payload
+
+
+async def _await(response):
+    return await response
+
+
+class IndexLocator:
+    def __init__(self, index_config: IndexConfig, model_id: str, replica_id: str, refresh_s: float):
+        self._sync = PageIndex(index_config, model_id)
+        self._async: AsyncPageIndex | None = None
+        self._config = index_config
+        self._model_id = model_id
+        self._replica_id = replica_id
+        self._refresh_s = refresh_s
+        self._replicas: list[str] = []
+        self._read_at = -1e9
+
+    async def __call__(self, hashes: Sequence[PageHash]) -> dict[str, int] | None:
+        if time.monotonic() - self._read_at > self._refresh_s:
+            try:
+                live = await asyncio.to_thread(self._sync.live_replicas)
+            except Exception as e:  # Redis down: nobody known to hold anything
+                logger.debug("live replicas unreadable: %r", e)
+                return None
+            self._replicas = [r for r in live if r != self._replica_id]
+            self._read_at = time.monotonic()
+        if not self._replicas:
+            return {}
+        if self._async is None:  # its connections belong to this event loop
+            # A routing lookup must answer in 20 ms; this one saves a recompute of many ms: more budget.
+            budget = self._config.model_copy(update={"timeout_ms": max(self._config.timeout_ms, 200.0)})
+            self._async = AsyncPageIndex(budget, self._model_id)
+        matches = await self._async.try_lookup_with_load(hashes, self._replicas, with_tiers=True)
+        if matches is None:
+            return None
+        return {r: m.matched_pages + m.host_pages for r, m in matches.items()}
+
+    def close(self) -> None:
+        self._sync.close()
