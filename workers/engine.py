@@ -42,7 +42,7 @@ from workers.request import (
     ResourceExhaustedError,
     TokenDelta,
 )
-from workers.runner.config import resolve_device, resolve_max_model_len
+from workers.runner.config import apply_cpu_threads, resolve_device, resolve_max_model_len
 from workers.runner.model_runner import StepResult, build_runner
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.sequence import Sequence
@@ -75,6 +75,7 @@ class Engine:
         self.model_config = ModelConfig.from_dir(config.model)
         self.model_id = config.served_model_id
         self.device = resolve_device(config.device)
+        apply_cpu_threads(config.cpu_threads)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
         self.ranks = None  # ranks 1..n-1 of a tensor-parallel group (workers/group.py)
         tp = None

@@ -96,6 +96,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def apply_cpu_threads(num_threads: int | None) -> None:
+    """Give this process's torch `num_threads` CPU threads (None: leave torch's default). Process-wide:
+    a replica is one process, and its reserved cores are what its CPU kernels should use."""
+    if num_threads is not None and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
