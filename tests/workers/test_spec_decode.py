@@ -290,7 +290,9 @@ async def test_sampled_tokens_follow_the_target_distribution_with_proposals_comp
 
     async def sample(engine):
         reqs = [
-            engine.complete(GenerateRequest(prompt, SamplingParams(max_tokens=6, ignore_eos=True, seed=i, temperature=1.0, top_k=4)))
+            engine.complete(
+                GenerateRequest(prompt, SamplingParams(max_tokens=6, ignore_eos=True, seed=i, temperature=1.0, top_k=4))
+            )
             for i in range(n)
         ]
         return [tuple(o.token_ids[2:4]) for o in await asyncio.gather(*reqs)]
