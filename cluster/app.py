@@ -45,7 +45,7 @@ def build_app(config: ClusterConfig) -> Application:
         placement = dict(
             placement_group_bundles=[per_rank] * target.tensor_parallel_size, placement_group_strategy="STRICT_PACK"
         )
-    engine, draft_args = _with_cpu_threads(config.worker_engine, target.num_cpus), {}
+    engine, draft_args = with_cpu_threads(config.worker_engine, target.num_cpus), {}
     if config.draft is not None:
         draft_router = RequestRouterConfig(
             request_router_class=StickyPrefixRouter,
@@ -66,12 +66,17 @@ def build_app(config: ClusterConfig) -> Application:
                 config.draft.num_cpus, _gpus(config.draft.num_gpus, config.engine.device), config.draft.ray_resources
             ),
         ).bind(
-            _with_cpu_threads(config.draft.engine_config(config.engine), config.draft.num_cpus),
+            with_cpu_threads(config.draft.engine_config(config.engine), config.draft.num_cpus),
             config.draft.num_speculative_tokens,
             config.index,
         )
         engine = engine.model_copy(update={"speculative": config.draft.speculative()})
-        draft_args = dict(draft=draft, draft_timeout_s=config.draft.timeout_s, draft_model_id=config.draft_model_id)
+        draft_args = dict(
+            draft=draft,
+            draft_timeout_s=config.draft.timeout_s,
+            draft_model_id=config.draft_model_id,
+            draft_lookahead=config.draft.lookahead,
+        )
     worker = serve.deployment(
         TargetWorker,
         name="TargetWorker",
@@ -104,7 +109,7 @@ def _gpus(configured: float | None, device: str) -> float:
     return 1.0 if device.startswith("cuda") else 0.0
 
 
-def _with_cpu_threads(engine: EngineConfig, num_cpus: float) -> EngineConfig:
+def with_cpu_threads(engine: EngineConfig, num_cpus: float) -> EngineConfig:
     """The engine of a replica that reserves `num_cpus`: `engine.cpu_threads` if set, else one torch
     thread per whole reserved CPU (None below one: torch's default, which Ray sets to 1)."""
     if engine.cpu_threads is not None or num_cpus < 1:

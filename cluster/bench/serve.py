@@ -256,10 +256,12 @@ def _run_policy(policy: str, args) -> dict:
     from workers.models.config import ModelConfig
 
     model = args.model
-    engine = dict(device=args.device, max_model_len=args.max_model_len, num_pages=args.num_pages)
+    engine = dict(
+        device=args.device, max_model_len=args.max_model_len, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs
+    )
     config = ClusterConfig.local(model, **engine).model_copy(
         update={
-            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus),
+            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus),
             "ingress": IngressConfig(replicas=1, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
             "ray": RayConfig(num_cpus=max(4, args.replicas + 2), dashboard_port=0),
@@ -352,6 +354,13 @@ def add_serve_parser(bench_subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--worker-cpus", type=float, default=0.5, help="Ray CPUs per TargetWorker replica")
+    p.add_argument(
+        "--worker-gpus",
+        type=float,
+        default=None,
+        help="Ray GPUs per TargetWorker replica (e.g. 0.25: four replicas share one GPU); default: 1 on CUDA",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one engine step")
     p.add_argument("--policy", choices=POLICIES, default="prefix_aware")
     p.add_argument("--compare", action="store_true", help="run every policy on the same workload")
     p.add_argument("--system-prompts", type=int, default=3)
