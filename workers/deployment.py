@@ -174,6 +174,8 @@ def draft_submit(handle, direct: bool = True):
 class _ActorCall:
     """A direct call in flight (the `PendingCall` of workers/spec/draft_client.py)."""
 
+    direct = True
+
     def __init__(self, ref):
         self.ref = ref
 

@@ -69,6 +69,7 @@ class DraftClientStats:
     num_calls: int = 0
     num_pinned_calls: int = 0
     num_routed_calls: int = 0  # unpinned: routed by page hashes
+    num_direct_calls: int = 0  # pinned calls (lookahead ones included) sent straight to the replica's actor
     num_failed_calls: int = 0  # raised, timed out, or answered malformed
     num_moved: int = 0  # sequences answered by another replica than their pin (it had gone)
     num_dropped: int = 0  # assignments dropped because their replica's call failed
@@ -157,6 +158,9 @@ class DraftRoutes:
 
 
 class PendingCall(Protocol):
+    """A call in flight (a DeploymentResponse, or a direct call on a replica's actor, which says
+    so with a true `direct` attribute)."""
+
     def result(self, timeout_s: float | None = None) -> Any: ...
 
     def cancel(self) -> None: ...
@@ -275,6 +279,7 @@ class RoutedDraftProposer:
         for call in self.routes.plan_ahead(seqs, tokens, num_tokens):
             try:
                 pending: PendingCall | Exception = self.submit(call)
+                self.stats.num_direct_calls += getattr(pending, "direct", False) is True
             except Exception as exc:
                 pending = exc
             sent = _AheadCall(call, pending)
@@ -294,6 +299,7 @@ class RoutedDraftProposer:
         for call in calls:
             try:
                 pending.append((call, self.submit(call)))
+                self.stats.num_direct_calls += getattr(pending[-1][1], "direct", False) is True
             except Exception as exc:
                 pending.append((call, exc))
         answered = 0
