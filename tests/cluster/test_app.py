@@ -67,3 +67,29 @@ def test_gpus_follow_the_device_unless_configured(model_dirs):
     assert gpus("cuda") == 1.0 and gpus("cuda:0") == 1.0 and gpus("cpu") == 0.0
     assert gpus("auto") == 0.0  # this machine's Ray (if any) has no GPUs: 'auto' runs on CPU
     assert gpus("cpu", num_gpus=0.5) == 0.5
+
+
+def test_replicas_use_a_torch_thread_per_reserved_cpu_unless_cpu_threads_is_set(model_dirs):
+    cfg = config(model_dirs["llama"], num_cpus=2).model_copy(
+        update={"draft": DraftConfig(model=str(model_dirs["llama"]), num_cpus=3)}
+    )
+    worker = worker_deployment(cfg)
+    draft = worker.init_kwargs["draft"]._bound_deployment
+    assert worker.init_args[0].cpu_threads == 2 and draft.init_args[0].cpu_threads == 3
+    assert worker.init_kwargs["draft_lookahead"] is True
+    assert worker_deployment(config(model_dirs["llama"], num_cpus=0.5)).init_args[0].cpu_threads is None  # torch's
+    pinned = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"cpu_threads": 1})})
+    assert worker_deployment(pinned).init_args[0].cpu_threads == 1
+
+
+def test_an_engine_runs_with_its_cpu_threads(model_dirs):
+    import torch
+
+    from workers.engine import Engine
+
+    before = torch.get_num_threads()
+    try:
+        Engine(EngineConfig(model=str(model_dirs["llama"]), device="cpu", num_pages=64, cpu_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
