@@ -28,6 +28,7 @@ from cluster.config import ClusterConfig
 from router.ingress import GRPC_SERVICER_FUNCTIONS
 from router.openai_api import OpenAIIngress
 from router.prefix_router import PrefixAwareRouter, RoundRobinRouter, StickyPrefixRouter
+from workers.config import EngineConfig
 from workers.deployment import DraftWorker, TargetWorker
 
 
@@ -44,7 +45,7 @@ def build_app(config: ClusterConfig) -> Application:
         placement = dict(
             placement_group_bundles=[per_rank] * target.tensor_parallel_size, placement_group_strategy="STRICT_PACK"
         )
-    engine, draft_args = config.worker_engine, {}
+    engine, draft_args = with_cpu_threads(config.worker_engine, target.num_cpus), {}
     if config.draft is not None:
         draft_router = RequestRouterConfig(
             request_router_class=StickyPrefixRouter,
@@ -64,9 +65,18 @@ def build_app(config: ClusterConfig) -> Application:
             ray_actor_options=_actor_options(
                 config.draft.num_cpus, _gpus(config.draft.num_gpus, config.engine.device), config.draft.ray_resources
             ),
-        ).bind(config.draft.engine_config(config.engine), config.draft.num_speculative_tokens, config.index)
+        ).bind(
+            with_cpu_threads(config.draft.engine_config(config.engine), config.draft.num_cpus),
+            config.draft.num_speculative_tokens,
+            config.index,
+        )
         engine = engine.model_copy(update={"speculative": config.draft.speculative()})
-        draft_args = dict(draft=draft, draft_timeout_s=config.draft.timeout_s, draft_model_id=config.draft_model_id)
+        draft_args = dict(
+            draft=draft,
+            draft_timeout_s=config.draft.timeout_s,
+            draft_model_id=config.draft_model_id,
+            draft_lookahead=config.draft.lookahead,
+        )
     if config.kv_transfer.enabled:
         draft_args["kv_transfer"] = config.kv_transfer
     worker = serve.deployment(
@@ -99,6 +109,14 @@ def _gpus(configured: float | None, device: str) -> float:
 
         return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     return 1.0 if device.startswith("cuda") else 0.0
+
+
+def with_cpu_threads(engine: EngineConfig, num_cpus: float) -> EngineConfig:
+    """The engine of a replica that reserves `num_cpus`: `engine.cpu_threads` if set, else one torch
+    thread per whole reserved CPU (None below one: torch's default, which Ray sets to 1)."""
+    if engine.cpu_threads is not None or num_cpus < 1:
+        return engine
+    return engine.model_copy(update={"cpu_threads": int(num_cpus)})
 
 
 def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:

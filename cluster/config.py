@@ -72,6 +72,11 @@ class DraftConfig(_Section):
     adaptive: bool = Field(True, description="Choose k per step from the measured acceptance rate and draft cost.")
     max_batch_size: int = Field(32, ge=1, description="Decodes in a step above which targets do not speculate.")
     timeout_s: float = Field(0.5, gt=0, description="A proposal call slower than this is dropped for that step.")
+    lookahead: bool = Field(
+        True,
+        description="While the target verifies a step, its draft replicas already propose for the next one "
+        "(assuming the whole proposal accepted); a guess that does not fit costs only the draft's work.",
+    )
     retry_after_s: float = Field(5.0, gt=0, description="After a failed call, targets decode alone this long.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per draft replica.")
     num_gpus: float | None = Field(
@@ -141,6 +146,10 @@ class GrpcConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="An existing Ray cluster ('auto', 'ray://...'); None: start one.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (default: the machine's).")
+    include_dashboard: bool = Field(
+        True,
+        description="Start Ray's dashboard with a local Ray (it needs ray[default]'s packages).",
+    )
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=0, le=65535)
     namespace: str = "kvfleet"

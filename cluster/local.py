@@ -105,7 +105,7 @@ class ServeCluster:
                 context = ray.init(
                     num_cpus=rc.num_cpus,
                     namespace=rc.namespace,
-                    include_dashboard=True,
+                    include_dashboard=rc.include_dashboard,
                     dashboard_host=rc.dashboard_host,
                     dashboard_port=rc.dashboard_port or None,
                     logging_level="warning",

@@ -112,6 +112,12 @@ class EngineConfig(BaseModel):
     max_queue_len: int = Field(
         4096, ge=1, description="Waiting requests beyond which new ones are refused (retryable)."
     )
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch threads of the engine's process on CPU (torch.set_num_threads); default: torch's "
+        "(in a Ray replica, Ray sets it to the CPUs the replica reserved; the cluster passes those).",
+    )
     kernels: Literal["auto", "torch", "triton"] = Field(
         "auto", description="'auto': Triton on GPU, the pure-torch references on CPU."
     )

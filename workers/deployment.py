@@ -53,6 +53,7 @@ class TargetWorker:
         draft_timeout_s: float = 0.5,
         draft_model_id: str = "",
         kv_transfer: KVTransferConfig | None = None,
+        draft_lookahead: bool = True,
     ):
         """`draft`: a DeploymentHandle to DraftWorker replicas of the model `draft_model_id` (then
         engine_config.speculative's method is 'replicas'); each engine step sends one call per
@@ -60,7 +61,8 @@ class TargetWorker:
         sequences of a call slower than `draft_timeout_s`, or failing, are not speculated that
         step and re-route; when every call of a step fails, the target decodes alone a while.
         `kv_transfer` (enabled, with an index): before a request enters the engine, pull the
-        leading pages of its prompt that another replica holds (workers/kv_transfer.py)."""
+        leading pages of its prompt that another replica holds (workers/kv_transfer.py).
+        `draft_lookahead`: ask for each step's next proposals while it verifies (draft_client.py)."""
 
         from workers.metrics import WorkerMetrics
 
@@ -72,7 +74,12 @@ class TargetWorker:
             if not draft_model_id:
                 raise ValueError("draft_model_id is required with draft replicas: their pages are indexed under it")
             proposer = RoutedDraftProposer(
-                draft_submit(draft), torch.device("cpu"), config.page_size, draft_model_id, draft_timeout_s
+                draft_submit(draft),
+                torch.device("cpu"),
+                config.page_size,
+                draft_model_id,
+                draft_timeout_s,
+                draft_lookahead,
             )
         self.proposer = proposer
         self.engine = Engine(config, kv_event_sink=self._publish, proposer=proposer)
@@ -185,14 +192,80 @@ class TargetWorker:
             await asyncio.sleep(self._metrics_period_s)
 
 
-def draft_submit(handle):
+def draft_submit(handle, direct: bool = True):
     """`submit` for a RoutedDraftProposer: one `DraftCall` through a DraftWorker DeploymentHandle.
-    The keywords are for the deployment's request router (StickyPrefixRouter reads them)."""
+    The keywords are for the deployment's request router (StickyPrefixRouter reads them). With
+    `direct`, a call pinned to a replica goes straight to that replica's actor (`ReplicaActors`):
+    no routing decision per step for a sequence whose replica is known."""
+    actors = ReplicaActors(handle.app_name, handle.deployment_name) if direct else None
 
     def submit(call: DraftCall):
+        if actors is not None and call.replica_id is not None:
+            pending = actors.call(call.replica_id, "propose", call.batch)
+            if pending is not None:
+                return pending
         return handle.propose.remote(call.batch, page_hashes=call.page_hashes, draft_replica=call.replica_id)
 
     return submit
+
+
+class _ActorCall:
+    """A direct call in flight (the `PendingCall` of workers/spec/draft_client.py)."""
+
+    direct = True
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def result(self, timeout_s: float | None = None):
+        import ray
+
+        return ray.get(self.ref, timeout=timeout_s)
+
+    def cancel(self) -> None:
+        import ray
+
+        ray.cancel(self.ref)
+
+
+class ReplicaActors:
+    """Calls on one deployment's Serve replicas by replica id, through each replica's actor handle:
+    the method runs inside the replica's request wrapper (`handle_request`: its concurrency limit,
+    metrics and request context), as after a DeploymentHandle's routing, but without one. A replica
+    whose actor cannot be found is answered None (the caller routes through the handle); a call to a
+    replica that died fails like any failed call (the client then re-routes its sequences)."""
+
+    def __init__(self, app_name: str, deployment_name: str):
+        self.app_name = app_name
+        self.deployment_name = deployment_name
+        self._actors: dict[str, object] = {}
+
+    def call(self, replica_id: str, method: str, *args) -> _ActorCall | None:
+        import pickle
+        import uuid
+
+        from ray.serve._private.common import RequestMetadata
+
+        actor = self._actor(replica_id)
+        if actor is None:
+            return None
+        request_id = uuid.uuid4().hex
+        metadata = RequestMetadata(request_id, request_id, call_method=method, app_name=self.app_name)
+        return _ActorCall(actor.handle_request.remote(pickle.dumps(metadata), *args))
+
+    def _actor(self, replica_id: str):
+        if replica_id not in self._actors:
+            import ray
+            from ray.serve._private.common import DeploymentID, ReplicaID
+            from ray.serve._private.constants import SERVE_NAMESPACE
+
+            name = ReplicaID(replica_id, DeploymentID(self.deployment_name, self.app_name)).to_full_id_str()
+            try:
+                self._actors[replica_id] = ray.get_actor(name, namespace=SERVE_NAMESPACE)
+            except ValueError:  # not (or no longer) a live replica: route through the handle
+                logger.debug("no actor named %s: its calls go through the handle", name)
+                self._actors[replica_id] = None
+        return self._actors[replica_id]
 
 
 @dataclass

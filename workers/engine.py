@@ -46,7 +46,7 @@ from workers.request import (
     ResourceExhaustedError,
     TokenDelta,
 )
-from workers.runner.config import resolve_device, resolve_max_model_len
+from workers.runner.config import apply_cpu_threads, resolve_device, resolve_max_model_len
 from workers.runner.kv_pages import KVPages
 from workers.runner.model_runner import StepResult, build_runner
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -80,6 +80,7 @@ class Engine:
         self.model_config = ModelConfig.from_dir(config.model)
         self.model_id = config.served_model_id
         self.device = resolve_device(config.device)
+        apply_cpu_threads(config.cpu_threads)
         self.max_model_len = resolve_max_model_len(config, self.model_config)
         self.ranks = None  # ranks 1..n-1 of a tensor-parallel group (workers/group.py)
         tp = None

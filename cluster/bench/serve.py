@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import statistics
@@ -258,13 +259,20 @@ def _run_policy(policy: str, args) -> dict:
     from workers.models.config import ModelConfig
 
     model = args.model
-    engine = dict(device=args.device, max_model_len=args.max_model_len, num_pages=args.num_pages)
+    engine = dict(
+        device=args.device, max_model_len=args.max_model_len, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs
+    )
     config = ClusterConfig.local(model, **engine).model_copy(
         update={
-            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus),
+            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus),
             "ingress": IngressConfig(replicas=1, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
-            "ray": RayConfig(num_cpus=max(4, args.replicas + 2), dashboard_port=0),
+            # room for every replica's reservation (else Serve waits forever to place them) and the ingress
+            "ray": RayConfig(
+                num_cpus=max(4, math.ceil(args.replicas * args.worker_cpus) + 2),
+                dashboard_port=0,
+                include_dashboard=args.dashboard,
+            ),
             "routing": RoutingConfig(policy=policy),
         }
     )
@@ -361,6 +369,16 @@ def add_serve_parser(bench_subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--worker-cpus", type=float, default=0.5, help="Ray CPUs per TargetWorker replica")
+    p.add_argument(
+        "--worker-gpus",
+        type=float,
+        default=None,
+        help="Ray GPUs per TargetWorker replica (e.g. 0.25: four replicas share one GPU); default: 1 on CUDA",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one engine step")
+    p.add_argument(
+        "--no-dashboard", dest="dashboard", action="store_false", help="start the local Ray without its dashboard"
+    )
     p.add_argument("--policy", choices=POLICIES, default="prefix_aware")
     p.add_argument("--compare", action="store_true", help="run every policy on the same workload")
     p.add_argument(

@@ -14,7 +14,10 @@ page index and Ray Serve (no proxies), deploys `--draft-replicas` DraftWorkers b
 prefix-aware router, and drives the target engine here in-process through a real
 DeploymentHandle (workers/spec/draft_client.py's RoutedDraftProposer): the same rows as the
 in-process draft, so the two compare in one run; the report's `replicas_vs_in_process` gives
-the ratio of their tok/s per (batch, k).
+the ratio of their tok/s per (batch, k). `replicas` is the client as the cluster runs it (pinned
+calls straight to the replica's actor, proposals computed ahead during verification);
+`replicas-plain` the client without either (every call through the handle's router, no lookahead),
+for a before/after in one run.
 
     kvfleet bench spec --device cuda --json bench/results/spec-h100.json
     kvfleet bench spec --proposers draft replicas --json bench/results/spec-cpu-replicas.json
@@ -106,6 +109,7 @@ def _engine_config(args, speculative: SpeculativeConfig | None, max_batch: int) 
         max_model_len=args.max_model_len,
         num_pages=args.num_pages,
         speculative=speculative,
+        cpu_threads=args.cpu_threads,
     )
 
 
@@ -113,7 +117,7 @@ class _DraftReplicas:
     """A local Ray, a private Redis and `args.draft_replicas` DraftWorkers served behind their
     sticky prefix-aware router, as cluster/app.py deploys them; `proposer` talks to them."""
 
-    def __init__(self, args, max_batch: int, k_max: int):
+    def __init__(self, args, max_batch: int, k_max: int, plain: bool = False):
         import ray
         from ray import serve
         from ray.serve.config import RequestRouterConfig
@@ -130,7 +134,10 @@ class _DraftReplicas:
         ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
         serve.start(proxy_location="Disabled")
         target = _engine_config(args, None, max_batch)
+        from cluster.app import with_cpu_threads
+
         draft = DraftConfig(model=args.draft, num_pages=args.num_pages).engine_config(target)
+        draft = with_cpu_threads(draft, args.draft_num_cpus)  # as the cluster runs a replica
         self.model_id = draft.served_model_id
         router = RequestRouterConfig(
             request_router_class=StickyPrefixRouter,
@@ -143,11 +150,16 @@ class _DraftReplicas:
             num_replicas=args.draft_replicas,
             max_ongoing_requests=64,
             request_router_config=router,
-            ray_actor_options={"num_cpus": args.draft_num_cpus},
+            ray_actor_options={"num_cpus": args.draft_num_cpus, "num_gpus": _draft_gpus(args)},
         ).bind(draft, k_max, index)
         handle = serve.run(app, name="kvfleet-bench-spec", route_prefix=None)
         self.proposer = RoutedDraftProposer(
-            draft_submit(handle), torch.device("cpu"), target.page_size, self.model_id, args.draft_timeout_s
+            draft_submit(handle, direct=not plain),
+            torch.device("cpu"),
+            target.page_size,
+            self.model_id,
+            args.draft_timeout_s,
+            lookahead=not plain,
         )
 
     def close(self) -> None:
@@ -157,6 +169,13 @@ class _DraftReplicas:
         serve.shutdown()
         ray.shutdown()
         self.redis.close()
+
+
+def _draft_gpus(args) -> float:
+    """GPUs a draft replica reserves: as asked, else a share of the GPU the target here runs on."""
+    if args.draft_num_gpus is not None:
+        return args.draft_num_gpus
+    return 0.0 if args.device == "cpu" or not torch.cuda.is_available() else 0.5
 
 
 def run_spec_bench(args) -> dict:
@@ -174,10 +193,12 @@ def run_spec_bench(args) -> dict:
     }
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0, ignore_eos=True)
     warm = SamplingParams(max_tokens=8, temperature=args.temperature, seed=0, ignore_eos=True)
-    if "replicas" in args.proposers:
+    if any(p.startswith("replicas") for p in args.proposers):
         report["draft_replicas"] = args.draft_replicas
         report["ray_cpus"] = args.ray_cpus
-    for method in args.proposers:
+        report["cpu_threads"] = args.cpu_threads
+    for name in args.proposers:
+        method = "replicas" if name.startswith("replicas") else name
         spec = SpeculativeConfig(
             method=method,
             draft_model=args.draft if method == "draft" else None,
@@ -185,7 +206,7 @@ def run_spec_bench(args) -> dict:
             adaptive=False,
             max_batch_size=max_batch,
         )
-        replicas = _DraftReplicas(args, max_batch, k_max) if method == "replicas" else None
+        replicas = _DraftReplicas(args, max_batch, k_max, name == "replicas-plain") if method == "replicas" else None
         engine = Engine(_engine_config(args, spec, max_batch), proposer=replicas.proposer if replicas else None)
         if replicas is not None:
             replicas.proposer.device = engine.device
@@ -217,7 +238,7 @@ def run_spec_bench(args) -> dict:
                 emitted = after.spec_emitted_tokens - before.spec_emitted_tokens
                 a = accepted / proposed if proposed else 0.0
                 row = {
-                    "proposer": method,
+                    "proposer": name,
                     "batch": batch,
                     "k": k,
                     "acceptance_rate": round(a, 4),
@@ -237,7 +258,7 @@ def run_spec_bench(args) -> dict:
                 }
                 report["rows"].append(row)
                 print(
-                    f"[{method}] batch {batch:>3}  k={k}  no speculation {base_tps:9.1f} tok/s  a={a:.3f}  "
+                    f"[{name}] batch {batch:>3}  k={k}  no speculation {base_tps:9.1f} tok/s  a={a:.3f}  "
                     f"tokens/step {row['mean_tokens_per_step']:.2f} "
                     f"(theory {row['theory_tokens_per_step']:.2f})  {row['tok_per_s']:9.1f} tok/s  "
                     f"speedup {row['speedup']:.2f}x  draft {row['draft_ms_per_call']:.2f} ms/call  "
@@ -250,13 +271,13 @@ def run_spec_bench(args) -> dict:
         asyncio.run(engine.shutdown())
         del engine
         if replicas is not None:
-            report["draft_client"] = asdict(replicas.proposer.stats)
+            report.setdefault("draft_client", {})[name] = asdict(replicas.proposer.stats)
             replicas.close()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     report["replicas_vs_in_process"] = _ratios(report["rows"])
     for r in report["replicas_vs_in_process"]:
-        print(f"replicas / in-process draft: batch {r['batch']:>3}  k={r['k']}  {r['tok_per_s_ratio']:.3f}")
+        print(f"{r['proposer']} / in-process draft: batch {r['batch']:>3}  k={r['k']}  {r['tok_per_s_ratio']:.3f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -264,14 +285,16 @@ def run_spec_bench(args) -> dict:
 
 
 def _ratios(rows: list[dict]) -> list[dict]:
-    """tok/s of draft replicas over the in-process draft's, per (batch, k) both ran."""
+    """tok/s of draft replicas (either client) over the in-process draft's, per (batch, k) both ran."""
     local = {(r["batch"], r["k"]): r for r in rows if r["proposer"] == "draft"}
     out = []
     for r in rows:
         twin = local.get((r["batch"], r["k"]))
-        if r["proposer"] == "replicas" and twin is not None:
+        if r["proposer"].startswith("replicas") and twin is not None:
             ratio = r["tok_per_s"] / twin["tok_per_s"]
-            out.append({"batch": r["batch"], "k": r["k"], "tok_per_s_ratio": round(ratio, 3)})
+            out.append(
+                {"proposer": r["proposer"], "batch": r["batch"], "k": r["k"], "tok_per_s_ratio": round(ratio, 3)}
+            )
     return out
 
 
@@ -281,9 +304,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=str(draft))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--proposers", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft", "replicas"])
+    p.add_argument(
+        "--proposers", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft", "replicas", "replicas-plain"]
+    )
     p.add_argument("--draft-replicas", type=int, default=2, help="DraftWorker replicas (proposer 'replicas')")
     p.add_argument("--draft-num-cpus", type=float, default=1.0, help="CPUs Ray reserves per draft replica")
+    p.add_argument(
+        "--draft-num-gpus", type=float, default=None, help="GPUs per draft replica (default: 0.5 on CUDA, else 0)"
+    )
+    p.add_argument(
+        "--cpu-threads", type=int, default=None, help="torch threads of the target here and of each draft replica"
+    )
     p.add_argument("--draft-timeout-s", type=float, default=5.0, help="a step's deadline for its proposal calls")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: the machine's)")
     p.add_argument("--ks", type=int, nargs="+", default=[2, 4, 6])

@@ -83,3 +83,29 @@ def test_kv_transfer_reaches_the_workers_only_when_enabled_and_needs_a_routing_p
         ClusterConfig(**base, target=TargetConfig(tensor_parallel_size=2))
     with pytest.raises(ValueError, match="host_kv_cache_gib"):
         EngineConfig(model=str(model_dirs["llama"]), host_kv_cache_gib=1, tensor_parallel_size=2)
+
+
+def test_replicas_use_a_torch_thread_per_reserved_cpu_unless_cpu_threads_is_set(model_dirs):
+    cfg = config(model_dirs["llama"], num_cpus=2).model_copy(
+        update={"draft": DraftConfig(model=str(model_dirs["llama"]), num_cpus=3)}
+    )
+    worker = worker_deployment(cfg)
+    draft = worker.init_kwargs["draft"]._bound_deployment
+    assert worker.init_args[0].cpu_threads == 2 and draft.init_args[0].cpu_threads == 3
+    assert worker.init_kwargs["draft_lookahead"] is True
+    assert worker_deployment(config(model_dirs["llama"], num_cpus=0.5)).init_args[0].cpu_threads is None  # torch's
+    pinned = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"cpu_threads": 1})})
+    assert worker_deployment(pinned).init_args[0].cpu_threads == 1
+
+
+def test_an_engine_runs_with_its_cpu_threads(model_dirs):
+    import torch
+
+    from workers.engine import Engine
+
+    before = torch.get_num_threads()
+    try:
+        Engine(EngineConfig(model=str(model_dirs["llama"]), device="cpu", num_pages=64, cpu_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

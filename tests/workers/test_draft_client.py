@@ -83,7 +83,7 @@ class FakeCall:
         self.cancelled = True
 
 
-def make_proposer(behaviour, timeout_s=0.2):
+def make_proposer(behaviour, timeout_s=0.2, lookahead=False):
     """`behaviour(call) -> FakeCall`; the proposer answers over fake pending calls."""
     sent = []
 
@@ -91,7 +91,7 @@ def make_proposer(behaviour, timeout_s=0.2):
         sent.append(call)
         return behaviour(call)
 
-    proposer = RoutedDraftProposer(submit, torch.device("cpu"), PS, MODEL, timeout_s)
+    proposer = RoutedDraftProposer(submit, torch.device("cpu"), PS, MODEL, timeout_s, lookahead)
     return proposer, sent
 
 
@@ -138,3 +138,77 @@ def test_a_sequence_answered_off_its_pin_moves_to_the_replica_that_answered():
     answer["rid"] = "r1"  # r0 has gone; the router sent the pinned call elsewhere
     proposer.propose(s, [1])
     assert proposer.routes.assigned == {"a": "r1"} and proposer.stats.num_moved == 1
+
+
+def echo_replica(replica_id="r0"):
+    """A deterministic fake draft: proposes tokens (last + 1, last + 2, ...), with q rows that
+    name the token they were drawn as (q[j, 0] = token j), so a test can check rows and tokens agree."""
+
+    def behaviour(call):
+        replies = []
+        for r in call.batch.requests:
+            last = r.token_ids[-1]
+            tokens = [last + 1 + j for j in range(r.num_tokens)]
+            q = np.zeros((len(tokens), 5), np.float32)
+            q[:, 0] = tokens
+            replies.append(DraftReply(tokens, q, replica_id))
+        return FakeCall(replies)
+
+    return behaviour
+
+
+def test_a_lookahead_hit_answers_the_next_step_without_a_call():
+    proposer, sent = make_proposer(echo_replica(), lookahead=True)
+    s = seq("a", [1, 2, 3, 4, 5])
+    first = proposer.propose([s], [3])
+    assert first.token_ids == [[6, 7, 8]]
+    # while the target verifies, the replica was asked for 3 + 1 tokens after the whole proposal
+    (ahead,) = sent[1:]
+    assert ahead.replica_id == "r0" and ahead.batch.requests[0].token_ids == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert ahead.batch.requests[0].num_tokens == 4
+    s.token_ids += [6, 7, 8, 9]  # everything accepted, and the bonus token is the draft's guess (9)
+    second = proposer.propose([s], [3])
+    assert second.token_ids == [[10, 11, 12]]
+    assert second.probs[0][:, 0].tolist() == [10, 11, 12]  # q rows of exactly those tokens
+    assert len(sent) == 3 and sent[2].batch.requests[0].token_ids[-4:] == [9, 10, 11, 12]  # the next lookahead
+    st = proposer.stats
+    assert (st.num_calls, st.num_ahead_calls, st.num_ahead_hits, st.num_ahead_misses) == (1, 2, 1, 0)
+
+
+@pytest.mark.parametrize(
+    "accepted", [[6, 7, 8, 99], [6, 42], [6, 7, 8, 9, 10]], ids=["bonus-differs", "rejected", "too-long"]
+)
+def test_a_lookahead_miss_calls_as_usual(accepted):
+    proposer, sent = make_proposer(echo_replica(), lookahead=True)
+    s = seq("a", [1, 2, 3, 4, 5])
+    proposer.propose([s], [3])
+    s.token_ids += accepted
+    second = proposer.propose([s], [3])
+    last = s.token_ids[-1]
+    assert second.token_ids == [[last + 1, last + 2, last + 3]]  # what a normal call answers
+    assert sent[2].batch.requests[0].token_ids == s.token_ids and sent[2].replica_id == "r0"
+    assert (proposer.stats.num_ahead_hits, proposer.stats.num_ahead_misses) == (0, 1)
+
+
+def test_a_failed_lookahead_is_a_miss_and_releases_ride_on_lookahead_calls():
+    good = echo_replica()
+
+    def behaviour(call):  # lookahead calls (k + 1 = 3 tokens) fail, normal ones answer
+        if call.batch.requests and call.batch.requests[0].num_tokens == 3:
+            return FakeCall(error=RuntimeError("lost"))
+        return good(call)
+
+    proposer, sent = make_proposer(behaviour, lookahead=True)
+    a, b = seq("a", [1, 2, 3, 4, 5]), seq("b", [9, 9, 9, 9, 9])
+    proposer.propose([a, b], [2, 2])
+    proposer.release("b")  # b ended: its lookahead is forgotten, its session released on the next call
+    assert set(proposer._ahead) == {"a"}
+    a.token_ids += [6, 7, 8]  # would have fitted, but the lookahead failed: a normal call
+    assert proposer.propose([a], [2]).token_ids == [[9, 10]]
+    assert (proposer.stats.num_ahead_hits, proposer.stats.num_ahead_misses, proposer.stats.num_failed_calls) == (
+        0,
+        1,
+        0,
+    )
+    assert sent[-2].batch.released == ["b"] and sent[-2].replica_id == "r0"  # the step's call carried it
+    assert sent[-1].batch.requests[0].num_tokens == 3  # and the next lookahead went out

@@ -98,6 +98,9 @@ async def test_remote_draft_proposals_keep_greedy_output_identical(greedy_refere
 
     engine = Engine(target_config(), proposer=proposer(submit))
     assert await run_all(engine, SamplingParams(max_tokens=40, ignore_eos=True)) == greedy_reference
+    # proposals computed ahead, during verification, were used (hits) and dropped (misses) alike
+    client = engine.spec.proposer.stats
+    assert client.num_ahead_hits > 0 and client.num_ahead_misses > 0, client
     # sampled requests get q with their proposals and verify against it
     sampled = await run_all(engine, SamplingParams(max_tokens=20, temperature=1.0, seed=3, ignore_eos=True))
     assert all(len(t) == 20 for t in sampled)

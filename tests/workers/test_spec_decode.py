@@ -171,22 +171,26 @@ async def test_stop_strings_and_max_tokens_inside_a_proposal_end_output_as_witho
     assert_pools_empty(engine)
 
 
-@pytest.fixture(scope="module")
-def near_draft(model_dirs, tmp_path_factory):
-    """A draft close to the tiny Llama but not equal: its weights plus noise. It agrees often
-    enough to be accepted and differs enough for rejections and residual draws."""
+def noisy_copy(model_dir, out, noise: float):
+    """The model at `model_dir` with Gaussian noise (`noise` x each tensor's std) on its weights, in `out`."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    out = tmp_path_factory.mktemp("near-draft")
-    for f in model_dirs["llama"].iterdir():
+    for f in model_dir.iterdir():
         shutil.copy(f, out / f.name)
     weights = load_file(out / "model.safetensors")
     gen = torch.Generator().manual_seed(0)
-    noisy = {k: (v + 1.0 * v.std() * torch.randn(v.shape, generator=gen)).contiguous() for k, v in weights.items()}
+    noisy = {k: (v + noise * v.std() * torch.randn(v.shape, generator=gen)).contiguous() for k, v in weights.items()}
     save_file(noisy, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+@pytest.fixture(scope="module")
+def near_draft(model_dirs, tmp_path_factory):
+    """A draft close to the tiny Llama but not equal: its weights plus noise. It agrees often
+    enough to be accepted and differs enough for rejections and residual draws."""
+    return noisy_copy(model_dirs["llama"], tmp_path_factory.mktemp("near-draft"), 1.0)
 
 
 @pytest.mark.parametrize(
@@ -238,6 +242,90 @@ async def test_sampled_tokens_follow_the_target_distribution(
     p_value = chi_square_p_value([list(r) for r in zip(*columns, strict=True)])
     assert p_value > 0.001, (p_value, len(cells))
     assert_pools_empty(engine)
+
+
+async def test_sampled_tokens_follow_the_target_distribution_with_proposals_computed_ahead(
+    model_dirs, make_engine, tmp_path
+):
+    """As above, for draft replicas whose proposals are computed ahead, during verification
+    (workers/spec/draft_client.py): with k = 1 the 4th token is verified against a proposal made
+    before the 3rd was known whenever the draft guessed the 3rd; so the joint of the 3rd and 4th
+    tokens covers hits and misses alike."""
+    from workers.config import EngineConfig
+    from workers.engine import Engine
+    from workers.spec.draft_client import RoutedDraftProposer
+    from workers.spec.draft_model import DraftModel
+
+    n = 1000
+    prompt = [7, 8, 9, 7, 8, 9, 7, 8]
+    # closer than near_draft: whole proposals must be accepted often for a guess to be used
+    closer = noisy_copy(model_dirs["llama"], tmp_path, 0.1)
+    draft = DraftModel.standalone(
+        EngineConfig(
+            model=str(closer),
+            device="cpu",
+            page_size=4,
+            num_pages=4096,
+            max_model_len=256,
+            skip_tokenizer_init=True,
+        ),
+        1,
+    )
+
+    class Answered:
+        def __init__(self, replies):
+            self.replies = replies
+
+        def result(self, timeout_s=None):
+            return self.replies
+
+        def cancel(self):
+            pass
+
+    def submit(call):
+        replies = draft.serve(call.batch)
+        for reply in replies:
+            reply.replica_id = "r0"
+        return Answered(replies)
+
+    async def sample(engine):
+        reqs = [
+            engine.complete(
+                GenerateRequest(prompt, SamplingParams(max_tokens=6, ignore_eos=True, seed=i, temperature=1.0, top_k=4))
+            )
+            for i in range(n)
+        ]
+        return [tuple(o.token_ids[2:4]) for o in await asyncio.gather(*reqs)]
+
+    plain = await sample(make_engine("llama", max_num_seqs=256))
+    proposer = RoutedDraftProposer(submit, torch.device("cpu"), 4, "near-draft", timeout_s=60)
+    speculative = spec("replicas", k=1, adaptive=False, max_batch_size=256)
+    engine = Engine(
+        EngineConfig(
+            model=str(model_dirs["llama"]),
+            device="cpu",
+            page_size=4,
+            num_pages=256,
+            max_model_len=256,
+            max_num_seqs=256,
+            speculative=speculative,
+        ),
+        proposer=proposer,
+    )
+    got = await sample(engine)
+    await engine.shutdown()
+    assert engine.pool.num_free_pages == engine.pool.num_pages
+    assert proposer.stats.num_ahead_hits > n / 10 and proposer.stats.num_ahead_misses > n / 10, proposer.stats
+    st = engine.stats()
+    assert 0 < st.spec_accepted_tokens < st.spec_proposed_tokens  # rejections (residual draws) too
+    cells = sorted(set(plain) | set(got))
+    table = [[plain.count(c) for c in cells], [got.count(c) for c in cells]]
+    keep = [j for j in range(len(cells)) if table[0][j] + table[1][j] >= 10]
+    rare = [j for j in range(len(cells)) if j not in keep]
+    rows = [[r[j] for j in keep] + [sum(r[j] for j in rare)] for r in table]
+    columns = [c for c in zip(*rows, strict=True) if sum(c) > 0]
+    p_value = chi_square_p_value([list(r) for r in zip(*columns, strict=True)])
+    assert p_value > 0.001, (p_value, len(cells))
 
 
 async def test_seeded_sampling_repeats_with_speculation(pair_dirs, make_pair_engine):

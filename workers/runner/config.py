@@ -38,6 +38,7 @@ class RunnerConfig:
     @property
     def kv_dtype(self) -> torch.dtype:
         return self.kv_cache_dtype or self.dtype
+
     quantization: str = "none"  # workers/quant/: none, fp8, int8, int4, int4-awq, gguf
     quantization_group_size: int = 128
 
@@ -118,6 +119,13 @@ def resolve_kv_cache_dtype(name: str, device: torch.device) -> torch.dtype | Non
             f"later); {device} has {major}.{minor}: use kv_cache_dtype 'auto'"
         )
     return torch.float8_e4m3fn
+
+
+def apply_cpu_threads(num_threads: int | None) -> None:
+    """Give this process's torch `num_threads` CPU threads (None: leave torch's default). Process-wide:
+    a replica is one process, and its reserved cores are what its CPU kernels should use."""
+    if num_threads is not None and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
 
 
 def resolve_dtype(name: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:

@@ -2,7 +2,18 @@
 batched proposal call per replica per step.
 
     DraftRoutes (pure)       request id -> draft replica id; a step's sequences -> `DraftCall`s
+    Lookahead (pure)         a proposal computed ahead, while the target verifies, and whether it fits
     RoutedDraftProposer      sends the calls concurrently through `submit`, within one deadline
+
+Ahead of the target (`lookahead`): as soon as a step's proposals are known, and while the target
+verifies them, each assigned sequence's replica is asked for k + 1 tokens after the sequence
+*with its whole proposal accepted*: the first is the draft's guess of the target's bonus token,
+the next k the proposal for the following step. When verification accepts everything and the
+bonus token is the guess, the next step's proposal is already there and the draft's round trip
+costs nothing; otherwise (a hit needs the tokens to match exactly) the guess is dropped and the
+step calls as usual, so a miss costs the wasted draft work and nothing else. Exactness holds
+either way: a proposal's tokens were drawn from the q it carries, given exactly the tokens the
+sequence now has.
 
 A sequence's first call goes out unpinned, with the draft model's chained page hashes of its
 tokens, so the draft deployment's request router (router/prefix_router.py, StickyPrefixRouter)
@@ -16,7 +27,8 @@ Invariants:
   and belong together); one unpinned call per group, routed by the group's first sequence's
   hashes. Several new requests of one step with different prompts thus spread over the replicas
   by load, instead of all pinning to whichever replica one batched call reached;
-- a released request's id rides on the next call to the replica that holds its session;
+- a released request's id rides on the next call (lookahead calls included) to the replica that
+  holds its session;
 - a call that fails or misses the deadline gives its sequences no proposal this step (the target
   verifies nothing for them, decodes as usual) and drops their assignments, so they re-route.
   Only when every call of a step fails does `propose` raise, and the `SpeculativeDecoder` pauses
@@ -57,10 +69,14 @@ class DraftClientStats:
     num_calls: int = 0
     num_pinned_calls: int = 0
     num_routed_calls: int = 0  # unpinned: routed by page hashes
+    num_direct_calls: int = 0  # pinned calls (lookahead ones included) sent straight to the replica's actor
     num_failed_calls: int = 0  # raised, timed out, or answered malformed
     num_moved: int = 0  # sequences answered by another replica than their pin (it had gone)
     num_dropped: int = 0  # assignments dropped because their replica's call failed
     num_assigned: int = 0  # live assignments now
+    num_ahead_calls: int = 0  # lookahead calls (one per replica per step)
+    num_ahead_hits: int = 0  # sequences whose proposal was ready when their step began
+    num_ahead_misses: int = 0  # sequences whose lookahead guessed wrong (or failed): a normal call
 
 
 class DraftRoutes:
@@ -94,6 +110,24 @@ class DraftRoutes:
                 call.batch.requests.append(request)
         return list(pinned.values()) + list(routed.values())
 
+    def plan_ahead(self, seqs: list[Sequence], proposals: list[list[int]], num_tokens: list[int]) -> list[DraftCall]:
+        """Lookahead calls: one per replica, for its assigned sequences that got a proposal, each
+        asking for k + 1 tokens after its tokens and its whole proposal."""
+        pinned: dict[str, DraftCall] = {}
+        with self._lock:
+            for i, (seq, tokens, k) in enumerate(zip(seqs, proposals, num_tokens, strict=True)):
+                replica = self.assigned.get(seq.request_id)
+                if replica is None or not tokens:
+                    continue
+                call = pinned.get(replica)
+                if call is None:
+                    call = pinned[replica] = DraftCall(replica, [], DraftBatch([], self.released.pop(replica, [])))
+                call.indices.append(i)
+                call.batch.requests.append(
+                    ProposalRequest(seq.request_id, [*seq.token_ids, *tokens], seq.sampling, k + 1)
+                )
+        return list(pinned.values())
+
     def answered(self, call: DraftCall, replies: list[DraftReply]) -> int:
         """Record who answered; returns how many sequences moved off their pinned replica."""
         moved = 0
@@ -124,9 +158,64 @@ class DraftRoutes:
 
 
 class PendingCall(Protocol):
+    """A call in flight (a DeploymentResponse, or a direct call on a replica's actor, which says
+    so with a true `direct` attribute)."""
+
     def result(self, timeout_s: float | None = None) -> Any: ...
 
     def cancel(self) -> None: ...
+
+
+class _AheadCall:
+    """A lookahead call in flight; its replies are read at most once (cached), or None if it failed."""
+
+    def __init__(self, call: DraftCall, pending: PendingCall | Exception):
+        self.call, self.pending = call, pending
+        self.replies: list[DraftReply] | None = None
+        self.done = False
+
+    def result(self, deadline: float) -> list[DraftReply] | None:
+        if not self.done:
+            self.done = True
+            try:
+                if isinstance(self.pending, Exception):
+                    raise self.pending
+                replies = RoutedDraftProposer._result(self.pending, deadline)
+                if len(replies) == len(self.call.indices):
+                    self.replies = replies
+            except Exception as exc:  # a lost guess: the step calls as usual
+                logger.debug("lookahead call to %s failed: %r", self.call.replica_id, exc)
+        return self.replies
+
+
+@dataclass
+class Lookahead:
+    """One sequence's proposal computed ahead: `base` (its tokens and the proposal it was verifying)
+    continued by the replica's reply (`position` in `call`)."""
+
+    base: list[int]
+    call: _AheadCall
+    position: int
+
+    def may_fit(self, token_ids: list[int]) -> bool:
+        """Whether the sequence accepted the whole proposal and one more token (the bonus guess
+        decides the rest); cheap, without waiting for the reply."""
+        n = len(self.base)
+        return len(token_ids) == n + 1 and token_ids[:n] == self.base
+
+    def take(self, token_ids: list[int], k: int, deadline: float) -> tuple[list[int], torch.Tensor | None] | None:
+        """The proposal of up to k tokens after `token_ids`, with its q rows, if the reply continues
+        exactly these tokens; else None."""
+        replies = self.call.result(deadline)
+        if replies is None:
+            return None
+        reply = replies[self.position]
+        skip = len(token_ids) - len(self.base)  # tokens of the reply the target has produced itself
+        if len(reply.token_ids) <= skip or reply.token_ids[:skip] != token_ids[len(self.base) :]:
+            return None
+        tokens = reply.token_ids[skip : skip + k]
+        probs = None if reply.probs is None else torch.from_numpy(reply.probs[skip : skip + len(tokens)])
+        return tokens, probs
 
 
 class RoutedDraftProposer:
@@ -134,6 +223,9 @@ class RoutedDraftProposer:
     `submit(call)` (returns a pending call: `result(timeout_s)`, `cancel()`; in a TargetWorker, a
     DeploymentHandle call with the pin and page hashes as keyword arguments) and are awaited
     against one deadline, `timeout_s` after the step's first call left.
+
+    `lookahead`: ask each assigned sequence's replica for its next proposal while the target
+    verifies this one (see the module docstring).
 
     `blocking`: the engine runs it off its event loop (it waits on the network)."""
 
@@ -146,8 +238,11 @@ class RoutedDraftProposer:
         page_size: int,
         model_id: str,
         timeout_s: float = 0.5,
+        lookahead: bool = True,
     ):
         self.submit = submit
+        self.lookahead = lookahead
+        self._ahead: dict[str, Lookahead] = {}  # request id -> its next proposal, computing
         self.device = device
         self.timeout_s = timeout_s
         self.routes = DraftRoutes(page_size, model_id)
@@ -155,16 +250,58 @@ class RoutedDraftProposer:
         self._quiet_until = 0.0
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:
-        calls = self.routes.plan(seqs, num_tokens)
         deadline = time.monotonic() + self.timeout_s
+        tokens: list[list[int]] = [[] for _ in seqs]
+        probs: list[torch.Tensor | None] = [None] * len(seqs)
+        rest = self._take_ahead(seqs, num_tokens, deadline, tokens, probs)
+        self._call(seqs, num_tokens, rest, deadline, tokens, probs)
+        if self.lookahead:
+            self._send_ahead(seqs, num_tokens, tokens)
+        return Proposals(tokens, probs)
+
+    def _take_ahead(self, seqs, num_tokens, deadline, tokens, probs) -> list[int]:
+        """Fill in the proposals computed ahead that fit; returns the indices still to call for."""
+        rest = []
+        for i, (seq, k) in enumerate(zip(seqs, num_tokens, strict=True)):
+            ahead = self._ahead.pop(seq.request_id, None)
+            if ahead is not None:
+                got = ahead.take(seq.token_ids, k, deadline) if ahead.may_fit(seq.token_ids) else None
+                if got is not None and got[0]:
+                    tokens[i] = got[0]
+                    probs[i] = None if got[1] is None else got[1].to(self.device)
+                    self.stats.num_ahead_hits += 1
+                    continue
+                self.stats.num_ahead_misses += 1
+            rest.append(i)
+        return rest
+
+    def _send_ahead(self, seqs, num_tokens, tokens) -> None:
+        for call in self.routes.plan_ahead(seqs, tokens, num_tokens):
+            try:
+                pending: PendingCall | Exception = self.submit(call)
+                self.stats.num_direct_calls += getattr(pending, "direct", False) is True
+            except Exception as exc:
+                pending = exc
+            sent = _AheadCall(call, pending)
+            for position, (i, request) in enumerate(zip(call.indices, call.batch.requests, strict=True)):
+                self._ahead[seqs[i].request_id] = Lookahead(request.token_ids, sent, position)
+            self.stats.num_ahead_calls += 1
+
+    def _call(self, seqs, num_tokens, rest, deadline, tokens, probs) -> None:
+        """The step's calls for the sequences in `rest`, answered into `tokens` and `probs`."""
+        if not rest:
+            return
+        subset = [seqs[i] for i in rest]
+        calls = self.routes.plan(subset, [num_tokens[i] for i in rest])
+        for call in calls:
+            call.indices = [rest[j] for j in call.indices]
         pending = []
         for call in calls:
             try:
                 pending.append((call, self.submit(call)))
+                self.stats.num_direct_calls += getattr(pending[-1][1], "direct", False) is True
             except Exception as exc:
                 pending.append((call, exc))
-        tokens: list[list[int]] = [[] for _ in seqs]
-        probs: list[torch.Tensor | None] = [None] * len(seqs)
         answered = 0
         errors = []
         for call, response in pending:
@@ -200,9 +337,9 @@ class RoutedDraftProposer:
                 len(calls),
                 errors[0],
             )
-        return Proposals(tokens, probs)
 
     def release(self, request_id: str) -> None:
+        self._ahead.pop(request_id, None)
         self.routes.release(request_id)
 
     @staticmethod

@@ -27,7 +27,7 @@ from workers.config import EngineConfig, SpeculativeConfig, dir_model_id
 from workers.kv_cache_manager import KVCacheManager
 from workers.models.config import ModelConfig
 from workers.models.gguf_file import find_gguf
-from workers.runner.config import RunnerConfig, resolve_device, runner_config
+from workers.runner.config import RunnerConfig, apply_cpu_threads, resolve_device, runner_config
 from workers.runner.draft_decode import DeviceFedDecoder
 from workers.runner.memory import kv_page_bytes
 from workers.runner.model_runner import ModelRunner
@@ -62,6 +62,7 @@ class DraftModel:
     @classmethod
     def standalone(cls, config: EngineConfig, num_speculative_tokens: int) -> DraftModel:
         """A draft replica's model from an `EngineConfig` of the draft (cluster/config.py's draft section)."""
+        apply_cpu_threads(config.cpu_threads)
         mc = ModelConfig.from_dir(config.model)
         rc = runner_config(
             config,
