@@ -4,7 +4,7 @@ quantized checkpoints saved and loaded again.
 
 The "dequantized reference path" is the `dequantized` backend (workers/quant/backends.py): each
 layer's weight dequantized once from the same layout and multiplied in float32 on bf16-rounded
-activations, which is what the aten kernels compute up to summation order."""
+activations, the product rounded to bf16: what the aten kernels compute up to summation order."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def _dequantized_reference(monkeypatch):
 
 
 def _same_greedy(a, b, logprob_tol: float) -> None:
+    assert [x.token_ids for x in a] == [y.token_ids for y in b]
     for x, y in zip(a, b, strict=True):
-        assert x.token_ids == y.token_ids
         for lx, ly in zip(x.logprobs, y.logprobs, strict=True):
             assert lx.chosen.logprob == pytest.approx(ly.chosen.logprob, abs=logprob_tol)
 
@@ -72,7 +72,8 @@ def test_real_model_gguf_blocks_kept_quantized_greedy_equals_dequantized(smollm2
     _dequantized_reference(monkeypatch)
     reference, layers = generate(config, PROMPTS, 64)
     assert {m.backend_name for m in layers} == {"dequantized"}
-    _same_greedy(kernel, reference, logprob_tol=0.05)
+    # both round each linear's input and output to bfloat16; summation order differs
+    _same_greedy(kernel, reference, logprob_tol=0.15)
 
 
 def test_q8_0_draft_kept_quantized(monkeypatch):
