@@ -10,8 +10,8 @@
 - `triton` (CUDA): workers/kernels/triton_quant.py, imported lazily (`prepare_*` repacks once at
   load, `*_matmul(x, *prepared)` runs).
 - `reference` (any device): workers/kernels/quant_reference.py, dequantize then multiply in float32:
-  the oracle of the tests, and what `kernels: torch` runs on a GPU. On CPU it rounds x to bfloat16
-  first, as the aten path does, so the two differ only by summation order. `dequantized` is the
+  the oracle of the tests, and what `kernels: torch` runs on a GPU. On CPU it rounds x and y to
+  bfloat16, as the aten path does, so the two differ only by summation order. `dequantized` is the
   same arithmetic with the weight dequantized once at load (tests of whole generations).
 
 A backend is a pair of functions: `prepare(QuantWeight) -> tuple` of tensors (and ints) run once, at load,
@@ -88,8 +88,12 @@ def _ref_input(x):
     return x.to(CPU_ACT_DTYPE).to(x.dtype) if x.device.type == "cpu" else x
 
 
+def _ref_output(y):
+    return y.to(CPU_ACT_DTYPE).to(y.dtype) if y.device.type == "cpu" else y
+
+
 def _ref(fn):
-    return lambda x, *t: fn(_ref_input(x), *t)
+    return lambda x, *t: _ref_output(fn(_ref_input(x), *t))
 
 
 # ---- triton (CUDA) ------------------------------------------------------------------------------
@@ -119,7 +123,7 @@ def _dequantized_prepare(w: QuantWeight):
 
 
 def _dequantized(x, weight):
-    return torch.nn.functional.linear(_ref_input(x).float(), weight).to(x.dtype)
+    return _ref_output(torch.nn.functional.linear(_ref_input(x).float(), weight)).to(x.dtype)
 
 
 # The same weights dequantized once, multiplied in float32: the "dequantized reference path" the

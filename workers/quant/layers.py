@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from workers.layers.parallel import TPInfo, full, read_cols, read_rows, shape_of
+from workers.layers.parallel import TPInfo, full, read_cols, read_rows, shape_of, split
 from workers.quant.backends import Backend
 from workers.quant.layout import Kind, QuantizationError, QuantWeight, empty
 
@@ -129,8 +129,6 @@ class QuantRowParallelLinear(_QuantLinear):
     def __init__(
         self, in_features: int, out_features: int, kind: Kind, group_size: int, bias: bool, tp: TPInfo, device=None
     ):
-        from workers.layers.parallel import split
-
         self.in_start, in_size = split(in_features, tp)
         super().__init__(kind, out_features, in_size, group_size, bias, device)
         self.tp = tp
