@@ -12,6 +12,8 @@ How a scheme is applied is stated in the output (`path`):
 - `fake-quant`: each linear weight (QKV, O, gate/up, down; not the embedding or LM head) is quantized
   and dequantized in place with workers/kernels/quant_reference.py, which is by definition what the
   kernels compute. fp8 also rounds each linear's input to fp8 per token (Hopper's W8A8 path);
+  `fp8-w8a16` (fake-quant only) rounds the weights alone, as fp8 runs where there are no fp8 tensor
+  cores, which tells the weights' share of fp8's cost from the activations';
   int8/int4 are weight-only (W8A16, W4A16); int4-awq runs workers/quant/awq.py on the shipped
   calibration text first.
 A model that ships quantized (the default, SmolLM2-135M-Instruct in GGUF Q4_1) is measured against
@@ -46,7 +48,7 @@ from workers.quant.calibration import load_calibration_batches, tokenize_windows
 from workers.quant.prefill import prefill_logits
 
 EVAL_TEXT = Path(__file__).resolve().parent / "data" / "eval.txt"
-SCHEMES = ("none", "fp8", "int8", "int4", "int4-awq", "gguf")
+SCHEMES = ("none", "fp8", "fp8-w8a16", "int8", "int4", "int4-awq", "gguf")
 TARGETS = {"fp8": 1.0, "int8": 2.0}  # the issue's bounds on the perplexity change, percent
 
 
@@ -135,9 +137,10 @@ def fake_quantize(model, scheme: str, group_size: int) -> None:
     """Quantize and dequantize each linear weight in place (see the module docstring)."""
     for lin in linears(model):
         w = lin.weight.data
-        if scheme == "fp8":
+        if scheme in ("fp8", "fp8-w8a16"):
             deq = qr.dequant_fp8(*qr.quantize_fp8(w))
-            lin.register_forward_pre_hook(_fp8_rows)
+            if scheme == "fp8":
+                lin.register_forward_pre_hook(_fp8_rows)
         elif scheme == "int8":
             deq = qr.dequant_int8(*qr.quantize_int8(w, group_size))
         elif scheme in ("int4", "int4-awq"):
@@ -192,6 +195,9 @@ def run_quality(
             "as fake-quant it would be the float baseline itself"
         )
     schemes = ["none", *[s for s in schemes if s != "none"]]
+    if "fp8-w8a16" in schemes and path == "kernels":
+        schemes = [s for s in schemes if s != "fp8-w8a16"]
+        notes.append("fp8-w8a16 skipped: a fake-quant diagnostic (the kernels' fp8 is chosen by the device)")
     if "fp8" in schemes and path == "fake-quant":
         notes.append("fp8 fake-quant: weights per output channel and each linear's input per token (W8A8)")
     sequences = tokenize_windows(tok, text_path.read_text(encoding="utf-8"), num_seqs, seq_len, text_path.name)

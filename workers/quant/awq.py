@@ -147,7 +147,8 @@ def search_scale(
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, float, float]:
     """w with each (row, group) clipped to ratio * its abs max, the ratio from CLIP_GRID minimizing
-    that group's share of the output error; returns (clipped w, mse before, mse after)."""
+    that group's share of the output error; returns (clipped w, mse before, mse after), never
+    a larger error than before."""
     w = w.float()
     n, k = w.shape
     g = k // group_size
@@ -164,7 +165,11 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int) -> tuple[torc
         best_err = torch.where(better, err, best_err)
         rows = better[:, :, None].expand(n, g, group_size).reshape(n, k)
         best_w = torch.where(rows, wc, best_w)
-    return best_w, _output_mse(w, fake_int4(w, group_size), x), _output_mse(w, fake_int4(best_w, group_size), x)
+    before = _output_mse(w, fake_int4(w, group_size), x)
+    after = _output_mse(w, fake_int4(best_w, group_size), x)
+    # groups are chosen one by one (their errors add inside each output, cross terms unseen):
+    # keep the weight as it was if the whole came out worse
+    return (best_w, before, after) if after <= before else (w, before, before)
 
 
 @torch.no_grad()

@@ -47,14 +47,16 @@ def test_unquantized_perplexity_is_exp_of_transformers_mean_nll(report):
 
 def test_unquantized_model_agrees_with_itself_and_schemes_rank_by_precision(report):
     rows = {r["scheme"]: r for r in report["schemes"]}
-    assert list(rows) == ["none", "fp8", "int8", "int4", "int4-awq"]  # gguf needs a GGUF model
+    assert list(rows) == ["none", "fp8", "fp8-w8a16", "int8", "int4", "int4-awq"]  # gguf needs a GGUF model
     assert rows["none"]["kl_mean"] == 0.0 and rows["none"]["top1_agreement"] == 1.0
     assert rows["none"]["perplexity_change_pct"] == 0.0
-    for name in ("fp8", "int8", "int4", "int4-awq"):
+    for name in ("fp8", "fp8-w8a16", "int8", "int4", "int4-awq"):
         assert rows[name]["path"] == "fake-quant"
         assert rows[name]["kl_mean"] > 0 and 0 < rows[name]["top1_agreement"] <= 1
         assert math.isfinite(rows[name]["perplexity"])
     assert rows["int8"]["kl_mean"] < rows["int4"]["kl_mean"]
+    # fp8's activation rounding (W8A8) costs on top of its weights' (W8A16)
+    assert rows["fp8-w8a16"]["kl_mean"] < rows["fp8"]["kl_mean"]
     assert report["group_size"] == 64  # 128 does not divide the draft's 192 hidden columns
     assert report["awq"]["mean_mse_ratio"] < 1.0
     assert any("gguf skipped" in n for n in report["notes"])
@@ -71,7 +73,7 @@ def test_scores_match_hand_computed_kl_nll_and_agreement():
     assert (s.agree, s.positions) == (1, 2)
 
 
-@pytest.mark.parametrize("scheme", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["fp8", "fp8-w8a16", "int8", "int4"])
 def test_fake_quant_weights_are_the_reference_round_trip(scheme):
     path = shipped_demo_pair()[1]
     model = load_model(
@@ -81,6 +83,7 @@ def test_fake_quant_weights_are_the_reference_round_trip(scheme):
     fake_quantize(model, scheme, 64)
     expected = {
         "fp8": lambda: qr.dequant_fp8(*qr.quantize_fp8(w)),
+        "fp8-w8a16": lambda: qr.dequant_fp8(*qr.quantize_fp8(w)),
         "int8": lambda: qr.dequant_int8(*qr.quantize_int8(w, 64)),
         "int4": lambda: qr.dequant_int4(*qr.quantize_int4(w, 64)),
     }[scheme]()
