@@ -325,7 +325,8 @@ def run_serve_bench(args) -> dict:
     if args.tiers:
         from cluster.bench.tiers import run_tiers
 
-        out = {"workload": {k: v for k, v in vars(args).items() if k not in ("func", "token")}} | run_tiers(args)
+        workload = {k: v for k, v in vars(args).items() if k not in ("func", "token")}
+        out = {"workload": workload} | run_tiers(args, _run_workload, _report, _table)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return out

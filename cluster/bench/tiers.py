@@ -114,8 +114,8 @@ def _replica_figures(app_name: str) -> dict:
     return out
 
 
-def _run_variant(variant: str, args) -> dict:
-    from cluster.bench.serve import _report, _run_workload
+def _run_variant(variant: str, args, workload) -> dict:
+    _run_workload, _report = workload
     from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, RayConfig, TargetConfig
     from cluster.local import ServeCluster
     from workers.config import KVTransferConfig
@@ -161,11 +161,10 @@ def _run_variant(variant: str, args) -> dict:
     return report
 
 
-def run_tiers(args) -> dict:
-    from cluster.bench.serve import _table
-
-    reports = [_run_variant(v, args) for v in (args.variants or VARIANTS)]
-    print(_table(reports))
+def run_tiers(args, run_workload, report, table) -> dict:
+    """`run_workload`, `report`, `table`: cluster/bench/serve.py's (passed in: serve.py calls this)."""
+    reports = [_run_variant(v, args, (run_workload, report)) for v in (args.variants or VARIANTS)]
+    print(table(reports))
     base = reports[0]
     if len(reports) < 2:
         return {"results": reports}
