@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--concurrency", type=int, default=1, help="shared-prefix: requests in flight")
     eng.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4", "int4-awq", "gguf"])
     eng.add_argument("--quantization-group-size", type=int, default=128)
+    eng.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: E4M3 KV pages")
     eng.set_defaults(func=cmd_bench_engine)
 
     from cluster.bench.realmodel import add_realmodel_parser

@@ -318,6 +318,7 @@ def run_engine_bench(args) -> dict:
         "model": model,
         "load_format": args.load_format,
         "quantization": getattr(args, "quantization", "none"),
+        "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
     }
     engine = Engine(
         EngineConfig(
@@ -331,6 +332,7 @@ def run_engine_bench(args) -> dict:
             enforce_eager=args.enforce_eager,
             quantization=getattr(args, "quantization", "none"),
             quantization_group_size=getattr(args, "quantization_group_size", 128),
+            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         )
     )
 
