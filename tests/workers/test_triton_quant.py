@@ -146,4 +146,7 @@ def test_decode_matmuls_replay_in_a_cuda_graph(scheme, m):
         y = fn(x, *prepared)
     x.copy_(_x(m, 4096, torch.bfloat16, seed=1))
     graph.replay()
-    _assert_close(y, oracle(x, *qs), 1e-2)
+    _assert_close(y, fn(x, *prepared), 1e-3)  # the replay computes what an eager call computes
+    if scheme != "fp8" or m < tq.FP8_SCALED_MM_MIN_M:
+        # W8A8 also rounds the activations: its accuracy is the scaled_mm test's (above)
+        _assert_close(y, oracle(x, *qs), 1e-2)
