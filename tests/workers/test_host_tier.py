@@ -5,6 +5,9 @@ engine's export; pages are accounted for on both sides (conftest.make_engine che
 import dataclasses
 import random
 
+import pytest
+import torch
+
 from kvstore.transport import PullFailure, check_payload
 from workers.request import GenerateRequest, SamplingParams
 
@@ -16,10 +19,18 @@ def ids(n, seed=0):
     return [rng.randrange(3, 512) for _ in range(n)]
 
 
-async def test_evicted_prefix_pages_are_restored_from_host_memory_with_identical_greedy_output(make_engine):
-    # 20 pages of 4 tokens: a 64-token prompt (16 pages) is evicted by the next two.
-    engine = make_engine(num_pages=20, max_model_len=80, host_kv_cache_gib=0.01)
-    plain = make_engine(num_pages=256, max_model_len=80)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+async def test_evicted_prefix_pages_are_restored_from_host_memory_with_identical_greedy_output(make_engine, device):
+    # 20 pages of 4 tokens: a 64-token prompt (16 pages) is evicted by the next two. On CUDA the
+    # host tier is pinned memory and the pages cross the PCIe bus both ways.
+    engine = make_engine(num_pages=20, max_model_len=80, host_kv_cache_gib=0.01, device=device)
+    plain = make_engine(num_pages=256, max_model_len=80, device=device)
     a = ids(64, seed=1)
     first = await engine.complete(GenerateRequest([*a, 7], GREEDY))
     for seed in (2, 3):  # evict a's pages into the host tier
