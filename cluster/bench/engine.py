@@ -227,7 +227,12 @@ def bench_decode_steps(engine: Engine, batch_sizes: list[int], context_len: int,
     """Time runner.execute on decode steps of `batch` sequences with `context_len` tokens of
     context each (graphs as the engine would use them), and compare with bandwidth."""
     runner, pool, mc = engine.runner, engine.pool, engine.model_config
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    # Quantized layers keep their weights as buffers; the rotary tables are buffers too, but a step
+    # reads only its positions' rows of them.
+    tensors = [*runner.model.parameters()] + [
+        b for name, b in runner.model.named_buffers() if not name.endswith(("rotary.cos", "rotary.sin"))
+    ]
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     kv_token_bytes = runner.page_bytes // engine.config.page_size
     rows = []
     for batch in batch_sizes:
