@@ -90,22 +90,13 @@ class Engine:
             self.ranks = RankGroup(config)
             tp = self.ranks.join_as_rank0(self.device)
 
-        self.tokenizer = None
-        eos = set(self.model_config.eos_token_ids)
-        if not config.skip_tokenizer_init:
-            from workers.models.tokenizer import load_tokenizer
-
-            self.tokenizer = load_tokenizer(config.tokenizer or config.model)
-            if self.tokenizer.eos_token_id is not None:
-                eos.add(self.tokenizer.eos_token_id)
-
-        self.runner = build_runner(config, self.model_config, self.device, tp)
+        self.runner = None
+        try:
+            eos = self._load(config, tp)
+        except BaseException:
+            self._abandon_group()  # a failed start leaves no ranks and no process group behind
+            raise
         num_pages = self.runner.num_pages
-        if num_pages * config.page_size < self.max_model_len:
-            raise ValueError(
-                f"the KV pool holds {num_pages} pages x {config.page_size} tokens, fewer than max_model_len "
-                f"({self.max_model_len}): lower max_model_len or give the pool more memory"
-            )
         self.pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
         device_kv = KVPages.of_model(self.runner.model)
         self.host_tier = HostTier.build(device_kv, config.host_kv_cache_gib, config.page_size, config.replica_id)
@@ -238,6 +229,34 @@ class Engine:
                 await self._loop_task
         self._executor.shutdown(wait=True)
         self.close_group()
+
+    def _load(self, config: EngineConfig, tp) -> set[int]:
+        """The tokenizer, the model and its KV memory; returns the end-of-sequence token ids."""
+        self.tokenizer = None
+        eos = set(self.model_config.eos_token_ids)
+        if not config.skip_tokenizer_init:
+            from workers.models.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+            if self.tokenizer.eos_token_id is not None:
+                eos.add(self.tokenizer.eos_token_id)
+        self.runner = build_runner(config, self.model_config, self.device, tp)
+        num_pages = self.runner.num_pages
+        if num_pages * config.page_size < self.max_model_len:
+            raise ValueError(
+                f"the KV pool holds {num_pages} pages x {config.page_size} tokens, fewer than max_model_len "
+                f"({self.max_model_len}): lower max_model_len or give the pool more memory"
+            )
+        return eos
+
+    def _abandon_group(self) -> None:
+        if self.ranks is None:
+            return
+        if self.runner is not None:
+            self.close_group()
+        else:  # the other ranks fail their own load, or are killed after close's timeout
+            self.ranks.close()
+            self.ranks = None
 
     def close_group(self) -> None:
         """Release the other ranks of a tensor-parallel group (no-op without one)."""

@@ -133,6 +133,9 @@ def test_row_parallel_group_must_divide_the_rank_share(model_dirs):
     )  # fmt: skip
     with pytest.raises(Exception, match=r"group size 64 does not divide the 32 input columns \(this rank's share"):
         Engine(config)
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the failed start left no process group behind
 
 
 def test_saved_checkpoint_loads_without_recalibration(model_dirs, tmp_path):
