@@ -308,6 +308,41 @@ def _attention_case(device, bandwidth, batch, ctx, heads=32, kv_heads=8, head_di
     }
 
 
+# Engine options a bench parser may have grown; each one set on the command line reaches EngineConfig.
+PASS_THROUGH = (
+    "quantization",
+    "quantization_group_size",
+    "kv_cache_dtype",
+    "dtype",
+    "page_size",
+    "num_pages",
+    "gpu_memory_utilization",
+)
+
+
+def engine_config(args, model: str, device: torch.device, **overrides) -> EngineConfig:
+    """The EngineConfig `kvfleet bench engine` builds, plus any engine option its parser has grown
+    (PASS_THROUGH names that EngineConfig knows and the command line set)."""
+    dummy = args.load_format == "dummy"
+    extra = {
+        k: getattr(args, k)
+        for k in PASS_THROUGH
+        if k in EngineConfig.model_fields and getattr(args, k, None) is not None
+    }
+    return EngineConfig(
+        model=model,
+        device=str(device),
+        load_format=args.load_format,
+        skip_tokenizer_init=dummy,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        **extra,
+        **overrides,
+    )
+
+
 # ------------------------------------------------------------------ the command
 def run_engine_bench(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -325,21 +360,7 @@ def run_engine_bench(args) -> dict:
         "quantization": getattr(args, "quantization", "none"),
         "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
     }
-    engine = Engine(
-        EngineConfig(
-            model=model,
-            device=str(device),
-            load_format=args.load_format,
-            skip_tokenizer_init=dummy,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            enforce_eager=args.enforce_eager,
-            quantization=getattr(args, "quantization", "none"),
-            quantization_group_size=getattr(args, "quantization_group_size", 128),
-            kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-        )
-    )
+    engine = Engine(engine_config(args, model, device))
 
     def save() -> None:
         if args.json:

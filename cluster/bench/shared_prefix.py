@@ -25,13 +25,10 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench.engine import write_shape_dir
+from cluster.bench.engine import engine_config, write_shape_dir
 from cluster.bench.stats import percentile
-from workers.config import EngineConfig
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
-
-PASS_THROUGH = ("quantization", "kv_cache_dtype", "dtype", "page_size", "num_pages", "gpu_memory_utilization")
 
 
 @dataclass
@@ -120,29 +117,6 @@ def bench_shared_prefix(engine: Engine, work: SharedPrefixWorkload, concurrency:
         "seconds": seconds,
         "output_tokens_per_s": output_tokens / seconds,
     }
-
-
-def engine_config(args, model: str, device: torch.device, **overrides) -> EngineConfig:
-    """The EngineConfig `kvfleet bench engine` builds, plus any engine option its parser has grown
-    (PASS_THROUGH names that EngineConfig knows and the command line set)."""
-    dummy = args.load_format == "dummy"
-    extra = {
-        k: getattr(args, k)
-        for k in PASS_THROUGH
-        if k in EngineConfig.model_fields and getattr(args, k, None) is not None
-    }
-    return EngineConfig(
-        model=model,
-        device=str(device),
-        load_format=args.load_format,
-        skip_tokenizer_init=dummy,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager,
-        **extra,
-        **overrides,
-    )
 
 
 def run_shared_prefix_bench(args) -> dict:
