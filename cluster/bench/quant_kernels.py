@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from workers.kernels import quant_reference as ref
 from workers.kernels import triton_quant as tq
+from workers.kernels.triton_gemv import pick_gemv_config
 
 SHAPES = {  # name: (K in, N out), Llama-3-8B
     "qkv": (4096, 6144),
@@ -116,12 +117,20 @@ def bench_point(scheme, k, n, m, group_size, l2_bytes) -> dict:
         torch.cuda.empty_cache()
 
 
-def _candidates(m: int):
-    """Tile shapes x splits of K; the split is a runtime argument (no recompile)."""
+def _candidates(m: int, k: int):
+    """Tile shapes x splits of K; the split is a runtime argument (no recompile). One row also tries
+    the GEMV kernel's column blocks x K tiles x warps (triton_gemv.pick_gemv_config's table)."""
     bm = 16 if m <= 16 else 64
     for bn, warps, stages in ((32, 4, 4), (64, 4, 4), (64, 4, 3), (128, 4, 4), (128, 8, 4)):
         for split in (1, 2, 4, 8, 16):
             yield tq.MatmulConfig(bm, bn, 128, split, warps, stages)
+    if m == 1:
+        for bn in (8, 16, 32):
+            for bk in (256, 512, 1024, 2048):
+                for warps in (4, 8):
+                    for split in (1, 2, 4, 8, 16):
+                        if k % bk == 0 and split <= k // bk:
+                            yield tq.GemvConfig(bn, bk, split, warps)
 
 
 def run(args) -> dict:
@@ -199,12 +208,17 @@ def _sweep(args, l2) -> list[dict]:
             for scheme in ("int4", "int8", "fp8-wo"):
                 copies, fn, nbytes, x = _setup(scheme, k, n, m, args.group_size, l2)
                 results = []
-                for cfg in _candidates(m):
+                for cfg in _candidates(m, k):
                     try:
                         results.append((_measure(copies, fn, nbytes, x, n, k, cfg), cfg))
                     except Exception as e:  # out of resources for a tile: skip it
                         print(f"skip {cfg}: {type(e).__name__}")
-                picked = tq.pick_config(m, n, k, 128, torch.device("cuda"), int4=scheme == "int4")
+                if m == 1:  # one row goes to the GEMV kernel
+                    kind = {"int4": 0, "int8": 1, "fp8-wo": 2}[scheme]
+                    unit = min(args.group_size, 128) if kind < 2 else 1
+                    picked = pick_gemv_config(n, k, kind, unit, torch.device("cuda"))
+                else:
+                    picked = tq.pick_config(m, n, k, 128, torch.device("cuda"), int4=scheme == "int4")
                 r, cfg = min(results, key=lambda rc: rc[0]["us"])
                 picked_r = _measure(copies, fn, nbytes, x, n, k)
                 rows.append(
@@ -212,9 +226,9 @@ def _sweep(args, l2) -> list[dict]:
                         "layer": name,
                         "M": m,
                         "scheme": scheme,
-                        "best": vars(cfg),
+                        "best": {"kernel": type(cfg).__name__, **vars(cfg)},
                         **r,
-                        "picked": vars(picked),
+                        "picked": {"kernel": type(picked).__name__, **vars(picked)},
                         "picked_us": picked_r["us"],
                     }
                 )

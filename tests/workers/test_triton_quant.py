@@ -89,6 +89,35 @@ def test_split_k_partials_sum_to_the_unsplit_result(split_k):
     _assert_close(tq.int4_matmul(x, *tq.prepare_int4(q, s, z), config=cfg), got, 0)
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
+@pytest.mark.parametrize(("block_n", "block_k", "split_k"), [(8, 64, 1), (16, 128, 2), (32, 64, 3)])
+def test_one_row_gemv_tiles_and_k_splits_match_the_reference(scheme, block_n, block_k, split_k):
+    """Batch-1 decode takes triton_gemv's kernel (no 16-row tile): each tiling of N and K and each
+    split of K sums to the reference, and the split counters are back at zero after the call."""
+    n, k, group = 40, 384, 64  # N not a multiple of the column block; 6 K tiles of 64 split 3 ways
+    w, _ = _weights(n, k, seed=11)
+    x = _x(1, k, torch.float32)
+    cfg = tq.GemvConfig(block_n, block_k, split_k)
+    if scheme == "int4":
+        qs = ref.quantize_int4(w, group)
+        got, want = tq.int4_matmul(x, *tq.prepare_int4(*qs), config=cfg), ref.w4a16_matmul(x, *qs)
+    elif scheme == "int8":
+        qs = ref.quantize_int8(w, group)
+        got, want = tq.int8_matmul(x, *tq.prepare_int8(*qs), config=cfg), ref.w8a16_matmul(x, *qs)
+    else:
+        qs = ref.quantize_fp8(w)
+        got, want = tq.fp8_matmul(x, *tq.prepare_fp8(*qs), config=cfg, scaled_mm=False), ref.fp8_matmul(x, *qs)
+    _assert_close(got, want, 1e-5)
+    assert int(tq._tile_locks(x.device).abs().sum()) == 0
+
+
+def test_a_gemv_tile_that_does_not_fit_k_or_the_group_is_refused():
+    w, _ = _weights(8, 192, seed=0)
+    q, s = ref.quantize_int8(w, 64)
+    with pytest.raises(ValueError, match="does not fit K 192"):
+        tq.int8_matmul(_x(1, 192, torch.float32), *tq.prepare_int8(q, s), config=tq.GemvConfig(8, 128, 1))
+
+
 def test_layouts_the_kernels_cannot_run_are_refused_with_what_would_work():
     w, _ = _weights(8, 64, seed=0)
     with pytest.raises(ValueError, match="multiple of 32"):

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from workers.kernels import quant_reference as ref
+from workers.kernels.triton_gemv import GemvConfig, gemv
 
 FP8_SCALED_MM_MIN_M = 64  # rows from which fp8 runs W8A8 on fp8 tensor cores (where there are some)
 
@@ -188,6 +189,8 @@ def _store_out(acc, s_ptr, out_ptr, m_offs, n_offs, n_mask, mask, stride_om, KIN
 
 
 _MAX_TILES = 1 << 14  # output tiles a split-K call may have (its counters)
+AnyConfig = MatmulConfig | GemvConfig | None  # a GemvConfig applies to one-row calls only
+
 _locks: dict[torch.device, torch.Tensor] = {}  # per device: split-K tile counters, zero between calls
 # x's dtype -> (bits that make a 4-bit code q the float offset + q, that offset)
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
@@ -201,11 +204,14 @@ def _tile_locks(device: torch.device) -> torch.Tensor:
     return _locks[device]
 
 
-def _launch(x, w, s, z, n, k, group_size, kind, config: MatmulConfig | None) -> torch.Tensor:
+def _launch(x, w, s, z, n, k, group_size, kind, config: AnyConfig) -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [M, {k}], got {list(x.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
     m = x.shape[0]
+    if m == 1 and not isinstance(config, MatmulConfig):
+        # one row (batch-1 decode): no 16-row tensor-core tile to pad it to, see triton_gemv.py
+        return gemv(x, w, s, z, n, k, group_size, kind, _tile_locks(x.device), config)
     max_bk = _max_block_k(group_size)
     cfg = config or pick_config(m, n, k, max_bk, x.device, int4=kind == 0)
     block_k = max_bk if kind == 0 else cfg.block_k  # int4 bytes are packed per tile of max_bk columns
@@ -274,7 +280,7 @@ def prepare_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return packed, s, z
 
 
-def int4_matmul(x: torch.Tensor, qweight, scales_t, zeros_t, *, config: MatmulConfig | None = None) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, qweight, scales_t, zeros_t, *, config: AnyConfig = None) -> torch.Tensor:
     n, k = qweight.shape[0], 2 * qweight.shape[1]
     return _launch(x, qweight, scales_t, zeros_t, n, k, k // scales_t.shape[0], 0, config)
 
@@ -292,7 +298,7 @@ def prepare_int8(qweight: torch.Tensor, scales: torch.Tensor):
     return qweight.contiguous(), scales.float().t().contiguous()
 
 
-def int8_matmul(x: torch.Tensor, qweight, scales_t, *, config: MatmulConfig | None = None) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, qweight, scales_t, *, config: AnyConfig = None) -> torch.Tensor:
     n, k = qweight.shape
     return _launch(x, qweight, scales_t, None, n, k, k // scales_t.shape[0], 1, config)
 
@@ -318,7 +324,7 @@ def has_fp8_tensor_cores(device: torch.device) -> bool:
 
 
 def fp8_matmul(
-    x: torch.Tensor, qweight, scales, scales_row, *, config: MatmulConfig | None = None, scaled_mm: bool | None = None
+    x: torch.Tensor, qweight, scales, scales_row, *, config: AnyConfig = None, scaled_mm: bool | None = None
 ) -> torch.Tensor:
     """Weight-only below FP8_SCALED_MM_MIN_M rows; W8A8 (`scaled_mm`) from there on where the GPU has
     fp8 tensor cores (`scaled_mm` forces either path)."""
