@@ -49,6 +49,7 @@ class PullStats:
     num_pages: int = 0  # pages inserted from pulls
     num_bytes: int = 0
     time_s: float = 0.0  # wall time of those pulls (fetch + check + insert)
+    fetch_time_s: float = 0.0  # of which the transport's: request sent to payload in hand
     fallbacks: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in PullFailure})
 
     @property
@@ -107,6 +108,7 @@ class KVPuller:
             return self._fallback(e.reason, holder, e)
         except Exception as e:  # a dead holder surfaces as whatever its transport raises
             return self._fallback(PullFailure.ERROR, holder, e)
+        fetched = time.perf_counter()
         bad = check_payload(payload, self.engine.model_id, self.engine.page_io.layout, asked)
         if bad is not None:
             return self._fallback(bad, holder)
@@ -122,6 +124,7 @@ class KVPuller:
         size = payload_bytes(payload)
         st.num_bytes += size
         st.time_s += dt
+        st.fetch_time_s += fetched - t0
         self._bandwidth = (1 - _EWMA) * self._bandwidth + _EWMA * size / max(dt, 1e-6)
         return inserted
 

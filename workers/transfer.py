@@ -1,11 +1,12 @@
 """The Ray side of pulls between TargetWorker replicas: the `PageTransport` over Serve calls, and
 where the holders are (the page index).
 
-`RayPageTransport.fetch` calls `TargetWorker.export_pages` on the named replica through a handle
-to the replica's own deployment, pinned by the `pin_replica` keyword (the deployment's request
-router honours it: router/prefix_router.py). The reply names the replica that answered; an
-answer from another (the holder has gone, so the call was routed elsewhere) is refused. On a
-deadline the call is cancelled.
+`RayPageTransport.fetch` calls `TargetWorker.export_pages` on the named replica straight through
+its actor (workers/replica_actors.py: no routing decision, the payload's buffer out of band as in
+a plain actor call), or, when that actor cannot be found, through a handle to the replica's own
+deployment, pinned by the `pin_replica` keyword (router/prefix_router.py honours it). The reply
+names the replica that answered; an answer from another (the holder has gone, so the call was
+routed elsewhere) is refused. On a deadline the call is cancelled.
 
 `IndexLocator` answers "who holds how many of these leading pages" from the shared page index:
 the live replicas (a SCAN of heartbeats, re-read every `replicas_refresh_s` off the event loop)
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from kvstore.hashing import PageHash
 from kvstore.index import AsyncPageIndex, IndexConfig, PageIndex
 from kvstore.transport import PagePayload, PullFailure, TransportError
+from workers.replica_actors import ReplicaActors
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class RayPageTransport:
         a replica cannot get a handle to its own deployment while it is being constructed)."""
         self._factory = handle_factory
         self._handle = None
+        self._actors: ReplicaActors | None = None
 
     async def warm(self, replica_id: str) -> None:
         """Make the handle and send one empty export to `replica_id` (this replica), so that the
@@ -45,9 +48,15 @@ class RayPageTransport:
     async def fetch(self, replica_id: str, hashes: Sequence[PageHash], timeout_s: float) -> PagePayload:
         if self._handle is None:
             self._handle = self._factory()
-        response = self._handle.export_pages.remote(list(hashes), **{PIN_REPLICA_KWARG: replica_id})
+            self._actors = ReplicaActors(self._handle.app_name, self._handle.deployment_name)
+        direct = self._actors.call(replica_id, "export_pages", list(hashes))
+        if direct is not None:
+            response, pending = direct, direct.ref
+        else:
+            response = self._handle.export_pages.remote(list(hashes), **{PIN_REPLICA_KWARG: replica_id})
+            pending = _await(response)
         try:
-            payload = await asyncio.wait_for(_await(response), timeout_s)
+            payload = await asyncio.wait_for(pending, timeout_s)
         except TimeoutError:
             response.cancel()
             raise
