@@ -92,10 +92,14 @@ class TargetWorker:
         self.puller: KVPuller | None = None
         self._locator: IndexLocator | None = None
         if kv_transfer is not None and kv_transfer.enabled and index_config is not None:
-            self._locator = IndexLocator(
-                index_config, self.engine.model_id, self.replica_id, kv_transfer.replicas_refresh_s
-            )
             transport = RayPageTransport(_own_deployment_handle)
+            self._locator = IndexLocator(
+                index_config,
+                self.engine.model_id,
+                self.replica_id,
+                kv_transfer.replicas_refresh_s,
+                on_live=transport.resolve,
+            )
             self.puller = KVPuller(self.engine, transport, self._locator, kv_transfer)
         self.metrics = WorkerMetrics(self.engine.model_id, self.replica_id)
         self._metrics_period_s = metrics_period_s

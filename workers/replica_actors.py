@@ -51,14 +51,15 @@ class ReplicaActors:
 
         from ray.serve._private.common import RequestMetadata
 
-        actor = self._actor(replica_id)
+        actor = self.actor(replica_id)
         if actor is None:
             return None
         request_id = uuid.uuid4().hex
         metadata = RequestMetadata(request_id, request_id, call_method=method, app_name=self.app_name)
         return _ActorCall(actor.handle_request.remote(pickle.dumps(metadata), *args))
 
-    def _actor(self, replica_id: str):
+    def actor(self, replica_id: str):
+        """The actor handle of `replica_id` (looked up once: blocking), or None if there is none."""
         if replica_id not in self._actors:
             import ray
             from ray.serve._private.common import DeploymentID, ReplicaID
