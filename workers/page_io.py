@@ -12,6 +12,7 @@ insert writes only pages it has just allocated (no step reads them).
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -52,9 +53,11 @@ class PageIO:
                 data = data[:, :, order]
             return _to_buffer(data)
 
+        read_at, t0 = time.time(), time.perf_counter()
         n, data = self.kv_cache.export(hashes, read)
         self.num_exported_pages += n
-        return PagePayload(self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data)
+        read_s = time.perf_counter() - t0
+        return PagePayload(self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data, read_at, read_s)
 
     def insert(self, payload: PagePayload, hashes: list[PageHash], start: int) -> int:
         """Cache `payload`'s pages (checked: they are `hashes[start:start + n]`) after the run

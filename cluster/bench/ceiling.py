@@ -10,6 +10,8 @@ did not get from cache) are split by the first page it missed:
 - `in_flight`: no turn had finished computing that page when this one was sent (its first
   token, for a prompt page; its end, for a page of its answer): turns that overlap on a new
   prefix, which a cluster can avoid only by holding a turn back until another computes it;
+  `in_flight_elsewhere` is the part of those whose page was first being computed on another
+  replica than the one this turn went to (routing could have sent it to the computing one);
 - `after_computed`: the page was complete somewhere when this turn was sent, yet it was
   recomputed: evicted from every tier, routed away from its holder without a pull, a pull
   refused by the cost model or failed.
@@ -28,7 +30,8 @@ def hit_ceilings(turns, page_size: int) -> dict:
     ok = sorted((t for t in turns if not t.error and t.prompt), key=lambda t: t.sent)
     total = sum(len(t.prompt) for t in ok)
     done_at: dict[int, float] = {}  # page hash -> earliest time a turn sent earlier had computed it
-    ceiling = in_flight = after = 0
+    first_on: dict[int, str] = {}  # page hash -> the replica of the first turn that computed it
+    ceiling = in_flight = elsewhere = after = 0
     for t in ok:
         asked = page_hashes(t.prompt, page_size, "")[: (len(t.prompt) - 1) // page_size]
         n = 0
@@ -40,12 +43,20 @@ def hit_ceilings(turns, page_size: int) -> dict:
             first = asked[t.cached_tokens // page_size]
             if done_at[first] > t.sent:
                 in_flight += missed
+                elsewhere += missed if first_on[first] != t.replica else 0
             else:
                 after += missed
         first_token, end = t.sent + t.ttft, t.sent + t.e2e
         for h in page_hashes(t.prompt, page_size, ""):
             done_at[h] = min(done_at.get(h, first_token), first_token)
+            first_on.setdefault(h, t.replica)
         for h in page_hashes(t.prompt + t.answer[:-1], page_size, ""):
             done_at[h] = min(done_at.get(h, end), end)
+            first_on.setdefault(h, t.replica)
     frac = (lambda x: x / total) if total else (lambda x: 0.0)
-    return {"workload": frac(ceiling), "missed_in_flight": frac(in_flight), "missed_after_computed": frac(after)}
+    return {
+        "workload": frac(ceiling),
+        "missed_in_flight": frac(in_flight),
+        "missed_in_flight_elsewhere": frac(elsewhere),
+        "missed_after_computed": frac(after),
+    }

@@ -153,6 +153,9 @@ def _replica_figures(app_name: str) -> dict:
         pulled_bytes=0,
         pull_time_s=0.0,
         pull_fetch_time_s=0.0,
+        pull_request_time_s=0.0,
+        pull_read_time_s=0.0,
+        pull_reply_time_s=0.0,
     )
     fallbacks: dict[str, int] = {}
     for rid in ids:
@@ -166,6 +169,9 @@ def _replica_figures(app_name: str) -> dict:
             out["pulled_bytes"] += pulls.num_bytes
             out["pull_time_s"] += pulls.time_s
             out["pull_fetch_time_s"] += pulls.fetch_time_s
+            out["pull_request_time_s"] += pulls.request_time_s
+            out["pull_read_time_s"] += pulls.read_time_s
+            out["pull_reply_time_s"] += pulls.reply_time_s
             for reason, n in pulls.fallbacks.items():
                 fallbacks[reason] = fallbacks.get(reason, 0) + n
     out["pull_fallbacks"] = fallbacks

@@ -68,6 +68,9 @@ async def test_a_pull_inserts_the_holders_pages_and_the_output_is_identical(make
     assert (p.stats.num_pulls, p.stats.num_pages) == (1, 16)
     assert p.stats.num_bytes == 16 * puller.page_io.layout.page_bytes and p.stats.bandwidth_bytes_s > 0
     assert not any(p.stats.fallbacks.values())
+    # the holder's read is timed and stamped: the pull's transport time splits around it
+    assert 0 < p.stats.read_time_s <= p.stats.fetch_time_s <= p.stats.time_s
+    assert p.stats.request_time_s >= 0 and p.stats.reply_time_s >= 0
     assert await p.prepare(dataclasses.replace(request, request_id="r4")) == 0  # held now: no call
     assert transport.calls == 1
 
