@@ -64,25 +64,29 @@ class KVPages:
     def _index(self, pages: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(pages), dtype=torch.long, device=self.device)
 
-    def gather(self, pages: Sequence[int]) -> torch.Tensor:
-        """Pages `pages` as one CPU tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim]."""
+    def gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Pages `pages` as one CPU tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim],
+        written into `out` when given (a CPU tensor of that shape whose [layer, k/v] slices are
+        contiguous, e.g. a slice along the pages of a larger one): one copy on CPU."""
         if self.device.type != "cuda":
-            return self._gather(pages)
+            return self._gather(pages, out)
         if self._read_stream is None:
             self._read_stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(self._read_stream):
             if self._written is not None:
                 self._read_stream.wait_event(self._written)
-            return self._gather(pages)  # .cpu() waits for this stream only
+            data = self._gather(pages).cpu()  # .cpu() waits for this stream only
+        return data if out is None else out.copy_(data)
 
-    def _gather(self, pages: Sequence[int]) -> torch.Tensor:
+    def _gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         idx = self._index(pages)
         t = self.k[0]
-        out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
+        if out is None:
+            out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
         for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):  # one copy, into place
             torch.index_select(k, 0, idx, out=out[i, 0])
             torch.index_select(v, 0, idx, out=out[i, 1])
-        return out.cpu()
+        return out
 
     def mark_written(self) -> None:
         """Pages were just written on this thread's stream (CUDA: later gathers wait for it)."""
