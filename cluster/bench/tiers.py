@@ -193,7 +193,7 @@ def _run_variant(variant: str, args, workload) -> dict:
     )
     config = ClusterConfig.local(args.model, **engine).model_copy(
         update={
-            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus),
+            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus),
             "ingress": IngressConfig(replicas=1, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
             "ray": RayConfig(num_cpus=max(4, args.replicas + 2), dashboard_port=0),
