@@ -97,9 +97,10 @@ async def test_pages_in_the_holders_host_tier_are_exported_too(make_engine):
     assert out.num_cached_prompt_tokens == 64 and out.token_ids == ref.token_ids
 
 
-async def test_a_run_partly_on_the_device_and_partly_in_host_memory_is_exported_in_order(make_engine):
-    holder = make_engine(num_pages=20, max_model_len=80, host_kv_cache_gib=0.01)
-    puller = make_engine(num_pages=64, max_model_len=80)
+@pytest.mark.parametrize("device", DEVICES)
+async def test_a_run_partly_on_the_device_and_partly_in_host_memory_is_exported_in_order(make_engine, device):
+    holder = make_engine(num_pages=20, max_model_len=80, host_kv_cache_gib=0.01, device=device)
+    puller = make_engine(num_pages=64, max_model_len=80, device=device)
     a = ids(64, seed=8)
     await holder.complete(GenerateRequest([*a, 1], GREEDY))
     for seed in (5, 6):  # a's pages to host
@@ -108,7 +109,7 @@ async def test_a_run_partly_on_the_device_and_partly_in_host_memory_is_exported_
     hashes = holder.kv_cache.hashes(_seq(a), 16)
     assert len(holder.pool.lookup_prefix(hashes)) == 8 and holder.kv_cache.held_run(hashes) == 16
     payload = await holder.export_pages(hashes)
-    plain = make_engine()  # computed a alone: every page on its device
+    plain = make_engine(device=device)  # computed a alone: every page on its device
     await plain.complete(GenerateRequest([*a, 1], GREEDY))
     assert bytes(payload.data) == bytes((await plain.export_pages(hashes)).data)
     assert await puller.insert_pages(payload, hashes, 0) == 16

@@ -75,8 +75,10 @@ class KVPages:
         with torch.cuda.stream(self._read_stream):
             if self._written is not None:
                 self._read_stream.wait_event(self._written)
-            data = self._gather(pages).cpu()  # .cpu() waits for this stream only
-        return data if out is None else out.copy_(data)
+            data = self._gather(pages)
+            if out is None:
+                return data.cpu()  # waits for this stream only
+            return out.copy_(data)  # likewise (into pageable host memory: synchronous)
 
     def _gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         idx = self._index(pages)
