@@ -86,7 +86,7 @@ def build_app(config: ClusterConfig) -> Application:
         max_ongoing_requests=target.max_ongoing_requests,
         health_check_period_s=target.health_check_period_s,
         request_router_config=_router_config(config),
-        ray_actor_options=_actor_options(target.num_cpus, gpus, target.ray_resources),
+        ray_actor_options=_actor_options(target.num_cpus, gpus, target.ray_resources, main_loop=target.main_loop),
         **placement,
     ).bind(engine, config.index, target.metrics_period_s, **draft_args)
     ingress = serve.deployment(
@@ -119,10 +119,14 @@ def with_cpu_threads(engine: EngineConfig, num_cpus: float) -> EngineConfig:
     return engine.model_copy(update={"cpu_threads": int(num_cpus)})
 
 
-def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float]) -> dict:
+def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float], main_loop: bool = False) -> dict:
+    """`main_loop`: the replica runs its code on Serve's main event loop (TargetConfig.main_loop); the
+    env var joins the job's runtime_env (Ray merges env_vars and keeps its other fields)."""
     options: dict = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if resources:
         options["resources"] = dict(resources)
+    if main_loop:
+        options["runtime_env"] = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
     return options
 
 

@@ -59,6 +59,13 @@ class TargetConfig(_Section):
         description="Custom Ray resources each rank of a replica asks for, e.g. {'kvfleet-target': 1}: with nodes that "
         "advertise them (the Helm chart's target pods do), target replicas land there and nowhere else.",
     )
+    main_loop: bool = Field(
+        True,
+        description="Run the replicas' code on their Serve replica's main event loop (Serve's "
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, as in its throughput-optimized mode): every call, a pull's "
+        "export among them, crosses one thread less. The engine never blocks its loop for long (steps run on a "
+        "thread of their own). False: Serve's default, a loop on a thread of its own.",
+    )
 
 
 class DraftConfig(_Section):

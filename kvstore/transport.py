@@ -51,6 +51,10 @@ class PagePayload:
     layout: PageLayout
     hashes: tuple[PageHash, ...]
     data: object  # a bytes-like buffer
+    # When the holder began reading the pages (its `time.time()`) and for how long it read them:
+    # the receiver splits a pull's time with them (figures only, never checked).
+    read_at: float = 0.0
+    read_s: float = 0.0
 
     @property
     def num_pages(self) -> int:

@@ -58,6 +58,12 @@ class RoutingConfig(BaseModel):
         description="What a leading page in a replica's host-memory tier counts for against one on its device "
         "(a host hit costs a copy back; a device hit nothing).",
     )
+    recent_route_ttl_s: float = Field(
+        10.0,
+        ge=0,
+        description="A router counts the pages of prompts it sent in this many seconds as held by the replica it "
+        "sent them to, until the index knows them (a new prefix sticks to the replica computing it); 0: off.",
+    )
 
 
 class Reason(enum.StrEnum):

@@ -11,9 +11,15 @@ each replica (its queue-length cache: fresh, updated as this handle sends reques
 replica's last heartbeat. The chosen replica comes first; the others follow least loaded first,
 so Serve falls back to them if the chosen one refuses (its `max_ongoing_requests` is reached).
 
+A prompt's pages reach the index only once computed: until then the router counts the pages of
+prompts it sent in the last `recent_route_ttl_s` as held by the replica it sent them to
+(router/recent.py), so a second request with a new prefix follows the first to the replica
+computing it instead of computing it again elsewhere.
+
 Every router process reads the same index, so every ingress replica makes the same choice for
-the same prompt. If the index does not answer (Redis down or slower than its timeout) the router
-routes by load alone (reason FALLBACK) and counts it; it never fails a request for that.
+the same prompt (once the index knows it: the recent routes are each router's own). If the index
+does not answer (Redis down or slower than its timeout) the router routes by load alone (reason
+FALLBACK) and counts it; it never fails a request for that.
 
 `StickyPrefixRouter` routes proposal calls to DraftWorkers (initialised with the DRAFT model's id,
 under which the draft replicas publish their pages): a call that names a replica in its
@@ -37,6 +43,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from kvstore.index import AsyncPageIndex, IndexConfig, ReplicaMatch
 from router.policy import ReplicaView, RoutingConfig, choose
+from router.recent import RecentRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +60,7 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         self._index: AsyncPageIndex | None = None
         self._rng = random.Random()
         self._metrics = None
+        self._recent = RecentRoutes(self._config.recent_route_ttl_s)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -93,7 +101,11 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         host = None if matches is None else {rid: m.host_pages for rid, m in matches.items() if m.host_pages}
         if not hashes:
             matched = {}  # nothing to match (a prompt shorter than a page): route by load
+        elif matched is not None:
+            matched, host = with_recent(matched, host or {}, self._recent.leading(hashes))
         decision = choose(views, matched, self._config, self._rng, host)
+        if hashes:
+            self._recent.record(hashes, decision.replica_id)
         metrics.decisions.inc(1, {"reason": decision.reason.value if hashes else "no_hashes"})
         if decision.matched_pages:
             metrics.matched_pages.inc(decision.matched_pages)
@@ -164,6 +176,19 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         i = next(self._next) % len(ordered)
         return [[r] for r in ordered[i:] + ordered[:i]]
+
+
+def with_recent(
+    matched: dict[str, int], host: dict[str, int], recent: dict[str, int]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The index's answer (device run, host-tier continuation), where a replica was sent a longer
+    leading run of the prompt's pages a moment ago (router/recent.py) counting that run as held on
+    its device: it is computing them, or has and not yet published them."""
+    matched, host = dict(matched), dict(host)
+    for r, n in recent.items():
+        if n > matched.get(r, 0) + host.get(r, 0):
+            matched[r], host[r] = n, 0
+    return matched, {r: n for r, n in host.items() if n}
 
 
 def _pinned(

@@ -35,6 +35,7 @@ from kvstore.transport import PagePayload
 from workers.config import EngineConfig, KVTransferConfig
 from workers.engine import Engine
 from workers.kv_transfer import KVPuller, PullStats
+from workers.replica_actors import ReplicaActors
 from workers.request import EngineDeadError, EngineStats, GenerateRequest, TokenDelta
 from workers.spec.draft_client import DraftCall, DraftClientStats, RoutedDraftProposer
 from workers.spec.wire import DraftBatch, DraftReply
@@ -91,10 +92,14 @@ class TargetWorker:
         self.puller: KVPuller | None = None
         self._locator: IndexLocator | None = None
         if kv_transfer is not None and kv_transfer.enabled and index_config is not None:
-            self._locator = IndexLocator(
-                index_config, self.engine.model_id, self.replica_id, kv_transfer.replicas_refresh_s
-            )
             transport = RayPageTransport(_own_deployment_handle)
+            self._locator = IndexLocator(
+                index_config,
+                self.engine.model_id,
+                self.replica_id,
+                kv_transfer.replicas_refresh_s,
+                on_live=transport.resolve,
+            )
             self.puller = KVPuller(self.engine, transport, self._locator, kv_transfer)
         self.metrics = WorkerMetrics(self.engine.model_id, self.replica_id)
         self._metrics_period_s = metrics_period_s
@@ -207,65 +212,6 @@ def draft_submit(handle, direct: bool = True):
         return handle.propose.remote(call.batch, page_hashes=call.page_hashes, draft_replica=call.replica_id)
 
     return submit
-
-
-class _ActorCall:
-    """A direct call in flight (the `PendingCall` of workers/spec/draft_client.py)."""
-
-    direct = True
-
-    def __init__(self, ref):
-        self.ref = ref
-
-    def result(self, timeout_s: float | None = None):
-        import ray
-
-        return ray.get(self.ref, timeout=timeout_s)
-
-    def cancel(self) -> None:
-        import ray
-
-        ray.cancel(self.ref)
-
-
-class ReplicaActors:
-    """Calls on one deployment's Serve replicas by replica id, through each replica's actor handle:
-    the method runs inside the replica's request wrapper (`handle_request`: its concurrency limit,
-    metrics and request context), as after a DeploymentHandle's routing, but without one. A replica
-    whose actor cannot be found is answered None (the caller routes through the handle); a call to a
-    replica that died fails like any failed call (the client then re-routes its sequences)."""
-
-    def __init__(self, app_name: str, deployment_name: str):
-        self.app_name = app_name
-        self.deployment_name = deployment_name
-        self._actors: dict[str, object] = {}
-
-    def call(self, replica_id: str, method: str, *args) -> _ActorCall | None:
-        import pickle
-        import uuid
-
-        from ray.serve._private.common import RequestMetadata
-
-        actor = self._actor(replica_id)
-        if actor is None:
-            return None
-        request_id = uuid.uuid4().hex
-        metadata = RequestMetadata(request_id, request_id, call_method=method, app_name=self.app_name)
-        return _ActorCall(actor.handle_request.remote(pickle.dumps(metadata), *args))
-
-    def _actor(self, replica_id: str):
-        if replica_id not in self._actors:
-            import ray
-            from ray.serve._private.common import DeploymentID, ReplicaID
-            from ray.serve._private.constants import SERVE_NAMESPACE
-
-            name = ReplicaID(replica_id, DeploymentID(self.deployment_name, self.app_name)).to_full_id_str()
-            try:
-                self._actors[replica_id] = ray.get_actor(name, namespace=SERVE_NAMESPACE)
-            except ValueError:  # not (or no longer) a live replica: route through the handle
-                logger.debug("no actor named %s: its calls go through the handle", name)
-                self._actors[replica_id] = None
-        return self._actors[replica_id]
 
 
 @dataclass

@@ -4,13 +4,14 @@
     async for delta in engine.generate(GenerateRequest(prompt_token_ids=ids, sampling=SamplingParams())):
         ...
 
-One asyncio task runs the loop: schedule a step, run it on the model (on GPU in a worker thread,
-so the event loop keeps streaming while the device works; on CPU inline), apply the results,
-push `TokenDelta`s to each request's queue. All scheduler and pool state is touched on the event
-loop's thread only, except a speculative step's draft pages, which the step thread allocates
-(`_step`) while the loop only queues new requests; an abort that arrives while a step runs is
-applied as soon as the step returns. When a request ends by any path (finish, abort, a consumer
-that stops iterating) its pages go back to the pool.
+One asyncio task runs the loop: schedule a step, run it on the model in the step thread (so the
+event loop stays free while the device, or the CPU, computes: it keeps streaming, admits new
+requests, and answers other replicas' page exports at once), apply the results, push
+`TokenDelta`s to each request's queue. Scheduler state is touched on the event loop's thread
+only; pool state also by the step thread (a speculative step's draft pages) and by pulls
+(exports and inserts, on the loop while a step runs), all under the KV-cache manager's lock. An
+abort that arrives while a step runs is applied as soon as the step returns. When a request ends
+by any path (finish, abort, a consumer that stops iterating) its pages go back to the pool.
 
 If a step raises, the loop stops and logs it: every open stream gets `EngineDeadError` (with the
 cause chained) and later calls fail fast. Errors are never swallowed.
@@ -203,21 +204,15 @@ class Engine:
 
     # ---------------------------------------------------------------- pages between replicas
     async def export_pages(self, hashes: list[PageHash]) -> PagePayload:
-        """The leading run of `hashes` this replica holds (device or host tier), read between steps."""
-        await self._between_steps()
+        """The leading run of `hashes` this replica holds (device or host tier). Answered at once,
+        even while a step runs: the pages are referenced while they are read (PageIO.export)."""
         return self.page_io.export(hashes)
 
     async def insert_pages(self, payload: PagePayload, hashes: list[PageHash], start: int) -> int:
         """Cache a checked payload's pages (`hashes[start:]`, continuing `hashes[:start]`) as if
-        computed here, between steps; a request admitted after this finds them cached."""
-        await self._between_steps()
+        computed here (at once, even while a step runs: into free pages no step reads); a request
+        admitted after this finds them cached."""
         return self.page_io.insert(payload, hashes, start)
-
-    async def _between_steps(self) -> None:
-        # On CPU a step runs on the loop's thread: any coroutine runs between steps. On GPU the
-        # step thread may touch the pool (draft pages) while it runs: wait for it to return.
-        while self._step_running:
-            await asyncio.sleep(0.001)
 
     async def shutdown(self) -> None:
         """Abort every request and stop the loop."""
@@ -338,19 +333,11 @@ class Engine:
                 self._step_running = True
                 try:
                     plan = self.spec.plan(out, self.scheduler) if self.spec is not None else None
-                    if self.device.type == "cuda":
-                        # one hop to the step thread for the proposal and the target step: a
-                        # hop costs about as much as a small model's step
-                        result, step_time = await loop.run_in_executor(self._executor, self._step, out, plan)
-                    else:
-                        if plan is not None and plan.entries and self.spec.proposer.blocking:
-                            proposals = await loop.run_in_executor(self._executor, self.spec.propose, plan)
-                            self._attach(out, plan, proposals)
-                            plan = None
-                        # torch's CPU kernels give each calling thread its own OpenMP team; a
-                        # second thread doubles matmul time on a small machine (measured on 2
-                        # cores), so CPU steps compute here and the loop yields between steps.
-                        result, step_time = self._step(out, plan)
+                    # One hop to the step thread for the proposal and the target step, on CPU too:
+                    # the loop stays free for other replicas' exports (a CPU step inline made every
+                    # pull wait for the holder's step). Only that thread runs steps, so torch's CPU
+                    # kernels keep one OpenMP team (same step time as inline, measured on 2 cores).
+                    result, step_time = await loop.run_in_executor(self._executor, self._step, out, plan)
                 finally:
                     self._step_running = False
                 if self.spec is not None:
@@ -360,9 +347,10 @@ class Engine:
                     if request_id in self._streams:
                         self._finish(self._streams[request_id], FinishReason.ABORT)
                 self._pending_aborts.clear()
-                events = self.pool.take_events()
-                if self.host_tier is not None:
-                    events += self.host_tier.take_events()
+                with self.kv_cache.lock:
+                    events = self.pool.take_events()
+                    if self.host_tier is not None:
+                        events += self.host_tier.take_events()
                 if events and self._kv_event_sink is not None:
                     self._kv_event_sink(events)
                 await asyncio.sleep(0)  # let consumers and new requests in between steps
@@ -382,9 +370,9 @@ class Engine:
 
     def _step(self, out: SchedulerOutput, plan: SpecPlan | None) -> tuple[StepResult, float]:
         """Propose (if `plan` has entries), attach the proposals, run the target step; returns
-        its result and the target step's own time. On GPU this runs on the step thread, while
-        the loop thread only queues new requests and defers aborts (`_step_running`), so the
-        drafts' pages come from the pool with nobody else touching it."""
+        its result and the target step's own time. Runs on the step thread, while the loop thread
+        queues new requests, defers aborts (`_step_running`) and serves pulls; the drafts' pages
+        come from the pool under the KV-cache manager's lock."""
         if plan is not None and plan.entries:
             self._attach(out, plan, self.spec.propose(plan))
         t0 = time.perf_counter()

@@ -19,6 +19,13 @@ again; the scheduler computes the rest. Pages on other replicas are pulled befor
 reaches the scheduler (workers/kv_transfer.py) and `insert`ed here as cached pages, so by the
 time it is admitted they are GPU pages like any other; `export` reads pages for such a pull.
 
+Threads: the engine loop calls this between steps, and also while a step runs on the step thread
+(an export or an insert for a pull must not wait for the step); the step thread allocates a
+speculative step's draft pages. Every change to the pools therefore happens under `lock`. An
+export holds the lock only to take and to drop its references: the copy runs outside it, on
+pages that no eviction can take meanwhile (referenced) and no step writes (cached pages are
+full and final).
+
 Invariants (beside the pool's):
 - a sequence's `block_table` holds one page per `page_size` tokens of its first tokens, and its
   first `num_committed_pages` pages are registered in the prefix cache under its page hashes;
@@ -28,6 +35,7 @@ Invariants (beside the pool's):
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -79,6 +87,7 @@ class KVCacheManager:
         self.page_size = pool.page_size
         self.model_id = model_id
         self.host = host
+        self.lock = threading.RLock()  # guards the pools (device and host): see the module docstring
         if host is not None:
             pool.on_evict = host.store
 
@@ -126,6 +135,10 @@ class KVCacheManager:
         changing nothing, if the pool has too few free pages."""
         if hit is not None and hit.num_pages and seq.block_table:
             raise AssertionError(f"{seq!r} already holds pages: a prefix hit starts an empty block table")
+        with self.lock:
+            return self._allocate(seq, num_tokens, hit)
+
+    def _allocate(self, seq: Sequence, num_tokens: int, hit: PrefixHit | None) -> bool:
         reused = hit.gpu_pages if hit is not None else []
         slots = hit.host_pages if hit is not None else []
         need = max(0, cdiv(num_tokens, self.page_size) - len(seq.block_table) - len(reused))
@@ -166,30 +179,33 @@ class KVCacheManager:
         """The leading run of `hashes` held here (device or host), read by `read(device_pages,
         host_pages, on_device)` (`on_device[i]`: page i of the run is the next device page, else
         the next host page) under a reference that keeps them from eviction for the time of the
-        read. Returns (pages, bytes)."""
-        device, host, order = [], [], []
-        for h in hashes:
-            p = self.pool.cached_page(h)
-            if p is not None:
-                device.append(p)
-                order.append(True)
-                continue
-            s = self.host.lookup(h) if self.host is not None else None
-            if s is None:
-                break
-            host.append(s)
-            order.append(False)
-        if not order:
-            return 0, b""
-        self.pool.acquire(device)
-        if host:
-            self.host.pin(host)
+        read. The lock is held only to take and drop the references, so `read` may run while a
+        step does (on another thread). Returns (pages, bytes)."""
+        with self.lock:
+            device, host, order = [], [], []
+            for h in hashes:
+                p = self.pool.cached_page(h)
+                if p is not None:
+                    device.append(p)
+                    order.append(True)
+                    continue
+                s = self.host.lookup(h) if self.host is not None else None
+                if s is None:
+                    break
+                host.append(s)
+                order.append(False)
+            if not order:
+                return 0, b""
+            self.pool.acquire(device)
+            if host:
+                self.host.pin(host)
         try:
             return len(order), read(device, host, order)
         finally:
-            self.pool.free(device)
-            if host:
-                self.host.unpin(host)
+            with self.lock:
+                self.pool.free(device)
+                if host:
+                    self.host.unpin(host)
 
     def insert(self, hashes: list[PageHash], start: int, write: Callable[[list[int], list[int]], None]) -> int:
         """Cache pages pulled from another replica: `hashes[start:]` continue a run `hashes[:start]`
@@ -198,50 +214,54 @@ class KVCacheManager:
         cached here are skipped; when the pool is short only the leading ones go in. The run held
         here is held (referenced) meanwhile, so making room never evicts it. Returns how many
         pages were inserted (as cached, unreferenced pages, most recently used)."""
-        if not self.pool.enable_prefix_caching:
-            return 0
-        held = [p for h in hashes[:start] if (p := self.pool.cached_page(h)) is not None]
-        self.pool.acquire(held)
-        try:
-            todo = [i for i in range(start, len(hashes)) if self.pool.cached_page(hashes[i]) is None]
-            n = min(len(todo), self.pool.num_free_pages)
-            if not n:
+        with self.lock:
+            if not self.pool.enable_prefix_caching:
                 return 0
-            pages = self.pool.allocate(n)
-            write_at = todo[:n]
+            held = [p for h in hashes[:start] if (p := self.pool.cached_page(h)) is not None]
+            self.pool.acquire(held)
             try:
-                write(pages, [i - start for i in write_at])
-                self.pool.commit(pages, [hashes[i] for i in write_at])
+                todo = [i for i in range(start, len(hashes)) if self.pool.cached_page(hashes[i]) is None]
+                n = min(len(todo), self.pool.num_free_pages)
+                if not n:
+                    return 0
+                pages = self.pool.allocate(n)
+                write_at = todo[:n]
+                try:
+                    write(pages, [i - start for i in write_at])
+                    self.pool.commit(pages, [hashes[i] for i in write_at])
+                finally:
+                    self.pool.free(pages)  # uncommitted (the write failed): back as empty pages
+                return n
             finally:
-                self.pool.free(pages)  # uncommitted (the write failed): back as empty pages
-            return n
-        finally:
-            self.pool.free(held)
+                self.pool.free(held)
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         """Register the full pages among the first `num_tokens` tokens of `seq` (their KV computed
         and final) in the prefix cache. A page whose hash another page already caches is swapped
         for that page (the pool's `commit`)."""
-        full = num_tokens // self.page_size
-        done = seq.num_committed_pages
-        if full <= done:
-            return
-        hashes = self.hashes(seq, full)
-        pages = seq.block_table[done:full]
-        self.pool.commit(pages, hashes[done:full])
-        seq.block_table[done:full] = pages
-        seq.num_committed_pages = full
+        with self.lock:
+            full = num_tokens // self.page_size
+            done = seq.num_committed_pages
+            if full <= done:
+                return
+            hashes = self.hashes(seq, full)
+            pages = seq.block_table[done:full]
+            self.pool.commit(pages, hashes[done:full])
+            seq.block_table[done:full] = pages
+            seq.num_committed_pages = full
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Give back the pages of `seq` past its first `num_tokens` tokens (rejected drafts' KV)."""
-        keep = cdiv(num_tokens, self.page_size)
-        if len(seq.block_table) > keep:
-            self.pool.free(seq.block_table[keep:])
-            del seq.block_table[keep:]
-            seq.num_committed_pages = min(seq.num_committed_pages, keep)
+        with self.lock:
+            keep = cdiv(num_tokens, self.page_size)
+            if len(seq.block_table) > keep:
+                self.pool.free(seq.block_table[keep:])
+                del seq.block_table[keep:]
+                seq.num_committed_pages = min(seq.num_committed_pages, keep)
 
     def free(self, seq: Sequence) -> None:
         """Give back every page of `seq` (full committed ones stay in the prefix cache)."""
-        self.pool.free(seq.block_table)
-        seq.block_table = []
-        seq.num_committed_pages = 0
+        with self.lock:
+            self.pool.free(seq.block_table)
+            seq.block_table = []
+            seq.num_committed_pages = 0

@@ -49,6 +49,12 @@ class PullStats:
     num_pages: int = 0  # pages inserted from pulls
     num_bytes: int = 0
     time_s: float = 0.0  # wall time of those pulls (fetch + check + insert)
+    fetch_time_s: float = 0.0  # of which the transport's: request sent to payload in hand
+    # ... and of that: request sent to the holder reading (the call's way there and the holder's
+    # wait for its event loop), the holder's read, and the reply (read done to payload in hand)
+    request_time_s: float = 0.0
+    read_time_s: float = 0.0
+    reply_time_s: float = 0.0
     fallbacks: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in PullFailure})
 
     @property
@@ -96,7 +102,7 @@ class KVPuller:
         if not self.worth_pulling(held - local):
             return self._fallback(PullFailure.NOT_WORTH)
         asked = hashes[local:held]
-        t0 = time.perf_counter()
+        t0, sent_at = time.perf_counter(), time.time()
         try:
             payload = await asyncio.wait_for(
                 self.transport.fetch(holder, asked, self.config.timeout_s), self.config.timeout_s
@@ -107,6 +113,7 @@ class KVPuller:
             return self._fallback(e.reason, holder, e)
         except Exception as e:  # a dead holder surfaces as whatever its transport raises
             return self._fallback(PullFailure.ERROR, holder, e)
+        fetched, fetched_at = time.perf_counter(), time.time()
         bad = check_payload(payload, self.engine.model_id, self.engine.page_io.layout, asked)
         if bad is not None:
             return self._fallback(bad, holder)
@@ -122,6 +129,11 @@ class KVPuller:
         size = payload_bytes(payload)
         st.num_bytes += size
         st.time_s += dt
+        st.fetch_time_s += fetched - t0
+        if payload.read_at:  # the holder's clock: the same machine's, or a synchronised one
+            st.request_time_s += max(payload.read_at - sent_at, 0.0)
+            st.read_time_s += payload.read_s
+            st.reply_time_s += max(fetched_at - payload.read_at - payload.read_s, 0.0)
         self._bandwidth = (1 - _EWMA) * self._bandwidth + _EWMA * size / max(dt, 1e-6)
         return inserted
 

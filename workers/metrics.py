@@ -79,6 +79,9 @@ class WorkerMetrics:
         self.pulled_bytes = counter("kvfleet_kv_pulled_bytes_total", "Bytes of KV pulled from other replicas.")
         self.pulls = counter("kvfleet_kv_pulls_total", "Pulls that brought at least one page.")
         self.pull_time = counter("kvfleet_kv_pull_seconds_total", "Wall time of those pulls (fetch, check, insert).")
+        self.pull_fetch_time = counter(
+            "kvfleet_kv_pull_fetch_seconds_total", "Of that, the transport's (request sent to pages in hand)."
+        )
         self.exported_pages = counter("kvfleet_kv_exported_pages_total", "Pages sent to other replicas' pulls.")
         self.pull_fallbacks = Counter(
             "kvfleet_kv_pull_fallbacks_total",
@@ -123,6 +126,7 @@ class WorkerMetrics:
             self._advance(self.pulled_bytes, "pb", pull_stats.num_bytes)
             self._advance(self.pulls, "pn", pull_stats.num_pulls)
             self._advance(self.pull_time, "pt", pull_stats.time_s)
+            self._advance(self.pull_fetch_time, "pft", pull_stats.fetch_time_s)
             for reason, n in pull_stats.fallbacks.items():
                 self._advance(self.pull_fallbacks, f"pf-{reason}", n, {"reason": reason})
         if draft_stats is not None:

@@ -4,11 +4,15 @@
 device or in its host tier, as a `PagePayload` (kvstore/transport.py) under this replica's model
 id and page layout, read while the KV-cache manager holds a reference on every page (so no
 eviction can take one mid-read). `PageIO.insert` takes a checked payload and caches its pages in
-the device pool, as if computed here. Both run between engine steps (the engine sees to that).
+the device pool, as if computed here. Both run on the engine's event loop, also while a step
+computes on the step thread: the KV-cache manager's lock orders their pool changes with the
+step's, an export reads only referenced cached pages (full, final: no step writes them), and an
+insert writes only pages it has just allocated (no step reads them).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import numpy as np
@@ -36,22 +40,24 @@ class PageIO:
 
     def export(self, hashes: list[PageHash]) -> PagePayload:
         def read(device_pages: list[int], host_pages: list[int], on_device: list[bool]) -> bytes:
-            parts = []
-            if device_pages:
-                parts.append(self.device.gather(device_pages))
-            if host_pages:
-                parts.append(self.host.host.gather(host_pages))
-            data = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-            if len(parts) > 1:  # back into the run's order
-                d = iter(range(len(device_pages)))
-                h = iter(range(len(device_pages), len(on_device)))
-                order = [next(d) if dev else next(h) for dev in on_device]
-                data = data[:, :, order]
+            lay, t = self.layout, self.device.k[0]
+            shape = (lay.num_layers, 2, len(on_device), *t.shape[1:])
+            data = torch.empty(shape, dtype=t.dtype)  # on the host: the payload's buffer
+            d = h = 0
+            for tier, start, stop in _runs(on_device):  # each tier's pages straight into place
+                if tier:
+                    self.device.gather(device_pages[d : d + stop - start], out=data[:, :, start:stop])
+                    d += stop - start
+                else:
+                    self.host.host.gather(host_pages[h : h + stop - start], out=data[:, :, start:stop])
+                    h += stop - start
             return _to_buffer(data)
 
+        read_at, t0 = time.time(), time.perf_counter()
         n, data = self.kv_cache.export(hashes, read)
         self.num_exported_pages += n
-        return PagePayload(self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data)
+        read_s = time.perf_counter() - t0
+        return PagePayload(self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data, read_at, read_s)
 
     def insert(self, payload: PagePayload, hashes: list[PageHash], start: int) -> int:
         """Cache `payload`'s pages (checked: they are `hashes[start:start + n]`) after the run
@@ -64,11 +70,24 @@ class PageIO:
         data = _from_buffer(payload.data, self.device.k[0].dtype, shape)
 
         def write(pages: list[int], payload_pages: list[int]) -> None:
-            self.device.scatter(pages, data[:, :, payload_pages])
+            if payload_pages == list(range(payload_pages[0], payload_pages[0] + len(payload_pages))):
+                self.device.scatter(pages, data[:, :, payload_pages[0] : payload_pages[0] + len(payload_pages)])
+            else:  # some were cached here already: pick the others (a copy)
+                self.device.scatter(pages, data[:, :, payload_pages])
 
         inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write)
         self.num_inserted_pages += inserted
         return inserted
+
+
+def _runs(flags: list[bool]) -> list[tuple[bool, int, int]]:
+    """`flags` as maximal runs of equal values: (value, start, stop)."""
+    runs, start = [], 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[start]:
+            runs.append((flags[start], start, i))
+            start = i
+    return runs
 
 
 def _to_buffer(t: torch.Tensor) -> np.ndarray:

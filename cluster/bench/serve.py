@@ -53,6 +53,9 @@ class Turn:
     output_tokens: int = 0
     replica: str = ""
     error: str = ""
+    sent: float = 0.0  # seconds from the workload's start
+    prompt: list[int] = field(default_factory=list, repr=False)
+    answer: list[int] = field(default_factory=list, repr=False)
 
 
 def _stats(xs: list[float]) -> dict[str, float]:
@@ -86,11 +89,13 @@ async def _run_workload(target: str, args, vocab_size: int) -> tuple[list[Turn],
             history = list(systems[u % args.system_prompts])
             for t in range(args.turns):
                 prompt = history + questions[(u, t)]
-                turn = Turn(u, t)
+                turn = Turn(u, t, prompt=prompt)
                 sent = time.perf_counter()
+                turn.sent = sent - begin
                 answer = await send(prompt, turn)
                 turn.e2e = time.perf_counter() - sent
                 turn.output_tokens = len(answer)
+                turn.answer = answer
                 results.append(turn)
                 if turn.error:
                     return
@@ -227,7 +232,9 @@ def _run_url(args) -> dict:
     return _report(args.url, turns, elapsed)
 
 
-def _report(policy: str, turns: list[Turn], elapsed: float) -> dict:
+def _report(policy: str, turns: list[Turn], elapsed: float, page_size: int = 16) -> dict:
+    from cluster.bench.ceiling import hit_ceilings
+
     ok = [t for t in turns if not t.error]
     prompt = sum(t.prompt_tokens for t in ok)
     per_replica: dict[str, int] = {}
@@ -243,6 +250,8 @@ def _report(policy: str, turns: list[Turn], elapsed: float) -> dict:
         "prompt_tokens": prompt,
         "cached_prompt_tokens": sum(t.cached_tokens for t in ok),
         "cache_hit_rate": sum(t.cached_tokens for t in ok) / prompt if prompt else 0.0,
+        # the best any routing and cache could do on these turns (cluster/bench/ceiling.py)
+        "cache_hit_ceiling": hit_ceilings(ok, page_size),
         "ttft_s": _stats([t.ttft for t in ok]),
         "tpot_s": _stats([(t.e2e - t.ttft) / (t.output_tokens - 1) for t in ok if t.output_tokens > 1]),
         "itl_s": _stats([x for t in ok for x in t.itl]),

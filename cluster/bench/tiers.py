@@ -4,9 +4,10 @@ Each variant runs on a fresh local cluster (prefix-aware routing, cold caches) w
 of `kvfleet bench serve`, sized so that the hot prefixes outgrow one replica's page pool (few
 `--num-pages` per replica). Reported per variant: hit rate and TTFT (as `bench serve`), the
 replicas' host-tier and pull counters, and, for the pull variant, the pulls' bandwidth (bytes over
-fetch + check + insert wall time) against the transport's raw bandwidth measured in the same
-cluster: a plain Ray actor call returning as many bytes as a mean pull, with the same object-store
-path the Serve call takes.
+fetch + check + insert wall time, and over the fetch alone) against the transport's raw bandwidth
+measured in the same cluster: a plain Ray actor call returning as many bytes, the object-store path
+a pull's direct actor call takes; measured after the workload (idle, at the mean pull's size) and
+during it (a 4 MiB call every 2 s from this process: the load the pulls saw).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import time
 VARIANTS = ("no_tier", "host_tier", "host_tier+pulls")
 
 
-def _raw_bandwidth(num_bytes: int, repeats: int = 7) -> float:
-    """Bytes/s of one Ray actor call returning `num_bytes` bytes (a uint8 array, as a payload's
-    data travels) to this process (median of `repeats`)."""
+def _source(num_bytes: int):
+    """An actor whose `get` returns `num_bytes` bytes as a payload's data travels (a uint8 array:
+    out of band, no pickling)."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -29,26 +30,72 @@ def _raw_bandwidth(num_bytes: int, repeats: int = 7) -> float:
         def __init__(self, n: int):
             import numpy as np
 
-            self.data = np.ones(n, dtype=np.uint8)  # as a payload travels: out of band, no pickling
+            self.data = np.ones(n, dtype=np.uint8)
 
         def get(self):
             return self.data
 
     src = Source.remote(num_bytes)
     ray.get(src.get.remote())  # warm: actor started, first transfer done
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ray.get(src.get.remote())
-        times.append(time.perf_counter() - t0)
+    return src
+
+
+def _time_get(src) -> float:
+    import ray
+
+    t0 = time.perf_counter()
+    ray.get(src.get.remote())
+    return time.perf_counter() - t0
+
+
+def _raw_bandwidth(num_bytes: int, repeats: int = 7) -> float:
+    """Bytes/s of one Ray actor call returning `num_bytes` bytes to this process (median of `repeats`)."""
+    import ray
+
+    src = _source(num_bytes)
+    times = [_time_get(src) for _ in range(repeats)]
     ray.kill(src)
     return num_bytes / statistics.median(times)
 
 
+class _RawProbe:
+    """The raw actor call's bandwidth while the workload runs: one call of `num_bytes` every
+    `period_s` from a thread of this process (the same machine load the pulls see)."""
+
+    def __init__(self, num_bytes: int, period_s: float = 2.0):
+        import threading
+
+        self.num_bytes, self.period_s = num_bytes, period_s
+        self.src = _source(num_bytes)
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.times.append(_time_get(self.src))
+
+    def stop(self) -> dict:
+        import ray
+
+        self._stop.set()
+        self._thread.join()
+        idle = [_time_get(self.src) for _ in range(7)]
+        ray.kill(self.src)
+        loaded = self.num_bytes / statistics.median(self.times) if self.times else 0.0
+        return dict(
+            raw_probe_bytes=self.num_bytes,
+            raw_probe_calls_under_load=len(self.times),
+            raw_bandwidth_bytes_s_under_load=loaded,
+            raw_bandwidth_bytes_s_idle=self.num_bytes / statistics.median(idle),
+        )
+
+
 def _transport_bandwidth(config, repeats: int = 5) -> dict:
     """The pull path on idle replicas: one replica computes a prompt of max_model_len / 2 tokens,
-    then `export_pages` calls pinned to it (the Serve call a pull makes, the holder's read and the
-    reply) move its pages here; against a raw Ray actor call of as many bytes."""
+    then `export_pages` calls to its actor (the call a pull makes, the holder's read and the reply)
+    move its pages here; against a raw Ray actor call of as many bytes."""
     import random
 
     import ray
@@ -56,6 +103,7 @@ def _transport_bandwidth(config, repeats: int = 5) -> dict:
 
     from kvstore.hashing import page_hashes
     from kvstore.transport import payload_bytes
+    from workers.replica_actors import ReplicaActors
     from workers.request import GenerateRequest, SamplingParams
 
     prefix = f"SERVE_REPLICA::{config.app_name}#TargetWorker#"
@@ -65,12 +113,13 @@ def _transport_bandwidth(config, repeats: int = 5) -> dict:
     prompt = [rng.randrange(3, 500) for _ in range(config.engine.max_model_len // 2)] + [7]
     hashes = page_hashes(prompt, config.engine.page_size, config.model_id)
     handle = serve.get_deployment_handle("TargetWorker", app_name=config.app_name)
+    actors = ReplicaActors(config.app_name, "TargetWorker")  # the path a pull takes
     request = GenerateRequest(prompt, SamplingParams(max_tokens=1))
     list(handle.options(stream=True).generate.remote(request, page_hashes=hashes, pin_replica=holder))
     times, size = [], 0
     for _ in range(repeats + 1):  # the first call warms this handle
         t0 = time.perf_counter()
-        payload = handle.export_pages.remote(hashes, pin_replica=holder).result(timeout_s=60)
+        payload = actors.call(holder, "export_pages", hashes).result(timeout_s=60)
         times.append(time.perf_counter() - t0)
         size = payload_bytes(payload)
     serve_bw = size / statistics.median(times[1:])
@@ -96,7 +145,18 @@ def _replica_figures(app_name: str) -> dict:
         if a["name"].startswith(prefix)
     ]
     handle = serve.get_deployment_handle("TargetWorker", app_name=app_name)
-    out = dict(host_stored_pages=0, host_restored_pages=0, pulls=0, pulled_pages=0, pulled_bytes=0, pull_time_s=0.0)
+    out = dict(
+        host_stored_pages=0,
+        host_restored_pages=0,
+        pulls=0,
+        pulled_pages=0,
+        pulled_bytes=0,
+        pull_time_s=0.0,
+        pull_fetch_time_s=0.0,
+        pull_request_time_s=0.0,
+        pull_read_time_s=0.0,
+        pull_reply_time_s=0.0,
+    )
     fallbacks: dict[str, int] = {}
     for rid in ids:
         st = handle.stats.remote(pin_replica=rid).result(timeout_s=60)
@@ -108,6 +168,10 @@ def _replica_figures(app_name: str) -> dict:
             out["pulled_pages"] += pulls.num_pages
             out["pulled_bytes"] += pulls.num_bytes
             out["pull_time_s"] += pulls.time_s
+            out["pull_fetch_time_s"] += pulls.fetch_time_s
+            out["pull_request_time_s"] += pulls.request_time_s
+            out["pull_read_time_s"] += pulls.read_time_s
+            out["pull_reply_time_s"] += pulls.reply_time_s
             for reason, n in pulls.fallbacks.items():
                 fallbacks[reason] = fallbacks.get(reason, 0) + n
     out["pull_fallbacks"] = fallbacks
@@ -129,7 +193,7 @@ def _run_variant(variant: str, args, workload) -> dict:
     )
     config = ClusterConfig.local(args.model, **engine).model_copy(
         update={
-            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus),
+            "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus),
             "ingress": IngressConfig(replicas=1, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
             "ray": RayConfig(num_cpus=max(4, args.replicas + 2), dashboard_port=0),
@@ -139,16 +203,25 @@ def _run_variant(variant: str, args, workload) -> dict:
     vocab = ModelConfig.from_dir(args.model).vocab_size
     print(f"[{variant}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
     with ServeCluster(config, progress=lambda m: None) as cluster:
+        probe = _RawProbe(4 << 20) if config.kv_transfer.enabled else None
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
         figures = _replica_figures(config.app_name)
+        if probe is not None:
+            figures |= probe.stop()
         if figures["pulls"]:
-            # in the run: wall time of each pull, including the wait for the holder's and the
-            # puller's current engine step (on CPU a step runs on the replica's event loop)
+            # in the run, under its load: bytes over the pulls' wall time (fetch + check + insert),
+            # and over their transport time alone (request sent to payload in hand)
             figures["pull_bandwidth_bytes_s"] = figures["pulled_bytes"] / figures["pull_time_s"]
+            figures["pull_fetch_bandwidth_bytes_s"] = figures["pulled_bytes"] / figures["pull_fetch_time_s"]
             mean_bytes = figures["pulled_bytes"] // figures["pulls"]
             figures["mean_pull_bytes"] = mean_bytes
             figures["raw_ray_call_bandwidth_bytes_s_at_mean_pull"] = raw = _raw_bandwidth(mean_bytes)
             figures["pull_vs_raw"] = figures["pull_bandwidth_bytes_s"] / raw
+            figures["pull_fetch_vs_raw"] = figures["pull_fetch_bandwidth_bytes_s"] / raw
+            if figures.get("raw_bandwidth_bytes_s_under_load"):  # the same load as the pulls (4 MiB calls)
+                loaded = figures["raw_bandwidth_bytes_s_under_load"]
+                figures["pull_vs_raw_under_load"] = figures["pull_bandwidth_bytes_s"] / loaded
+                figures["pull_fetch_vs_raw_under_load"] = figures["pull_fetch_bandwidth_bytes_s"] / loaded
         if config.kv_transfer.enabled:
             figures |= _transport_bandwidth(config)
     report = _report(variant, turns, elapsed) | {"tiers": figures}

@@ -109,3 +109,9 @@ def test_an_engine_runs_with_its_cpu_threads(model_dirs):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_targets_run_on_their_replicas_main_loop_unless_configured_off(model_dirs):
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    assert worker_deployment(config(model_dirs["llama"])).ray_actor_options["runtime_env"] == {"env_vars": env}
+    assert "runtime_env" not in worker_deployment(config(model_dirs["llama"], main_loop=False)).ray_actor_options

@@ -97,6 +97,34 @@ async def test_pages_in_the_holders_host_tier_are_exported_too(make_engine):
     assert out.num_cached_prompt_tokens == 64 and out.token_ids == ref.token_ids
 
 
+@pytest.mark.parametrize("device", DEVICES)
+async def test_a_run_partly_on_the_device_and_partly_in_host_memory_is_exported_in_order(make_engine, device):
+    holder = make_engine(num_pages=20, max_model_len=80, host_kv_cache_gib=0.01, device=device)
+    puller = make_engine(num_pages=64, max_model_len=80, device=device)
+    a = ids(64, seed=8)
+    await holder.complete(GenerateRequest([*a, 1], GREEDY))
+    for seed in (5, 6):  # a's pages to host
+        await holder.complete(GenerateRequest([*ids(64, seed=seed), 1], GREEDY))
+    await holder.complete(GenerateRequest([*a[:32], 1], GREEDY))  # its first 8 back on the device
+    hashes = holder.kv_cache.hashes(_seq(a), 16)
+    assert len(holder.pool.lookup_prefix(hashes)) == 8 and holder.kv_cache.held_run(hashes) == 16
+    payload = await holder.export_pages(hashes)
+    plain = make_engine(device=device)  # computed a alone: every page on its device
+    await plain.complete(GenerateRequest([*a, 1], GREEDY))
+    assert bytes(payload.data) == bytes((await plain.export_pages(hashes)).data)
+    assert await puller.insert_pages(payload, hashes, 0) == 16
+    out = await puller.complete(GenerateRequest([*a, 2], GREEDY))
+    ref = await plain.complete(GenerateRequest([*a, 2], GREEDY))
+    assert out.num_cached_prompt_tokens == 64 and out.token_ids == ref.token_ids
+
+
+def test_runs_split_a_run_of_pages_by_tier():
+    from workers.page_io import _runs
+
+    assert _runs([True, True, False, True]) == [(True, 0, 2), (False, 2, 3), (True, 3, 4)]
+    assert _runs([False]) == [(False, 0, 1)] and _runs([]) == []
+
+
 async def test_a_payload_of_another_prefix_model_or_layout_is_rejected(make_engine):
     holder = make_engine()
     prompt = ids(32, seed=6)

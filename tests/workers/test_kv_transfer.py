@@ -1,11 +1,16 @@
 """Pulls between two engines in one process through an in-process `PageTransport`: the cost model,
 the deadline, and every fault (slow or dead holder, mismatched or evicted pages, no index) leave
 the request served with identical greedy output, counted, and no page held on either side
-(conftest.make_engine checks the pools at teardown)."""
+(conftest.make_engine checks the pools at teardown). A holder answers an export, and a puller
+inserts pages, while its engine step runs; exported pages are referenced only for the copy."""
 
 import asyncio
 import dataclasses
 import random
+import threading
+
+import pytest
+import torch
 
 from kvstore.hashing import page_hashes
 from kvstore.transport import PullFailure, TransportError
@@ -63,6 +68,9 @@ async def test_a_pull_inserts_the_holders_pages_and_the_output_is_identical(make
     assert (p.stats.num_pulls, p.stats.num_pages) == (1, 16)
     assert p.stats.num_bytes == 16 * puller.page_io.layout.page_bytes and p.stats.bandwidth_bytes_s > 0
     assert not any(p.stats.fallbacks.values())
+    # the holder's read is timed and stamped: the pull's transport time splits around it
+    assert 0 < p.stats.read_time_s <= p.stats.fetch_time_s <= p.stats.time_s
+    assert p.stats.request_time_s >= 0 and p.stats.reply_time_s >= 0
     assert await p.prepare(dataclasses.replace(request, request_id="r4")) == 0  # held now: no call
     assert transport.calls == 1
 
@@ -114,3 +122,81 @@ async def test_pages_evicted_on_the_holder_between_lookup_and_pull_are_recompute
     assert p2.stats.fallbacks["evicted"] == 1
     out = await puller.complete(dataclasses.replace(request, request_id="served"))
     assert out.num_cached_prompt_tokens == 32
+
+
+class Gate:
+    """Holds an engine's steps in its step thread until released: a step that takes as long as
+    the test needs (a long prefill on a loaded replica)."""
+
+    def __init__(self, engine):
+        self.started, self.release = threading.Event(), threading.Event()
+        inner = engine.runner.execute
+
+        def execute(out):
+            self.started.set()
+            assert self.release.wait(60), "the gate was never released"
+            return inner(out)
+
+        engine.runner.execute = execute
+
+    async def wait_started(self):
+        for _ in range(6000):
+            if self.started.is_set():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no step started")
+
+
+async def test_an_export_and_an_insert_are_answered_while_a_step_runs(make_engine):
+    holder, puller, request, _ = await setup(make_engine)
+    ref = await holder.complete(dataclasses.replace(request, request_id="ref"))
+    gates = [Gate(holder), Gate(puller)]
+    busy = [asyncio.create_task(e.complete(GenerateRequest(ids(40, seed=5), GREEDY))) for e in (holder, puller)]
+    for g in gates:
+        await g.wait_started()
+    hashes = list(request.page_hashes)
+    payload = await asyncio.wait_for(holder.export_pages(hashes), 30)
+    assert payload.num_pages == 16 and holder._step_running  # answered inside the holder's step
+    assert all(holder.pool.ref_counts[holder.pool.cached_page(h)] == 0 for h in hashes)  # released
+    assert await asyncio.wait_for(puller.insert_pages(payload, hashes, 0), 30) == 16
+    assert puller._step_running
+    for g in gates:
+        g.release.set()
+    await asyncio.gather(*busy)
+    out = await puller.complete(dataclasses.replace(request, request_id="r2"))
+    assert out.num_cached_prompt_tokens == 64 and out.token_ids == ref.token_ids
+
+
+async def test_exported_pages_survive_evictions_during_the_copy_and_are_released_after(make_engine):
+    holder = make_engine(replica_id="A", num_pages=64)
+    prompt = [*ids(64, seed=11), 3]
+    await holder.complete(GenerateRequest(prompt, GREEDY))
+    hashes = page_hashes(prompt, 4, holder.model_id)
+    before = holder.page_io.export(hashes)
+    pages = [holder.pool.cached_page(h) for h in hashes]
+    taken = []
+
+    def read(device, host, order):
+        def storm():  # another thread takes every free page, as a step's allocation would
+            with holder.kv_cache.lock:
+                taken.extend(holder.pool.allocate(holder.pool.num_free_pages))
+
+        t = threading.Thread(target=storm)
+        t.start()
+        t.join(30)
+        assert not t.is_alive(), "the export held the KV-cache manager's lock while it copied"
+        assert [holder.pool.cached_page(h) for h in hashes] == pages == device  # not evicted
+        return holder.page_io.device.gather(device)
+
+    n, data = holder.kv_cache.export(hashes, read)
+    assert n == 16 and len(taken) == holder.pool.num_pages - 16
+    assert torch.equal(data.view(torch.uint8).reshape(-1), torch.from_numpy(before.data))
+    holder.pool.free(taken)
+    assert holder.pool.num_free_pages == holder.pool.num_pages  # the export's references are gone
+
+    def broken(device, host, order):
+        raise RuntimeError("the copy failed")
+
+    with pytest.raises(RuntimeError, match="copy failed"):
+        holder.kv_cache.export(hashes, broken)
+    assert holder.pool.num_free_pages == holder.pool.num_pages

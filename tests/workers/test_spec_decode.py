@@ -367,8 +367,6 @@ async def test_no_pages_leak_after_many_accept_reject_rounds_and_aborts(pair_dir
 
 
 class _FlakyProposer:
-    blocking = False
-
     def __init__(self, inner, failures):
         self.inner, self.failures, self.calls = inner, failures, 0
 
@@ -394,8 +392,6 @@ async def test_a_failing_proposer_never_fails_a_request_and_speculation_resumes(
 
 class _BrokenProposer:
     """Answers with the wrong number of proposals, tokens outside the vocabulary, or bad q."""
-
-    blocking = False
 
     def __init__(self):
         self.calls = 0

@@ -6,6 +6,11 @@ copy of the same layout (`KVPages.host`, pinned on CUDA so copies to and from it
 asynchronously). Pages move between two of them by index (`copy_pages`), or leave as one
 contiguous tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim] (`gather`) and come back
 from one (`scatter`): the layout a page travels in between replicas (kvstore/transport.py).
+
+An export's `gather` may run while a step computes on another thread. On CUDA it reads on its own
+stream, so it does not queue behind the step's kernels; that stream first waits for the last
+write into these pages that may still be in flight (a restore or an insert: `mark_written`);
+pages a step computed are complete once the step returned (its sampled tokens synchronize).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ class KVPages:
         self.k = k
         self.v = v
         self.device = k[0].device
+        self._read_stream = None  # CUDA: the stream exports read on
+        self._written = None  # CUDA: an event after the last restore or insert into these pages
 
     @classmethod
     def of_model(cls, model) -> KVPages:
@@ -57,15 +64,38 @@ class KVPages:
     def _index(self, pages: Sequence[int]) -> torch.Tensor:
         return torch.tensor(list(pages), dtype=torch.long, device=self.device)
 
-    def gather(self, pages: Sequence[int]) -> torch.Tensor:
-        """Pages `pages` as one CPU tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim]."""
+    def gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Pages `pages` as one CPU tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim],
+        written into `out` when given (a CPU tensor of that shape whose [layer, k/v] slices are
+        contiguous, e.g. a slice along the pages of a larger one): one copy on CPU."""
+        if self.device.type != "cuda":
+            return self._gather(pages, out)
+        if self._read_stream is None:
+            self._read_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._read_stream):
+            if self._written is not None:
+                self._read_stream.wait_event(self._written)
+            data = self._gather(pages)
+            if out is None:
+                return data.cpu()  # waits for this stream only
+            return out.copy_(data)  # likewise (into pageable host memory: synchronous)
+
+    def _gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         idx = self._index(pages)
         t = self.k[0]
-        out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
+        if out is None:
+            out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
         for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):  # one copy, into place
             torch.index_select(k, 0, idx, out=out[i, 0])
             torch.index_select(v, 0, idx, out=out[i, 1])
-        return out.cpu()
+        return out
+
+    def mark_written(self) -> None:
+        """Pages were just written on this thread's stream (CUDA: later gathers wait for it)."""
+        if self.device.type == "cuda":
+            if self._written is None:
+                self._written = torch.cuda.Event()
+            self._written.record()
 
     def scatter(self, pages: Sequence[int], data: torch.Tensor) -> None:
         """Write `data` (as `gather` returns it) into pages `pages`."""
@@ -74,6 +104,7 @@ class KVPages:
         for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
             k.index_copy_(0, idx, data[i, 0])
             v.index_copy_(0, idx, data[i, 1])
+        self.mark_written()
 
 
 def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: Sequence[int]) -> None:
@@ -89,3 +120,4 @@ def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: 
     for s, d in ((src.k, dst.k), (src.v, dst.v)):
         for a, b in zip(s, d, strict=True):
             b.index_copy_(0, di, a.index_select(0, si).to(dst.device))
+    dst.mark_written()

@@ -225,11 +225,8 @@ class RoutedDraftProposer:
     against one deadline, `timeout_s` after the step's first call left.
 
     `lookahead`: ask each assigned sequence's replica for its next proposal while the target
-    verifies this one (see the module docstring).
-
-    `blocking`: the engine runs it off its event loop (it waits on the network)."""
-
-    blocking = True
+    verifies this one (see the module docstring). The engine calls it on its step thread, off
+    its event loop (it waits on the network)."""
 
     def __init__(
         self,

@@ -42,8 +42,6 @@ _MAX_DECODE_ROWS = 8
 
 
 class DraftModel:
-    blocking = False  # the engine proposes inline on CPU; on GPU its step thread runs every step
-
     def __init__(self, runner_config: RunnerConfig, model_config: ModelConfig, model_id: str):
         self.runner = ModelRunner(runner_config, model_config)
         self.decoder = DeviceFedDecoder(self.runner)

@@ -21,11 +21,7 @@ class Proposals:
 
 
 class Proposer(Protocol):
-    """Everything the engine asks of a proposer."""
-
-    # The engine calls `propose` off its event loop (it waits on the network or on a device) when
-    # True; inline on CPU when False (a second thread's OpenMP team would slow a CPU model down).
-    blocking: bool
+    """Everything the engine asks of a proposer (on its step thread, off the event loop)."""
 
     def propose(self, seqs: list[Sequence], num_tokens: list[int]) -> Proposals:
         """Up to num_tokens[i] tokens after seqs[i].token_ids (fewer, or none, when it has no guess)."""
@@ -38,8 +34,6 @@ class Proposer(Protocol):
 class NgramProposer:
     """Prompt lookup: find the latest earlier occurrence of the sequence's last n tokens
     (n from `max_n` down to `min_n`) and propose the tokens that followed it. No model."""
-
-    blocking = False
 
     def __init__(self, min_n: int = 1, max_n: int = 3):
         self.min_n, self.max_n = min_n, max_n
