@@ -50,8 +50,10 @@ def paged_attention(
 
     Sequences with one new token (decodes) go through one batched call; the others (prefill
     chunks) one by one, so that no query is padded to another sequence's length."""
-    out = torch.empty_like(q)
     decodes = [b for b in range(len(seq_lens)) if query_start_loc[b + 1] - query_start_loc[b] == 1]
+    if len(decodes) == len(seq_lens) == q.shape[0]:  # a decode-only step: row b is sequence b
+        return _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+    out = torch.empty_like(q)
     if decodes:
         rows = [query_start_loc[b] for b in decodes]
         out[rows] = _decode_batch(
@@ -68,7 +70,9 @@ def paged_attention(
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor, num_pages: int) -> torch.Tensor:
     """[num_seqs, num_pages] page ids -> [num_seqs, num_kv_heads, num_pages * page_size, head_dim]."""
-    return cache[tables[:, :num_pages].long()].flatten(1, 2).transpose(1, 2)
+    num_seqs = tables.shape[0]
+    pages = cache.index_select(0, tables[:, :num_pages].reshape(-1))  # cheaper on CPU than cache[tables]
+    return pages.view(num_seqs, num_pages * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
 
 
 def _decode_batch(q, k_cache, v_cache, tables, ctx_lens: list[int], scale, sliding_window):
@@ -76,6 +80,10 @@ def _decode_batch(q, k_cache, v_cache, tables, ctx_lens: list[int], scale, slidi
     num_pages = -(-max(ctx_lens) // page_size)
     k = _gather(k_cache, tables, num_pages).to(q.dtype)
     v = _gather(v_cache, tables, num_pages).to(q.dtype)
+    if len(ctx_lens) == 1 and sliding_window is None:  # one sequence: its context, and no mask
+        n = ctx_lens[0]
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k[:, :, :n], v[:, :, :n], scale=scale, enable_gqa=True)
+        return o[:, :, 0, :]
     ctx = torch.tensor(ctx_lens, device=q.device)[:, None]
     k_pos = torch.arange(num_pages * page_size, device=q.device)[None, :]
     mask = k_pos < ctx  # the query is the last token: causality is the context length
