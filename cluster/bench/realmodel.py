@@ -11,10 +11,14 @@ writes the rows, the load average before and after each step, and the ratios. On
 shares, run it with OMP_WAIT_POLICY=passive: torch and llama.cpp both use OpenMP, whose spinning barriers
 make 2 threads 10-20x slower than 1 when a core is taken (the variable must be set before torch loads, so
 in the environment; llama.cpp's process inherits it; the report records it). Everything after `--` goes
-to `kvfleet bench engine` as is, so its engine options (e.g. a future `--quantization`) apply:
+to `kvfleet bench engine` as is, so its engine options (e.g. a future `--quantization`) apply.
+Passive alone makes each OpenMP region wake a sleeping thread: 50-70 us per matmul, about 40% of a
+batch-1 decode step of the 135M model (measured 2026-12-05: gguf 36 ms/step passive, 20 ms with
+threads spinning). GOMP_SPINCOUNT=30000 (libgomp, torch's and llama.cpp's OpenMP; about 0.3 ms)
+keeps threads spinning across a step's op gaps but gives a taken core back soon; both systems get it:
 
-    OMP_WAIT_POLICY=passive kvfleet bench realmodel --llamacpp-python /work/llamacpp-venv/bin/python \
-        --json bench/results/realmodel-cpu.json -- --quantization int8
+    OMP_WAIT_POLICY=passive GOMP_SPINCOUNT=30000 kvfleet bench realmodel \
+        --llamacpp-python /work/llamacpp-venv/bin/python --json bench/results/realmodel-cpu.json -- --quantization int8
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ def run_realmodel_bench(args) -> dict:
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_start": os.getloadavg(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", ""),
         "runs": [],
     }
 

@@ -170,3 +170,22 @@ def test_rope_and_write_kv_into_fp8_cache_rounds_and_saturates_as_reference():
     # the rotation may differ in the last float bit, which can flip an fp8 rounding: one E4M3 step
     torch.testing.assert_close(caches_got[0].float(), caches_ref[0].float(), atol=2e-3, rtol=0.13)
     torch.testing.assert_close(caches_got[1].float(), caches_ref[1].float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("ctx_lens", [[13], [3, 4, 13, 70]])
+def test_reference_decode_only_step_equals_dense_attention(ctx_lens):
+    """The reference's decode-only shortcuts (one batched call; one sequence: its context sliced,
+    no mask) give each query softmax attention over exactly its own context."""
+    gen = torch.Generator().manual_seed(len(ctx_lens))
+    page_size, heads, kv_heads, head_dim = 4, 4, 2, 64
+    tables = random_tables(ctx_lens, page_size, 64, gen)
+    k_cache, v_cache = make_cache(64, page_size, kv_heads, head_dim)
+    q = rand(len(ctx_lens), heads, head_dim)
+    meta = meta_for([1] * len(ctx_lens), ctx_lens, tables)
+    got = get_ops("torch", DEVICE).attention(q, k_cache, v_cache, meta, head_dim**-0.5, None)
+    for b, n in enumerate(ctx_lens):
+        slots = [int(tables[b, p // page_size]) * page_size + p % page_size for p in range(n)]
+        k = k_cache.flatten(0, 1)[slots].repeat_interleave(heads // kv_heads, dim=1)  # [n, heads, d]
+        v = v_cache.flatten(0, 1)[slots].repeat_interleave(heads // kv_heads, dim=1)
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", q[b], k) * head_dim**-0.5, dim=-1)
+        torch.testing.assert_close(got[b], torch.einsum("hn,nhd->hd", weights, v), atol=1e-5, rtol=1e-5)

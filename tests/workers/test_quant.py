@@ -16,10 +16,10 @@ from workers.kernels.ops import get_ops
 from workers.models import gguf as float_gguf
 from workers.models.config import ModelConfig
 from workers.models.loader import load_model
-from workers.quant import QuantizationError, quantize_model
+from workers.quant import QuantizationError, backends, quantize_model
 from workers.quant.backends import get_backend, per_channel_int8
 from workers.quant.gguf_blocks import repack
-from workers.quant.layers import _QuantLinear
+from workers.quant.layers import QuantLogitsHead, _QuantLinear
 from workers.quant.layout import quantize_rtn
 
 CPU = torch.device("cpu")
@@ -42,6 +42,24 @@ def test_aten_int4_equals_the_reference(group_size, rows):
     _close(y, ref.matmul(x, *ref.prepare(w)))
     # and the reference is the contract's formula on bf16-rounded inputs
     _close(y, qr.w4a16_matmul(x.bfloat16().float(), w.qweight, w.scales, w.zeros))
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_aten_int4_prefill_rows_dequantize_and_equal_the_reference(group_size):
+    """From PREFILL_ROWS rows the aten backend reads aten's packed weight back to bfloat16 and
+    multiplies there; this torch must pack as that reader expects (else it would take the slow path)."""
+    torch.manual_seed(group_size)
+    w = quantize_rtn(torch.randn(128, 256), "int4", group_size)
+    aten, ref = get_backend("int4", CPU, "aten"), get_backend("int4", CPU, "reference")
+    assert backends._packed_int4_layout_known()
+    prepared = aten.prepare(w)
+    transposed = backends._dequantize_packed_int4(prepared[0], prepared[1], group_size)
+    # the kernel's scales and zeros are bfloat16: the same formula on them, rounded once to bfloat16
+    bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
+    assert torch.equal(transposed.T.float(), bf16(qr.dequant_int4(w.qweight, bf16(w.scales), bf16(w.zeros))))
+    for rows in (backends.PREFILL_ROWS - 1, backends.PREFILL_ROWS, 300):
+        x = torch.randn(rows, 256)
+        _close(aten.matmul(x, *prepared), ref.matmul(x, *ref.prepare(w)))
 
 
 @pytest.mark.parametrize("rows", [1, 16])
@@ -81,6 +99,23 @@ def test_quant_weight_slices_keep_whole_groups():
     torch.testing.assert_close(w.rows(2, 3).dequantize(), w.dequantize()[2:5])
     with pytest.raises(QuantizationError, match="group size 32 cannot be cut"):
         w.cols(16, 64)
+
+
+@pytest.mark.parametrize("rows", [1, 8])  # aten's int8 kernel, then the bfloat16 copy
+def test_logits_head_refines_its_top_tokens_in_float32(rows):
+    """The int8 logits head: the REFINED_TOKENS highest logits of a row are the float matmul's (to
+    float32 summation order), so greedy choices and log-probabilities are the float model's; the
+    rest are within the 8-bit error."""
+    torch.manual_seed(rows)
+    weight = torch.randn(1000, 64)
+    head = QuantLogitsHead(weight, get_backend("int8", CPU, "aten"))
+    hidden = torch.randn(rows, 64)
+    logits, exact = head(hidden), hidden @ weight.T
+    assert logits.dtype == torch.float32 and logits.shape == (rows, 1000)
+    top = exact.topk(8, dim=-1).indices
+    torch.testing.assert_close(logits.gather(1, top), exact.gather(1, top), rtol=1e-6, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    _close(logits, exact, rel=2**-6)
 
 
 def _tiny(model_dir) -> tuple:

@@ -50,8 +50,10 @@ def paged_attention(
 
     Sequences with one new token (decodes) go through one batched call; the others (prefill
     chunks) one by one, so that no query is padded to another sequence's length."""
-    out = torch.empty_like(q)
     decodes = [b for b in range(len(seq_lens)) if query_start_loc[b + 1] - query_start_loc[b] == 1]
+    if len(decodes) == len(seq_lens) == q.shape[0]:  # a decode-only step: row b is sequence b
+        return _decode_batch(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+    out = torch.empty_like(q)
     if decodes:
         rows = [query_start_loc[b] for b in decodes]
         out[rows] = _decode_batch(
@@ -68,23 +70,33 @@ def paged_attention(
 
 def _gather(cache: torch.Tensor, tables: torch.Tensor, num_pages: int) -> torch.Tensor:
     """[num_seqs, num_pages] page ids -> [num_seqs, num_kv_heads, num_pages * page_size, head_dim]."""
-    return cache[tables[:, :num_pages].long()].flatten(1, 2).transpose(1, 2)
+    num_seqs = tables.shape[0]
+    pages = cache.index_select(0, tables[:, :num_pages].reshape(-1))  # cheaper on CPU than cache[tables]
+    return pages.view(num_seqs, num_pages * cache.shape[1], *cache.shape[2:]).transpose(1, 2)
 
 
 def _decode_batch(q, k_cache, v_cache, tables, ctx_lens: list[int], scale, sliding_window):
+    """One query per sequence. The query heads that share a KV head attend as the rows of one
+    [group, head_dim] query (q [B, H, D] viewed [B, kv_heads, group, D]: head h reads KV head
+    h // group, as enable_gqa's repeat_interleave): on CPU 2.5x faster than enable_gqa's 1-row
+    queries at 16 sequences (measured 2026-12-05, SmolLM2-135M shapes)."""
     page_size = k_cache.shape[1]
     num_pages = -(-max(ctx_lens) // page_size)
     k = _gather(k_cache, tables, num_pages).to(q.dtype)
     v = _gather(v_cache, tables, num_pages).to(q.dtype)
+    b, h, d = q.shape
+    kv_heads = k.shape[1]
+    qg = q.view(b, kv_heads, h // kv_heads, d)
+    if len(ctx_lens) == 1 and sliding_window is None:  # one sequence: its context, and no mask
+        n = ctx_lens[0]
+        return F.scaled_dot_product_attention(qg, k[:, :, :n], v[:, :, :n], scale=scale).view(b, h, d)
     ctx = torch.tensor(ctx_lens, device=q.device)[:, None]
     k_pos = torch.arange(num_pages * page_size, device=q.device)[None, :]
     mask = k_pos < ctx  # the query is the last token: causality is the context length
     if sliding_window is not None:
         mask &= k_pos >= ctx - sliding_window
-    o = F.scaled_dot_product_attention(
-        q[:, :, None, :], k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-    )
-    return o[:, :, 0, :]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return o.view(b, h, d)
 
 
 def _prefill_one(q, k_cache, v_cache, table, ctx_len: int, scale, sliding_window):
@@ -107,6 +119,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     if residual is not None:
         x = x + residual
         residual = x
+    if x.dtype == torch.float32:  # the same arithmetic in one fused op (CPU: 8 ops -> 1)
+        out = F.rms_norm(x, weight.shape, weight, eps)
+        return out if residual is None else (out, residual)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     out = weight * h.to(x.dtype)
@@ -122,14 +137,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rope_and_write_kv(q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping) -> torch.Tensor:
     """Rotate-half RoPE of q and k from float32 cos/sin tables [max_pos, head_dim], then write
     k, v into their slots. Returns the rotated q."""
-    c = cos[positions].to(q.dtype)[:, None, :]
-    s = sin[positions].to(q.dtype)[:, None, :]
-    q = q * c + _rotate_half(q) * s
-    k = k * c + _rotate_half(k) * s
+    c, s = rope_rows(cos, sin, positions, q.dtype)
+    return rope_rows_and_write_kv(q, k, v, k_cache, v_cache, c, s, slot_mapping)
+
+
+def rope_rows(cos, sin, positions, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the tables that `positions` read, [num_tokens, 1, head_dim] in `dtype`: cos,
+    and sin with its first half negated (`_rope` needs no negation then)."""
+    half = cos.shape[-1] // 2
+    s = sin[positions].to(dtype)
+    return cos[positions].to(dtype)[:, None, :], torch.cat((-s[:, :half], s[:, half:]), dim=-1)[:, None, :]
+
+
+def rope_rows_and_write_kv(q, k, v, k_cache, v_cache, c, s, slot_mapping) -> torch.Tensor:
+    """`rope_and_write_kv` with the rows of `rope_rows` (one step's layers share them)."""
+    q, k = _rope(q, c, s), _rope(k, c, s)
     write_kv(k, v, k_cache, v_cache, slot_mapping)
     return q
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rope(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1): (x2, x1) is x's halves
+    flipped, and the sign sits in `s`. Three ops instead of seven."""
+    n, h, d = x.shape
+    return torch.addcmul(x * c, x.reshape(n, h, 2, d // 2).flip(2).view(n, h, d), s)

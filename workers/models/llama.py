@@ -139,6 +139,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = None
         else:
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        # a quantized replacement of the logits matmul (workers/quant: int8 on CPU), set after loading
+        self.logits_head: nn.Module | None = None
 
     @property
     def num_local_kv_heads(self) -> int:
@@ -149,6 +151,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary on rank 0 (None on the other ranks of a TP group)."""
+        if self.logits_head is not None:
+            return self.logits_head(hidden)  # whole-vocabulary head: tensor parallelism 1 only
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight)
         if self.tp.size == 1:

@@ -30,6 +30,7 @@ from workers.quant.quantize import (
     check_group_size,
     finalize_model,
     prepare_empty,
+    quantize_logits_head,
     quantize_model,
     scheme_kind,
 )
@@ -79,6 +80,7 @@ def load_model(
         prepare_empty(model, linear_kinds(gguf_file))
         model.load_weights(iter_gguf_quantized(gguf_file, cfg))
         finalize_model(model, quant_backend)
+        quantize_logits_head(model, quant_backend)
         return model.eval()
     if saved is not None:
         if quantization not in ("none", saved["scheme"]):
@@ -93,6 +95,7 @@ def load_model(
         prepare_empty(model, kinds)
         model.load_weights(iter_safetensors(Path(model_dir)))
         finalize_model(model, quant_backend)
+        quantize_logits_head(model, quant_backend)
         return model.eval()
     if quantization != "none":  # refuse before the (long) load what the device or shapes cannot run
         kind = scheme_kind(quantization)
@@ -107,6 +110,7 @@ def load_model(
     if quantization != "none":
         batches = calibration_batches(model_dir) if quantization == "int4-awq" else None
         quantize_model(model, quantization, group_size, backend=quant_backend, calib_batches=batches)
+        quantize_logits_head(model, quant_backend)
     return model.eval()
 
 

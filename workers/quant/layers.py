@@ -18,7 +18,7 @@ from torch import nn
 
 from workers.layers.parallel import TPInfo, full, read_cols, read_rows, shape_of, split
 from workers.quant.backends import Backend
-from workers.quant.layout import Kind, QuantizationError, QuantWeight, empty
+from workers.quant.layout import Kind, QuantizationError, QuantWeight, empty, quantize_rtn
 
 _LEAVES = ("qweight", "scales", "zeros")
 
@@ -177,3 +177,57 @@ class QuantRowParallelLinear(_QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(self.quantized_matmul(x))
         return y if self.bias is None else y + self.bias
+
+
+class QuantLogitsHead(nn.Module):
+    """The logits matmul of a CPU model whose projections are quantized. On SmolLM2-135M the LM head
+    (the tied embedding, 49152 x 576) is the largest weight: 113 MB in float32, read whole every
+    decode step, about a fifth of a batch-1 step. Here it is read in int8, one scale per vocabulary
+    row (the GGUF stores it as Q8_0, and llama.cpp multiplies it in 8 bits too), through the int8
+    backend; past `MAX_INT8_ROWS` rows aten's int8 kernel (a matrix-vector loop) is slower than
+    oneDNN's bfloat16 matmul of the same values, which the aten backend therefore keeps as well
+    (measured 2026-12-05, 2 threads: int8 0.9 / 1.6 / 6.3 ms at 1 / 4 / 16 rows, bfloat16 1.9 / 2.4 /
+    2.4, float32 2.5 / 5.6 / 9.1; both copies together take 85 MB, less than the float32 head).
+
+    Both kernels return bfloat16, whose steps near a logit of 20 are 0.125: greedy decoding would
+    meet ties, and log-probabilities would move in steps. So the `REFINED_TOKENS` highest logits of
+    each row are computed again in float32 from the float rows the embedding keeps (0.1 ms at one
+    row): the tokens that decide greedy choices, top-k/top-p draws and the reported log-probabilities
+    get the float model's exact logits; the rest of the vocabulary (the softmax normalizer's tail)
+    keeps the 8-bit estimate. Tensor parallelism 1 only. Not a `_QuantLinear`: no scheme rewrites
+    it and no checkpoint saves it."""
+
+    MAX_INT8_ROWS = 4
+    REFINED_TOKENS = 32
+
+    def __init__(self, weight: torch.Tensor, backend: Backend):
+        super().__init__()
+        self.float_weight = weight.detach()  # the embedding's storage, no copy (and no parameter here)
+        layout = quantize_rtn(weight.detach().float(), "int8", weight.shape[1])
+        # aten's int8 kernel takes bfloat16 scales: round them here, so that every backend (and the
+        # dequantized reference of the tests) multiplies by the same ones
+        layout.scales = layout.scales.to(torch.bfloat16).float()
+        self._args: list = []
+        for i, value in enumerate(backend.prepare(layout)):
+            if isinstance(value, torch.Tensor):
+                self.register_buffer(f"_p{i}", value, persistent=False)
+                self._args.append(f"_p{i}")
+            else:
+                self._args.append((value,))
+        self._matmul = backend.matmul
+        self.backend_name = backend.name
+        dense = layout.dequantize().to(torch.bfloat16) if backend.name == "aten" else None
+        self.register_buffer("dense", dense, persistent=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        if self.dense is not None and x.shape[0] > self.MAX_INT8_ROWS:
+            logits = torch.nn.functional.linear(x.to(self.dense.dtype), self.dense).float()
+        else:
+            logits = self._matmul(x, *[getattr(self, a) if isinstance(a, str) else a[0] for a in self._args]).float()
+        top = logits.topk(min(self.REFINED_TOKENS, logits.shape[-1]), dim=-1).indices
+        rows = self.float_weight[top]  # [tokens, refined, hidden]
+        exact = torch.bmm(rows, x.to(rows.dtype)[:, :, None])[..., 0]
+        logits.scatter_(1, top, exact.float())
+        return logits.reshape(*shape[:-1], logits.shape[-1])

@@ -1,6 +1,7 @@
 """`quantize_model`: one handler per scheme rewrites a loaded float model's linear layers in place
 (QKV, O, gate/up, down; the embedding and the LM head stay in the model dtype), each rank's
-shard on its own, so scales follow the rows and columns that rank holds.
+shard on its own, so scales follow the rows and columns that rank holds. On CPU the loader also
+gives a quantized model an int8 logits matmul (`quantize_logits_head`).
 
 | scheme    | layout (workers/kernels/quant_reference.py)   | CPU kernel          | CUDA kernel |
 | --------- | --------------------------------------------- | ------------------- | ----------- |
@@ -21,7 +22,7 @@ from torch import nn
 from workers.layers.basic import MergedLinear
 from workers.layers.parallel import RowParallelLinear
 from workers.quant.backends import Backend, check_device, get_backend
-from workers.quant.layers import QuantMergedLinear, QuantRowParallelLinear, _QuantLinear
+from workers.quant.layers import QuantLogitsHead, QuantMergedLinear, QuantRowParallelLinear, _QuantLinear
 from workers.quant.layout import Kind, QuantizationError, QuantWeight, quantize_rtn
 
 SCHEMES = ("fp8", "int8", "int4", "int4-awq")
@@ -173,6 +174,17 @@ def finalize_model(model: nn.Module, backend: str = "auto", keep_layout: bool = 
                 raise QuantizationError(f"the checkpoint did not fill quantized layer {name} (missing {missing})")
             check_device(layer.kind, device)
             layer.finalize(get_backend(layer.kind, device, backend), keep_layout=keep_layout)
+
+
+def quantize_logits_head(model: nn.Module, backend: str = "auto") -> None:
+    """CPU, tensor parallelism 1: the logits matmul in int8 per vocabulary row (`QuantLogitsHead`),
+    through the int8 backend `backend` picks ('auto': aten). Elsewhere nothing changes: a GPU keeps
+    its float head (the Triton kernels and CUDA graphs are untouched)."""
+    device = model.model.embed_tokens.weight.device
+    if device.type != "cpu" or model.tp.size != 1:
+        return
+    weight = model.model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    model.logits_head = QuantLogitsHead(weight, get_backend("int8", device, backend))
 
 
 def calibration_batches(model_dir, num_seqs: int = 16, seq_len: int = 512) -> list[torch.Tensor]:
