@@ -176,9 +176,11 @@ def test_a_lookahead_hit_answers_the_next_step_without_a_call():
 
 
 @pytest.mark.parametrize(
-    "accepted", [[6, 7, 8, 99], [6, 42], [6, 7, 8, 9, 10]], ids=["bonus-differs", "rejected", "too-long"]
+    "accepted, rejected",
+    [([6, 7, 8, 99], 0), ([6, 42], 1), ([6, 7, 8, 9, 10], 1)],
+    ids=["bonus-differs", "rejected", "too-long"],
 )
-def test_a_lookahead_miss_calls_as_usual(accepted):
+def test_a_lookahead_miss_calls_as_usual(accepted, rejected):
     proposer, sent = make_proposer(echo_replica(), lookahead=True)
     s = seq("a", [1, 2, 3, 4, 5])
     proposer.propose([s], [3])
@@ -188,6 +190,8 @@ def test_a_lookahead_miss_calls_as_usual(accepted):
     assert second.token_ids == [[last + 1, last + 2, last + 3]]  # what a normal call answers
     assert sent[2].batch.requests[0].token_ids == s.token_ids and sent[2].replica_id == "r0"
     assert (proposer.stats.num_ahead_hits, proposer.stats.num_ahead_misses) == (0, 1)
+    # why: the target did not take exactly the whole proposal and one token, or the guess was wrong
+    assert proposer.stats.num_ahead_misses_rejected == rejected
 
 
 def test_a_failed_lookahead_is_a_miss_and_releases_ride_on_lookahead_calls():

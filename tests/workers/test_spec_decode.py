@@ -93,6 +93,8 @@ async def test_greedy_output_is_identical_with_speculation(pair_dirs, make_pair_
     stats = engine.stats()
     assert stats.spec_proposed_tokens > 0 and stats.spec_accepted_tokens > 0
     assert stats.spec_accepted_tokens < stats.spec_proposed_tokens  # rejections happened too
+    # one target step per step of the batch that verified: fewer than the sequences' verifications
+    assert 0 < stats.spec_verify_steps < stats.spec_steps and stats.spec_verify_time_s > 0
     assert_pools_empty(engine)
 
 

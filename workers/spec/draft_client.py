@@ -77,6 +77,9 @@ class DraftClientStats:
     num_ahead_calls: int = 0  # lookahead calls (one per replica per step)
     num_ahead_hits: int = 0  # sequences whose proposal was ready when their step began
     num_ahead_misses: int = 0  # sequences whose lookahead guessed wrong (or failed): a normal call
+    num_ahead_misses_rejected: int = 0  # of those, the target had not accepted the whole proposal
+    ahead_wait_s: float = 0.0  # time steps spent reading lookahead replies (a hit's whole cost)
+    call_wait_s: float = 0.0  # time steps spent on their calls (the round trip a miss pays)
 
 
 class DraftRoutes:
@@ -253,8 +256,12 @@ class RoutedDraftProposer:
         deadline = time.monotonic() + self.timeout_s
         tokens: list[list[int]] = [[] for _ in seqs]
         probs: list[torch.Tensor | None] = [None] * len(seqs)
+        t0 = time.perf_counter()
         rest = self._take_ahead(seqs, num_tokens, deadline, tokens, probs)
+        t1 = time.perf_counter()
         self._call(seqs, num_tokens, rest, deadline, tokens, probs)
+        self.stats.ahead_wait_s += t1 - t0
+        self.stats.call_wait_s += time.perf_counter() - t1
         if self.lookahead:
             self._send_ahead(seqs, num_tokens, tokens)
         return Proposals(tokens, probs)
@@ -265,13 +272,15 @@ class RoutedDraftProposer:
         for i, (seq, k) in enumerate(zip(seqs, num_tokens, strict=True)):
             ahead = self._ahead.pop(seq.request_id, None)
             if ahead is not None:
-                got = ahead.take(seq.token_ids, k, deadline) if ahead.may_fit(seq.token_ids) else None
+                fits = ahead.may_fit(seq.token_ids)
+                got = ahead.take(seq.token_ids, k, deadline) if fits else None
                 if got is not None and got[0]:
                     tokens[i] = got[0]
                     probs[i] = None if got[1] is None else got[1].to(self.device)
                     self.stats.num_ahead_hits += 1
                     continue
                 self.stats.num_ahead_misses += 1
+                self.stats.num_ahead_misses_rejected += not fits
             rest.append(i)
         return rest
 
