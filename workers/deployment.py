@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -319,9 +320,12 @@ class DraftWorker:
             self._calls_per_request.move_to_end(r.request_id)
         while len(self._calls_per_request) > self._MAX_TRACKED_REQUESTS:
             self._calls_per_request.popitem(last=False)
+        t0 = time.perf_counter()
         replies = self.model.serve(batch)
+        compute_s = time.perf_counter() - t0
         for reply in replies:
             reply.replica_id = self.replica_id
+            reply.compute_s = compute_s
         st.num_calls += 1
         st.num_sequences += len(batch.requests)
         return replies

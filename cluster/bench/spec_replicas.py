@@ -98,4 +98,7 @@ def lookahead_row(before: dict, after: dict) -> dict:
         "lookahead_misses_guess": d["num_ahead_misses"] - d["num_ahead_misses_rejected"],  # or the bonus guess
         "ahead_read_ms": round(1e3 * d["ahead_wait_s"] / max(1, looked), 3),  # per lookahead read
         "call_ms_per_call": round(1e3 * d["call_wait_s"] / max(1, d["num_calls"]), 3),
+        # of which the replica's own work (the rest: Ray, Serve, pickling, waiting for a busy replica)
+        "call_compute_ms": round(1e3 * d["call_compute_s"] / max(1, d["num_calls"]), 3),
+        "ahead_compute_ms": round(1e3 * d["ahead_compute_s"] / max(1, d["num_ahead_read"]), 3),
     }

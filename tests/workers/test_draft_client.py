@@ -151,7 +151,7 @@ def echo_replica(replica_id="r0"):
             tokens = [last + 1 + j for j in range(r.num_tokens)]
             q = np.zeros((len(tokens), 5), np.float32)
             q[:, 0] = tokens
-            replies.append(DraftReply(tokens, q, replica_id))
+            replies.append(DraftReply(tokens, q, replica_id, compute_s=0.25 * r.num_tokens))
         return FakeCall(replies)
 
     return behaviour
@@ -173,6 +173,8 @@ def test_a_lookahead_hit_answers_the_next_step_without_a_call():
     assert len(sent) == 3 and sent[2].batch.requests[0].token_ids[-4:] == [9, 10, 11, 12]  # the next lookahead
     st = proposer.stats
     assert (st.num_calls, st.num_ahead_calls, st.num_ahead_hits, st.num_ahead_misses) == (1, 2, 1, 0)
+    # the replica's own time on each kind of call, as its replies said (3 and 3 + 1 tokens here)
+    assert (st.call_compute_s, st.num_ahead_read, st.ahead_compute_s) == (0.75, 1, 1.0)
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,9 @@ class DraftClientStats:
     num_ahead_misses_rejected: int = 0  # of those, the target had not accepted the whole proposal
     ahead_wait_s: float = 0.0  # time steps spent reading lookahead replies (a hit's whole cost)
     call_wait_s: float = 0.0  # time steps spent on their calls (the round trip a miss pays)
+    call_compute_s: float = 0.0  # of the calls' round trips, the replicas' own time (DraftReply.compute_s)
+    num_ahead_read: int = 0  # lookahead calls whose replies were read (a guess that may fit waits for its reply)
+    ahead_compute_s: float = 0.0  # the replicas' time on those
 
 
 class DraftRoutes:
@@ -172,8 +175,8 @@ class PendingCall(Protocol):
 class _AheadCall:
     """A lookahead call in flight; its replies are read at most once (cached), or None if it failed."""
 
-    def __init__(self, call: DraftCall, pending: PendingCall | Exception):
-        self.call, self.pending = call, pending
+    def __init__(self, call: DraftCall, pending: PendingCall | Exception, stats: DraftClientStats):
+        self.call, self.pending, self.stats = call, pending, stats
         self.replies: list[DraftReply] | None = None
         self.done = False
 
@@ -186,6 +189,8 @@ class _AheadCall:
                 replies = RoutedDraftProposer._result(self.pending, deadline)
                 if len(replies) == len(self.call.indices):
                     self.replies = replies
+                    self.stats.num_ahead_read += 1
+                    self.stats.ahead_compute_s += replies[0].compute_s if replies else 0.0
             except Exception as exc:  # a lost guess: the step calls as usual
                 logger.debug("lookahead call to %s failed: %r", self.call.replica_id, exc)
         return self.replies
@@ -291,7 +296,7 @@ class RoutedDraftProposer:
                 self.stats.num_direct_calls += getattr(pending, "direct", False) is True
             except Exception as exc:
                 pending = exc
-            sent = _AheadCall(call, pending)
+            sent = _AheadCall(call, pending, self.stats)
             for position, (i, request) in enumerate(zip(call.indices, call.batch.requests, strict=True)):
                 self._ahead[seqs[i].request_id] = Lookahead(request.token_ids, sent, position)
             self.stats.num_ahead_calls += 1
@@ -327,6 +332,7 @@ class RoutedDraftProposer:
                 logger.debug("draft call to %s failed: %r", call.replica_id or "a routed replica", exc)
                 continue
             answered += 1
+            self.stats.call_compute_s += replies[0].compute_s if replies else 0.0
             self.stats.num_moved += self.routes.answered(call, replies)
             for i, reply in zip(call.indices, replies, strict=True):
                 tokens[i] = reply.token_ids
