@@ -42,6 +42,7 @@ from cluster.demo.model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
+from workers.runner.config import resolve_device
 from workers.spec.decoder import build_speculative_decoder, expected_tokens
 
 PROMPTS = [
@@ -117,7 +118,7 @@ def _engine_config(args, speculative: SpeculativeConfig | None, max_batch: int) 
 def run_spec_bench(args) -> dict:
     # One target engine runs every row, with the same torch threads (resolved before Ray starts):
     # the rows differ only in their proposer, and each repeat times them all, in turn.
-    args.cpu_threads = args.cpu_threads or torch.get_num_threads()
+    args.cpu_threads = args.cpu_threads or _target_threads(args)
     max_batch = max(args.batch_sizes)
     k_max = max(args.ks)
     report: dict = {
@@ -183,6 +184,17 @@ def run_spec_bench(args) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _target_threads(args) -> int:
+    """The target's torch threads unless told: torch's default; on CPU beside draft replicas, the cores
+    those do not reserve (a draft replica computes while the target verifies: a target with every
+    core's thread would share them with it, as no replica of a cluster reserving its CPUs does)."""
+    cores = torch.get_num_threads()
+    if resolve_device(args.device).type != "cpu" or not any(p.startswith("replicas") for p in args.proposers):
+        return cores
+    per_replica = args.draft_cpu_threads or max(1, int(args.draft_num_cpus))
+    return max(1, cores - args.draft_replicas * per_replica)
 
 
 def _bench_batch(args, engine, decoders, clients, batch, params, warm, report) -> None:
@@ -278,7 +290,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--draft-num-gpus", type=float, default=None, help="GPUs per draft replica (default: 0.5 on CUDA, else 0)"
     )
     p.add_argument(
-        "--cpu-threads", type=int, default=None, help="torch threads of the target here, every row (default: torch's)"
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads of the target here, every row (default: torch's; on CPU with replicas rows, the cores "
+        "the draft replicas do not reserve)",
     )
     p.add_argument(
         "--draft-cpu-threads",
