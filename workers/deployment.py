@@ -55,6 +55,7 @@ class TargetWorker:
         draft_model_id: str = "",
         kv_transfer: KVTransferConfig | None = None,
         draft_lookahead: bool = True,
+        draft_lookahead_min_rate: float = 0.3,
     ):
         """`draft`: a DeploymentHandle to DraftWorker replicas of the model `draft_model_id` (then
         engine_config.speculative's method is 'replicas'); each engine step sends one call per
@@ -63,7 +64,8 @@ class TargetWorker:
         step and re-route; when every call of a step fails, the target decodes alone a while.
         `kv_transfer` (enabled, with an index): before a request enters the engine, pull the
         leading pages of its prompt that another replica holds (workers/kv_transfer.py).
-        `draft_lookahead`: ask for each step's next proposals while it verifies (draft_client.py)."""
+        `draft_lookahead`: ask for each step's next proposals while it verifies (draft_client.py),
+        where steps accept whole proposals at least `draft_lookahead_min_rate` of the time."""
 
         from workers.metrics import WorkerMetrics
 
@@ -81,6 +83,7 @@ class TargetWorker:
                 draft_model_id,
                 draft_timeout_s,
                 draft_lookahead,
+                draft_lookahead_min_rate,
             )
         self.proposer = proposer
         self.engine = Engine(config, kv_event_sink=self._publish, proposer=proposer)

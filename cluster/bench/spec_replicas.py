@@ -3,17 +3,25 @@ behind their sticky prefix-aware router, as cluster/app.py deploys them, and the
 of them (workers/spec/draft_client.py's RoutedDraftProposer) over one DeploymentHandle.
 
 Every client (`replicas`: pinned calls straight to the replica's actor, proposals computed ahead
-during verification; `replicas-direct`: the same without the lookahead; `replicas-plain`: every
-call through the handle's router, no lookahead) talks to the same replicas, so their rows share
-the draft's deployment and the machine's state.
+during verification where steps often accept everything, as the cluster runs it;
+`replicas-always`: a lookahead every step; `replicas-direct`: no lookahead; `replicas-plain`:
+every call through the handle's router, no lookahead) talks to the same replicas, so their rows
+share the draft's deployment and the machine's state.
 """
 
 from __future__ import annotations
 
 import torch
 
-# proposer name -> (pinned calls straight to the replica's actor, proposals computed ahead)
-VARIANTS = {"replicas": (True, True), "replicas-direct": (True, False), "replicas-plain": (False, False)}
+from cluster.config import DraftConfig
+
+# proposer name -> (pinned calls straight to the replica's actor, lookahead's min rate; None: no lookahead)
+VARIANTS = {
+    "replicas": (True, DraftConfig.model_fields["lookahead_min_rate"].default),
+    "replicas-always": (True, 0.0),
+    "replicas-direct": (True, None),
+    "replicas-plain": (False, None),
+}
 
 
 class DraftReplicas:
@@ -24,7 +32,6 @@ class DraftReplicas:
         from ray.serve.config import RequestRouterConfig
 
         from cluster.app import with_cpu_threads
-        from cluster.config import DraftConfig
         from kvstore.index import IndexConfig
         from kvstore.redis_server import LocalRedisServer
         from router.prefix_router import StickyPrefixRouter
@@ -61,14 +68,15 @@ class DraftReplicas:
         from workers.deployment import draft_submit
         from workers.spec.draft_client import RoutedDraftProposer
 
-        direct, lookahead = VARIANTS[name]
+        direct, min_rate = VARIANTS[name]
         return RoutedDraftProposer(
             draft_submit(self.handle, direct=direct),
             device,
             self.page_size,
             self.model_id,
             self.args.draft_timeout_s,
-            lookahead=lookahead,
+            lookahead=min_rate is not None,
+            lookahead_min_rate=min_rate or 0.0,
         )
 
     def close(self) -> None:

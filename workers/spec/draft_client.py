@@ -11,9 +11,12 @@ verifies them, each assigned sequence's replica is asked for k + 1 tokens after 
 the next k the proposal for the following step. When verification accepts everything and the
 bonus token is the guess, the next step's proposal is already there and the draft's round trip
 costs nothing; otherwise (a hit needs the tokens to match exactly) the guess is dropped and the
-step calls as usual, so a miss costs the wasted draft work and nothing else. Exactness holds
-either way: a proposal's tokens were drawn from the q it carries, given exactly the tokens the
-sequence now has.
+step calls as usual, so a miss costs the wasted draft work and nothing else (on an idle machine;
+on a busy one, the call waits for the replica to finish it). Exactness holds either way: a
+proposal's tokens were drawn from the q it carries, given exactly the tokens the sequence now has.
+Acceptance comes in runs, so a step after a partial acceptance rarely accepts everything: the
+lookahead is asked for only in a state (last step accepted everything, or not) whose steps accept
+their whole proposal often enough (`AcceptanceRuns`, learnt from every step, asked for or not).
 
 A sequence's first call goes out unpinned, with the draft model's chained page hashes of its
 tokens, so the draft deployment's request router (router/prefix_router.py, StickyPrefixRouter)
@@ -78,6 +81,7 @@ class DraftClientStats:
     num_ahead_hits: int = 0  # sequences whose proposal was ready when their step began
     num_ahead_misses: int = 0  # sequences whose lookahead guessed wrong (or failed): a normal call
     num_ahead_misses_rejected: int = 0  # of those, the target had not accepted the whole proposal
+    num_ahead_skipped: int = 0  # lookaheads not asked for: after such a step, whole proposals were rarely accepted
     ahead_wait_s: float = 0.0  # time steps spent reading lookahead replies (a hit's whole cost)
     call_wait_s: float = 0.0  # time steps spent on their calls (the round trip a miss pays)
     call_compute_s: float = 0.0  # of the calls' round trips, the replicas' own time (DraftReply.compute_s)
@@ -199,11 +203,14 @@ class _AheadCall:
 @dataclass
 class Lookahead:
     """One sequence's proposal computed ahead: `base` (its tokens and the proposal it was verifying)
-    continued by the replica's reply (`position` in `call`)."""
+    continued by the replica's reply (`position` in `call`; None: not asked for, and `base` only
+    tells whether the step accepted its whole proposal). `after_full`: whether the step before
+    accepted its own whole proposal (the state this step's outcome teaches `AcceptanceRuns` about)."""
 
     base: list[int]
-    call: _AheadCall
-    position: int
+    call: _AheadCall | None
+    position: int = 0
+    after_full: bool = True
 
     def may_fit(self, token_ids: list[int]) -> bool:
         """Whether the sequence accepted the whole proposal and one more token (the bonus guess
@@ -226,6 +233,27 @@ class Lookahead:
         return tokens, probs
 
 
+class AcceptanceRuns:
+    """How often a step accepts its whole proposal (the only case a lookahead can hit), after a step
+    that did and after one that did not: runs of agreement between draft and target are long (the
+    demo pair at k=4: 72% after a whole acceptance, 26% after a partial one), so a lookahead after a
+    rejection is mostly wasted draft work, which on a busy machine delays the call that follows it.
+    Every step teaches it, asked for or not (whether a step accepted everything needs no reply)."""
+
+    PRIOR = 0.7  # until measured: ask
+    WEIGHT = 0.1  # of each new step
+
+    def __init__(self, min_rate: float):
+        self.min_rate = min_rate
+        self.rate = {True: self.PRIOR, False: self.PRIOR}  # after a whole acceptance / after a rejection
+
+    def learn(self, after_full: bool, full: bool) -> None:
+        self.rate[after_full] += self.WEIGHT * (float(full) - self.rate[after_full])
+
+    def worth_asking(self, after_full: bool) -> bool:
+        return self.rate[after_full] >= self.min_rate
+
+
 class RoutedDraftProposer:
     """Proposals from draft replicas: each step's `DraftCall`s go out at once through
     `submit(call)` (returns a pending call: `result(timeout_s)`, `cancel()`; in a TargetWorker, a
@@ -233,7 +261,9 @@ class RoutedDraftProposer:
     against one deadline, `timeout_s` after the step's first call left.
 
     `lookahead`: ask each assigned sequence's replica for its next proposal while the target
-    verifies this one (see the module docstring).
+    verifies this one (see the module docstring), when steps in the sequence's state (its last
+    step accepted its whole proposal or not) accept their whole proposal at least
+    `lookahead_min_rate` of the time (`AcceptanceRuns`; 0: always).
 
     `blocking`: the engine runs it off its event loop (it waits on the network)."""
 
@@ -247,10 +277,13 @@ class RoutedDraftProposer:
         model_id: str,
         timeout_s: float = 0.5,
         lookahead: bool = True,
+        lookahead_min_rate: float = 0.3,
     ):
         self.submit = submit
         self.lookahead = lookahead
-        self._ahead: dict[str, Lookahead] = {}  # request id -> its next proposal, computing
+        self.runs = AcceptanceRuns(lookahead_min_rate)
+        self._ahead: dict[str, Lookahead] = {}  # request id -> its next proposal, computing (or only its base)
+        self._after_full: dict[str, bool] = {}  # request id -> whether its last step accepted the whole proposal
         self.device = device
         self.timeout_s = timeout_s
         self.routes = DraftRoutes(page_size, model_id)
@@ -278,19 +311,31 @@ class RoutedDraftProposer:
             ahead = self._ahead.pop(seq.request_id, None)
             if ahead is not None:
                 fits = ahead.may_fit(seq.token_ids)
-                got = ahead.take(seq.token_ids, k, deadline) if fits else None
-                if got is not None and got[0]:
-                    tokens[i] = got[0]
-                    probs[i] = None if got[1] is None else got[1].to(self.device)
-                    self.stats.num_ahead_hits += 1
-                    continue
-                self.stats.num_ahead_misses += 1
-                self.stats.num_ahead_misses_rejected += not fits
+                self.runs.learn(ahead.after_full, fits)
+                self._after_full[seq.request_id] = fits
+                if ahead.call is not None:
+                    got = ahead.take(seq.token_ids, k, deadline) if fits else None
+                    if got is not None and got[0]:
+                        tokens[i] = got[0]
+                        probs[i] = None if got[1] is None else got[1].to(self.device)
+                        self.stats.num_ahead_hits += 1
+                        continue
+                    self.stats.num_ahead_misses += 1
+                    self.stats.num_ahead_misses_rejected += not fits
             rest.append(i)
         return rest
 
     def _send_ahead(self, seqs, num_tokens, tokens) -> None:
-        for call in self.routes.plan_ahead(seqs, tokens, num_tokens):
+        asked, states = [], []
+        for seq, proposal in zip(seqs, tokens, strict=True):
+            after_full = self._after_full.get(seq.request_id, True)
+            worth = self.runs.worth_asking(after_full)
+            if proposal and not worth:  # not asked for; kept to learn whether the step accepts everything
+                self.stats.num_ahead_skipped += 1
+                self._ahead[seq.request_id] = Lookahead([*seq.token_ids, *proposal], None, after_full=after_full)
+            asked.append(proposal if worth else [])
+            states.append(after_full)
+        for call in self.routes.plan_ahead(seqs, asked, num_tokens):
             try:
                 pending: PendingCall | Exception = self.submit(call)
                 self.stats.num_direct_calls += getattr(pending, "direct", False) is True
@@ -298,7 +343,7 @@ class RoutedDraftProposer:
                 pending = exc
             sent = _AheadCall(call, pending, self.stats)
             for position, (i, request) in enumerate(zip(call.indices, call.batch.requests, strict=True)):
-                self._ahead[seqs[i].request_id] = Lookahead(request.token_ids, sent, position)
+                self._ahead[seqs[i].request_id] = Lookahead(request.token_ids, sent, position, states[i])
             self.stats.num_ahead_calls += 1
 
     def _call(self, seqs, num_tokens, rest, deadline, tokens, probs) -> None:
@@ -355,6 +400,7 @@ class RoutedDraftProposer:
 
     def release(self, request_id: str) -> None:
         self._ahead.pop(request_id, None)
+        self._after_full.pop(request_id, None)
         self.routes.release(request_id)
 
     @staticmethod
