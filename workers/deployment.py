@@ -37,7 +37,8 @@ from workers.config import EngineConfig, KVTransferConfig
 from workers.engine import Engine
 from workers.kv_transfer import KVPuller, PullStats
 from workers.request import EngineDeadError, EngineStats, GenerateRequest, TokenDelta
-from workers.spec.draft_client import DraftCall, DraftClientStats, RoutedDraftProposer
+from workers.spec.draft_client import DraftClientStats, RoutedDraftProposer
+from workers.spec.draft_routes import DraftCall
 from workers.spec.wire import DraftBatch, DraftReply
 from workers.transfer import IndexLocator, RayPageTransport
 

@@ -10,7 +10,8 @@ import torch
 from kvstore.hashing import page_hashes
 from workers.request import SamplingParams
 from workers.sequence import Sequence
-from workers.spec.draft_client import AcceptanceRuns, DraftRoutes, RoutedDraftProposer
+from workers.spec.draft_client import AcceptanceRuns, RoutedDraftProposer
+from workers.spec.draft_routes import DraftRoutes
 from workers.spec.wire import DraftReply
 
 PS, MODEL = 4, "draft-model"
