@@ -76,6 +76,7 @@ def build_app(config: ClusterConfig) -> Application:
             draft_timeout_s=config.draft.timeout_s,
             draft_model_id=config.draft_model_id,
             draft_lookahead=config.draft.lookahead,
+            draft_lookahead_min_rate=config.draft.lookahead_min_rate,
         )
     if config.kv_transfer.enabled:
         draft_args["kv_transfer"] = config.kv_transfer

@@ -84,6 +84,13 @@ class DraftConfig(_Section):
         description="While the target verifies a step, its draft replicas already propose for the next one "
         "(assuming the whole proposal accepted); a guess that does not fit costs only the draft's work.",
     )
+    lookahead_min_rate: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Ask for a lookahead only where steps accept their whole proposal at least this often "
+        "(measured apart after a step that accepted everything and after one that did not; 0: always).",
+    )
     retry_after_s: float = Field(5.0, gt=0, description="After a failed call, targets decode alone this long.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per draft replica.")
     num_gpus: float | None = Field(

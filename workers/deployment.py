@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,7 +38,8 @@ from workers.engine import Engine
 from workers.kv_transfer import KVPuller, PullStats
 from workers.replica_actors import ReplicaActors
 from workers.request import EngineDeadError, EngineStats, GenerateRequest, TokenDelta
-from workers.spec.draft_client import DraftCall, DraftClientStats, RoutedDraftProposer
+from workers.spec.draft_client import DraftClientStats, RoutedDraftProposer
+from workers.spec.draft_routes import DraftCall
 from workers.spec.wire import DraftBatch, DraftReply
 from workers.transfer import IndexLocator, RayPageTransport
 
@@ -55,6 +57,7 @@ class TargetWorker:
         draft_model_id: str = "",
         kv_transfer: KVTransferConfig | None = None,
         draft_lookahead: bool = True,
+        draft_lookahead_min_rate: float = 0.3,
     ):
         """`draft`: a DeploymentHandle to DraftWorker replicas of the model `draft_model_id` (then
         engine_config.speculative's method is 'replicas'); each engine step sends one call per
@@ -63,7 +66,8 @@ class TargetWorker:
         step and re-route; when every call of a step fails, the target decodes alone a while.
         `kv_transfer` (enabled, with an index): before a request enters the engine, pull the
         leading pages of its prompt that another replica holds (workers/kv_transfer.py).
-        `draft_lookahead`: ask for each step's next proposals while it verifies (draft_client.py)."""
+        `draft_lookahead`: ask for each step's next proposals while it verifies (draft_client.py),
+        where steps accept whole proposals at least `draft_lookahead_min_rate` of the time."""
 
         from workers.metrics import WorkerMetrics
 
@@ -81,6 +85,7 @@ class TargetWorker:
                 draft_model_id,
                 draft_timeout_s,
                 draft_lookahead,
+                draft_lookahead_min_rate,
             )
         self.proposer = proposer
         self.engine = Engine(config, kv_event_sink=self._publish, proposer=proposer)
@@ -265,9 +270,12 @@ class DraftWorker:
             self._calls_per_request.move_to_end(r.request_id)
         while len(self._calls_per_request) > self._MAX_TRACKED_REQUESTS:
             self._calls_per_request.popitem(last=False)
+        t0 = time.perf_counter()
         replies = self.model.serve(batch)
+        compute_s = time.perf_counter() - t0
         for reply in replies:
             reply.replica_id = self.replica_id
+            reply.compute_s = compute_s
         st.num_calls += 1
         st.num_sequences += len(batch.requests)
         return replies

@@ -168,6 +168,8 @@ class EngineStats:
     spec_emitted_tokens: int = 0  # tokens those verifications emitted (accepted + one each)
     spec_draft_calls: int = 0
     spec_draft_time_s: float = 0.0  # time spent proposing (draft forwards or round trips)
+    spec_verify_steps: int = 0  # target steps that verified proposals
+    spec_verify_time_s: float = 0.0  # those steps' time (the target's forward and sampling)
     spec_failures: int = 0  # proposer calls that failed; the target carried on alone
     num_eager_decode_steps: int = 0  # decode-only steps run eagerly though CUDA graphs are captured
     prefill_time_s: float = 0.0  # time of the steps that computed prompt tokens (the prefill rate's)

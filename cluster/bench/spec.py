@@ -1,23 +1,25 @@
 """`kvfleet bench spec`: what speculative decoding buys, per proposer and k, against no
 speculation in the same run.
 
-For each batch size, each proposer (n-gram, the in-process draft, draft replicas) and each k, one engine
-generates the same requests (the demo pair by default, greedy unless --temperature) with k fixed;
-the same engine with speculation switched off gives the baseline, timed alternately with it
-(`--repeats` pairs, the best of each), so a machine whose speed drifts moves both. Reported per row: acceptance
+For each batch size and each k, one target engine generates the same requests (the demo pair by
+default, greedy unless --temperature) with k fixed, once per proposer (n-gram, the in-process draft,
+draft replicas) and once with speculation switched off (the baseline): all of them in turn within
+each of `--repeats` rounds, the best of each counting, so a machine whose speed drifts moves them
+all, and every row has the same target, threads and machine state. Reported per row: acceptance
 rate a (accepted / proposed), mean tokens per target step per sequence (accepted + 1) beside the
 theory (1 - a^(k+1)) / (1 - a) for that a, and the decode speedup (output tokens per second over
 the baseline's). Wall times cover whole requests (prompts are short: decode dominates).
 
 `--proposers replicas` starts a local Ray (`--ray-cpus`, no fixed port), a private Redis for the
 page index and Ray Serve (no proxies), deploys `--draft-replicas` DraftWorkers behind their sticky
-prefix-aware router, and drives the target engine here in-process through a real
-DeploymentHandle (workers/spec/draft_client.py's RoutedDraftProposer): the same rows as the
-in-process draft, so the two compare in one run; the report's `replicas_vs_in_process` gives
+prefix-aware router (cluster/bench/spec_replicas.py), and the target engine here talks to them
+through a real DeploymentHandle (workers/spec/draft_client.py's RoutedDraftProposer): the same
+rows as the in-process draft, timed beside them; the report's `replicas_vs_in_process` gives
 the ratio of their tok/s per (batch, k). `replicas` is the client as the cluster runs it (pinned
-calls straight to the replica's actor, proposals computed ahead during verification);
-`replicas-plain` the client without either (every call through the handle's router, no lookahead),
-for a before/after in one run.
+calls straight to the replica's actor, proposals computed ahead during verification where steps
+often accept everything); `replicas-always` asks for a lookahead every step, `replicas-direct`
+never; `replicas-plain` is the client without either (every call through the handle's router, no
+lookahead), for a before/after in one run.
 
     kvfleet bench spec --device cuda --json bench/results/spec-h100.json
     kvfleet bench spec --proposers draft replicas --json bench/results/spec-cpu-replicas.json
@@ -41,7 +43,8 @@ from cluster.demo.model import shipped_demo_pair
 from workers.config import EngineConfig, SpeculativeConfig
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
-from workers.spec.decoder import expected_tokens
+from workers.runner.config import resolve_device
+from workers.spec.decoder import build_speculative_decoder, expected_tokens
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -113,72 +116,10 @@ def _engine_config(args, speculative: SpeculativeConfig | None, max_batch: int) 
     )
 
 
-class _DraftReplicas:
-    """A local Ray, a private Redis and `args.draft_replicas` DraftWorkers served behind their
-    sticky prefix-aware router, as cluster/app.py deploys them; `proposer` talks to them."""
-
-    def __init__(self, args, max_batch: int, k_max: int, plain: bool = False):
-        import ray
-        from ray import serve
-        from ray.serve.config import RequestRouterConfig
-
-        from cluster.config import DraftConfig
-        from kvstore.index import IndexConfig
-        from kvstore.redis_server import LocalRedisServer
-        from router.prefix_router import StickyPrefixRouter
-        from workers.deployment import DraftWorker, draft_submit
-        from workers.spec.draft_client import RoutedDraftProposer
-
-        self.redis = LocalRedisServer().start()
-        index = IndexConfig(redis_url=self.redis.url)
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
-        serve.start(proxy_location="Disabled")
-        target = _engine_config(args, None, max_batch)
-        from cluster.app import with_cpu_threads
-
-        draft = DraftConfig(model=args.draft, num_pages=args.num_pages).engine_config(target)
-        draft = with_cpu_threads(draft, args.draft_num_cpus)  # as the cluster runs a replica
-        self.model_id = draft.served_model_id
-        router = RequestRouterConfig(
-            request_router_class=StickyPrefixRouter,
-            request_router_kwargs={"index": index.model_dump(), "model_id": self.model_id},
-            request_routing_stats_period_s=0.5,
-        )
-        app = serve.deployment(
-            DraftWorker,
-            name="DraftWorker",
-            num_replicas=args.draft_replicas,
-            max_ongoing_requests=64,
-            request_router_config=router,
-            ray_actor_options={"num_cpus": args.draft_num_cpus, "num_gpus": _draft_gpus(args)},
-        ).bind(draft, k_max, index)
-        handle = serve.run(app, name="kvfleet-bench-spec", route_prefix=None)
-        self.proposer = RoutedDraftProposer(
-            draft_submit(handle, direct=not plain),
-            torch.device("cpu"),
-            target.page_size,
-            self.model_id,
-            args.draft_timeout_s,
-            lookahead=not plain,
-        )
-
-    def close(self) -> None:
-        import ray
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-        self.redis.close()
-
-
-def _draft_gpus(args) -> float:
-    """GPUs a draft replica reserves: as asked, else a share of the GPU the target here runs on."""
-    if args.draft_num_gpus is not None:
-        return args.draft_num_gpus
-    return 0.0 if args.device == "cpu" or not torch.cuda.is_available() else 0.5
-
-
 def run_spec_bench(args) -> dict:
+    # One target engine runs every row, with the same torch threads (resolved before Ray starts):
+    # the rows differ only in their proposer, and each repeat times them all, in turn.
+    args.cpu_threads = args.cpu_threads or _target_threads(args)
     max_batch = max(args.batch_sizes)
     k_max = max(args.ks)
     report: dict = {
@@ -189,92 +130,54 @@ def run_spec_bench(args) -> dict:
         "torch": torch.__version__,
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
+        "cpu_threads": args.cpu_threads,
         "rows": [],
     }
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0, ignore_eos=True)
     warm = SamplingParams(max_tokens=8, temperature=args.temperature, seed=0, ignore_eos=True)
-    if any(p.startswith("replicas") for p in args.proposers):
-        report["draft_replicas"] = args.draft_replicas
-        report["ray_cpus"] = args.ray_cpus
-        report["cpu_threads"] = args.cpu_threads
-    for name in args.proposers:
-        method = "replicas" if name.startswith("replicas") else name
-        spec = SpeculativeConfig(
-            method=method,
-            draft_model=args.draft if method == "draft" else None,
+    specs = {
+        name: SpeculativeConfig(
+            method="replicas" if name.startswith("replicas") else name,
+            draft_model=args.draft if name == "draft" else None,
             num_speculative_tokens=k_max,
             adaptive=False,
             max_batch_size=max_batch,
         )
-        replicas = _DraftReplicas(args, max_batch, k_max, name == "replicas-plain") if method == "replicas" else None
-        engine = Engine(_engine_config(args, spec, max_batch), proposer=replicas.proposer if replicas else None)
-        if replicas is not None:
-            replicas.proposer.device = engine.device
-        decoder = engine.spec
-        tok = engine.tokenizer
+        for name in args.proposers
+    }
+    replicas = None
+    if any(name.startswith("replicas") for name in args.proposers):
+        from cluster.bench.spec_replicas import DraftReplicas
+
+        replicas = DraftReplicas(args, _engine_config(args, None, max_batch), k_max)
+        report.update(draft_replicas=args.draft_replicas, ray_cpus=args.ray_cpus, draft_threads=replicas.draft_threads)
+    # (the clients' device is the engine's, set below once the engine has resolved it)
+    clients = {n: replicas.proposer(n, torch.device("cpu")) for n in specs if n.startswith("replicas")}
+    first = args.proposers[0]
+    engine = Engine(_engine_config(args, specs[first], max_batch), proposer=clients.get(first))
+    for client in clients.values():
+        client.device = engine.device
+    decoders = {first: engine.spec}
+    for name in args.proposers[1:]:
+        decoders[name] = build_speculative_decoder(
+            specs[name], engine.runner.cfg, engine.runner.num_pages, engine.model_config.vocab_size, clients.get(name)
+        )
+    report["like_for_like"] = (
+        f"one target engine in this process ({torch.get_num_threads()} torch threads) runs every row and the "
+        "no-speculation baseline, timed in turn within each repeat (Ray and the draft replicas up for all of them "
+        "when a replicas row is asked for); the rows differ only in their proposer. The in-process draft shares "
+        "the target's threads; a draft replica has its own (draft_threads)."
+    )
+    try:
         for batch in args.batch_sizes:
-            prompts = bench_prompts(tok, batch)
-            engine.spec = None
-            asyncio.run(generate_all(engine, prompts, warm))
-            for k in args.ks:
-                decoder.k_max = k
-                engine.spec = decoder
-                asyncio.run(generate_all(engine, prompts, warm))
-                before = engine.stats()
-                # Baseline and speculation alternate, so a machine whose speed drifts during the
-                # run (a shared VM) moves both; the best of each counts.
-                base, t = float("inf"), float("inf")
-                for _ in range(args.repeats):
-                    engine.spec = None
-                    tb, base_out = _timed(engine, prompts, params)
-                    engine.spec = decoder
-                    ts, out = _timed(engine, prompts, params)
-                    base, t = min(base, tb), min(t, ts)
-                after = engine.stats()
-                base_tps = batch * args.max_tokens / base
-                proposed = after.spec_proposed_tokens - before.spec_proposed_tokens
-                accepted = after.spec_accepted_tokens - before.spec_accepted_tokens
-                steps = after.spec_steps - before.spec_steps
-                emitted = after.spec_emitted_tokens - before.spec_emitted_tokens
-                a = accepted / proposed if proposed else 0.0
-                row = {
-                    "proposer": name,
-                    "batch": batch,
-                    "k": k,
-                    "acceptance_rate": round(a, 4),
-                    "mean_tokens_per_step": round(emitted / steps, 3) if steps else 0.0,
-                    "theory_tokens_per_step": round(expected_tokens(a, k), 3),
-                    "tok_per_s": round(batch * args.max_tokens / t, 1),
-                    "baseline_tok_per_s": round(base_tps, 1),
-                    "speedup": round(base / t, 3),
-                    # greedy only: the outputs with and without speculation, token for token
-                    "identical_output": out == base_out if args.temperature == 0 else None,
-                    "draft_ms_per_call": round(
-                        1e3
-                        * (after.spec_draft_time_s - before.spec_draft_time_s)
-                        / max(1, after.spec_draft_calls - before.spec_draft_calls),
-                        3,
-                    ),
-                }
-                report["rows"].append(row)
-                print(
-                    f"[{name}] batch {batch:>3}  k={k}  no speculation {base_tps:9.1f} tok/s  a={a:.3f}  "
-                    f"tokens/step {row['mean_tokens_per_step']:.2f} "
-                    f"(theory {row['theory_tokens_per_step']:.2f})  {row['tok_per_s']:9.1f} tok/s  "
-                    f"speedup {row['speedup']:.2f}x  draft {row['draft_ms_per_call']:.2f} ms/call  "
-                    f"identical {row['identical_output']}",
-                    flush=True,
-                )
-                if args.json:
-                    Path(args.json).write_text(json.dumps(report, indent=2))
-        engine.spec = decoder
+            _bench_batch(args, engine, decoders, clients, batch, params, warm, report)
+    finally:
+        engine.spec = decoders[first]
         asyncio.run(engine.shutdown())
-        del engine
+        for name, client in clients.items():
+            report.setdefault("draft_client", {})[name] = asdict(client.stats)
         if replicas is not None:
-            report.setdefault("draft_client", {})[name] = asdict(replicas.proposer.stats)
             replicas.close()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     report["replicas_vs_in_process"] = _ratios(report["rows"])
     for r in report["replicas_vs_in_process"]:
         print(f"{r['proposer']} / in-process draft: batch {r['batch']:>3}  k={r['k']}  {r['tok_per_s_ratio']:.3f}")
@@ -282,6 +185,78 @@ def run_spec_bench(args) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _target_threads(args) -> int:
+    """The target's torch threads unless told: torch's default; on CPU beside draft replicas, the cores
+    those do not reserve (a draft replica computes while the target verifies: a target with every
+    core's thread would share them with it, as no replica of a cluster reserving its CPUs does)."""
+    cores = torch.get_num_threads()
+    if resolve_device(args.device).type != "cpu" or not any(p.startswith("replicas") for p in args.proposers):
+        return cores
+    per_replica = args.draft_cpu_threads or max(1, int(args.draft_num_cpus))
+    return max(1, cores - args.draft_replicas * per_replica)
+
+
+def _bench_batch(args, engine, decoders, clients, batch, params, warm, report) -> None:
+    from cluster.bench.spec_replicas import lookahead_row
+
+    prompts = bench_prompts(engine.tokenizer, batch)
+    engine.spec = None
+    asyncio.run(generate_all(engine, prompts, warm))
+    for k in args.ks:
+        for decoder in decoders.values():
+            decoder.k_max = k
+            engine.spec = decoder
+            asyncio.run(generate_all(engine, prompts, warm))
+        before = {n: asdict(d.stats) for n, d in decoders.items()}
+        client_before = {n: asdict(c.stats) for n, c in clients.items()}
+        # The baseline and every proposer run in turn, the order reversed every other repeat, so a
+        # machine whose speed drifts during the run (a shared VM) moves them all; the best counts.
+        names = list(decoders)
+        base, best, outs = float("inf"), dict.fromkeys(names, float("inf")), {}
+        for rep in range(args.repeats):
+            for name in [None, *names] if rep % 2 == 0 else [*reversed(names), None]:
+                engine.spec = decoders[name] if name else None
+                t, out = _timed(engine, prompts, params)
+                if name is None:
+                    base, base_out = min(base, t), out
+                else:
+                    best[name], outs[name] = min(best[name], t), out
+        base_tps = batch * args.max_tokens / base
+        for name, decoder in decoders.items():
+            d = {f: v - before[name][f] for f, v in asdict(decoder.stats).items()}
+            a = d["num_accepted"] / d["num_proposed"] if d["num_proposed"] else 0.0
+            row = {
+                "proposer": name,
+                "batch": batch,
+                "k": k,
+                "acceptance_rate": round(a, 4),
+                "mean_tokens_per_step": round(d["num_emitted"] / d["num_steps"], 3) if d["num_steps"] else 0.0,
+                "theory_tokens_per_step": round(expected_tokens(a, k), 3),
+                "tok_per_s": round(batch * args.max_tokens / best[name], 1),
+                "baseline_tok_per_s": round(base_tps, 1),
+                "speedup": round(base / best[name], 3),
+                # greedy only: the outputs with and without speculation, token for token
+                "identical_output": outs[name] == base_out if args.temperature == 0 else None,
+                "draft_ms_per_call": round(1e3 * d["draft_time_s"] / max(1, d["num_draft_calls"]), 3),
+                # the target's verification steps: a draft replica computing beside them slows them
+                "verify_ms_per_step": round(1e3 * d["verify_time_s"] / max(1, d["num_verify_steps"]), 3),
+                "target_threads": torch.get_num_threads(),
+                "draft_threads": report.get("draft_threads") if name.startswith("replicas") else "target's",
+            }
+            if name in clients:
+                row.update(lookahead_row(client_before[name], asdict(clients[name].stats)))
+            report["rows"].append(row)
+            print(
+                f"[{name}] batch {batch:>3}  k={k}  no speculation {base_tps:9.1f} tok/s  a={a:.3f}  "
+                f"tokens/step {row['mean_tokens_per_step']:.2f} (theory {row['theory_tokens_per_step']:.2f})  "
+                f"{row['tok_per_s']:9.1f} tok/s  speedup {row['speedup']:.2f}x  draft {row['draft_ms_per_call']:.2f} "
+                f"ms/call  verify {row['verify_ms_per_step']:.2f} ms  identical {row['identical_output']}",
+                flush=True,
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 def _ratios(rows: list[dict]) -> list[dict]:
@@ -305,7 +280,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument(
-        "--proposers", nargs="+", default=["ngram", "draft"], choices=["ngram", "draft", "replicas", "replicas-plain"]
+        "--proposers",
+        nargs="+",
+        default=["ngram", "draft"],
+        choices=["ngram", "draft", "replicas", "replicas-always", "replicas-direct", "replicas-plain"],
     )
     p.add_argument("--draft-replicas", type=int, default=2, help="DraftWorker replicas (proposer 'replicas')")
     p.add_argument("--draft-num-cpus", type=float, default=1.0, help="CPUs Ray reserves per draft replica")
@@ -313,7 +291,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--draft-num-gpus", type=float, default=None, help="GPUs per draft replica (default: 0.5 on CUDA, else 0)"
     )
     p.add_argument(
-        "--cpu-threads", type=int, default=None, help="torch threads of the target here and of each draft replica"
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads of the target here, every row (default: torch's; on CPU with replicas rows, the cores "
+        "the draft replicas do not reserve)",
+    )
+    p.add_argument(
+        "--draft-cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads of each draft replica (default: its --draft-num-cpus, as the cluster runs it)",
     )
     p.add_argument("--draft-timeout-s", type=float, default=5.0, help="a step's deadline for its proposal calls")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray (default: the machine's)")

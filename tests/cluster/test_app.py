@@ -93,6 +93,7 @@ def test_replicas_use_a_torch_thread_per_reserved_cpu_unless_cpu_threads_is_set(
     draft = worker.init_kwargs["draft"]._bound_deployment
     assert worker.init_args[0].cpu_threads == 2 and draft.init_args[0].cpu_threads == 3
     assert worker.init_kwargs["draft_lookahead"] is True
+    assert worker.init_kwargs["draft_lookahead_min_rate"] == cfg.draft.lookahead_min_rate  # the config's reaches it
     assert worker_deployment(config(model_dirs["llama"], num_cpus=0.5)).init_args[0].cpu_threads is None  # torch's
     pinned = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"cpu_threads": 1})})
     assert worker_deployment(pinned).init_args[0].cpu_threads == 1

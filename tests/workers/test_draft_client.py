@@ -10,7 +10,8 @@ import torch
 from kvstore.hashing import page_hashes
 from workers.request import SamplingParams
 from workers.sequence import Sequence
-from workers.spec.draft_client import DraftRoutes, RoutedDraftProposer
+from workers.spec.draft_client import AcceptanceRuns, RoutedDraftProposer
+from workers.spec.draft_routes import DraftRoutes
 from workers.spec.wire import DraftReply
 
 PS, MODEL = 4, "draft-model"
@@ -151,7 +152,7 @@ def echo_replica(replica_id="r0"):
             tokens = [last + 1 + j for j in range(r.num_tokens)]
             q = np.zeros((len(tokens), 5), np.float32)
             q[:, 0] = tokens
-            replies.append(DraftReply(tokens, q, replica_id))
+            replies.append(DraftReply(tokens, q, replica_id, compute_s=0.25 * r.num_tokens))
         return FakeCall(replies)
 
     return behaviour
@@ -173,12 +174,16 @@ def test_a_lookahead_hit_answers_the_next_step_without_a_call():
     assert len(sent) == 3 and sent[2].batch.requests[0].token_ids[-4:] == [9, 10, 11, 12]  # the next lookahead
     st = proposer.stats
     assert (st.num_calls, st.num_ahead_calls, st.num_ahead_hits, st.num_ahead_misses) == (1, 2, 1, 0)
+    # the replica's own time on each kind of call, as its replies said (3 and 3 + 1 tokens here)
+    assert (st.call_compute_s, st.num_ahead_read, st.ahead_compute_s) == (0.75, 1, 1.0)
 
 
 @pytest.mark.parametrize(
-    "accepted", [[6, 7, 8, 99], [6, 42], [6, 7, 8, 9, 10]], ids=["bonus-differs", "rejected", "too-long"]
+    "accepted, rejected",
+    [([6, 7, 8, 99], 0), ([6, 42], 1), ([6, 7, 8, 9, 10], 1)],
+    ids=["bonus-differs", "rejected", "too-long"],
 )
-def test_a_lookahead_miss_calls_as_usual(accepted):
+def test_a_lookahead_miss_calls_as_usual(accepted, rejected):
     proposer, sent = make_proposer(echo_replica(), lookahead=True)
     s = seq("a", [1, 2, 3, 4, 5])
     proposer.propose([s], [3])
@@ -188,6 +193,8 @@ def test_a_lookahead_miss_calls_as_usual(accepted):
     assert second.token_ids == [[last + 1, last + 2, last + 3]]  # what a normal call answers
     assert sent[2].batch.requests[0].token_ids == s.token_ids and sent[2].replica_id == "r0"
     assert (proposer.stats.num_ahead_hits, proposer.stats.num_ahead_misses) == (0, 1)
+    # why: the target did not take exactly the whole proposal and one token, or the guess was wrong
+    assert proposer.stats.num_ahead_misses_rejected == rejected
 
 
 def test_a_failed_lookahead_is_a_miss_and_releases_ride_on_lookahead_calls():
@@ -212,3 +219,39 @@ def test_a_failed_lookahead_is_a_miss_and_releases_ride_on_lookahead_calls():
     )
     assert sent[-2].batch.released == ["b"] and sent[-2].replica_id == "r0"  # the step's call carried it
     assert sent[-1].batch.requests[0].num_tokens == 3  # and the next lookahead went out
+
+
+def test_acceptance_runs_are_learnt_apart_after_whole_and_partial_acceptances():
+    runs = AcceptanceRuns(min_rate=0.5)
+    assert runs.worth_asking(True) and runs.worth_asking(False)  # until measured: ask
+    for _ in range(10):
+        runs.learn(after_full=False, full=False)  # after a rejection, the next step rejects too
+        runs.learn(after_full=True, full=True)
+    assert not runs.worth_asking(False) and runs.worth_asking(True)
+    assert AcceptanceRuns(min_rate=0.0).worth_asking(False)  # 0: always
+
+
+def test_no_lookahead_after_rejections_while_such_steps_rarely_accept_everything_and_back_after_a_hit():
+    proposer, sent = make_proposer(echo_replica(), lookahead=True)
+    proposer.runs.min_rate = 0.5
+    s = seq("a", [1, 2, 3, 4, 5])
+
+    def ahead_calls():
+        return [c for c in sent if c.batch.requests and c.batch.requests[0].num_tokens == 3]
+
+    proposer.propose([s], [2])  # first step: a call, and a lookahead (nothing measured yet)
+    for _ in range(8):  # each step accepts one of two drafted tokens, then the target's own
+        s.token_ids += [s.token_ids[-1] + 1, 0]
+        proposer.propose([s], [2])
+    assert proposer.stats.num_ahead_skipped > 0 and not proposer.runs.worth_asking(False)
+    asked = len(ahead_calls())
+    s.token_ids += [s.token_ids[-1] + 1, 0]
+    proposer.propose([s], [2])
+    assert len(ahead_calls()) == asked < 9  # none since steps after a rejection were seen to reject again
+    # the step skipped still learns: accepting everything (and the bonus) puts the sequence back in
+    # the state whose steps accept everything, where a lookahead is asked for again
+    last = s.token_ids[-1]
+    s.token_ids += [last + 1, last + 2, 7]
+    proposer.propose([s], [2])
+    assert len(ahead_calls()) == asked + 1
+    assert proposer.stats.num_ahead_misses == proposer.stats.num_ahead_misses_rejected  # no guess was wrong

@@ -151,6 +151,8 @@ async def test_a_killed_draft_replica_costs_nothing_and_speculation_resumes(ray_
     assert [o[:40] for o in outputs] == greedy_reference
     assert st.spec_failures >= 1
     assert st.spec_steps > steps_while_down, "speculation resumed on the new replica"
+    client = engine.spec.proposer.stats  # a DraftWorker's replies say how long it worked on each call
+    assert client.call_compute_s > 0
     await close(engine)
     for r in replicas[1:]:
         ray.kill(r)

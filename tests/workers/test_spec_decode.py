@@ -93,6 +93,8 @@ async def test_greedy_output_is_identical_with_speculation(pair_dirs, make_pair_
     stats = engine.stats()
     assert stats.spec_proposed_tokens > 0 and stats.spec_accepted_tokens > 0
     assert stats.spec_accepted_tokens < stats.spec_proposed_tokens  # rejections happened too
+    # one target step per step of the batch that verified: fewer than the sequences' verifications
+    assert 0 < stats.spec_verify_steps < stats.spec_steps and stats.spec_verify_time_s > 0
     assert_pools_empty(engine)
 
 
@@ -298,7 +300,8 @@ async def test_sampled_tokens_follow_the_target_distribution_with_proposals_comp
         return [tuple(o.token_ids[2:4]) for o in await asyncio.gather(*reqs)]
 
     plain = await sample(make_engine("llama", max_num_seqs=256))
-    proposer = RoutedDraftProposer(submit, torch.device("cpu"), 4, "near-draft", timeout_s=60)
+    # a lookahead every step (min rate 0): the joint must cover hits and misses of every state
+    proposer = RoutedDraftProposer(submit, torch.device("cpu"), 4, "near-draft", timeout_s=60, lookahead_min_rate=0.0)
     speculative = spec("replicas", k=1, adaptive=False, max_batch_size=256)
     engine = Engine(
         EngineConfig(

@@ -28,6 +28,8 @@ class SpecStats:
     num_failures: int = 0  # proposer calls that failed (the target carried on alone)
     draft_time_s: float = 0.0  # time spent proposing (a draft replica's round trips included)
     num_draft_calls: int = 0
+    num_verify_steps: int = 0  # target steps that verified proposals
+    verify_time_s: float = 0.0  # their time
 
     @property
     def acceptance_rate(self) -> float:
@@ -47,6 +49,8 @@ class SpecStats:
             spec_emitted_tokens=self.num_emitted,
             spec_draft_calls=self.num_draft_calls,
             spec_draft_time_s=self.draft_time_s,
+            spec_verify_steps=self.num_verify_steps,
+            spec_verify_time_s=self.verify_time_s,
             spec_failures=self.num_failures,
         )
 
@@ -194,6 +198,8 @@ class SpeculativeDecoder:
             self._step_time = step_time if self._step_time is None else 0.9 * self._step_time + 0.1 * step_time
             return
         self.stats.num_steps += steps
+        self.stats.num_verify_steps += 1
+        self.stats.verify_time_s += step_time
         self.stats.num_proposed += proposed
         self.stats.num_accepted += accepted
         if self._step_time is None:

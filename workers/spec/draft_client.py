@@ -2,7 +2,9 @@
 batched proposal call per replica per step.
 
     DraftRoutes (pure)       request id -> draft replica id; a step's sequences -> `DraftCall`s
+                             (workers/spec/draft_routes.py)
     Lookahead (pure)         a proposal computed ahead, while the target verifies, and whether it fits
+    AcceptanceRuns (pure)    how often a step accepts its whole proposal, after one that did or not
     RoutedDraftProposer      sends the calls concurrently through `submit`, within one deadline
 
 Ahead of the target (`lookahead`): as soon as a step's proposals are known, and while the target
@@ -11,9 +13,12 @@ verifies them, each assigned sequence's replica is asked for k + 1 tokens after 
 the next k the proposal for the following step. When verification accepts everything and the
 bonus token is the guess, the next step's proposal is already there and the draft's round trip
 costs nothing; otherwise (a hit needs the tokens to match exactly) the guess is dropped and the
-step calls as usual, so a miss costs the wasted draft work and nothing else. Exactness holds
-either way: a proposal's tokens were drawn from the q it carries, given exactly the tokens the
-sequence now has.
+step calls as usual, so a miss costs the wasted draft work and nothing else (on an idle machine;
+on a busy one, the call waits for the replica to finish it). Exactness holds either way: a
+proposal's tokens were drawn from the q it carries, given exactly the tokens the sequence now has.
+Acceptance comes in runs, so a step after a partial acceptance rarely accepts everything: the
+lookahead is asked for only in a state (last step accepted everything, or not) whose steps accept
+their whole proposal often enough (`AcceptanceRuns`, learnt from every step, asked for or not).
 
 A sequence's first call goes out unpinned, with the draft model's chained page hashes of its
 tokens, so the draft deployment's request router (router/prefix_router.py, StickyPrefixRouter)
@@ -38,7 +43,6 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,22 +50,12 @@ from typing import Any, Protocol
 
 import torch
 
-from kvstore.hashing import PageHash, page_hashes
 from workers.sequence import Sequence
+from workers.spec.draft_routes import DraftCall, DraftRoutes
 from workers.spec.proposers import Proposals
-from workers.spec.wire import DraftBatch, DraftReply, ProposalRequest
+from workers.spec.wire import DraftReply
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DraftCall:
-    """One call of a step: pinned to `replica_id`, or (None) routed by `page_hashes`."""
-
-    replica_id: str | None
-    indices: list[int]  # positions of its sequences in the step's list
-    batch: DraftBatch
-    page_hashes: list[PageHash] | None = None
 
 
 @dataclass
@@ -77,84 +71,13 @@ class DraftClientStats:
     num_ahead_calls: int = 0  # lookahead calls (one per replica per step)
     num_ahead_hits: int = 0  # sequences whose proposal was ready when their step began
     num_ahead_misses: int = 0  # sequences whose lookahead guessed wrong (or failed): a normal call
-
-
-class DraftRoutes:
-    """Pure bookkeeping: assignments, pending releases, and the grouping of a step into calls."""
-
-    def __init__(self, page_size: int, model_id: str):
-        self.page_size = page_size
-        self.model_id = model_id
-        self.assigned: dict[str, str] = {}  # request id -> draft replica id
-        self.released: dict[str, list[str]] = {}  # replica id -> request ids to release there
-        self._lock = threading.Lock()  # release() comes from the engine loop, plan() from the step thread
-
-    def plan(self, seqs: list[Sequence], num_tokens: list[int]) -> list[DraftCall]:
-        pinned: dict[str, DraftCall] = {}
-        routed: dict[PageHash | None, DraftCall] = {}
-        with self._lock:
-            for i, (seq, k) in enumerate(zip(seqs, num_tokens, strict=True)):
-                request = ProposalRequest(seq.request_id, list(seq.token_ids), seq.sampling, k)
-                replica = self.assigned.get(seq.request_id)
-                if replica is not None:
-                    call = pinned.get(replica)
-                    if call is None:
-                        call = pinned[replica] = DraftCall(replica, [], DraftBatch([], self.released.pop(replica, [])))
-                else:
-                    hashes = page_hashes(request.token_ids, self.page_size, self.model_id)
-                    key = hashes[0] if hashes else None
-                    call = routed.get(key)
-                    if call is None:
-                        call = routed[key] = DraftCall(None, [], DraftBatch([]), hashes)
-                call.indices.append(i)
-                call.batch.requests.append(request)
-        return list(pinned.values()) + list(routed.values())
-
-    def plan_ahead(self, seqs: list[Sequence], proposals: list[list[int]], num_tokens: list[int]) -> list[DraftCall]:
-        """Lookahead calls: one per replica, for its assigned sequences that got a proposal, each
-        asking for k + 1 tokens after its tokens and its whole proposal."""
-        pinned: dict[str, DraftCall] = {}
-        with self._lock:
-            for i, (seq, tokens, k) in enumerate(zip(seqs, proposals, num_tokens, strict=True)):
-                replica = self.assigned.get(seq.request_id)
-                if replica is None or not tokens:
-                    continue
-                call = pinned.get(replica)
-                if call is None:
-                    call = pinned[replica] = DraftCall(replica, [], DraftBatch([], self.released.pop(replica, [])))
-                call.indices.append(i)
-                call.batch.requests.append(
-                    ProposalRequest(seq.request_id, [*seq.token_ids, *tokens], seq.sampling, k + 1)
-                )
-        return list(pinned.values())
-
-    def answered(self, call: DraftCall, replies: list[DraftReply]) -> int:
-        """Record who answered; returns how many sequences moved off their pinned replica."""
-        moved = 0
-        with self._lock:
-            for request, reply in zip(call.batch.requests, replies, strict=True):
-                if call.replica_id is not None and reply.replica_id != call.replica_id:
-                    moved += 1
-                if reply.replica_id:
-                    self.assigned[request.request_id] = reply.replica_id
-        return moved
-
-    def failed(self, call: DraftCall) -> int:
-        """Forget the call's assignments (and, if pinned, the replica's pending releases: a replica
-        that fails has likely lost its sessions). Returns how many assignments were dropped."""
-        dropped = 0
-        with self._lock:
-            for request in call.batch.requests:
-                dropped += self.assigned.pop(request.request_id, None) is not None
-            if call.replica_id is not None:
-                self.released.pop(call.replica_id, None)
-        return dropped
-
-    def release(self, request_id: str) -> None:
-        with self._lock:
-            replica = self.assigned.pop(request_id, None)
-            if replica is not None:
-                self.released.setdefault(replica, []).append(request_id)
+    num_ahead_misses_rejected: int = 0  # of those, the target had not accepted the whole proposal
+    num_ahead_skipped: int = 0  # lookaheads not asked for: after such a step, whole proposals were rarely accepted
+    ahead_wait_s: float = 0.0  # time steps spent reading lookahead replies (a hit's whole cost)
+    call_wait_s: float = 0.0  # time steps spent on their calls (the round trip a miss pays)
+    call_compute_s: float = 0.0  # of the calls' round trips, the replicas' own time (DraftReply.compute_s)
+    num_ahead_read: int = 0  # lookahead calls whose replies were read (a guess that may fit waits for its reply)
+    ahead_compute_s: float = 0.0  # the replicas' time on those
 
 
 class PendingCall(Protocol):
@@ -169,8 +92,8 @@ class PendingCall(Protocol):
 class _AheadCall:
     """A lookahead call in flight; its replies are read at most once (cached), or None if it failed."""
 
-    def __init__(self, call: DraftCall, pending: PendingCall | Exception):
-        self.call, self.pending = call, pending
+    def __init__(self, call: DraftCall, pending: PendingCall | Exception, stats: DraftClientStats):
+        self.call, self.pending, self.stats = call, pending, stats
         self.replies: list[DraftReply] | None = None
         self.done = False
 
@@ -183,6 +106,8 @@ class _AheadCall:
                 replies = RoutedDraftProposer._result(self.pending, deadline)
                 if len(replies) == len(self.call.indices):
                     self.replies = replies
+                    self.stats.num_ahead_read += 1
+                    self.stats.ahead_compute_s += replies[0].compute_s if replies else 0.0
             except Exception as exc:  # a lost guess: the step calls as usual
                 logger.debug("lookahead call to %s failed: %r", self.call.replica_id, exc)
         return self.replies
@@ -191,11 +116,14 @@ class _AheadCall:
 @dataclass
 class Lookahead:
     """One sequence's proposal computed ahead: `base` (its tokens and the proposal it was verifying)
-    continued by the replica's reply (`position` in `call`)."""
+    continued by the replica's reply (`position` in `call`; None: not asked for, and `base` only
+    tells whether the step accepted its whole proposal). `after_full`: whether the step before
+    accepted its own whole proposal (the state this step's outcome teaches `AcceptanceRuns` about)."""
 
     base: list[int]
-    call: _AheadCall
-    position: int
+    call: _AheadCall | None
+    position: int = 0
+    after_full: bool = True
 
     def may_fit(self, token_ids: list[int]) -> bool:
         """Whether the sequence accepted the whole proposal and one more token (the bonus guess
@@ -218,6 +146,27 @@ class Lookahead:
         return tokens, probs
 
 
+class AcceptanceRuns:
+    """How often a step accepts its whole proposal (the only case a lookahead can hit), after a step
+    that did and after one that did not: runs of agreement between draft and target are long (the
+    demo pair at k=4: 72% after a whole acceptance, 26% after a partial one), so a lookahead after a
+    rejection is mostly wasted draft work, which on a busy machine delays the call that follows it.
+    Every step teaches it, asked for or not (whether a step accepted everything needs no reply)."""
+
+    PRIOR = 0.7  # until measured: ask
+    WEIGHT = 0.1  # of each new step
+
+    def __init__(self, min_rate: float):
+        self.min_rate = min_rate
+        self.rate = {True: self.PRIOR, False: self.PRIOR}  # after a whole acceptance / after a rejection
+
+    def learn(self, after_full: bool, full: bool) -> None:
+        self.rate[after_full] += self.WEIGHT * (float(full) - self.rate[after_full])
+
+    def worth_asking(self, after_full: bool) -> bool:
+        return self.rate[after_full] >= self.min_rate
+
+
 class RoutedDraftProposer:
     """Proposals from draft replicas: each step's `DraftCall`s go out at once through
     `submit(call)` (returns a pending call: `result(timeout_s)`, `cancel()`; in a TargetWorker, a
@@ -225,8 +174,10 @@ class RoutedDraftProposer:
     against one deadline, `timeout_s` after the step's first call left.
 
     `lookahead`: ask each assigned sequence's replica for its next proposal while the target
-    verifies this one (see the module docstring). The engine calls it on its step thread, off
-    its event loop (it waits on the network)."""
+    verifies this one (see the module docstring), when steps in the sequence's state (its last
+    step accepted its whole proposal or not) accept their whole proposal at least
+    `lookahead_min_rate` of the time (`AcceptanceRuns`; 0: always). The engine calls it on its step
+    thread, off its event loop (it waits on the network)."""
 
     def __init__(
         self,
@@ -236,10 +187,13 @@ class RoutedDraftProposer:
         model_id: str,
         timeout_s: float = 0.5,
         lookahead: bool = True,
+        lookahead_min_rate: float = 0.3,
     ):
         self.submit = submit
         self.lookahead = lookahead
-        self._ahead: dict[str, Lookahead] = {}  # request id -> its next proposal, computing
+        self.runs = AcceptanceRuns(lookahead_min_rate)
+        self._ahead: dict[str, Lookahead] = {}  # request id -> its next proposal, computing (or only its base)
+        self._after_full: dict[str, bool] = {}  # request id -> whether its last step accepted the whole proposal
         self.device = device
         self.timeout_s = timeout_s
         self.routes = DraftRoutes(page_size, model_id)
@@ -250,8 +204,12 @@ class RoutedDraftProposer:
         deadline = time.monotonic() + self.timeout_s
         tokens: list[list[int]] = [[] for _ in seqs]
         probs: list[torch.Tensor | None] = [None] * len(seqs)
+        t0 = time.perf_counter()
         rest = self._take_ahead(seqs, num_tokens, deadline, tokens, probs)
+        t1 = time.perf_counter()
         self._call(seqs, num_tokens, rest, deadline, tokens, probs)
+        self.stats.ahead_wait_s += t1 - t0
+        self.stats.call_wait_s += time.perf_counter() - t1
         if self.lookahead:
             self._send_ahead(seqs, num_tokens, tokens)
         return Proposals(tokens, probs)
@@ -262,26 +220,40 @@ class RoutedDraftProposer:
         for i, (seq, k) in enumerate(zip(seqs, num_tokens, strict=True)):
             ahead = self._ahead.pop(seq.request_id, None)
             if ahead is not None:
-                got = ahead.take(seq.token_ids, k, deadline) if ahead.may_fit(seq.token_ids) else None
-                if got is not None and got[0]:
-                    tokens[i] = got[0]
-                    probs[i] = None if got[1] is None else got[1].to(self.device)
-                    self.stats.num_ahead_hits += 1
-                    continue
-                self.stats.num_ahead_misses += 1
+                fits = ahead.may_fit(seq.token_ids)
+                self.runs.learn(ahead.after_full, fits)
+                self._after_full[seq.request_id] = fits
+                if ahead.call is not None:
+                    got = ahead.take(seq.token_ids, k, deadline) if fits else None
+                    if got is not None and got[0]:
+                        tokens[i] = got[0]
+                        probs[i] = None if got[1] is None else got[1].to(self.device)
+                        self.stats.num_ahead_hits += 1
+                        continue
+                    self.stats.num_ahead_misses += 1
+                    self.stats.num_ahead_misses_rejected += not fits
             rest.append(i)
         return rest
 
     def _send_ahead(self, seqs, num_tokens, tokens) -> None:
-        for call in self.routes.plan_ahead(seqs, tokens, num_tokens):
+        asked, states = [], []
+        for seq, proposal in zip(seqs, tokens, strict=True):
+            after_full = self._after_full.get(seq.request_id, True)
+            worth = self.runs.worth_asking(after_full)
+            if proposal and not worth:  # not asked for; kept to learn whether the step accepts everything
+                self.stats.num_ahead_skipped += 1
+                self._ahead[seq.request_id] = Lookahead([*seq.token_ids, *proposal], None, after_full=after_full)
+            asked.append(proposal if worth else [])
+            states.append(after_full)
+        for call in self.routes.plan_ahead(seqs, asked, num_tokens):
             try:
                 pending: PendingCall | Exception = self.submit(call)
                 self.stats.num_direct_calls += getattr(pending, "direct", False) is True
             except Exception as exc:
                 pending = exc
-            sent = _AheadCall(call, pending)
+            sent = _AheadCall(call, pending, self.stats)
             for position, (i, request) in enumerate(zip(call.indices, call.batch.requests, strict=True)):
-                self._ahead[seqs[i].request_id] = Lookahead(request.token_ids, sent, position)
+                self._ahead[seqs[i].request_id] = Lookahead(request.token_ids, sent, position, states[i])
             self.stats.num_ahead_calls += 1
 
     def _call(self, seqs, num_tokens, rest, deadline, tokens, probs) -> None:
@@ -315,6 +287,7 @@ class RoutedDraftProposer:
                 logger.debug("draft call to %s failed: %r", call.replica_id or "a routed replica", exc)
                 continue
             answered += 1
+            self.stats.call_compute_s += replies[0].compute_s if replies else 0.0
             self.stats.num_moved += self.routes.answered(call, replies)
             for i, reply in zip(call.indices, replies, strict=True):
                 tokens[i] = reply.token_ids
@@ -337,6 +310,7 @@ class RoutedDraftProposer:
 
     def release(self, request_id: str) -> None:
         self._ahead.pop(request_id, None)
+        self._after_full.pop(request_id, None)
         self.routes.release(request_id)
 
     @staticmethod

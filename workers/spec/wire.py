@@ -33,3 +33,4 @@ class DraftReply:
     token_ids: list[int]
     probs: np.ndarray | None  # [len(token_ids), vocab] float32: q exactly as drawn from; None: greedy
     replica_id: str = ""  # the draft replica that answered (its Serve replica id; "" outside Serve)
+    compute_s: float = 0.0  # the replica's time on the whole call: the rest of a round trip is transport
