@@ -62,7 +62,7 @@ def test_aten_int4_prefill_rows_dequantize_and_equal_the_reference(group_size):
         _close(aten.matmul(x, *prepared), ref.matmul(x, *ref.prepare(w)))
 
 
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 16, backends.PREFILL_ROWS])  # the last through bfloat16
 def test_aten_int8_equals_the_reference(rows):
     torch.manual_seed(rows)
     w = quantize_rtn(torch.randn(96, 256), "int8", 256)  # per channel: what aten takes

@@ -16,9 +16,13 @@ class TorchOps:
     silu_and_mul = staticmethod(reference.silu_and_mul)
 
     def __init__(self):
-        # The rotary rows of the last positions seen: every layer of a step reads the same ones, so
-        # they are selected once per step (a compare instead of five ops in each of 30 layers).
+        # What every layer of a step computes alike, computed once per step: the rotary rows of the
+        # step's positions (checked with torch.equal: a compare instead of five ops in each layer),
+        # whether its slot mapping has padding, and a decode-only step's gather plan (both keyed on
+        # the step's tensors and metadata objects, which a step's layers share and steps do not).
         self._rope: tuple | None = None
+        self._slots: tuple | None = None
+        self._plan: tuple | None = None
 
     def rope_and_write_kv(self, q, k, v, k_cache, v_cache, cos, sin, positions, slot_mapping):
         last = self._rope
@@ -32,15 +36,26 @@ class TorchOps:
         ):
             c, s = reference.rope_rows(cos, sin, positions, q.dtype)
             last = self._rope = (cos, sin, c, positions.clone(), s)
-        return reference.rope_rows_and_write_kv(q, k, v, k_cache, v_cache, last[2], last[4], slot_mapping)
+        if self._slots is None or self._slots[0] is not slot_mapping:
+            self._slots = (slot_mapping, bool((slot_mapping >= 0).all()))
+        return reference.rope_rows_and_write_kv(
+            q, k, v, k_cache, v_cache, last[2], last[4], slot_mapping, self._slots[1]
+        )
 
     def decode_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
         return 1  # the reference attends each decode over its whole context at once
 
     def attention(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None):
         query_start_loc, seq_lens = meta.host_lists()
+        plan = None
+        if len(seq_lens) == q.shape[0] == meta.num_decodes:  # decode-only: one plan for every layer
+            key = (meta, k_cache.shape[1], sliding_window)
+            if self._plan is None or self._plan[0] is not meta or self._plan[1:3] != key[1:]:
+                plan = reference.decode_plan(meta.block_tables, seq_lens, k_cache.shape[1], sliding_window)
+                self._plan = (*key, plan)
+            plan = self._plan[3]
         return reference.paged_attention(
-            q, k_cache, v_cache, meta.block_tables, query_start_loc, seq_lens, scale, sliding_window
+            q, k_cache, v_cache, meta.block_tables, query_start_loc, seq_lens, scale, sliding_window, plan
         )
 
 
