@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
@@ -131,6 +132,7 @@ def run_spec_bench(args) -> dict:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "cpu_threads": args.cpu_threads,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min: a shared machine's noise
         "rows": [],
     }
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0, ignore_eos=True)
@@ -179,6 +181,7 @@ def run_spec_bench(args) -> dict:
         if replicas is not None:
             replicas.close()
     report["replicas_vs_in_process"] = _ratios(report["rows"])
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     for r in report["replicas_vs_in_process"]:
         print(f"{r['proposer']} / in-process draft: batch {r['batch']:>3}  k={r['k']}  {r['tok_per_s_ratio']:.3f}")
     if args.json:
