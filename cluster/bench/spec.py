@@ -16,10 +16,10 @@ prefix-aware router (cluster/bench/spec_replicas.py), and the target engine here
 through a real DeploymentHandle (workers/spec/draft_client.py's RoutedDraftProposer): the same
 rows as the in-process draft, timed beside them; the report's `replicas_vs_in_process` gives
 the ratio of their tok/s per (batch, k). `replicas` is the client as the cluster runs it (pinned
-calls straight to the replica's actor, proposals computed ahead during verification where steps
-often accept everything); `replicas-always` asks for a lookahead every step, `replicas-direct`
-never; `replicas-plain` is the client without either (every call through the handle's router, no
-lookahead), for a before/after in one run.
+calls straight to the replica's actor, proposals computed ahead during verification);
+`replicas-selective` asks for lookaheads only where steps often accept everything,
+`replicas-direct` never; `replicas-plain` is the client without either (every call through the
+handle's router, no lookahead), for a before/after in one run.
 
     kvfleet bench spec --device cuda --json bench/results/spec-h100.json
     kvfleet bench spec --proposers draft replicas --json bench/results/spec-cpu-replicas.json
@@ -286,7 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--proposers",
         nargs="+",
         default=["ngram", "draft"],
-        choices=["ngram", "draft", "replicas", "replicas-always", "replicas-direct", "replicas-plain"],
+        choices=["ngram", "draft", "replicas", "replicas-selective", "replicas-direct", "replicas-plain"],
     )
     p.add_argument("--draft-replicas", type=int, default=2, help="DraftWorker replicas (proposer 'replicas')")
     p.add_argument("--draft-num-cpus", type=float, default=1.0, help="CPUs Ray reserves per draft replica")
