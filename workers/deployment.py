@@ -57,7 +57,7 @@ class TargetWorker:
         draft_model_id: str = "",
         kv_transfer: KVTransferConfig | None = None,
         draft_lookahead: bool = True,
-        draft_lookahead_min_rate: float = 0.3,
+        draft_lookahead_min_rate: float = 0.0,
     ):
         """`draft`: a DeploymentHandle to DraftWorker replicas of the model `draft_model_id` (then
         engine_config.speculative's method is 'replicas'); each engine step sends one call per

@@ -16,10 +16,10 @@ prefix-aware router (cluster/bench/spec_replicas.py), and the target engine here
 through a real DeploymentHandle (workers/spec/draft_client.py's RoutedDraftProposer): the same
 rows as the in-process draft, timed beside them; the report's `replicas_vs_in_process` gives
 the ratio of their tok/s per (batch, k). `replicas` is the client as the cluster runs it (pinned
-calls straight to the replica's actor, proposals computed ahead during verification where steps
-often accept everything); `replicas-always` asks for a lookahead every step, `replicas-direct`
-never; `replicas-plain` is the client without either (every call through the handle's router, no
-lookahead), for a before/after in one run.
+calls straight to the replica's actor, proposals computed ahead during verification);
+`replicas-selective` asks for lookaheads only where steps often accept everything,
+`replicas-direct` never; `replicas-plain` is the client without either (every call through the
+handle's router, no lookahead), for a before/after in one run.
 
     kvfleet bench spec --device cuda --json bench/results/spec-h100.json
     kvfleet bench spec --proposers draft replicas --json bench/results/spec-cpu-replicas.json
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
@@ -131,6 +132,7 @@ def run_spec_bench(args) -> dict:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "cpu_threads": args.cpu_threads,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min: a shared machine's noise
         "rows": [],
     }
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=0, ignore_eos=True)
@@ -179,6 +181,7 @@ def run_spec_bench(args) -> dict:
         if replicas is not None:
             replicas.close()
     report["replicas_vs_in_process"] = _ratios(report["rows"])
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     for r in report["replicas_vs_in_process"]:
         print(f"{r['proposer']} / in-process draft: batch {r['batch']:>3}  k={r['k']}  {r['tok_per_s_ratio']:.3f}")
     if args.json:
@@ -283,7 +286,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--proposers",
         nargs="+",
         default=["ngram", "draft"],
-        choices=["ngram", "draft", "replicas", "replicas-always", "replicas-direct", "replicas-plain"],
+        choices=["ngram", "draft", "replicas", "replicas-selective", "replicas-direct", "replicas-plain"],
     )
     p.add_argument("--draft-replicas", type=int, default=2, help="DraftWorker replicas (proposer 'replicas')")
     p.add_argument("--draft-num-cpus", type=float, default=1.0, help="CPUs Ray reserves per draft replica")

@@ -3,10 +3,10 @@ behind their sticky prefix-aware router, as cluster/app.py deploys them, and the
 of them (workers/spec/draft_client.py's RoutedDraftProposer) over one DeploymentHandle.
 
 Every client (`replicas`: pinned calls straight to the replica's actor, proposals computed ahead
-during verification where steps often accept everything, as the cluster runs it;
-`replicas-always`: a lookahead every step; `replicas-direct`: no lookahead; `replicas-plain`:
-every call through the handle's router, no lookahead) talks to the same replicas, so their rows
-share the draft's deployment and the machine's state.
+during verification, as the cluster runs it; `replicas-selective`: lookaheads only where steps
+accept their whole proposal at least 30% of the time; `replicas-direct`: no lookahead;
+`replicas-plain`: every call through the handle's router, no lookahead) talks to the same
+replicas, so their rows share the draft's deployment and the machine's state.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cluster.config import DraftConfig
 # proposer name -> (pinned calls straight to the replica's actor, lookahead's min rate; None: no lookahead)
 VARIANTS = {
     "replicas": (True, DraftConfig.model_fields["lookahead_min_rate"].default),
-    "replicas-always": (True, 0.0),
+    "replicas-selective": (True, 0.3),
     "replicas-direct": (True, None),
     "replicas-plain": (False, None),
 }

@@ -16,9 +16,11 @@ costs nothing; otherwise (a hit needs the tokens to match exactly) the guess is 
 step calls as usual, so a miss costs the wasted draft work and nothing else (on an idle machine;
 on a busy one, the call waits for the replica to finish it). Exactness holds either way: a
 proposal's tokens were drawn from the q it carries, given exactly the tokens the sequence now has.
-Acceptance comes in runs, so a step after a partial acceptance rarely accepts everything: the
-lookahead is asked for only in a state (last step accepted everything, or not) whose steps accept
-their whole proposal often enough (`AcceptanceRuns`, learnt from every step, asked for or not).
+Acceptance comes in runs, so a step after a partial acceptance rarely accepts everything: with
+`lookahead_min_rate` > 0 the lookahead is asked for only in a state (last step accepted
+everything, or not) whose steps accept their whole proposal that often (`AcceptanceRuns`, learnt
+from every step, asked for or not). Off by default: where the replica has a core or GPU of its
+own, a lookahead unlikely to hit still costs the step nothing (measured in bench/results/README.md).
 
 A sequence's first call goes out unpinned, with the draft model's chained page hashes of its
 tokens, so the draft deployment's request router (router/prefix_router.py, StickyPrefixRouter)
@@ -187,7 +189,7 @@ class RoutedDraftProposer:
         model_id: str,
         timeout_s: float = 0.5,
         lookahead: bool = True,
-        lookahead_min_rate: float = 0.3,
+        lookahead_min_rate: float = 0.0,
     ):
         self.submit = submit
         self.lookahead = lookahead

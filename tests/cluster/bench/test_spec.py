@@ -29,6 +29,7 @@ def test_every_row_runs_on_one_target_with_the_same_threads_beside_one_baseline(
     assert report["cpu_threads"] == 1 and all(r["target_threads"] == 1 for r in rows)
     assert rows[0]["baseline_tok_per_s"] == rows[1]["baseline_tok_per_s"]  # timed in turn with them both
     assert "1 torch threads" in report["like_for_like"]
+    assert len(report["load_average_at_start"]) == len(report["load_average_at_end"]) == 3
     for r in rows:
         assert r["identical_output"] is True  # greedy: speculation changes no token
         assert r["verify_ms_per_step"] > 0 and r["draft_ms_per_call"] > 0
