@@ -120,11 +120,11 @@ def _decode_batch(q, k_cache, v_cache, plan: DecodePlan, scale):
     k = _gather(k_cache, plan.pages, plan.num_seqs).to(q.dtype)
     v = _gather(v_cache, plan.pages, plan.num_seqs).to(q.dtype)
     b, h, d = q.shape
-    qg = q.view(b, k.shape[1], h // k.shape[1], d)
+    qg = q.reshape(b, k.shape[1], h // k.shape[1], d)
     if plan.mask is None:
         n = plan.context
-        return F.scaled_dot_product_attention(qg, k[:, :, :n], v[:, :, :n], scale=scale).view(b, h, d)
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=plan.mask, scale=scale).view(b, h, d)
+        return F.scaled_dot_product_attention(qg, k[:, :, :n], v[:, :, :n], scale=scale).reshape(b, h, d)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=plan.mask, scale=scale).reshape(b, h, d)
 
 
 def _prefill_one(q, k_cache, v_cache, table, ctx_len: int, scale, sliding_window):
