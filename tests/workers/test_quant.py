@@ -51,9 +51,10 @@ def test_aten_int4_prefill_rows_dequantize_and_equal_the_reference(group_size):
     torch.manual_seed(group_size)
     w = quantize_rtn(torch.randn(128, 256), "int4", group_size)
     aten, ref = get_backend("int4", CPU, "aten"), get_backend("int4", CPU, "reference")
-    assert backends._packed_int4_layout_known()
+    block_n = backends.packed_int4_block_n()
+    assert block_n in (32, 64)
     prepared = aten.prepare(w)
-    transposed = backends._dequantize_packed_int4(prepared[0], prepared[1], group_size)
+    transposed = backends._dequantize_packed_int4(prepared[0], prepared[1], group_size, block_n)
     # the kernel's scales and zeros are bfloat16: the same formula on them, rounded once to bfloat16
     bf16 = lambda t: t.to(torch.bfloat16).float()  # noqa: E731
     assert torch.equal(transposed.T.float(), bf16(qr.dequant_int4(w.qweight, bf16(w.scales), bf16(w.zeros))))

@@ -126,7 +126,20 @@ def test_tp2_greedy_equals_tp1(scheme):
 
     (one, layers1), (two, layers2) = run(1), run(2)
     assert {m.kind for m in layers1} == {m.kind for m in layers2} == {scheme}
-    _same_greedy(one, two, logprob_tol=5e-2)
+    _same_greedy_up_to_a_tie(one, two, logprob_tol=5e-2, min_agreeing=16)
+
+
+def _same_greedy_up_to_a_tie(a, b, logprob_tol: float, min_agreeing: int) -> None:
+    """Greedy outputs agree token for token, log-probabilities within `logprob_tol`, except that
+    they may part at a near tie (the two chosen tokens' log-probabilities within `logprob_tol`) after
+    `min_agreeing` tokens: aten's int4 CPU kernel sums in an order that follows the CPU's vector width
+    (AVX2 vs AVX-512), so a rank's half-width matmul rounds differently from the whole one."""
+    for x, y in zip(a, b, strict=True):
+        for i, (tx, ty, lx, ly) in enumerate(zip(x.token_ids, y.token_ids, x.logprobs, y.logprobs, strict=True)):
+            assert lx.chosen.logprob == pytest.approx(ly.chosen.logprob, abs=logprob_tol), (i, tx, ty)
+            if tx != ty:
+                assert i >= min_agreeing, f"greedy outputs part at token {i}: {x.token_ids} vs {y.token_ids}"
+                break
 
 
 def test_row_parallel_group_must_divide_the_rank_share(model_dirs):

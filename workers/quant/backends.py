@@ -57,15 +57,14 @@ def _aten_prepare_int4(w: QuantWeight):
 # 3.5 ms for 1296. From PREFILL_ROWS rows on, the weight is dequantized to bfloat16 for the call
 # (2-3 ms for that layer) and multiplied there: a prefill 3-10x faster, decode steps unchanged.
 PREFILL_ROWS = 128
-_BLOCK_N = 64  # aten's packed int4 CPU layout: bytes [N / 64, K, 32], low nibble row j, high row j + 32
-
-
-def _dequantize_packed_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """W^T [K, N] in bfloat16 from aten's packed int4 CPU weight: (q - 8) * s + z, in float32,
-    rounded once."""
+def _dequantize_packed_int4(
+    packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block_n: int
+) -> torch.Tensor:
+    """W^T [K, N] in bfloat16 from aten's packed int4 CPU weight: bytes [N / block_n, K, block_n / 2],
+    low nibble row j, high row j + block_n / 2; (q - 8) * s + z, in float32, rounded once."""
     n = scales_and_zeros.shape[1]
     k = packed.shape[1] * 2
-    b = packed.view(n // _BLOCK_N, k, _BLOCK_N // 2)
+    b = packed.view(n // block_n, k, block_n // 2)
     q = torch.stack((b & 15, b >> 4), dim=2).permute(1, 0, 2, 3).reshape(k // group_size, group_size, n)
     s = scales_and_zeros[..., 0].float()
     z = scales_and_zeros[..., 1].float() - 8 * s
@@ -73,23 +72,28 @@ def _dequantize_packed_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor
 
 
 @functools.cache
-def _packed_int4_layout_known() -> bool:
-    """Whether this torch packs int4 CPU weights as `_dequantize_packed_int4` reads them (an aten
-    internal: checked once on a random weight; if not, every call takes aten's kernel)."""
+def packed_int4_block_n() -> int | None:
+    """The row block of this torch's packed int4 CPU layout (an aten internal that follows the CPU's
+    vector width: 64 rows with AVX-512, 32 with AVX2), found once by packing a random weight and
+    reading it back; None if neither reads back (then every call takes aten's kernel)."""
     gen = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (2 * _BLOCK_N, 64), dtype=torch.int32, generator=gen)
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=gen)
+    sz = torch.stack([torch.ones(2, 128), torch.zeros(2, 128)], -1).to(CPU_ACT_DTYPE)
     try:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        sz = torch.stack([torch.ones(2, 2 * _BLOCK_N), torch.zeros(2, 2 * _BLOCK_N)], -1).to(CPU_ACT_DTYPE)
-        return torch.equal(_dequantize_packed_int4(packed, sz, 32).T.float(), codes.float() - 8)
     except RuntimeError:
-        return False
+        return None
+    for block_n in (64, 32):
+        if torch.equal(_dequantize_packed_int4(packed, sz, 32, block_n).T.float(), codes.float() - 8):
+            return block_n
+    return None
 
 
 def _aten_int4(x, packed, scales_and_zeros, group_size: int):
     n = scales_and_zeros.shape[1]
-    if x.shape[0] >= PREFILL_ROWS and n % _BLOCK_N == 0 and _packed_int4_layout_known():
-        weight_t = _dequantize_packed_int4(packed, scales_and_zeros, group_size)
+    block_n = packed_int4_block_n() if x.shape[0] >= PREFILL_ROWS else None
+    if block_n and n % block_n == 0:
+        weight_t = _dequantize_packed_int4(packed, scales_and_zeros, group_size, block_n)
         return torch.mm(x.to(CPU_ACT_DTYPE), weight_t).to(x.dtype)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(CPU_ACT_DTYPE), packed, group_size, scales_and_zeros)
     return y.to(x.dtype)
