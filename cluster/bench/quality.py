@@ -221,7 +221,12 @@ def run_quality(
     models, quantize_s, awq_report, gptq_report = {}, {}, None, None
     for scheme in schemes:
         t0 = time.perf_counter()
-        models[scheme], calib_report = quantized_copy(base, scheme, group_size, path, calib)
+        if scheme == "fp8-gptq-w8a16" and "fp8-gptq" in models:  # the same calibration, inputs not rounded
+            models[scheme], calib_report = copy.deepcopy(models["fp8-gptq"]), None
+            for lin in linears(models[scheme]):
+                lin._forward_pre_hooks.clear()
+        else:
+            models[scheme], calib_report = quantized_copy(base, scheme, group_size, path, calib)
         quantize_s[scheme] = time.perf_counter() - t0
         if scheme == "int4-awq":
             awq_report = calib_report

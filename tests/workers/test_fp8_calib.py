@@ -79,18 +79,22 @@ def _batches(cfg, n=2, length=24):
 
 
 def test_fp8_gptq_keeps_fp8_layout_and_the_models_function(model_dirs):
+    """On held-out tokens of the tiny random model, the calibrated model stays as close to the float
+    one as plain fp8 (within 1.5x: a random model's activations have no outliers to win on)."""
     cfg, model = _tiny(model_dirs["llama"])
-    ids = _batches(cfg, 1)[0]
+    _, rtn = _tiny(model_dirs["llama"])
+    ids = torch.randint(0, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(99))
     with torch.no_grad():
-        ref = model.compute_logits(_hidden(model, ids)) if hasattr(model, "compute_logits") else None
-    report = quantize_model(model, "fp8-gptq", backend="reference", calib_batches=_batches(cfg))
+        ref = model.compute_logits(_hidden(model, ids))
+    report = quantize_model(model, "fp8-gptq", backend="reference", calib_batches=_batches(cfg, 4, 64))
+    quantize_model(rtn, "fp8", backend="reference")
     layers = [m for m in model.modules() if isinstance(m, _QuantLinear)]
     assert layers and {m.kind for m in layers} == {"fp8"}
     assert report["mean_err_ratio"] < 1.0  # calibrated weights: less error than RTN on calibration inputs
-    if ref is not None:
-        with torch.no_grad():
-            out = model.compute_logits(_hidden(model, ids))
-        assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    with torch.no_grad():
+        err = (model.compute_logits(_hidden(model, ids)) - ref).pow(2).mean()
+        err_rtn = (rtn.compute_logits(_hidden(rtn, ids)) - ref).pow(2).mean()
+    assert err < 1.5 * err_rtn
 
 
 def _hidden(model, ids):
