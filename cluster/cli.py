@@ -116,8 +116,12 @@ def cmd_quantize(args) -> None:
     from workers.quant.convert import quantize_checkpoint
 
     summary = quantize_checkpoint(args.src, args.dst, args.scheme, args.group_size)
-    awq = summary.get("awq")
-    extra = f"; AWQ error / RTN error {awq['mean_mse_ratio']:.3f}" if awq else ""
+    calib = summary.get("awq") or {}
+    extra = ""
+    if "mean_mse_ratio" in calib:
+        extra = f"; AWQ error / RTN error {calib['mean_mse_ratio']:.3f}"
+    elif "mean_err_ratio" in calib:
+        extra = f"; calibrated weight error / RTN error {calib['mean_err_ratio']:.3f}"
     print(f"wrote {args.scheme} (group {args.group_size}) to {summary['dst']}{extra}")
 
 
@@ -209,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("src", help="a float Hugging Face model directory")
     quant.add_argument("dst", help="the directory to write")
-    quant.add_argument("--scheme", required=True, choices=["int4", "int4-awq", "int8", "fp8"])
+    quant.add_argument("--scheme", required=True, choices=["int4", "int4-awq", "int8", "fp8", "fp8-gptq"])
     quant.add_argument("--group-size", type=int, default=128, help="input columns per scale (int4, int8)")
     quant.set_defaults(func=cmd_quantize)
 
@@ -256,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: tokens of the shared prompt")
     eng.add_argument("--suffix-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
     eng.add_argument("--concurrency", type=int, default=1, help="shared-prefix: requests in flight")
-    eng.add_argument("--quantization", default="none", choices=["none", "fp8", "int8", "int4", "int4-awq", "gguf"])
+    eng.add_argument("--quantization", default="none", choices=["none", "fp8", "fp8-gptq", "int8", "int4", "int4-awq", "gguf"])
     eng.add_argument("--quantization-group-size", type=int, default=128)
     eng.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: E4M3 KV pages")
     eng.set_defaults(func=cmd_bench_engine)

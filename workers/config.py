@@ -133,10 +133,10 @@ class EngineConfig(BaseModel):
     tp_timeout_s: float = Field(
         120.0, gt=0, description="A collective that waits longer fails: a dead rank stops the engine, never hangs it."
     )
-    quantization: Literal["none", "fp8", "int8", "int4", "int4-awq", "gguf"] = Field(
+    quantization: Literal["none", "fp8", "fp8-gptq", "int8", "int4", "int4-awq", "gguf"] = Field(
         "none",
         description="Weights kept quantized (workers/quant/): 'int8' / 'int4' weight-only group-wise, 'int4-awq' "
-        "(calibrated on the shipped text), 'fp8' (GPUs with fp8 tensor cores), applied at load to a float checkpoint; "
+        "(calibrated on the shipped text), 'fp8' (GPUs with fp8 tensor cores), 'fp8-gptq' (fp8's layout, calibrated on the shipped text), applied at load to a float checkpoint; "
         "'gguf' keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are. 'none' dequantizes a GGUF at load; a checkpoint "
         "written by `kvfleet quantize` loads quantized either way.",
     )
@@ -150,9 +150,9 @@ class EngineConfig(BaseModel):
     def _check(self) -> EngineConfig:
         if self.max_num_batched_tokens < self.max_num_seqs and not self.enable_chunked_prefill:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs when chunked prefill is off")
-        if self.quantization == "fp8" and self.device == "cpu":
+        if self.quantization in ("fp8", "fp8-gptq") and self.device == "cpu":
             raise ValueError(
-                "quantization fp8 needs a GPU with fp8 tensor cores (compute capability 8.9+); "
+                f"quantization {self.quantization} needs a GPU with fp8 tensor cores (compute capability 8.9+); "
                 "on CPU use int8, int4 or gguf"
             )
         if self.host_kv_cache_gib > 0 and self.tensor_parallel_size > 1:

@@ -15,7 +15,9 @@ How a scheme is applied is stated in the output (`path`):
   `fp8-w8a16` (fake-quant only) rounds the weights alone, as fp8 runs where there are no fp8 tensor
   cores, which tells the weights' share of fp8's cost from the activations';
   int8/int4 are weight-only (W8A16, W4A16); int4-awq runs workers/quant/awq.py on the shipped
-  calibration text first.
+  calibration text first; fp8-gptq runs workers/quant/fp8_calib.py on it (smoothing folded into the
+  model, then its calibrated fp8 weights) and rounds the inputs as fp8 does; `fp8-gptq-w8a16`
+  (fake-quant only) is its weights alone.
 A model that ships quantized (the default, SmolLM2-135M-Instruct in GGUF Q4_1) is measured against
 its dequantized float weights: those are `none`, and each scheme re-quantizes them.
 
@@ -45,11 +47,12 @@ from workers.models.loader import load_model
 from workers.models.tokenizer import load_tokenizer
 from workers.quant.awq import apply_awq
 from workers.quant.calibration import load_calibration_batches, tokenize_windows
+from workers.quant.fp8_calib import apply_fp8_gptq
 from workers.quant.prefill import prefill_logits
 
 EVAL_TEXT = Path(__file__).resolve().parent / "data" / "eval.txt"
-SCHEMES = ("none", "fp8", "fp8-w8a16", "int8", "int4", "int4-awq", "gguf")
-TARGETS = {"fp8": 1.0, "int8": 2.0}  # the issue's bounds on the perplexity change, percent
+SCHEMES = ("none", "fp8", "fp8-w8a16", "fp8-gptq", "fp8-gptq-w8a16", "int8", "int4", "int4-awq", "gguf")
+TARGETS = {"fp8": 1.0, "fp8-gptq": 1.0, "int8": 2.0}  # the issue's bounds on the perplexity change, percent
 
 
 @dataclass
@@ -95,6 +98,7 @@ class QualityReport:
     schemes: list[SchemeQuality]
     targets: dict[str, bool]
     awq: dict | None = None
+    fp8_gptq: dict | None = None  # its calibration report, per linear kind (workers/quant/fp8_calib.py)
     notes: list[str] = field(default_factory=list)
     machine: dict = field(default_factory=dict)
 
@@ -151,13 +155,22 @@ def fake_quantize(model, scheme: str, group_size: int) -> None:
 
 
 def quantized_copy(base, scheme: str, group_size: int, path: str, calib: list[torch.Tensor]):
-    """(a quantized copy of `base`, the AWQ report if int4-awq ran here)."""
+    """(a quantized copy of `base`, the calibration report if int4-awq or fp8-gptq ran here)."""
     model = copy.deepcopy(base)
     if scheme == "none":
         return model, None
     if path == "kernels":
-        kernels_quantize_model()(model, scheme, group_size=group_size)
-        return model, None
+        calibrated = scheme in ("int4-awq", "fp8-gptq")
+        report = kernels_quantize_model()(model, scheme, group_size=group_size, calib_batches=calib if calibrated else None)
+        return model, report
+    if scheme.startswith("fp8-gptq"):
+        layouts, report = apply_fp8_gptq(model, calib)
+        for name, lin in model.named_modules():
+            if name in layouts:
+                lin.weight.data.copy_(layouts[name].dequantize().to(lin.weight.dtype))
+                if scheme == "fp8-gptq":
+                    lin.register_forward_pre_hook(_fp8_rows)
+        return model, report
     awq = apply_awq(model, calib, group_size=group_size) if scheme == "int4-awq" else None
     fake_quantize(model, scheme, group_size)
     return model, awq
@@ -195,20 +208,30 @@ def run_quality(
             "as fake-quant it would be the float baseline itself"
         )
     schemes = ["none", *[s for s in schemes if s != "none"]]
-    if "fp8-w8a16" in schemes and path == "kernels":
-        schemes = [s for s in schemes if s != "fp8-w8a16"]
-        notes.append("fp8-w8a16 skipped: a fake-quant diagnostic (the kernels' fp8 is chosen by the device)")
+    for diag in ("fp8-w8a16", "fp8-gptq-w8a16"):
+        if diag in schemes and path == "kernels":
+            schemes = [s for s in schemes if s != diag]
+            notes.append(f"{diag} skipped: a fake-quant diagnostic (the kernels' fp8 is chosen by the device)")
     if "fp8" in schemes and path == "fake-quant":
         notes.append("fp8 fake-quant: weights per output channel and each linear's input per token (W8A8)")
     sequences = tokenize_windows(tok, text_path.read_text(encoding="utf-8"), num_seqs, seq_len, text_path.name)
-    calib = load_calibration_batches(tok, calib_seqs, calib_seq_len) if "int4-awq" in schemes else []
+    calibrated = any(s in ("int4-awq", "fp8-gptq", "fp8-gptq-w8a16") for s in schemes)
+    calib = load_calibration_batches(tok, calib_seqs, calib_seq_len) if calibrated else []
 
-    models, quantize_s, awq_report = {}, {}, None
+    models, quantize_s, awq_report, gptq_report = {}, {}, None, None
     for scheme in schemes:
         t0 = time.perf_counter()
-        models[scheme], awq = quantized_copy(base, scheme, group_size, path, calib)
+        if scheme == "fp8-gptq-w8a16" and "fp8-gptq" in models:  # the same calibration, inputs not rounded
+            models[scheme], calib_report = copy.deepcopy(models["fp8-gptq"]), None
+            for lin in linears(models[scheme]):
+                lin._forward_pre_hooks.clear()
+        else:
+            models[scheme], calib_report = quantized_copy(base, scheme, group_size, path, calib)
         quantize_s[scheme] = time.perf_counter() - t0
-        awq_report = awq or awq_report
+        if scheme == "int4-awq":
+            awq_report = calib_report
+        elif calib_report is not None and scheme.startswith("fp8-gptq"):
+            gptq_report = summarize_fp8_gptq(calib_report)
         log(f"{scheme}: ready in {quantize_s[scheme]:.1f} s")
     del base
 
@@ -257,9 +280,27 @@ def run_quality(
         schemes=rows,
         targets=check_targets(rows),
         awq=None if awq_report is None else {k: v for k, v in awq_report.items() if k != "layers"},
+        fp8_gptq=gptq_report,
         notes=notes,
         machine={"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
     )
+
+
+def summarize_fp8_gptq(report: dict) -> dict:
+    """fp8-gptq's calibration report, per linear kind: mean smoothing alpha and mean weight error
+    (d H d^T / trace H) of RTN fp8 and of the calibrated weights; the worst layers by RTN error."""
+    out = {k: v for k, v in report.items() if k != "layers"}
+    rows = report["layers"]
+    for kind in sorted({r["linear"] for r in rows}):
+        sel = [r for r in rows if r["linear"] == kind]
+        out[kind] = {
+            "alpha_mean": sum(r["alpha"] for r in sel) / len(sel),
+            "err_rtn_mean": sum(r["err_rtn"] for r in sel) / len(sel),
+            "err_mean": sum(r["err"] for r in sel) / len(sel),
+        }
+    worst = sorted(rows, key=lambda r: -r["err_rtn"])[:5]
+    out["largest_rtn_error"] = [{k: r[k] for k in ("layer", "linear", "err_rtn", "err")} for r in worst]
+    return out
 
 
 def check_targets(rows: list[SchemeQuality]) -> dict[str, bool]:
@@ -277,11 +318,11 @@ def format_table(report: QualityReport) -> str:
     lines = [
         f"model {report.model} (baseline: {report.baseline}); group size {report.group_size}; "
         f"{report.eval_sequences} x {report.seq_len} tokens of {report.eval_text}",
-        f"{'scheme':<10} {'path':<11} {'perplexity':>10} {'change':>8} {'top-1 agree':>11} {'KL mean':>9}",
+        f"{'scheme':<15} {'path':<11} {'perplexity':>10} {'change':>8} {'top-1 agree':>11} {'KL mean':>9}",
     ]
     for r in report.schemes:
         lines.append(
-            f"{r.scheme:<10} {r.path:<11} {r.perplexity:>10.3f} {r.perplexity_change_pct:>+7.2f}% "
+            f"{r.scheme:<15} {r.path:<11} {r.perplexity:>10.3f} {r.perplexity_change_pct:>+7.2f}% "
             f"{r.top1_agreement:>11.4f} {r.kl_mean:>9.5f}"
         )
     lines += [f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in report.targets.items()]
@@ -298,7 +339,7 @@ def add_quality_parser(bench) -> None:
     p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     p.add_argument("--num-seqs", type=int, default=8, help="held-out sequences to evaluate")
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences for int4-awq")
+    p.add_argument("--calib-seqs", type=int, default=16, help="calibration sequences for int4-awq and fp8-gptq")
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--group-size", type=int, help="int8/int4 group size (default: 128, else 64 or 32 if it divides)")
     p.add_argument("--path", choices=["auto", "kernels", "fake-quant"], default="auto")

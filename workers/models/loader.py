@@ -4,7 +4,7 @@ read tensor by tensor so that host memory holds one tensor at a time), from a GG
 `dummy` random values of the right shapes (as vLLM's `load_format=dummy`).
 
 Quantization (workers/quant/) happens here too: a float checkpoint is loaded, then its linear layers
-are quantized in place (`quantization` int8 / int4 / int4-awq / fp8); a GGUF file with
+are quantized in place (`quantization` int8 / int4 / int4-awq / fp8 / fp8-gptq); a GGUF file with
 `quantization: gguf`, and a checkpoint written by `kvfleet quantize` (whatever `quantization` says,
 unless it names another scheme), load straight into quantized layers.
 """
@@ -108,7 +108,7 @@ def load_model(
     else:
         model.load_weights(iter_safetensors(Path(model_dir)))
     if quantization != "none":
-        batches = calibration_batches(model_dir) if quantization == "int4-awq" else None
+        batches = calibration_batches(model_dir) if quantization in ("int4-awq", "fp8-gptq") else None
         quantize_model(model, quantization, group_size, backend=quant_backend, calib_batches=batches)
         quantize_logits_head(model, quant_backend)
     return model.eval()

@@ -7,7 +7,7 @@ zero W = (q - 8) * s + z; writing it as compressed-tensors would change the weig
 we write instead of pretending to be compressed-tensors):
 
 - `config.json` as the source's, plus `"quantization_config": {"quant_method": "kvfleet",
-  "scheme": "int4" | "int4-awq" | "int8" | "fp8", "group_size": G, "format": "kvfleet-v1"}`;
+  "scheme": "int4" | "int4-awq" | "int8" | "fp8" | "fp8-gptq", "group_size": G, "format": "kvfleet-v1"}`;
 - `model.safetensors`: each linear checkpoint tensor `<name>.weight` replaced by the contract layout
   of workers/kernels/quant_reference.py under `<name>.qweight`, `<name>.scales` and (int4)
   `<name>.zeros`, float32 scales; every other tensor as the source had it (its dtype);

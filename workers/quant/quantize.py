@@ -9,6 +9,7 @@ gives a quantized model an int8 logits matmul (`quantize_logits_head`).
 | int4      | int4 asymmetric, group `group_size`           | aten                | Triton      |
 | int4-awq  | int4 after AWQ scaling (workers/quant/awq.py) | aten                | Triton      |
 | fp8       | E4M3, per output channel                      | refused             | Triton      |
+| fp8-gptq  | fp8's, calibrated (workers/quant/fp8_calib.py) | refused             | Triton      |
 
 * aten's int8 kernel takes one scale per output row: on CPU int8 is quantized per channel
   (group = the layer's input columns) whatever `group_size` says.
@@ -25,14 +26,14 @@ from workers.quant.backends import Backend, check_device, get_backend
 from workers.quant.layers import QuantLogitsHead, QuantMergedLinear, QuantRowParallelLinear, _QuantLinear
 from workers.quant.layout import Kind, QuantizationError, QuantWeight, quantize_rtn
 
-SCHEMES = ("fp8", "int8", "int4", "int4-awq")
+SCHEMES = ("fp8", "fp8-gptq", "int8", "int4", "int4-awq")
 GROUP_SIZES_CPU_INT4 = (32, 64, 128, 256)  # what aten's int4 CPU kernel takes
 
 
 def scheme_kind(scheme: str) -> Kind:
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    return "int4" if scheme.startswith("int4") else scheme  # type: ignore[return-value]
+    return scheme.split("-")[0]  # type: ignore[return-value]  # a calibrated scheme keeps its kind's layout
 
 
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -88,7 +89,9 @@ def quantize_model(
 ) -> dict | None:
     """Quantize `model`'s linear layers in place on their device. `backend`: 'auto' (aten on CPU,
     Triton on CUDA), 'aten', 'triton' or 'reference'. `int4-awq` first calls
-    workers.quant.awq.apply_awq(model, calib_batches, group_size) and returns its report.
+    workers.quant.awq.apply_awq(model, calib_batches, group_size) and returns its report;
+    `fp8-gptq` calls workers.quant.fp8_calib.apply_fp8_gptq(model, calib_batches), whose weights
+    replace RTN's, and returns its report.
     `keep_layout` keeps the contract-layout tensors beside the backend's (for saving)."""
     kind = scheme_kind(scheme)
     device = next(model.parameters()).device
@@ -96,14 +99,19 @@ def quantize_model(
         check_device(kind, device)
     chosen = get_backend(kind, device, backend)
     check_group_size(model, kind, group_size, chosen)
-    report = None
+    report, calibrated = None, {}
     if scheme == "int4-awq":
         report = _apply_awq(model, calib_batches, group_size)
+    elif scheme == "fp8-gptq":
+        calibrated, report = _apply_fp8_gptq(model, calib_batches)
     for name, layer in linear_layers(model):
         if isinstance(layer, _QuantLinear):
             raise QuantizationError(f"layer {name} is already quantized ({layer.kind})")
         g = effective_group_size(kind, group_size, input_columns(layer), chosen)
-        if isinstance(layer, MergedLinear):
+        if name in calibrated:
+            cls = QuantMergedLinear if isinstance(layer, MergedLinear) else QuantRowParallelLinear
+            new = cls.from_float(layer, kind, g, lambda w, q=calibrated[name]: q.to(w.device))
+        elif isinstance(layer, MergedLinear):
             new = QuantMergedLinear.from_float(layer, kind, g, lambda w, g=g: quantize_rtn(w, kind, g))
         else:
             new = QuantRowParallelLinear.from_float(
@@ -138,6 +146,14 @@ def _apply_awq(model, calib_batches, group_size: int) -> dict:
     if not calib_batches:
         raise QuantizationError("int4-awq needs calibration batches (token id tensors); none were given")
     return apply_awq(model, calib_batches, group_size)
+
+
+def _apply_fp8_gptq(model, calib_batches) -> tuple[dict, dict]:
+    from workers.quant.fp8_calib import apply_fp8_gptq
+
+    if not calib_batches:
+        raise QuantizationError("fp8-gptq needs calibration batches (token id tensors); none were given")
+    return apply_fp8_gptq(model, calib_batches)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -188,7 +204,7 @@ def quantize_logits_head(model: nn.Module, backend: str = "auto") -> None:
 
 
 def calibration_batches(model_dir, num_seqs: int = 16, seq_len: int = 512) -> list[torch.Tensor]:
-    """int4-awq's calibration batches: the shipped text (workers/quant/calibration.py) through the
+    """The calibrated schemes' (int4-awq, fp8-gptq) batches: the shipped text (workers/quant/calibration.py) through the
     model's tokenizer."""
     from workers.models.tokenizer import load_tokenizer
 

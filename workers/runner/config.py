@@ -39,7 +39,7 @@ class RunnerConfig:
     def kv_dtype(self) -> torch.dtype:
         return self.kv_cache_dtype or self.dtype
 
-    quantization: str = "none"  # workers/quant/: none, fp8, int8, int4, int4-awq, gguf
+    quantization: str = "none"  # workers/quant/: none, fp8, fp8-gptq, int8, int4, int4-awq, gguf
     quantization_group_size: int = 128
 
     @property

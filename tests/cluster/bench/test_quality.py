@@ -47,16 +47,18 @@ def test_unquantized_perplexity_is_exp_of_transformers_mean_nll(report):
 
 def test_unquantized_model_agrees_with_itself_and_schemes_rank_by_precision(report):
     rows = {r["scheme"]: r for r in report["schemes"]}
-    assert list(rows) == ["none", "fp8", "fp8-w8a16", "int8", "int4", "int4-awq"]  # gguf needs a GGUF model
+    assert list(rows) == ["none", "fp8", "fp8-w8a16", "fp8-gptq", "fp8-gptq-w8a16", "int8", "int4", "int4-awq"]  # gguf needs a GGUF model
     assert rows["none"]["kl_mean"] == 0.0 and rows["none"]["top1_agreement"] == 1.0
     assert rows["none"]["perplexity_change_pct"] == 0.0
-    for name in ("fp8", "fp8-w8a16", "int8", "int4", "int4-awq"):
+    for name in ("fp8", "fp8-w8a16", "fp8-gptq", "fp8-gptq-w8a16", "int8", "int4", "int4-awq"):
         assert rows[name]["path"] == "fake-quant"
         assert rows[name]["kl_mean"] > 0 and 0 < rows[name]["top1_agreement"] <= 1
         assert math.isfinite(rows[name]["perplexity"])
     assert rows["int8"]["kl_mean"] < rows["int4"]["kl_mean"]
     # fp8's activation rounding (W8A8) costs on top of its weights' (W8A16)
     assert rows["fp8-w8a16"]["kl_mean"] < rows["fp8"]["kl_mean"]
+    assert rows["fp8-gptq-w8a16"]["kl_mean"] < rows["fp8-gptq"]["kl_mean"]
+    assert report["fp8_gptq"]["calibration_tokens"] == 2 * 64
     assert report["group_size"] == 64  # 128 does not divide the draft's 192 hidden columns
     assert report["awq"]["mean_mse_ratio"] < 1.0
     assert any("gguf skipped" in n for n in report["notes"])
