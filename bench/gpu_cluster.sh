@@ -19,7 +19,9 @@
 # stages wheels in stage1, the demo model pair in stage2. `install` installs them under
 # /tmp/kvfleet-gpu/site; `run` runs the benchmarks and writes their JSON (and logs) under $OUT.
 # Knobs: REPLICAS (4), WORKER_GPUS (0.25), USERS (32), SPEC_S / SERVE_S (time limits of the two
-# benches; SPEC_S=0 skips the spec bench), SERVE_MODEL (default: the demo target). For routing
+# benches; SPEC_S=0 skips the spec bench), SERVE_MODEL (default: the demo target), SERVE_ARGS (more
+# `bench serve` options, e.g. "--shape llama3-8b --load-format dummy": Llama-3-8B's shapes with
+# random weights, token ids only; or "--max-num-seqs 128 --rate 8"; later options win). For routing
 # figures alone, one call does: stage the draft model (5.9 MB) beside the wheels and run
 #   bash .dev-gpucluster/bench/gpu_cluster.sh install STAGE && SPEC_S=0 \
 #     SERVE_MODEL=/tmp/kvfleet-gpu/models/kvfleet-pycoder-draft bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
@@ -91,7 +93,7 @@ run() {
   timeout "${SERVE_S:-330}" python3 -m cluster.cli bench serve --compare --device cuda \
     --replicas "${REPLICAS:-4}" --worker-gpus "${WORKER_GPUS:-0.25}" --worker-cpus 2 --max-num-seqs 64 \
     --users "${USERS:-32}" --rate 4 --think-time 0.5 --no-dashboard ${SERVE_MODEL:+--model "$SERVE_MODEL"} \
-    --json "$out/serve-compare-h200.json" \
+    ${SERVE_ARGS:-} --json "$out/serve-compare-h200.json" \
     2>&1 | grep -v -E "^\s*$|logging.cc|^ +@|^PC:" >"$out/serve.log" || rc=1   # Ray's stack dumps on SIGTERM: noise
   tail -40 "$out/serve.log"
   return $rc

@@ -32,6 +32,7 @@ import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -261,27 +262,45 @@ def _report(policy: str, turns: list[Turn], elapsed: float, page_size: int = 16)
     }
 
 
+def engine_settings(args, **overrides) -> dict:
+    """The EngineConfig fields every local cluster of this bench shares (`--tiers` too)."""
+    from cluster.bench.shapes import engine_options
+
+    return dict(
+        device=args.device,
+        max_model_len=args.max_model_len,
+        num_pages=args.num_pages,
+        max_num_seqs=args.max_num_seqs,
+        **engine_options(args.load_format),
+        **overrides,
+    )
+
+
+def ray_settings(args):
+    """The local Ray: room for every replica's reservation (else Serve waits forever to place
+    them) and the ingress."""
+    from cluster.config import RayConfig
+
+    return RayConfig(
+        num_cpus=max(4, math.ceil(args.replicas * args.worker_cpus) + 2),
+        dashboard_port=0,
+        include_dashboard=args.dashboard,
+    )
+
+
 def _run_policy(policy: str, args) -> dict:
-    from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, RayConfig, TargetConfig
+    from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, TargetConfig
     from cluster.local import ServeCluster
     from router.policy import RoutingConfig
     from workers.models.config import ModelConfig
 
     model = args.model
-    engine = dict(
-        device=args.device, max_model_len=args.max_model_len, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs
-    )
-    config = ClusterConfig.local(model, **engine).model_copy(
+    config = ClusterConfig.local(model, **engine_settings(args)).model_copy(
         update={
             "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus),
             "ingress": IngressConfig(replicas=1, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
-            # room for every replica's reservation (else Serve waits forever to place them) and the ingress
-            "ray": RayConfig(
-                num_cpus=max(4, math.ceil(args.replicas * args.worker_cpus) + 2),
-                dashboard_port=0,
-                include_dashboard=args.dashboard,
-            ),
+            "ray": ray_settings(args),
             "routing": RoutingConfig(policy=policy),
         }
     )
@@ -327,6 +346,10 @@ def run_serve_bench(args) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return out
+    if args.shape:
+        from cluster.bench.shapes import resolve_model
+
+        args.model = resolve_model(args, tempfile.mkdtemp(prefix="kvfleet-bench-"))
     if args.model is None:
         from cluster.demo.model import shipped_demo_pair
 
@@ -364,6 +387,8 @@ def run_serve_bench(args) -> dict:
 
 
 def add_serve_parser(bench_subparsers) -> None:
+    from cluster.bench.shapes import add_shape_arguments
+
     p = bench_subparsers.add_parser(
         "serve",
         help="prefix-sharing conversations through the gRPC API, per routing policy",
@@ -376,6 +401,7 @@ def add_serve_parser(bench_subparsers) -> None:
     )
     p.add_argument("--token", help="bearer token of the deployment at --url (default: $KVFLEET_TOKEN)")
     p.add_argument("--model", help="model directory (default: the demo model kvfleet-pycoder)")
+    add_shape_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--worker-cpus", type=float, default=0.5, help="Ray CPUs per TargetWorker replica")
