@@ -56,23 +56,6 @@ class RoutingConfig(BaseModel):
     policy: Literal["prefix_aware", "power_of_two", "round_robin"] = Field(
         "prefix_aware", description="prefix_aware (kvfleet's), power_of_two (Ray Serve's default), round_robin"
     )
-    spill_abs_threshold: float = Field(
-        4.0, ge=0, description="In-flight requests a holder may run ahead of the least-loaded replica before spilling."
-    )
-    spill_rel_threshold: float = Field(
-        0.5, ge=0, description="... plus this fraction of the least-loaded replica's in-flight requests."
-    )
-    min_matched_pages: int = Field(1, ge=1, description="Leading pages a replica must hold to count as a holder.")
-    min_free_page_fraction: float = Field(
-        0.02, ge=0, le=1, description="A replica with fewer free KV pages than this fraction is overloaded."
-    )
-    host_page_weight: float = Field(
-        0.9,
-        ge=0,
-        le=1,
-        description="What a leading page in a replica's host-memory tier counts for against one on its device "
-        "(a host hit costs a copy back; a device hit nothing).",
-    )
     rule: Literal["predicted_ttft", "spill"] = Field(
         "predicted_ttft",
         description="prefix_aware's rule: 'predicted_ttft' sends a request where queueing plus prefilling its "
@@ -99,6 +82,26 @@ class RoutingConfig(BaseModel):
     rate_max_age_s: float = Field(
         60.0, gt=0, description="predicted_ttft: a measured rate older than this is stale (the fleet's mean is used)."
     )
+    spill_abs_threshold: float = Field(
+        4.0,
+        ge=0,
+        description="rule=spill: in-flight requests a holder may run ahead of the least-loaded replica before "
+        "spilling.",
+    )
+    spill_rel_threshold: float = Field(
+        0.5, ge=0, description="... plus this fraction of the least-loaded replica's in-flight requests."
+    )
+    min_matched_pages: int = Field(1, ge=1, description="Leading pages a replica must hold to count as a holder.")
+    min_free_page_fraction: float = Field(
+        0.02, ge=0, le=1, description="A replica with fewer free KV pages than this fraction is overloaded."
+    )
+    host_page_weight: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="What a leading page in a replica's host-memory tier counts for against one on its device "
+        "(a host hit costs a copy back; a device hit nothing).",
+    )
     recent_route_ttl_s: float = Field(
         10.0,
         ge=0,
@@ -109,9 +112,9 @@ class RoutingConfig(BaseModel):
 
 class Reason(enum.StrEnum):
     PREFIX_HIT = "prefix_hit"  # sent to the replica holding the longest prefix
-    SPILL = "spill"  # the holder was overloaded: sent to the least-loaded replica
-    LOAD = "load"  # no replica held any of the prompt: least loaded
-    FALLBACK = "fallback"  # the page index gave no answer: least loaded
+    SPILL = "spill"  # a replica holding more was passed over (overloaded, or slower to answer)
+    LOAD = "load"  # no replica held any of the prompt: the least loaded (predicted soonest)
+    FALLBACK = "fallback"  # the page index gave no answer: by load alone
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ class Decision:
     matched_pages: int  # leading pages the chosen replica holds (device and host tier)
     uncached_tokens: float = 0.0  # predicted_ttft: prompt tokens the chosen replica will compute
     prefill_tokens_s: float = 0.0  # predicted_ttft: the prefill rate its prediction used
+    predicted_ttft_s: float | None = None  # predicted_ttft: the chosen replica's prediction
 
 
 def choose(
@@ -250,7 +254,9 @@ def _choose_by_ttft(
         reason = Reason.SPILL
     else:
         reason = Reason.PREFIX_HIT
-    return Decision(chosen, reason, held.get(chosen, 0), prediction.uncached_tokens, prediction.prefill_tokens_s)
+    return Decision(
+        chosen, reason, held.get(chosen, 0), prediction.uncached_tokens, prediction.prefill_tokens_s, prediction.ttft_s
+    )
 
 
 def load_limit(min_load: float, config: RoutingConfig) -> float:

@@ -11,8 +11,9 @@ each replica (its queue-length cache: fresh, updated as this handle sends reques
 replica's last heartbeat. The predicted-TTFT rule also gets each replica's measured prefill rate and
 per-sequence decode cost (router/rates.py, from the `EngineStats` that Serve polls from every replica
 as its routing stats every `routing_stats_period_s`: no extra Redis round trip) and this router's
-estimate of the prompt tokens it sent there not yet computed. The chosen replica comes first; the others follow least loaded first,
-so Serve falls back to them if the chosen one refuses (its `max_ongoing_requests` is reached).
+estimate of the prompt tokens it sent there not yet computed. The chosen replica comes first; the
+others follow least loaded first, so Serve falls back to them if the chosen one refuses (its
+`max_ongoing_requests` is reached).
 
 A prompt's pages reach the index only once computed: until then the router counts the pages of
 prompts it sent in the last `recent_route_ttl_s` as held by the replica it sent them to
@@ -122,8 +123,9 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         decision = choose(views, matched, self._config, self._rng, host, prompt, self._page_size)
         if hashes:
             self._recent.record(hashes, decision.replica_id)
-        if decision.prefill_tokens_s:
+        if decision.predicted_ttft_s is not None:
             self._backlog.add(decision.replica_id, decision.uncached_tokens, now, decision.prefill_tokens_s)
+            metrics.predicted_ttft.observe(decision.predicted_ttft_s)
         self._decisions += 1
         if self._decisions % 1024 == 0:  # replicas that have gone leave the tables
             self._rates.forget(set(ids))
@@ -150,8 +152,14 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
             free, total = match.load.num_free_pages, match.load.num_total_pages
         if now is None:
             return ReplicaView(rid, load, free, total)
-        self._rates.observe(rid, replica.routing_stats, now)
+        measured = self._rates.observe(rid, replica.routing_stats, now)
         prefill, cost = self._rates.rates(rid, now)
+        if measured:
+            metrics = self._ensure_metrics()
+            if prefill is not None:
+                metrics.prefill_rate.set(prefill, {"replica": rid})
+            if cost is not None:
+                metrics.request_cost.set(cost, {"replica": rid})
         backlog = self._backlog.pending(rid, now, prefill or self._config.default_prefill_tokens_s)
         return ReplicaView(rid, load, free, total, prefill, cost, backlog)
 

@@ -43,11 +43,12 @@ class ReplicaRates:
         self.max_age_s = max_age_s
         self._rates: dict[str, _Rates] = {}
 
-    def observe(self, replica_id: str, stats: dict, now: float) -> None:
-        """A replica's latest report (`EngineStats` fields; others ignored). Reports that repeat the
-        last one, or go backwards (a restarted engine), move nothing but the baseline."""
+    def observe(self, replica_id: str, stats: dict, now: float) -> bool:
+        """A replica's latest report (`EngineStats` fields; others ignored); whether it measured
+        something. Reports that repeat the last one, or go backwards (a restarted engine), move
+        nothing but the baseline."""
         if not stats or "num_prefill_tokens" not in stats:
-            return
+            return False
         r = self._rates.setdefault(replica_id, _Rates())
         tokens, t_prefill = float(stats["num_prefill_tokens"]), float(stats.get("prefill_time_s", 0.0))
         seqs, t_decode = float(stats.get("num_decode_seq_steps", 0)), float(stats.get("decode_time_s", 0.0))
@@ -65,6 +66,7 @@ class ReplicaRates:
             r.request_cost_s = self._mix(r.request_cost_s, d_decode / d_seqs)
             r.cost_at = now
             r.decode_seqs, r.decode_time_s = seqs, t_decode
+        return r.prefill_at == now or r.cost_at == now
 
     def rates(self, replica_id: str, now: float) -> tuple[float | None, float | None]:
         """(prefill tokens/s, request cost s) as measured and fresh; None for what is not."""

@@ -288,7 +288,18 @@ def ray_settings(args):
     )
 
 
-def _run_policy(policy: str, args) -> dict:
+def _runs(args) -> list[tuple[str, str | None]]:
+    """(policy, prefix-aware rule) per run: every prefix-aware rule of `--rules`, then with
+    `--compare` the other policies. A run of another rule than the first is named `prefix_aware:RULE`."""
+    rules = args.rules or ["predicted_ttft"]
+    policies = list(POLICIES) if args.compare else [args.policy]
+    runs = []
+    for policy in policies:
+        runs += [(policy, rule) for rule in rules] if policy == "prefix_aware" else [(policy, None)]
+    return runs
+
+
+def _run_policy(policy: str, args, rule: str | None = None) -> dict:
     from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, TargetConfig
     from cluster.local import ServeCluster
     from router.policy import RoutingConfig
@@ -301,10 +312,12 @@ def _run_policy(policy: str, args) -> dict:
             "ingress": IngressConfig(replicas=1, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
             "ray": ray_settings(args),
-            "routing": RoutingConfig(policy=policy),
+            "routing": RoutingConfig(policy=policy, **({"rule": rule} if rule else {})),
         }
     )
     vocab = ModelConfig.from_dir(model).vocab_size
+    if rule and rule != (args.rules or ["predicted_ttft"])[0]:
+        policy = f"{policy}:{rule}"
     print(f"[{policy}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
     with ServeCluster(config, progress=lambda m: None) as cluster:
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
@@ -321,14 +334,14 @@ def _run_policy(policy: str, args) -> dict:
 def _table(reports: list[dict]) -> str:
     ms = lambda s: f"{s * 1e3:8.1f}"  # noqa: E731
     lines = [
-        f"{'policy':<14}{'hit rate':>9}{'TTFT mean':>10}{'p50':>9}{'p90':>9}{'p99':>9}{'TPOT p50':>9}"
+        f"{'policy':<20}{'hit rate':>9}{'TTFT mean':>10}{'p50':>9}{'p90':>9}{'p99':>9}{'TPOT p50':>9}"
         f"{'ITL p99':>9}{'E2E p50':>9}{'E2E p99':>9}{'req/s':>7}{'tok/s':>8}{'errors':>7}",
         "(latencies in ms)",
     ]
     for r in reports:
         t, e = r["ttft_s"], r["e2e_s"]
         lines.append(
-            f"{r['policy']:<14}{r['cache_hit_rate']:>9.1%}{ms(t['mean']):>10}{ms(t['p50']):>9}{ms(t['p90']):>9}"
+            f"{r['policy']:<20}{r['cache_hit_rate']:>9.1%}{ms(t['mean']):>10}{ms(t['p50']):>9}{ms(t['p90']):>9}"
             f"{ms(t['p99']):>9}{ms(r['tpot_s']['p50']):>9}{ms(r['itl_s']['p99']):>9}{ms(e['p50']):>9}"
             f"{ms(e['p99']):>9}{r['requests_per_s']:>7.2f}{r['output_tokens_per_s']:>8.1f}{r['errors']:>7}"
         )
@@ -362,8 +375,7 @@ def run_serve_bench(args) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return out
-    policies = list(POLICIES) if args.compare else [args.policy]
-    reports = [_run_policy(p, args) for p in policies]
+    reports = [_run_policy(p, args, rule) for p, rule in _runs(args)]
     out = {"workload": {k: v for k, v in vars(args).items() if k not in ("func", "token")}, "results": reports}
     print(_table(reports))
     if len(reports) > 1:
@@ -417,6 +429,13 @@ def add_serve_parser(bench_subparsers) -> None:
     )
     p.add_argument("--policy", choices=POLICIES, default="prefix_aware")
     p.add_argument("--compare", action="store_true", help="run every policy on the same workload")
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        choices=("predicted_ttft", "spill"),
+        help="prefix_aware's rule(s) (router/policy.py), each a run of its own; the first is the baseline of "
+        "the ratios (default: predicted_ttft)",
+    )
     p.add_argument(
         "--tiers", action="store_true", help="run {no tier, host tier, host tier + pulls} (cluster/bench/tiers.py)"
     )
