@@ -9,8 +9,11 @@ exponential think time (`--think-time` mean). Token ids are drawn from the vocab
 seed, so every policy sees the same prompts.
 
 Each policy runs on a fresh local cluster (`--replicas` TargetWorkers; cold caches), one after the
-other in this process; `--compare` runs prefix_aware, power_of_two and round_robin and prints the
-ratios. Reported: TTFT, TPOT, inter-token latency and end-to-end latency (mean, p50, p90, p99),
+other in this process, each replica warmed up first with prompts apart from the workload's (kernel
+compiles and other one-time costs: cluster/bench/warmup.py; `--no-warmup` skips it); `--compare`
+runs prefix_aware, power_of_two and round_robin and prints the ratios (`--rules predicted_ttft spill`
+runs prefix_aware under each rule of router/policy.py). `--shape llama3-8b --load-format dummy` serves
+Llama-3-8B's shapes with random weights and no tokenizer (the workload is token ids already). Reported: TTFT, TPOT, inter-token latency and end-to-end latency (mean, p50, p90, p99),
 requests/s and output tokens/s, and the prompt-token cache hit rate (cached / prompt tokens, from
 each response's usage).
 
@@ -288,6 +291,18 @@ def ray_settings(args):
     )
 
 
+def warm(app_name: str, args, vocab_size: int) -> None:
+    """Each replica's one-time costs paid before the measurement (cluster/bench/warmup.py)."""
+    if not args.warmup:
+        return
+    from cluster.bench.warmup import warm_up
+
+    extend = args.question_len + args.answer_len
+    prompt = max(1, min(args.system_len + args.question_len, args.max_model_len - extend - args.answer_len))
+    seconds = warm_up(app_name, vocab_size, prompt, extend, args.answer_len)
+    print(f"  warmed every replica up in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+
 def _runs(args) -> list[tuple[str, str | None]]:
     """(policy, prefix-aware rule) per run: every prefix-aware rule of `--rules`, then with
     `--compare` the other policies. A run of another rule than the first is named `prefix_aware:RULE`."""
@@ -320,6 +335,7 @@ def _run_policy(policy: str, args, rule: str | None = None) -> dict:
         policy = f"{policy}:{rule}"
     print(f"[{policy}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
     with ServeCluster(config, progress=lambda m: None) as cluster:
+        warm(config.app_name, args, vocab)
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
     report = _report(policy, turns, elapsed)
     print(
@@ -426,6 +442,13 @@ def add_serve_parser(bench_subparsers) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one engine step")
     p.add_argument(
         "--no-dashboard", dest="dashboard", action="store_false", help="start the local Ray without its dashboard"
+    )
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="measure from the first request of each fresh cluster (default: warm every replica up first: "
+        "kernel compiles and the like, cluster/bench/warmup.py)",
     )
     p.add_argument("--policy", choices=POLICIES, default="prefix_aware")
     p.add_argument("--compare", action="store_true", help="run every policy on the same workload")

@@ -180,7 +180,7 @@ def _replica_figures(app_name: str) -> dict:
 
 def _run_variant(variant: str, args, workload) -> dict:
     _run_workload, _report = workload
-    from cluster.bench.serve import engine_settings, ray_settings
+    from cluster.bench.serve import engine_settings, ray_settings, warm
     from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, TargetConfig
     from cluster.local import ServeCluster
     from workers.config import KVTransferConfig
@@ -199,6 +199,7 @@ def _run_variant(variant: str, args, workload) -> dict:
     vocab = ModelConfig.from_dir(args.model).vocab_size
     print(f"[{variant}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
     with ServeCluster(config, progress=lambda m: None) as cluster:
+        warm(config.app_name, args, vocab)
         probe = _RawProbe(4 << 20) if config.kv_transfer.enabled else None
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
         figures = _replica_figures(config.app_name)
