@@ -13,9 +13,10 @@ other in this process, each replica warmed up first with prompts apart from the 
 compiles and other one-time costs: cluster/bench/warmup.py; `--no-warmup` skips it); `--compare`
 runs prefix_aware, power_of_two and round_robin and prints the ratios (`--rules predicted_ttft spill`
 runs prefix_aware under each rule of router/policy.py). `--shape llama3-8b --load-format dummy` serves
-Llama-3-8B's shapes with random weights and no tokenizer (the workload is token ids already). Reported: TTFT, TPOT, inter-token latency and end-to-end latency (mean, p50, p90, p99),
-requests/s and output tokens/s, and the prompt-token cache hit rate (cached / prompt tokens, from
-each response's usage).
+Llama-3-8B's shapes with random weights and no tokenizer (the workload is token ids already).
+Reported: TTFT, TPOT, inter-token latency and end-to-end latency (mean, p50, p90, p99), requests/s
+and output tokens/s, and the prompt-token cache hit rate (cached / prompt tokens, from each
+response's usage).
 
 `--tiers` runs the workload on {no tier, host tier, host tier + pulls} instead (cluster/bench/tiers.py).
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import statistics
@@ -265,44 +265,6 @@ def _report(policy: str, turns: list[Turn], elapsed: float, page_size: int = 16)
     }
 
 
-def engine_settings(args, **overrides) -> dict:
-    """The EngineConfig fields every local cluster of this bench shares (`--tiers` too)."""
-    from cluster.bench.shapes import engine_options
-
-    return dict(
-        device=args.device,
-        max_model_len=args.max_model_len,
-        num_pages=args.num_pages,
-        max_num_seqs=args.max_num_seqs,
-        **engine_options(args.load_format),
-        **overrides,
-    )
-
-
-def ray_settings(args):
-    """The local Ray: room for every replica's reservation (else Serve waits forever to place
-    them) and the ingress."""
-    from cluster.config import RayConfig
-
-    return RayConfig(
-        num_cpus=max(4, math.ceil(args.replicas * args.worker_cpus) + 2),
-        dashboard_port=0,
-        include_dashboard=args.dashboard,
-    )
-
-
-def warm(app_name: str, args, vocab_size: int) -> None:
-    """Each replica's one-time costs paid before the measurement (cluster/bench/warmup.py)."""
-    if not args.warmup:
-        return
-    from cluster.bench.warmup import warm_up
-
-    extend = args.question_len + args.answer_len
-    prompt = max(1, min(args.system_len + args.question_len, args.max_model_len - extend - args.answer_len))
-    seconds = warm_up(app_name, vocab_size, prompt, extend, args.answer_len)
-    print(f"  warmed every replica up in {seconds:.1f} s", file=sys.stderr, flush=True)
-
-
 def _runs(args) -> list[tuple[str, str | None]]:
     """(policy, prefix-aware rule) per run: every prefix-aware rule of `--rules`, then with
     `--compare` the other policies. A run of another rule than the first is named `prefix_aware:RULE`."""
@@ -315,6 +277,7 @@ def _runs(args) -> list[tuple[str, str | None]]:
 
 
 def _run_policy(policy: str, args, rule: str | None = None) -> dict:
+    from cluster.bench.serve_cluster import engine_settings, ray_settings, warm
     from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, TargetConfig
     from cluster.local import ServeCluster
     from router.policy import RoutingConfig

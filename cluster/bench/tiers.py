@@ -180,7 +180,7 @@ def _replica_figures(app_name: str) -> dict:
 
 def _run_variant(variant: str, args, workload) -> dict:
     _run_workload, _report = workload
-    from cluster.bench.serve import engine_settings, ray_settings, warm
+    from cluster.bench.serve_cluster import engine_settings, ray_settings, warm
     from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, TargetConfig
     from cluster.local import ServeCluster
     from workers.config import KVTransferConfig
