@@ -25,6 +25,19 @@
 # figures alone, one call does: stage the draft model (5.9 MB) beside the wheels and run
 #   bash .dev-gpucluster/bench/gpu_cluster.sh install STAGE && SPEC_S=0 \
 #     SERVE_MODEL=/tmp/kvfleet-gpu/models/kvfleet-pycoder-draft bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
+#
+# Issue 22's routing targets (prefix-aware hit rate >= 90%, mean TTFT >= 3x lower than round-robin):
+# a workload where prefill matters on a GPU (12 system prompts of 2,048 tokens, more than one
+# replica's 16k-token pool holds; 4-turn conversations; 96 users at 12/s load the 4 replicas), both
+# prefix-aware rules in the same run. The Llama-3-8B shape (dummy weights, ~16 GB per replica):
+#   SPEC_S=0 SERVE_S=570 SERVE_ARGS="--shape llama3-8b --load-format dummy --rules predicted_ttft spill \
+#     --system-prompts 12 --system-len 2048 --question-len 64 --answer-len 32 --turns 4 --users 96 --rate 12 \
+#     --max-model-len 4096 --num-pages 1024" bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
+# The demo target (max 2,048 positions: 1,024-token system prompts, 512 pages per replica):
+#   SPEC_S=0 SERVE_S=570 SERVE_ARGS="--rules predicted_ttft spill --system-prompts 12 --system-len 1024 \
+#     --question-len 64 --answer-len 32 --turns 4 --users 96 --rate 12 --num-pages 512" \
+#     bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
+# (drop "spill" from --rules if four fresh clusters do not fit one call's 600 s).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the kvfleet tree the script belongs to
 W=/tmp/kvfleet-gpu
