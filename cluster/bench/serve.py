@@ -354,8 +354,13 @@ def run_serve_bench(args) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return out
-    reports = [_run_policy(p, args, rule) for p, rule in _runs(args)]
-    out = {"workload": {k: v for k, v in vars(args).items() if k not in ("func", "token")}, "results": reports}
+    workload = {k: v for k, v in vars(args).items() if k not in ("func", "token")}
+    reports = []
+    for policy, rule in _runs(args):
+        reports.append(_run_policy(policy, args, rule))
+        if args.json:  # what has run so far survives a later run that fails to start
+            Path(args.json).write_text(json.dumps({"workload": workload, "results": reports}, indent=2) + "\n")
+    out = {"workload": workload, "results": reports}
     print(_table(reports))
     if len(reports) > 1:
         base = reports[0]
