@@ -19,10 +19,25 @@
 # stages wheels in stage1, the demo model pair in stage2. `install` installs them under
 # /tmp/kvfleet-gpu/site; `run` runs the benchmarks and writes their JSON (and logs) under $OUT.
 # Knobs: REPLICAS (4), WORKER_GPUS (0.25), USERS (32), SPEC_S / SERVE_S (time limits of the two
-# benches; SPEC_S=0 skips the spec bench), SERVE_MODEL (default: the demo target). For routing
+# benches; SPEC_S=0 skips the spec bench), SERVE_MODEL (default: the demo target), SERVE_ARGS (more
+# `bench serve` options, e.g. "--shape llama3-8b --load-format dummy": Llama-3-8B's shapes with
+# random weights, token ids only; or "--max-num-seqs 128 --rate 8"; later options win). For routing
 # figures alone, one call does: stage the draft model (5.9 MB) beside the wheels and run
 #   bash .dev-gpucluster/bench/gpu_cluster.sh install STAGE && SPEC_S=0 \
 #     SERVE_MODEL=/tmp/kvfleet-gpu/models/kvfleet-pycoder-draft bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
+#
+# Issue 22's routing targets (prefix-aware hit rate >= 90%, mean TTFT >= 3x lower than round-robin):
+# a workload where prefill matters on a GPU (12 system prompts of 2,048 tokens, more than one
+# replica's 16k-token pool holds; 4-turn conversations; 96 users at 12/s load the 4 replicas), both
+# prefix-aware rules in the same run. The Llama-3-8B shape (dummy weights, ~16 GB per replica):
+#   SPEC_S=0 SERVE_S=570 SERVE_ARGS="--shape llama3-8b --load-format dummy --rules predicted_ttft spill \
+#     --system-prompts 12 --system-len 2048 --question-len 64 --answer-len 32 --turns 4 --users 96 --rate 12 \
+#     --max-model-len 4096 --num-pages 1024" bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
+# The demo target (max 2,048 positions: 1,024-token system prompts, 512 pages per replica):
+#   SPEC_S=0 SERVE_S=570 SERVE_ARGS="--rules predicted_ttft spill --system-prompts 12 --system-len 1024 \
+#     --question-len 64 --answer-len 32 --turns 4 --users 96 --rate 12 --num-pages 512" \
+#     bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
+# (drop "spill" from --rules if four fresh clusters do not fit one call's 600 s).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"   # the kvfleet tree the script belongs to
 W=/tmp/kvfleet-gpu
@@ -91,7 +106,7 @@ run() {
   timeout "${SERVE_S:-330}" python3 -m cluster.cli bench serve --compare --device cuda \
     --replicas "${REPLICAS:-4}" --worker-gpus "${WORKER_GPUS:-0.25}" --worker-cpus 2 --max-num-seqs 64 \
     --users "${USERS:-32}" --rate 4 --think-time 0.5 --no-dashboard ${SERVE_MODEL:+--model "$SERVE_MODEL"} \
-    --json "$out/serve-compare-h200.json" \
+    ${SERVE_ARGS:-} --json "$out/serve-compare-h200.json" \
     2>&1 | grep -v -E "^\s*$|logging.cc|^ +@|^PC:" >"$out/serve.log" || rc=1   # Ray's stack dumps on SIGTERM: noise
   tail -40 "$out/serve.log"
   return $rc

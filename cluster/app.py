@@ -53,6 +53,7 @@ def build_app(config: ClusterConfig) -> Application:
                 "index": config.index.model_dump(),
                 "model_id": config.draft_model_id,
                 "routing": config.routing.model_dump(),
+                "page_size": config.engine.page_size,
             },
             request_routing_stats_period_s=target.routing_stats_period_s,
         )
@@ -138,7 +139,12 @@ def _router_config(config: ClusterConfig) -> RequestRouterConfig:
         return RequestRouterConfig(request_routing_stats_period_s=period)
     if policy == "round_robin":
         return RequestRouterConfig(request_router_class=RoundRobinRouter, request_routing_stats_period_s=period)
-    kwargs = {"index": config.index.model_dump(), "model_id": config.model_id, "routing": config.routing.model_dump()}
+    kwargs = {
+        "index": config.index.model_dump(),
+        "model_id": config.model_id,
+        "routing": config.routing.model_dump(),
+        "page_size": config.engine.page_size,
+    }
     return RequestRouterConfig(
         request_router_class=PrefixAwareRouter, request_router_kwargs=kwargs, request_routing_stats_period_s=period
     )

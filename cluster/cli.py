@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-batch-size 64 --json bench/results/engine-h100.json",
     )
     eng.add_argument("--model", help="model directory or GGUF file (default: SmolLM2-135M-Instruct)")
-    eng.add_argument("--shape", choices=["llama3-8b"], help="a model shape instead of a directory (with dummy)")
-    eng.add_argument("--load-format", choices=["auto", "dummy"], default="auto")
+    from cluster.bench.shapes import add_shape_arguments
+
+    add_shape_arguments(eng)
     eng.add_argument("--device", default="auto")
     eng.add_argument(
         "--parts",

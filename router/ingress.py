@@ -11,6 +11,10 @@ code of DESIGN.md and a sentence that names the field:
     InvalidRequestError    -> INVALID_ARGUMENT     ModelNotFoundError       -> NOT_FOUND
     ResourceExhaustedError -> RESOURCE_EXHAUSTED   a worker died or is gone -> UNAVAILABLE
 
+A model served with `skip_tokenizer_init` (dummy weights: no tokenizer) takes token-id prompts
+only: a text prompt, chat messages, stop strings and `Tokenize` are refused INVALID_ARGUMENT naming
+the field, and responses carry token ids with empty text.
+
 The checks run cheapest first: bytes before decoding, characters before tokenizing, tokens
 before hashing. A prompt above `_INLINE_TOKENIZE_CHARS` is tokenized in a thread, so a long
 prompt never stalls the other streams of this ingress.
@@ -173,7 +177,12 @@ class GenerationIngress:
             vocab_size=model_config.vocab_size,
         )
         self.limits = Limits.resolve(limits or LimitsConfig(), self.info.max_model_len)
-        self.tokenizer = load_tokenizer(engine_config.tokenizer or engine_config.model)
+        # None: the model has no tokenizer (dummy weights); prompts and outputs are token ids
+        self.tokenizer = (
+            None
+            if engine_config.skip_tokenizer_init
+            else load_tokenizer(engine_config.tokenizer or engine_config.model)
+        )
         self.index = PageIndex(index_config, model_id) if index_config is not None else None
         self.metrics = IngressMetrics(model_id)
         self._authorization = None
@@ -236,6 +245,7 @@ class GenerationIngress:
             request = await self._decode(request, pb.TokenizeRequest)
             check_model(request.model, self.info)
             add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            self._need_tokenizer("chat" if request.WhichOneof("input") == "chat" else "text")
             if request.WhichOneof("input") == "chat":
                 ids = await self._tokenize_chat(request.chat)
             else:
@@ -331,6 +341,10 @@ class GenerationIngress:
         check_request_id(request.request_id, self.limits)
         sampling = sampling_from_proto(request.sampling, self.info, self.limits)
         kind = request.WhichOneof("prompt")
+        if kind == "chat" or (kind == "text" and request.text):
+            self._need_tokenizer(kind)
+        if sampling.stop:
+            self._need_tokenizer("sampling.stop")
         if kind == "token_ids":
             ids, field = list(request.token_ids.ids), "token_ids"
         elif kind == "chat":
@@ -369,6 +383,14 @@ class GenerationIngress:
         # writes its own special tokens, so the encoding adds none.
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_prompt, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _need_tokenizer(self, field: str) -> None:
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                field,
+                f"{field} needs a tokenizer, and model {self.info.model_id!r} is served without one "
+                "(skip_tokenizer_init): send the prompt as token_ids, stop with stop_token_ids",
+            )
 
     def _authorize(self, grpc_context) -> None:
         if self._authorization is None:

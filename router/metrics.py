@@ -9,7 +9,7 @@ Every series is tagged with the model. Metrics are created once per process (Ray
 
 from __future__ import annotations
 
-from ray.util.metrics import Counter, Histogram
+from ray.util.metrics import Counter, Gauge, Histogram
 
 # Seconds. Fine at the low end (a token on a GPU takes milliseconds), coarse at the high end.
 _LATENCY_BOUNDARIES = [
@@ -120,3 +120,23 @@ class RouterMetrics:
             tag_keys=("model",),
         )
         self.index_malformed_entries.set_default_tags(tags)
+        self.predicted_ttft = Histogram(
+            "kvfleet_routing_predicted_ttft_seconds",
+            description="The chosen replica's predicted TTFT (rule predicted_ttft): set beside "
+            "kvfleet_time_to_first_token_seconds, it shows how well the router's rates fit.",
+            boundaries=_LATENCY_BOUNDARIES,
+            tag_keys=("model",),
+        )
+        self.predicted_ttft.set_default_tags(tags)
+        self.prefill_rate = Gauge(
+            "kvfleet_routing_prefill_tokens_per_second",
+            description="Each replica's prefill rate as the router measures it (EWMA of its reports).",
+            tag_keys=("model", "replica"),
+        )
+        self.prefill_rate.set_default_tags(tags)
+        self.request_cost = Gauge(
+            "kvfleet_routing_request_cost_seconds",
+            description="What one running sequence adds to each replica's decode step, as the router measures it.",
+            tag_keys=("model", "replica"),
+        )
+        self.request_cost.set_default_tags(tags)

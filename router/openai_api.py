@@ -126,7 +126,9 @@ class OpenAIIngress(GenerationIngress):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._started = int(time.time())  # the model card's `created`
-        self._token_text = functools.lru_cache(maxsize=1 << 16)(lambda t: self.tokenizer.decode([t]))  # logprobs
+        # a logprob's token as text; without a tokenizer, vLLM's `token_id:<id>` (a key per token)
+        decode = (lambda t: self.tokenizer.decode([t])) if self.tokenizer is not None else (lambda t: f"token_id:{t}")
+        self._token_text = functools.lru_cache(maxsize=1 << 16)(decode)
 
     # ------------------------------------------------------------------ the shared path, adapted
     async def _engine_request(self, request):

@@ -1,28 +1,43 @@
 """The routing policy: which replica serves a request, from what each holds and how busy it is.
 
-Pure: no Ray, no Redis, no clock. `choose` takes one `ReplicaView` per candidate (its load), the
-number of the prompt's leading pages each one holds (from the shared page index; {} when the index
-gave no answer) and a `RoutingConfig`, and returns a `Decision`. The Ray Serve adapter
-(`router/prefix_router.py`) and the simulator (`cluster/bench/sim_cluster.py`) both call it; the simulator
-prunes its candidates with the same `load_limit` and `short_of_pages`.
+Pure: no Ray, no Redis, no clock. `choose` takes one `ReplicaView` per candidate (its load and, when
+measured, its rates), the number of the prompt's leading pages each one holds (from the shared page
+index; {} when the index gave no answer), the prompt's length and a `RoutingConfig`, and returns a
+`Decision`. The Ray Serve adapter (`router/prefix_router.py`) and the simulator
+(`cluster/bench/sim_cluster.py`) both call it.
 
-The rule, in the words of SGLang's cache-aware router and llm-d's scorers, made explicit:
+`rule="predicted_ttft"` (the default) sends the request where its first token is predicted soonest:
+
+    predicted TTFT(r) = queueing delay(r) + uncached prompt tokens(r) / prefill rate(r)
+    queueing delay(r) = load_weight * in_flight(r) * request_cost(r)
+                        + prefill tokens routed to r and not yet computed / prefill rate(r)
+
+where uncached tokens = prompt tokens - page_size * (leading pages held on its device + host_page_weight
+* those continuing in its host tier), `request_cost` is the time one running sequence adds to a decode
+step, and the rates are measured online (router/rates.py: EWMAs of each replica's own reports);
+a replica without a fresh measurement takes the fleet's mean, else `default_prefill_tokens_s` /
+`default_request_cost_s`. So where prefill is slow (CPU) a holder keeps its prefix until its queue
+costs more than recomputing the prompt elsewhere; where prefill is cheap (a GPU) the load decides
+and a hot prefix spreads early. Ties: more pages held, then the lower load, then a random pick. This
+is the trade Dynamo's KV router makes (prefill blocks weighed against active blocks) and SGLang's /
+Ray Serve LLM's prefix routers make with a load-imbalance threshold, here in seconds so that the
+measured rates set it, not a constant.
+
+`rule="spill"` is the rule before it (in the words of SGLang's cache-aware router and llm-d's scorers):
 
 1. A candidate is *eligible* unless it is overloaded relative to the least-loaded candidate:
        load(r) - min_load  >  spill_abs_threshold + spill_rel_threshold * min_load
-   where load = requests in flight on the replica (running, waiting, or on their way), and a
-   replica whose free KV pages have fallen under `min_free_page_fraction` counts as overloaded too
-   (it would have to evict or preempt to take more).
+   where load = requests in flight on the replica (running, waiting, or on their way).
 2. Among eligible candidates, the one holding the most leading pages wins (ties: the lower load,
    then a random pick). A page in a replica's host-memory tier (restored by a copy, not reused
-   in place) counts `host_page_weight` of a device page. If it holds at least
-   `min_matched_pages`, the reason is PREFIX_HIT, or SPILL if an overloaded candidate held more.
-3. Otherwise the least-loaded eligible candidate wins (ties broken at random): SPILL if an
-   ineligible candidate held the prefix (the popular prefix now gets a second holder), LOAD if
-   nobody held any of it, FALLBACK if the index gave no answer (route by load alone).
+   in place) counts `host_page_weight` of a device page.
+3. Otherwise the least-loaded eligible candidate wins (ties broken at random).
 
-So a popular prefix sticks to its holder until that holder runs `spill_abs_threshold` requests
-ahead of the idlest replica; then it spreads, and each new holder attracts its share.
+Under both rules a replica whose free KV pages have fallen under `min_free_page_fraction` is not
+eligible unless it is among the least loaded (it would have to evict or preempt to take more).
+Reasons: PREFIX_HIT (the chosen replica holds at least `min_matched_pages` and no candidate holds
+more), SPILL (a candidate holding more was passed over), LOAD (nobody held any of the prompt),
+FALLBACK (the index gave no answer: route by load alone).
 """
 
 from __future__ import annotations
@@ -41,8 +56,37 @@ class RoutingConfig(BaseModel):
     policy: Literal["prefix_aware", "power_of_two", "round_robin"] = Field(
         "prefix_aware", description="prefix_aware (kvfleet's), power_of_two (Ray Serve's default), round_robin"
     )
+    rule: Literal["predicted_ttft", "spill"] = Field(
+        "predicted_ttft",
+        description="prefix_aware's rule: 'predicted_ttft' sends a request where queueing plus prefilling its "
+        "uncached tokens is predicted shortest (measured rates); 'spill' keeps a prefix on its holder until it runs "
+        "spill_abs_threshold + spill_rel_threshold x the least load ahead.",
+    )
+    default_prefill_tokens_s: float = Field(
+        10000.0, gt=0, description="predicted_ttft: a replica's prefill rate (tokens/s) until one is measured."
+    )
+    default_request_cost_s: float = Field(
+        0.002,
+        ge=0,
+        description="predicted_ttft: what one running sequence adds to a decode step (s) until it is measured.",
+    )
+    load_weight: float = Field(
+        1.5,
+        ge=0,
+        description="predicted_ttft: decode steps of a replica's load a new request waits through (half of the "
+        "step in progress on average, then the step it joins).",
+    )
+    rate_ewma_weight: float = Field(
+        0.3, gt=0, le=1, description="predicted_ttft: weight of a replica's newest report in its measured rates."
+    )
+    rate_max_age_s: float = Field(
+        60.0, gt=0, description="predicted_ttft: a measured rate older than this is stale (the fleet's mean is used)."
+    )
     spill_abs_threshold: float = Field(
-        4.0, ge=0, description="In-flight requests a holder may run ahead of the least-loaded replica before spilling."
+        4.0,
+        ge=0,
+        description="rule=spill: in-flight requests a holder may run ahead of the least-loaded replica before "
+        "spilling.",
     )
     spill_rel_threshold: float = Field(
         0.5, ge=0, description="... plus this fraction of the least-loaded replica's in-flight requests."
@@ -68,9 +112,9 @@ class RoutingConfig(BaseModel):
 
 class Reason(enum.StrEnum):
     PREFIX_HIT = "prefix_hit"  # sent to the replica holding the longest prefix
-    SPILL = "spill"  # the holder was overloaded: sent to the least-loaded replica
-    LOAD = "load"  # no replica held any of the prompt: least loaded
-    FALLBACK = "fallback"  # the page index gave no answer: least loaded
+    SPILL = "spill"  # a replica holding more was passed over (overloaded, or slower to answer)
+    LOAD = "load"  # no replica held any of the prompt: the least loaded (predicted soonest)
+    FALLBACK = "fallback"  # the page index gave no answer: by load alone
 
 
 @dataclass(frozen=True)
@@ -79,6 +123,9 @@ class ReplicaView:
     load: float  # requests in flight: running + waiting + routed but not yet admitted
     num_free_pages: int = 0
     num_total_pages: int = 0  # 0: unknown (no heartbeat yet)
+    prefill_tokens_s: float | None = None  # measured prefill rate; None: unknown or stale
+    request_cost_s: float | None = None  # measured decode-step time per running sequence; None: unknown
+    queued_prefill_tokens: float = 0.0  # prompt tokens routed here and not yet computed (the router's estimate)
 
 
 @dataclass(frozen=True)
@@ -86,6 +133,9 @@ class Decision:
     replica_id: str
     reason: Reason
     matched_pages: int  # leading pages the chosen replica holds (device and host tier)
+    uncached_tokens: float = 0.0  # predicted_ttft: prompt tokens the chosen replica will compute
+    prefill_tokens_s: float = 0.0  # predicted_ttft: the prefill rate its prediction used
+    predicted_ttft_s: float | None = None  # predicted_ttft: the chosen replica's prediction
 
 
 def choose(
@@ -94,13 +144,18 @@ def choose(
     config: RoutingConfig,
     rng: random.Random | None = None,
     host_pages: dict[str, int] | None = None,
+    prompt_tokens: int | None = None,
+    page_size: int = 16,
 ) -> Decision:
     """The replica for one request. `matched_pages` maps replica id -> leading pages of the prompt
     it holds on its device (a missing replica holds none); None means the index gave no answer.
-    `host_pages`: the pages of its host tier that continue that run."""
+    `host_pages`: the pages of its host tier that continue that run. `prompt_tokens` (default: the
+    most pages anyone holds) and `page_size` turn pages into the tokens left to prefill."""
     if not candidates:
         raise ValueError("no candidate replicas")
     rng = rng or random
+    if config.rule == "predicted_ttft":
+        return _choose_by_ttft(candidates, matched_pages, config, rng, host_pages or {}, prompt_tokens, page_size)
     min_load = min(c.load for c in candidates)
     limit = load_limit(min_load, config)
 
@@ -130,6 +185,78 @@ def choose(
     else:
         reason = Reason.LOAD
     return Decision(chosen.replica_id, reason, held.get(chosen.replica_id, 0))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    replica_id: str
+    ttft_s: float  # queueing + prefill of the uncached tokens
+    queue_s: float
+    uncached_tokens: float
+    prefill_tokens_s: float  # the rate used (measured, the fleet's mean, or the default)
+
+
+def predict(
+    candidates: list[ReplicaView],
+    cached_tokens: dict[str, float],
+    prompt_tokens: float,
+    config: RoutingConfig,
+) -> list[Prediction]:
+    """Each candidate's predicted TTFT (see the module docstring); `cached_tokens`: prompt tokens
+    each one holds (device pages, plus host-tier pages at their weight)."""
+    prefill = [c.prefill_tokens_s for c in candidates if c.prefill_tokens_s]
+    cost = [c.request_cost_s for c in candidates if c.request_cost_s is not None]
+    # Replicas of one deployment run on like hardware: one without a measurement is like the others.
+    fleet_prefill = sum(prefill) / len(prefill) if prefill else config.default_prefill_tokens_s
+    fleet_cost = sum(cost) / len(cost) if cost else config.default_request_cost_s
+    out = []
+    for c in candidates:
+        rate = c.prefill_tokens_s or fleet_prefill
+        per_request = c.request_cost_s if c.request_cost_s is not None else fleet_cost
+        uncached = max(0.0, prompt_tokens - cached_tokens.get(c.replica_id, 0.0))
+        queue = config.load_weight * c.load * per_request + c.queued_prefill_tokens / rate
+        out.append(Prediction(c.replica_id, queue + uncached / rate, queue, uncached, rate))
+    return out
+
+
+def _choose_by_ttft(
+    candidates: list[ReplicaView],
+    matched_pages: dict[str, int] | None,
+    config: RoutingConfig,
+    rng,
+    host: dict[str, int],
+    prompt_tokens: int | None,
+    page_size: int,
+) -> Decision:
+    min_load = min(c.load for c in candidates)
+    eligible = [
+        c for c in candidates if c.load <= min_load or not short_of_pages(c.num_free_pages, c.num_total_pages, config)
+    ]
+    held = {r: n + host.get(r, 0) for r, n in (matched_pages or {}).items()}
+    score = {
+        r: n + config.host_page_weight * host.get(r, 0)
+        for r, n in (matched_pages or {}).items()
+        if held[r] >= config.min_matched_pages
+    }
+    cached = {r: page_size * n for r, n in score.items()}
+    prompt = prompt_tokens if prompt_tokens is not None else page_size * max(held.values(), default=0)
+    predictions = predict(eligible, cached, prompt, config)
+    best = min(p.ttft_s for p in predictions)
+    tied = [c for c, p in zip(eligible, predictions, strict=True) if p.ttft_s <= best * (1 + 1e-9) + 1e-12]
+    most = max(score.get(c.replica_id, 0.0) for c in tied)
+    chosen = _least_loaded([c for c in tied if score.get(c.replica_id, 0.0) == most], rng).replica_id
+    prediction = next(p for p in predictions if p.replica_id == chosen)
+    if matched_pages is None:
+        reason = Reason.FALLBACK
+    elif not score:
+        reason = Reason.LOAD
+    elif score.get(chosen, 0.0) < max(score.values()):
+        reason = Reason.SPILL
+    else:
+        reason = Reason.PREFIX_HIT
+    return Decision(
+        chosen, reason, held.get(chosen, 0), prediction.uncached_tokens, prediction.prefill_tokens_s, prediction.ttft_s
+    )
 
 
 def load_limit(min_load: float, config: RoutingConfig) -> float:

@@ -8,8 +8,12 @@ trip how many leading pages each candidate replica holds (on its device, then in
 with each replica's heartbeat), and lets
 `router.policy.choose` weigh that against load. Load is Serve's own count of requests in flight on
 each replica (its queue-length cache: fresh, updated as this handle sends requests), else the
-replica's last heartbeat. The chosen replica comes first; the others follow least loaded first,
-so Serve falls back to them if the chosen one refuses (its `max_ongoing_requests` is reached).
+replica's last heartbeat. The predicted-TTFT rule also gets each replica's measured prefill rate and
+per-sequence decode cost (router/rates.py, from the `EngineStats` that Serve polls from every replica
+as its routing stats every `routing_stats_period_s`: no extra Redis round trip) and this router's
+estimate of the prompt tokens it sent there not yet computed. The chosen replica comes first; the
+others follow least loaded first, so Serve falls back to them if the chosen one refuses (its
+`max_ongoing_requests` is reached).
 
 A prompt's pages reach the index only once computed: until then the router counts the pages of
 prompts it sent in the last `recent_route_ttl_s` as held by the replica it sent them to
@@ -43,6 +47,7 @@ from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, R
 
 from kvstore.index import AsyncPageIndex, IndexConfig, ReplicaMatch
 from router.policy import ReplicaView, RoutingConfig, choose
+from router.rates import PrefillBacklog, ReplicaRates
 from router.recent import RecentRoutes
 
 logger = logging.getLogger(__name__)
@@ -53,14 +58,24 @@ PIN_REPLICA_KWARG = "pin_replica"  # TargetWorker.export_pages's keyword: a pull
 
 
 class PrefixAwareRouter(FIFOMixin, RequestRouter):
-    def initialize_state(self, index: dict[str, Any] | None = None, model_id: str = "", routing: dict | None = None):
+    def initialize_state(
+        self,
+        index: dict[str, Any] | None = None,
+        model_id: str = "",
+        routing: dict | None = None,
+        page_size: int = 16,
+    ):
         self._index_config = IndexConfig.model_validate(index) if index is not None else None
         self._model_id = model_id
         self._config = RoutingConfig.model_validate(routing or {})
+        self._page_size = page_size
         self._index: AsyncPageIndex | None = None
         self._rng = random.Random()
         self._metrics = None
         self._recent = RecentRoutes(self._config.recent_route_ttl_s)
+        self._rates = ReplicaRates(self._config.rate_ewma_weight, self._config.rate_max_age_s)
+        self._backlog = PrefillBacklog()
+        self._decisions = 0
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -96,16 +111,25 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
                 metrics.index_lookup_failures.inc()
             else:
                 metrics.index_lookup_latency.observe(time.perf_counter() - t0)
-        views = [self._view(r, (matches or {}).get(rid)) for r, rid in zip(candidate_replicas, ids, strict=True)]
+        now = time.monotonic()
+        views = [self._view(r, (matches or {}).get(rid), now) for r, rid in zip(candidate_replicas, ids, strict=True)]
         matched = None if matches is None else {rid: m.matched_pages for rid, m in matches.items()}
         host = None if matches is None else {rid: m.host_pages for rid, m in matches.items() if m.host_pages}
         if not hashes:
             matched = {}  # nothing to match (a prompt shorter than a page): route by load
         elif matched is not None:
             matched, host = with_recent(matched, host or {}, self._recent.leading(hashes))
-        decision = choose(views, matched, self._config, self._rng, host)
+        prompt = _prompt_tokens(pending_request)
+        decision = choose(views, matched, self._config, self._rng, host, prompt, self._page_size)
         if hashes:
             self._recent.record(hashes, decision.replica_id)
+        if decision.predicted_ttft_s is not None:
+            self._backlog.add(decision.replica_id, decision.uncached_tokens, now, decision.prefill_tokens_s)
+            metrics.predicted_ttft.observe(decision.predicted_ttft_s)
+        self._decisions += 1
+        if self._decisions % 1024 == 0:  # replicas that have gone leave the tables
+            self._rates.forget(set(ids))
+            self._backlog.forget(set(ids))
         metrics.decisions.inc(1, {"reason": decision.reason.value if hashes else "no_hashes"})
         if decision.matched_pages:
             metrics.matched_pages.inc(decision.matched_pages)
@@ -115,18 +139,29 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         return [[chosen]] + [[by_id[v.replica_id]] for v in rest]
 
     # ------------------------------------------------------------------ internals
-    def _view(self, replica: RunningReplica, match: ReplicaMatch | None) -> ReplicaView:
+    def _view(self, replica: RunningReplica, match: ReplicaMatch | None, now: float | None = None) -> ReplicaView:
+        """The replica's load (Serve's in-flight count, else its heartbeat's), free pages (its
+        heartbeat's) and, with `now`, its measured rates (from the routing stats Serve polls from it)
+        and this router's estimate of its prefill backlog."""
+        rid = replica.replica_id.unique_id
         in_flight = self.replica_queue_len_cache.get(replica.replica_id)
+        load, free, total = float(in_flight or 0), 0, 0
         if match is not None:
-            load = match.load
-            heartbeat = load.num_waiting + load.num_running
-            return ReplicaView(
-                replica.replica_id.unique_id,
-                float(in_flight if in_flight is not None else heartbeat),
-                load.num_free_pages,
-                load.num_total_pages,
-            )
-        return ReplicaView(replica.replica_id.unique_id, float(in_flight or 0))
+            heartbeat = match.load.num_waiting + match.load.num_running
+            load = float(in_flight if in_flight is not None else heartbeat)
+            free, total = match.load.num_free_pages, match.load.num_total_pages
+        if now is None:
+            return ReplicaView(rid, load, free, total)
+        measured = self._rates.observe(rid, replica.routing_stats, now)
+        prefill, cost = self._rates.rates(rid, now)
+        if measured:
+            metrics = self._ensure_metrics()
+            if prefill is not None:
+                metrics.prefill_rate.set(prefill, {"replica": rid})
+            if cost is not None:
+                metrics.request_cost.set(cost, {"replica": rid})
+        backlog = self._backlog.pending(rid, now, prefill or self._config.default_prefill_tokens_s)
+        return ReplicaView(rid, load, free, total, prefill, cost, backlog)
 
     def _ensure_index(self) -> AsyncPageIndex:
         if self._index is None:  # created on the router's event loop, which its connections belong to
@@ -142,6 +177,12 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
 
 
 class StickyPrefixRouter(PrefixAwareRouter):
+    def initialize_state(self, **kwargs):
+        super().initialize_state(**kwargs)
+        # A proposal call is a few tokens on a sequence the draft already holds: affinity is all
+        # that matters, so drafts keep the spill rule.
+        self._config = self._config.model_copy(update={"rule": "spill"})
+
     async def _choose(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
     ) -> list[list[RunningReplica]]:
@@ -176,6 +217,14 @@ class RoundRobinRouter(FIFOMixin, RequestRouter):
         ordered = sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)
         i = next(self._next) % len(ordered)
         return [[r] for r in ordered[i:] + ordered[:i]]
+
+
+def _prompt_tokens(pending_request: PendingRequest | None) -> int | None:
+    """The prompt's length, from the call's first argument when it is a `GenerateRequest`."""
+    if pending_request is None or not pending_request.args:
+        return None
+    ids = getattr(pending_request.args[0], "prompt_token_ids", None)
+    return len(ids) if ids is not None else None
 
 
 def with_recent(

@@ -104,6 +104,8 @@ class Engine:
         self.kv_cache = KVCacheManager(self.pool, self.model_id, self.host_tier)
         self.page_io = PageIO(self.kv_cache, device_kv, self.host_tier, self.model_id, config.replica_id)
         self._prefill_time_s = 0.0
+        self._decode_time_s = 0.0  # steps that computed no prompt token: a router's per-sequence step cost
+        self._decode_seq_steps = 0
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=config.max_num_seqs,
@@ -196,6 +198,8 @@ class Engine:
             num_requests_aborted=c.num_requests_aborted,
             num_eager_decode_steps=self.runner.num_eager_decode_steps,
             prefill_time_s=self._prefill_time_s,
+            decode_time_s=self._decode_time_s,
+            num_decode_seq_steps=self._decode_seq_steps,
             num_inserted_pages=self.page_io.num_inserted_pages,
             num_exported_pages=self.page_io.num_exported_pages,
             **(self.host_tier.engine_stats() if self.host_tier is not None else {}),
@@ -379,7 +383,10 @@ class Engine:
         result = self.runner.execute(out)
         dt = time.perf_counter() - t0
         if any(not s.is_decode for s in out.scheduled):
-            self._prefill_time_s += dt  # the prefill rate the pull cost model weighs transfers against
+            self._prefill_time_s += dt  # the prefill rate the pull cost model and the router weigh
+        else:
+            self._decode_time_s += dt
+            self._decode_seq_steps += len(out.scheduled)
         return result, dt
 
     def _attach(self, out: SchedulerOutput, plan: SpecPlan, proposals: Proposals | None) -> None:

@@ -173,6 +173,8 @@ class EngineStats:
     spec_failures: int = 0  # proposer calls that failed; the target carried on alone
     num_eager_decode_steps: int = 0  # decode-only steps run eagerly though CUDA graphs are captured
     prefill_time_s: float = 0.0  # time of the steps that computed prompt tokens (the prefill rate's)
+    decode_time_s: float = 0.0  # time of the other steps (decode only)
+    num_decode_seq_steps: int = 0  # sequences those steps carried (summed over steps)
     num_host_pages: int = 0  # pages of the host-memory tier (0: off)
     num_host_cached_pages: int = 0  # of those, holding a page
     num_host_stored_pages: int = 0  # device pages copied to the host tier on eviction, since start

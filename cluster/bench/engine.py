@@ -23,42 +23,12 @@ from pathlib import Path
 
 import torch
 
+from cluster.bench.shapes import engine_options, resolve_model
 from workers.config import EngineConfig
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
 from workers.scheduler import ScheduledSeq, SchedulerOutput
 from workers.sequence import Sequence
-
-LLAMA3_8B = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    hidden_act="silu",
-    rope_theta=500000.0,
-    bos_token_id=128000,
-    eos_token_id=128001,
-    dtype="bfloat16",
-    rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-    ),
-)
-
-
-def write_shape_dir(path: str | Path, shape: dict = LLAMA3_8B) -> Path:
-    """A model directory holding only config.json: for `load_format="dummy"`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(shape, indent=1))
-    return path
 
 
 @dataclass
@@ -323,7 +293,6 @@ PASS_THROUGH = (
 def engine_config(args, model: str, device: torch.device, **overrides) -> EngineConfig:
     """The EngineConfig `kvfleet bench engine` builds, plus any engine option its parser has grown
     (PASS_THROUGH names that EngineConfig knows and the command line set)."""
-    dummy = args.load_format == "dummy"
     extra = {
         k: getattr(args, k)
         for k in PASS_THROUGH
@@ -332,8 +301,7 @@ def engine_config(args, model: str, device: torch.device, **overrides) -> Engine
     return EngineConfig(
         model=model,
         device=str(device),
-        load_format=args.load_format,
-        skip_tokenizer_init=dummy,
+        **engine_options(args.load_format),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
@@ -347,9 +315,7 @@ def engine_config(args, model: str, device: torch.device, **overrides) -> Engine
 def run_engine_bench(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    model = args.model
-    if args.shape == "llama3-8b":
-        model = str(write_shape_dir(Path(args.json or ".").resolve().parent / "llama3-8b-shape"))
+    model = resolve_model(args, Path(args.json or ".").resolve().parent)
     dummy = args.load_format == "dummy"
     report: dict = {
         "device": str(device),

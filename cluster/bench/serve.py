@@ -9,10 +9,14 @@ exponential think time (`--think-time` mean). Token ids are drawn from the vocab
 seed, so every policy sees the same prompts.
 
 Each policy runs on a fresh local cluster (`--replicas` TargetWorkers; cold caches), one after the
-other in this process; `--compare` runs prefix_aware, power_of_two and round_robin and prints the
-ratios. Reported: TTFT, TPOT, inter-token latency and end-to-end latency (mean, p50, p90, p99),
-requests/s and output tokens/s, and the prompt-token cache hit rate (cached / prompt tokens, from
-each response's usage).
+other in this process, each replica warmed up first with prompts apart from the workload's (kernel
+compiles and other one-time costs: cluster/bench/warmup.py; `--no-warmup` skips it); `--compare`
+runs prefix_aware, power_of_two and round_robin and prints the ratios (`--rules predicted_ttft spill`
+runs prefix_aware under each rule of router/policy.py). `--shape llama3-8b --load-format dummy` serves
+Llama-3-8B's shapes with random weights and no tokenizer (the workload is token ids already).
+Reported: TTFT, TPOT, inter-token latency and end-to-end latency (mean, p50, p90, p99), requests/s
+and output tokens/s, and the prompt-token cache hit rate (cached / prompt tokens, from each
+response's usage).
 
 `--tiers` runs the workload on {no tier, host tier, host tier + pulls} instead (cluster/bench/tiers.py).
 
@@ -27,11 +31,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -261,33 +265,40 @@ def _report(policy: str, turns: list[Turn], elapsed: float, page_size: int = 16)
     }
 
 
-def _run_policy(policy: str, args) -> dict:
-    from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, RayConfig, TargetConfig
+def _runs(args) -> list[tuple[str, str | None]]:
+    """(policy, prefix-aware rule) per run: every prefix-aware rule of `--rules`, then with
+    `--compare` the other policies. A run of another rule than the first is named `prefix_aware:RULE`."""
+    rules = args.rules or ["predicted_ttft"]
+    policies = list(POLICIES) if args.compare else [args.policy]
+    runs = []
+    for policy in policies:
+        runs += [(policy, rule) for rule in rules] if policy == "prefix_aware" else [(policy, None)]
+    return runs
+
+
+def _run_policy(policy: str, args, rule: str | None = None) -> dict:
+    from cluster.bench.serve_cluster import engine_settings, ray_settings, warm
+    from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, TargetConfig
     from cluster.local import ServeCluster
     from router.policy import RoutingConfig
     from workers.models.config import ModelConfig
 
     model = args.model
-    engine = dict(
-        device=args.device, max_model_len=args.max_model_len, num_pages=args.num_pages, max_num_seqs=args.max_num_seqs
-    )
-    config = ClusterConfig.local(model, **engine).model_copy(
+    config = ClusterConfig.local(model, **engine_settings(args)).model_copy(
         update={
             "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus),
             "ingress": IngressConfig(replicas=1, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
-            # room for every replica's reservation (else Serve waits forever to place them) and the ingress
-            "ray": RayConfig(
-                num_cpus=max(4, math.ceil(args.replicas * args.worker_cpus) + 2),
-                dashboard_port=0,
-                include_dashboard=args.dashboard,
-            ),
-            "routing": RoutingConfig(policy=policy),
+            "ray": ray_settings(args),
+            "routing": RoutingConfig(policy=policy, **({"rule": rule} if rule else {})),
         }
     )
     vocab = ModelConfig.from_dir(model).vocab_size
+    if rule and rule != (args.rules or ["predicted_ttft"])[0]:
+        policy = f"{policy}:{rule}"
     print(f"[{policy}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
     with ServeCluster(config, progress=lambda m: None) as cluster:
+        warm(config.app_name, args, vocab)
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
     report = _report(policy, turns, elapsed)
     print(
@@ -302,14 +313,14 @@ def _run_policy(policy: str, args) -> dict:
 def _table(reports: list[dict]) -> str:
     ms = lambda s: f"{s * 1e3:8.1f}"  # noqa: E731
     lines = [
-        f"{'policy':<14}{'hit rate':>9}{'TTFT mean':>10}{'p50':>9}{'p90':>9}{'p99':>9}{'TPOT p50':>9}"
+        f"{'policy':<20}{'hit rate':>9}{'TTFT mean':>10}{'p50':>9}{'p90':>9}{'p99':>9}{'TPOT p50':>9}"
         f"{'ITL p99':>9}{'E2E p50':>9}{'E2E p99':>9}{'req/s':>7}{'tok/s':>8}{'errors':>7}",
         "(latencies in ms)",
     ]
     for r in reports:
         t, e = r["ttft_s"], r["e2e_s"]
         lines.append(
-            f"{r['policy']:<14}{r['cache_hit_rate']:>9.1%}{ms(t['mean']):>10}{ms(t['p50']):>9}{ms(t['p90']):>9}"
+            f"{r['policy']:<20}{r['cache_hit_rate']:>9.1%}{ms(t['mean']):>10}{ms(t['p50']):>9}{ms(t['p90']):>9}"
             f"{ms(t['p99']):>9}{ms(r['tpot_s']['p50']):>9}{ms(r['itl_s']['p99']):>9}{ms(e['p50']):>9}"
             f"{ms(e['p99']):>9}{r['requests_per_s']:>7.2f}{r['output_tokens_per_s']:>8.1f}{r['errors']:>7}"
         )
@@ -327,6 +338,10 @@ def run_serve_bench(args) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return out
+    if args.shape:
+        from cluster.bench.shapes import resolve_model
+
+        args.model = resolve_model(args, tempfile.mkdtemp(prefix="kvfleet-bench-"))
     if args.model is None:
         from cluster.demo.model import shipped_demo_pair
 
@@ -339,9 +354,13 @@ def run_serve_bench(args) -> dict:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         return out
-    policies = list(POLICIES) if args.compare else [args.policy]
-    reports = [_run_policy(p, args) for p in policies]
-    out = {"workload": {k: v for k, v in vars(args).items() if k not in ("func", "token")}, "results": reports}
+    workload = {k: v for k, v in vars(args).items() if k not in ("func", "token")}
+    reports = []
+    for policy, rule in _runs(args):
+        reports.append(_run_policy(policy, args, rule))
+        if args.json:  # what has run so far survives a later run that fails to start
+            Path(args.json).write_text(json.dumps({"workload": workload, "results": reports}, indent=2) + "\n")
+    out = {"workload": workload, "results": reports}
     print(_table(reports))
     if len(reports) > 1:
         base = reports[0]
@@ -364,6 +383,8 @@ def run_serve_bench(args) -> dict:
 
 
 def add_serve_parser(bench_subparsers) -> None:
+    from cluster.bench.shapes import add_shape_arguments
+
     p = bench_subparsers.add_parser(
         "serve",
         help="prefix-sharing conversations through the gRPC API, per routing policy",
@@ -376,6 +397,7 @@ def add_serve_parser(bench_subparsers) -> None:
     )
     p.add_argument("--token", help="bearer token of the deployment at --url (default: $KVFLEET_TOKEN)")
     p.add_argument("--model", help="model directory (default: the demo model kvfleet-pycoder)")
+    add_shape_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--worker-cpus", type=float, default=0.5, help="Ray CPUs per TargetWorker replica")
@@ -389,8 +411,22 @@ def add_serve_parser(bench_subparsers) -> None:
     p.add_argument(
         "--no-dashboard", dest="dashboard", action="store_false", help="start the local Ray without its dashboard"
     )
+    p.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="measure from the first request of each fresh cluster (default: warm every replica up first: "
+        "kernel compiles and the like, cluster/bench/warmup.py)",
+    )
     p.add_argument("--policy", choices=POLICIES, default="prefix_aware")
     p.add_argument("--compare", action="store_true", help="run every policy on the same workload")
+    p.add_argument(
+        "--rules",
+        nargs="+",
+        choices=("predicted_ttft", "spill"),
+        help="prefix_aware's rule(s) (router/policy.py), each a run of its own; the first is the baseline of "
+        "the ratios (default: predicted_ttft)",
+    )
     p.add_argument(
         "--tiers", action="store_true", help="run {no tier, host tier, host tier + pulls} (cluster/bench/tiers.py)"
     )

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench.engine import engine_config, write_shape_dir
+from cluster.bench.engine import engine_config
+from cluster.bench.shapes import resolve_model
 from cluster.bench.stats import percentile
 from workers.engine import Engine
 from workers.request import GenerateRequest, SamplingParams
@@ -121,9 +122,7 @@ def bench_shared_prefix(engine: Engine, work: SharedPrefixWorkload, concurrency:
 
 def run_shared_prefix_bench(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = args.model
-    if args.shape == "llama3-8b":
-        model = str(write_shape_dir(Path(args.json or ".").resolve().parent / "llama3-8b-shape"))
+    model = resolve_model(args, Path(args.json or ".").resolve().parent)
     report: dict = {
         "workload": "shared-prefix",
         "device": str(device),

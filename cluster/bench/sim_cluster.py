@@ -286,6 +286,18 @@ class _Simulation:
     def _choose(self, req: Request, book: LoadBook, held_pages: HeldPages, free_of, t: float) -> int:
         cfg, total = self.p.routing, self.p.cost.pages_per_replica
         held, levels = held_pages.matched(req, t)
+        cost = self.p.cost
+        if cfg.rule != "spill":
+            # The predicted-TTFT rule weighs every candidate (no pruning), with the cost model's
+            # rates as a router would measure them; no backlog estimate (the load carries it here).
+            rates = (1 / cost.prefill_s_per_token, cost.decode_s_per_seq + cost.step_overhead_s / cost.max_batch)
+            views = [
+                ReplicaView(self.names[i], book.load[i], free_of(i), total, *rates) for i in range(self.p.replicas)
+            ]
+            decision = choose(views, held, cfg, self.rng, prompt_tokens=req.prompt_len, page_size=PAGE_SIZE)
+            req.reason = decision.reason.value
+            req.passed_over = decision.matched_pages < max(held.values(), default=0)
+            return self.index_of[decision.replica_id]
         if self.p.full_candidates:
             picked = range(self.p.replicas)
         else:

@@ -129,6 +129,12 @@ def add_simulate_parser(bench_subparsers) -> None:
     g.add_argument("--index-lag-ms", type=float, default=p.index_lag_s * 1e3, help="KV event to index delay")
     g.add_argument("--index-ttl-s", type=float, default=p.index_ttl_s)
     g.add_argument("--heartbeat-ms", type=float, default=p.heartbeat_s * 1e3)
+    g.add_argument(
+        "--rule",
+        choices=("predicted_ttft", "spill"),
+        default=rc.rule,
+        help="prefix_aware's rule (router/policy.py); 'spill' runs with pruned candidates, fast at 1,024 replicas",
+    )
     g.add_argument("--spill-abs-threshold", type=float, default=rc.spill_abs_threshold)
     g.add_argument("--spill-rel-threshold", type=float, default=rc.spill_rel_threshold)
     g.add_argument("--min-matched-pages", type=int, default=rc.min_matched_pages)
@@ -162,6 +168,7 @@ def params_from_args(args) -> SimParams:
             pages_per_replica=args.pages_per_replica,
         ),
         routing=RoutingConfig(
+            rule=args.rule,
             spill_abs_threshold=args.spill_abs_threshold,
             spill_rel_threshold=args.spill_rel_threshold,
             min_matched_pages=args.min_matched_pages,

@@ -180,29 +180,26 @@ def _replica_figures(app_name: str) -> dict:
 
 def _run_variant(variant: str, args, workload) -> dict:
     _run_workload, _report = workload
-    from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, RayConfig, TargetConfig
+    from cluster.bench.serve_cluster import engine_settings, ray_settings, warm
+    from cluster.config import ClusterConfig, GrpcConfig, IngressConfig, TargetConfig
     from cluster.local import ServeCluster
     from workers.config import KVTransferConfig
     from workers.models.config import ModelConfig
 
-    engine = dict(
-        device=args.device,
-        max_model_len=args.max_model_len,
-        num_pages=args.num_pages,
-        host_kv_cache_gib=args.host_kv_cache_gib if variant != "no_tier" else 0.0,
-    )
+    engine = engine_settings(args, host_kv_cache_gib=args.host_kv_cache_gib if variant != "no_tier" else 0.0)
     config = ClusterConfig.local(args.model, **engine).model_copy(
         update={
             "target": TargetConfig(replicas=args.replicas, num_cpus=args.worker_cpus, num_gpus=args.worker_gpus),
             "ingress": IngressConfig(replicas=1, num_cpus=0.25),
             "grpc": GrpcConfig(host="127.0.0.1", port=0, http_port=0),
-            "ray": RayConfig(num_cpus=max(4, args.replicas + 2), dashboard_port=0),
+            "ray": ray_settings(args),
             "kv_transfer": KVTransferConfig(enabled=variant == "host_tier+pulls", timeout_s=5.0),
         }
     )
     vocab = ModelConfig.from_dir(args.model).vocab_size
     print(f"[{variant}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
     with ServeCluster(config, progress=lambda m: None) as cluster:
+        warm(config.app_name, args, vocab)
         probe = _RawProbe(4 << 20) if config.kv_transfer.enabled else None
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
         figures = _replica_figures(config.app_name)

@@ -13,6 +13,7 @@ import pytest
 
 from protos.kvfleet.v1 import generation_pb2 as pb
 from protos.kvfleet.v1 import generation_pb2_grpc as pb_grpc
+from tests.conftest import scaled
 
 PAGE = 4  # the fixture's page size
 
@@ -73,6 +74,38 @@ def test_each_prefix_group_sticks_to_one_replica_from_every_ingress(stub):
         assert sorted(cached[g])[-n:][0] >= 24 * PAGE, cached[g]
     # Both ingress replicas routed requests of the groups, and made the same choices.
     assert set().union(*ingresses.values()).__len__() == 2, ingresses
+
+
+def router_gauge(name: str) -> dict[str, float]:
+    """A router gauge's value per replica, from Ray's Prometheus export."""
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(f"ray_{name}{{"):
+            replica = line.split('replica="', 1)[1].split('"', 1)[0]
+            out[replica] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_the_router_measures_each_replicas_prefill_rate_from_its_reports(stub):
+    """The predicted-TTFT rule's rates come from the EngineStats each replica reports to routers
+    (Serve's routing stats, every second): after some traffic the router has measured them."""
+    rng = random.Random(5)
+    deadline = time.monotonic() + scaled(60)
+    while True:
+        for _ in range(3):  # long prompts of fresh tokens: prefill work on whichever replicas
+            last, _ = send(stub, [rng.randrange(3, 500) for _ in range(120)])
+            assert last.usage.completion_tokens == 2
+        rates = router_gauge("kvfleet_routing_prefill_tokens_per_second")
+        costs = router_gauge("kvfleet_routing_request_cost_seconds")
+        if rates and costs:
+            break
+        assert time.monotonic() < deadline, f"no rates measured: {rates} {costs}"
+        time.sleep(1.0)  # the next reports
+    assert all(v > 0 for v in rates.values()) and all(v > 0 for v in costs.values())
 
 
 def test_a_popular_prefix_spills_to_other_replicas_under_concurrent_load(serve_cluster):

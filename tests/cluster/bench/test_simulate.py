@@ -178,11 +178,15 @@ def test_load_based_policies_spread_load_evenly(policy):
 @pytest.mark.parametrize("policy", ["prefix_aware", "oracle"])
 @pytest.mark.parametrize(
     "routing, pages, rate",
-    [(RoutingConfig(), 300, 40.0), (RoutingConfig(spill_abs_threshold=1, min_free_page_fraction=0.5), 200, 80.0)],
+    [
+        (RoutingConfig(rule="spill"), 300, 40.0),
+        (RoutingConfig(rule="spill", spill_abs_threshold=1, min_free_page_fraction=0.5), 200, 80.0),
+    ],
     ids=["defaults", "replicas-short-of-pages"],
 )
 def test_pruned_candidates_give_the_decisions_of_the_full_list(policy, routing, pages, rate):
-    """The simulator passes `choose` only the replicas that can win; the decisions must not change."""
+    """Under the spill rule the simulator passes `choose` only the replicas that can win; the
+    decisions must not change."""
     params = tiny(policy, routing=routing, cost=CostModel(pages_per_replica=pages), workload=replace(TINY, rate=rate))
     assert same(simulate(params), simulate(replace(params, full_candidates=True)))
 
