@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--suffix-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
     eng.add_argument("--concurrency", type=int, default=1, help="shared-prefix: requests in flight")
     eng.add_argument(
-        "--quantization", default="none",
+        "--quantization",
+        default="none",
         choices=["none", "fp8", "int8", "int4", "int4-awq", "gguf", "compressed-tensors"],
     )
     eng.add_argument("--quantization-group-size", type=int, default=128)

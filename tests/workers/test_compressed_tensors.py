@@ -105,7 +105,9 @@ def write_ct(
     dst.mkdir(parents=True)
     save_file(out, str(dst / "model.safetensors"))
     config = json.loads((src / "config.json").read_text())
-    groups = {"group_0": {"targets": ["Linear"], "weights": {"strategy": "group", **attn_weights}, "input_activations": act}}
+    groups = {
+        "group_0": {"targets": ["Linear"], "weights": {"strategy": "group", **attn_weights}, "input_activations": act}
+    }
     if mlp:
         groups["group_0"]["targets"] = ["re:.*self_attn\\..*"]
         groups["group_1"] = {"targets": ["re:.*mlp\\..*"], "weights": {"strategy": "group", **mlp}}
@@ -168,12 +170,14 @@ def merged_reference(deq: dict, layer_name: str) -> torch.Tensor:
     return torch.cat([deq[f"{prefix}.{p}"] for p in parts])
 
 
+W4 = {"type": "int", "num_bits": 4, "group_size": 32}
+G4 = {"strategy": "group", **W4}
 CASES = {
-    "w4a16-group32-sym-packed": ("pack-quantized", {"type": "int", "num_bits": 4, "group_size": 32}, None, ("int4", 32)),
+    "w4a16-group32-sym-packed": ("pack-quantized", W4, None, ("int4", 32)),
     "w4a16-group64-asym-packed": (
         "pack-quantized", {"type": "int", "num_bits": 4, "group_size": 64, "symmetric": False}, None, ("int4", 64),
     ),
-    "w4a16-channel-packed": ("pack-quantized", {"type": "int", "num_bits": 4, "strategy": "channel"}, None, ("int4", None)),
+    "w4a16-channel-packed": ("pack-quantized", {**W4, "group_size": None, "strategy": "channel"}, None, ("int4", None)),
     "w8a16-group32-packed": ("pack-quantized", {"type": "int", "num_bits": 8, "group_size": 32}, None, ("int8", 32)),
     "w8a8-dynamic-int-quantized": (
         "int-quantized", {"type": "int", "num_bits": 8, "strategy": "channel"},
@@ -234,7 +238,10 @@ def test_tensor_parallel_shards_carry_their_scales(tmp_path):
     write_ct(DEMO_DIR, tmp_path / "ct", "pack-quantized", attn, mlp=mlp)
     one, layers = generate(tmp_path / "ct", max_tokens=6)
     assert {(n.rpartition(".")[2], m.kind) for n, m in layers.items()} == {
-        ("qkv_proj", "int4"), ("o_proj", "int4"), ("gate_up_proj", "int8"), ("down_proj", "int8")
+        ("qkv_proj", "int4"),
+        ("o_proj", "int4"),
+        ("gate_up_proj", "int8"),
+        ("down_proj", "int8"),
     }
     two, _ = generate(tmp_path / "ct", max_tokens=6, tensor_parallel_size=2)
     # each rank rounds its partial sums to bfloat16 before the all-reduce (as test_quant_model's TP test)
@@ -257,7 +264,12 @@ def test_fp8_layouts(model_dirs):
 
 
 def test_fp8_checkpoint_refused_on_cpu(model_dirs, tmp_path):
-    write_ct(model_dirs["llama"], tmp_path / "fp8", "float-quantized", {"type": "float", "num_bits": 8, "strategy": "channel"})
+    write_ct(
+        model_dirs["llama"],
+        tmp_path / "fp8",
+        "float-quantized",
+        {"type": "float", "num_bits": 8, "strategy": "channel"},
+    )
     with pytest.raises(QuantizationError, match="fp8 needs a GPU"):
         generate(tmp_path / "fp8")
 
@@ -266,7 +278,9 @@ def test_fp8_checkpoint_refused_on_cpu(model_dirs, tmp_path):
 def test_fp8_dynamic_checkpoint_on_gpu(model_dirs, tmp_path):
     src = model_dirs["llama"]
     act = {"type": "float", "num_bits": 8, "strategy": "token", "dynamic": True}
-    deq = write_ct(src, tmp_path / "fp8", "float-quantized", {"type": "float", "num_bits": 8, "strategy": "channel"}, act)
+    deq = write_ct(
+        src, tmp_path / "fp8", "float-quantized", {"type": "float", "num_bits": 8, "strategy": "channel"}, act
+    )
     config = dict(device="cuda", dtype="bfloat16")
     kernel, layers = generate(tmp_path / "fp8", **config)
     assert {(m.kind, m.backend_name) for m in layers.values()} == {("fp8", "triton")}
@@ -283,7 +297,6 @@ def qcfg(fmt: str, weights: dict, act: dict | None = None, **extra) -> dict:
             "ignore": ["lm_head"], **extra}  # fmt: skip
 
 
-W4 = {"type": "int", "num_bits": 4, "group_size": 32}
 REFUSED = {
     "static int8 activations (W8A8 static)": (
         qcfg("int-quantized", {"type": "int", "num_bits": 8, "strategy": "channel"},
@@ -302,14 +315,14 @@ REFUSED = {
     "asymmetric int8": (qcfg("pack-quantized", {"type": "int", "num_bits": 8, "group_size": 32, "symmetric": False}),
                         r"weights.symmetric = False .*asymmetric works for int4"),
     "3-bit": (qcfg("pack-quantized", {"type": "int", "num_bits": 3, "group_size": 32}), r"num_bits = 3"),
-    "sparsity": (qcfg("pack-quantized", W4, sparsity_config={"format": "sparse-24-bitmask"}), r"sparsity_config.format"),
+    "sparsity": (qcfg("pack-quantized", W4, sparsity_config={"format": "sparse-24-bitmask"}), "sparsity_config"),
     "unknown format": (qcfg("nvfp4-pack-quantized", W4), r"format = 'nvfp4-pack-quantized'"),
     "marlin": (qcfg("marlin-24", W4), r"format = 'marlin-24'"),
-    "kv cache scales": (qcfg("pack-quantized", W4, kv_cache_scheme={"num_bits": 8, "type": "float"}), r"kv_cache_dtype"),
+    "kv cache scales": (qcfg("pack-quantized", W4, kv_cache_scheme={"num_bits": 8, "type": "float"}), "kv_cache_dtype"),
     "act order g_idx": (qcfg("pack-quantized", {**W4, "actorder": "group"}), r"actorder = 'group'"),
     "not compressed": (qcfg("pack-quantized", W4, quantization_status="frozen"), r"quantization_status = 'frozen'"),
     "output activations": (
-        {**qcfg("pack-quantized", W4), "config_groups": {"g": {"targets": ["Linear"], "weights": {"strategy": "group", **W4},
+        {**qcfg("pack-quantized", W4), "config_groups": {"g": {"targets": ["Linear"], "weights": G4,
                                                                 "output_activations": {"num_bits": 8}}}},
         r"output_activations",
     ),
@@ -353,7 +366,9 @@ def test_refusals_at_load(ct_int4, tmp_path, model_dirs):
     def group48(q):
         q["config_groups"]["group_0"]["weights"]["group_size"] = 48
 
-    with pytest.raises(QuantizationError, match=r"layer model.layers.0.self_attn.qkv_proj .*group_size 48 does not divide"):
+    with pytest.raises(
+        QuantizationError, match=r"layer model.layers.0.self_attn.qkv_proj .*group_size 48 does not divide"
+    ):
         generate(_variant(ct_int4, tmp_path / "a", group48))
 
     def group16(q):
@@ -427,7 +442,7 @@ def test_packing_matches_the_compressed_tensors_package(bits, symmetric):
 
     torch.manual_seed(0)
     w = torch.randn(96, 128)
-    q, scale, zp, deq = quantize_int(w, bits, 32, symmetric)
+    _, scale, zp, _ = quantize_int(w, bits, 32, symmetric)
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=32)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
     state = {"weight": w, "weight_scale": scale.float()}  # bf16 values: every product exact in float32

@@ -66,7 +66,11 @@ class WeightScheme:
     symmetric: bool
 
     def leaves(self) -> tuple[str, ...]:
-        base = ("weight_packed", "weight_scale", "weight_shape") if self.fmt == "pack-quantized" else ("weight", "weight_scale")
+        base = (
+            ("weight_packed", "weight_scale", "weight_shape")
+            if self.fmt == "pack-quantized"
+            else ("weight", "weight_scale")
+        )
         return base if self.symmetric else (*base, "weight_zero_point")
 
 
@@ -77,7 +81,7 @@ class CTConfig:
     notes: list[str]  # what an activation scheme becomes here (logged at load)
 
     def scheme_for(self, name: str) -> WeightScheme | None:
-        """The scheme of checkpoint module `name` (e.g. model.layers.0.self_attn.q_proj), None if ignored or untargeted."""
+        """The scheme of checkpoint module `name` (model.layers.0.self_attn.q_proj); None: ignored or untargeted."""
         if any(_matches(p, name) for p in self.ignore):
             return None
         for targets, scheme in self.groups:
@@ -112,20 +116,28 @@ def read_ct_config(model_dir: str | Path) -> CTConfig | None:
 def parse_ct_config(qcfg: dict, where: str = "") -> CTConfig:
     sparsity = qcfg.get("sparsity_config") or {}
     if sparsity.get("format") not in (None, "dense"):
-        raise _refuse(where, "sparsity_config.format", sparsity.get("format"), "sparse checkpoints are not read: use a dense one")
+        raise _refuse(
+            where, "sparsity_config.format", sparsity.get("format"), "sparse checkpoints are not read: use a dense one"
+        )
     for field in ("kv_cache_scheme", "transform_config"):
         if qcfg.get(field):
-            instead = (
-                "kvfleet keeps no static KV-cache scales: use a checkpoint without it (and kv_cache_dtype: fp8 for a "
-                "dynamically scaled fp8 KV cache)" if field == "kv_cache_scheme" else "rotated/transformed weights are not read"
-            )  # fmt: skip
+            instead = "rotated/transformed weights are not read"
+            if field == "kv_cache_scheme":
+                instead = (
+                    "kvfleet keeps no static KV-cache scales: use a checkpoint without it (and kv_cache_dtype: fp8 "
+                    "for a dynamically scaled fp8 KV cache)"
+                )
             raise _refuse(where, field, qcfg[field], instead)
     status = qcfg.get("quantization_status", "compressed")
     if status != "compressed":
-        raise _refuse(where, "quantization_status", status, "only compressed checkpoints (as llm-compressor saves them) are read")
+        raise _refuse(
+            where, "quantization_status", status, "only compressed checkpoints (as llm-compressor saves them) are read"
+        )
     groups, notes = [], []
     for name, group in (qcfg.get("config_groups") or {}).items():
-        scheme, note = _weight_scheme(f"{where} config_groups.{name}", name, group, group.get("format") or qcfg.get("format"))
+        scheme, note = _weight_scheme(
+            f"{where} config_groups.{name}", name, group, group.get("format") or qcfg.get("format")
+        )
         groups.append((list(group.get("targets") or []), scheme))
         if note:
             notes.append(note)
@@ -145,24 +157,40 @@ def _weight_scheme(where: str, name: str, group: dict, fmt) -> tuple[WeightSchem
     if w.get("dynamic"):
         raise _refuse(where, "weights.dynamic", w.get("dynamic"))
     if w.get("actorder") in ("group", "dynamic", True):
-        raise _refuse(where, "weights.actorder", w.get("actorder"), "GPTQ's act-order g_idx is not read: use actorder 'weight' or none")
+        raise _refuse(
+            where,
+            "weights.actorder",
+            w.get("actorder"),
+            "GPTQ's act-order g_idx is not read: use actorder 'weight' or none",
+        )
     if wtype == "float":
         if (bits, fmt) != (8, "float-quantized"):
-            raise _refuse(where, "weights (float)", f"{bits} bits, {fmt}", "fp8 weights are read as float-quantized E4M3")
+            raise _refuse(
+                where, "weights (float)", f"{bits} bits, {fmt}", "fp8 weights are read as float-quantized E4M3"
+            )
         if strategy not in ("channel", "tensor"):
-            raise _refuse(where, "weights.strategy", strategy, "fp8 weights are read with channel or tensor scales (no block scales)")
+            raise _refuse(
+                where,
+                "weights.strategy",
+                strategy,
+                "fp8 weights are read with channel or tensor scales (no block scales)",
+            )
         if not symmetric:
             raise _refuse(where, "weights.symmetric", False, "fp8 weights are read symmetric")
         kind: Kind = "fp8"
     elif wtype == "int":
         if bits not in (4, 8) or fmt == "float-quantized":
-            raise _refuse(where, "weights.num_bits", bits, "int weights of 4 or 8 bits are read (pack-, naive- or int-quantized)")
+            raise _refuse(
+                where, "weights.num_bits", bits, "int weights of 4 or 8 bits are read (pack-, naive- or int-quantized)"
+            )
         if strategy not in ("group", "channel"):
             raise _refuse(where, "weights.strategy", strategy, "int weights are read with group or channel scales")
         if strategy == "group" and not gsize:
             raise _refuse(where, "weights.group_size", gsize, "group strategy needs a group_size")
         if bits == 8 and not symmetric:
-            raise _refuse(where, "weights.symmetric", False, "int8 weights are read symmetric only; asymmetric works for int4")
+            raise _refuse(
+                where, "weights.symmetric", False, "int8 weights are read symmetric only; asymmetric works for int4"
+            )
         kind = "int4" if bits == 4 else "int8"
     else:
         raise _refuse(where, "weights.type", wtype)
@@ -178,11 +206,15 @@ def _weight_scheme(where: str, name: str, group: dict, fmt) -> tuple[WeightSchem
                 "per-token activations, or weight-only, works",
             )  # fmt: skip
         if kind == "fp8" and act.get("type") == "float":
-            note = (f"config group {name}: fp8 weights with dynamic per-token fp8 activations run as kvfleet's fp8: "
-                    "weight-only for small batches, per-token fp8 activations with fp8 tensor cores from 64 rows on")  # fmt: skip
+            note = (
+                f"config group {name}: fp8 weights with dynamic per-token fp8 activations run as kvfleet's fp8: "
+                "weight-only for small batches, per-token fp8 activations with fp8 tensor cores from 64 rows on"
+            )
         else:
-            note = (f"config group {name}: input activations {act.get('type')}{act.get('num_bits')} dynamic per token "
-                    f"are served unquantized ({kind} weight-only, activations in the model dtype)")  # fmt: skip
+            note = (
+                f"config group {name}: input activations {act.get('type')}{act.get('num_bits')} dynamic per token "
+                f"are served unquantized ({kind} weight-only, activations in the model dtype)"
+            )
     return WeightScheme(name, fmt, kind, bits, strategy, gsize if strategy == "group" else None, symmetric), note
 
 
@@ -211,8 +243,9 @@ def plan_layers(model: nn.Module, ct: CTConfig, device: torch.device, backend: s
         shapes = {None if s is None else (s.kind, s.strategy, s.group_size, s.symmetric) for s in schemes}
         if len(shapes) > 1:
             raise QuantizationError(
-                f"compressed-tensors: {', '.join(names)} are stored differently ({sorted(map(str, shapes))}); kvfleet runs "
-                f"them as one layer {name}: quantize all of them with one scheme, or none (list all in `ignore`)"
+                f"compressed-tensors: {', '.join(names)} are stored differently ({sorted(map(str, shapes))}); "
+                f"kvfleet runs them as one layer {name}: quantize all of them with one scheme, or none "
+                "(list all in `ignore`)"
             )
         scheme = schemes[0]
         k = input_columns(layer)
@@ -295,7 +328,9 @@ def _scales(scale: torch.Tensor, n: int, groups: int, where: str) -> torch.Tenso
     if s.dim() == 1:
         s = s[:, None]
     if tuple(s.shape) != (n, groups):
-        raise QuantizationError(f"compressed-tensors layer {where}: weight_scale of shape {tuple(scale.shape)}, expected ({n}, {groups})")
+        raise QuantizationError(
+            f"compressed-tensors layer {where}: weight_scale of shape {tuple(scale.shape)}, expected ({n}, {groups})"
+        )
     return s
 
 
@@ -305,7 +340,9 @@ def to_layout(scheme: WeightScheme, leaves: dict[str, torch.Tensor], group_size:
     if scheme.kind == "fp8":
         w = leaves["weight"]
         if w.dtype != torch.float8_e4m3fn:
-            raise QuantizationError(f"compressed-tensors layer {where}: fp8 weight of dtype {w.dtype}, expected float8_e4m3fn")
+            raise QuantizationError(
+                f"compressed-tensors layer {where}: fp8 weight of dtype {w.dtype}, expected float8_e4m3fn"
+            )
         return QuantWeight("fp8", w, _scales(leaves["weight_scale"], w.shape[0], 1, where)[:, 0].contiguous())
     if scheme.fmt == "pack-quantized":
         n, k = (int(v) for v in leaves["weight_shape"].tolist())
@@ -326,7 +363,9 @@ def to_layout(scheme: WeightScheme, leaves: dict[str, torch.Tensor], group_size:
         zp = zp.reshape(n, groups).float() if zp.numel() > 1 else zp.float().reshape(1, 1).expand(n, groups)
         if scheme.symmetric:
             if zp.any():
-                raise QuantizationError(f"compressed-tensors layer {where}: a symmetric scheme with nonzero weight_zero_point")
+                raise QuantizationError(
+                    f"compressed-tensors layer {where}: a symmetric scheme with nonzero weight_zero_point"
+                )
             zp = None
     if scheme.kind == "int8":
         out = QuantWeight("int8", q.to(torch.int8), scales)
@@ -335,7 +374,9 @@ def to_layout(scheme: WeightScheme, leaves: dict[str, torch.Tensor], group_size:
         out = QuantWeight("int4", qr.pack_int4(q + 8), scales, zeros)
     if group_size != stored_g:  # a group (or channel) split into smaller ones, each with its scale
         rep = stored_g // group_size
-        out = QuantWeight(out.kind, out.qweight, *(t.repeat_interleave(rep, dim=1) for t in (out.scales, out.zeros) if t is not None))
+        out = QuantWeight(
+            out.kind, out.qweight, *(t.repeat_interleave(rep, dim=1) for t in (out.scales, out.zeros) if t is not None)
+        )
     return out
 
 
