@@ -261,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     eng.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: tokens of the shared prompt")
     eng.add_argument("--suffix-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"))
     eng.add_argument("--concurrency", type=int, default=1, help="shared-prefix: requests in flight")
-    eng.add_argument("--quantization", default="none", choices=["none", "fp8", "fp8-gptq", "int8", "int4", "int4-awq", "gguf"])
+    eng.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "fp8", "fp8-gptq", "int8", "int4", "int4-awq", "gguf", "compressed-tensors"],
+    )
     eng.add_argument("--quantization-group-size", type=int, default=128)
     eng.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: E4M3 KV pages")
     eng.set_defaults(func=cmd_bench_engine)

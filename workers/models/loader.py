@@ -6,7 +6,9 @@ read tensor by tensor so that host memory holds one tensor at a time), from a GG
 Quantization (workers/quant/) happens here too: a float checkpoint is loaded, then its linear layers
 are quantized in place (`quantization` int8 / int4 / int4-awq / fp8 / fp8-gptq); a GGUF file with
 `quantization: gguf`, and a checkpoint written by `kvfleet quantize` (whatever `quantization` says,
-unless it names another scheme), load straight into quantized layers.
+unless it names another scheme), load straight into quantized layers, and so does a
+compressed-tensors checkpoint (llm-compressor's, `quantization` unset or `compressed-tensors`:
+workers/quant/compressed_tensors.py maps its tensors onto the same layouts).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from workers.models.gguf_file import find_gguf
 from workers.models.llama import LlamaForCausalLM
 from workers.quant.backends import check_device, get_backend
 from workers.quant.checkpoint import read_quant_config, saved_layer_kinds
+from workers.quant.compressed_tensors import iter_ct_weights, log_notes, plan_layers, read_ct_config
 from workers.quant.gguf_blocks import iter_gguf_quantized, linear_kinds
 from workers.quant.layout import QuantizationError
 from workers.quant.quantize import (
@@ -70,6 +73,25 @@ def load_model(
     for p in model.parameters():
         p.data = p.data.to(dtype)
     gguf_file = find_gguf(model_dir) if load_format != "dummy" else None
+    ct = read_ct_config(model_dir) if load_format != "dummy" and gguf_file is None else None
+    if ct is not None:
+        if quantization not in ("none", "compressed-tensors"):
+            raise QuantizationError(
+                f"{model_dir} is a compressed-tensors checkpoint (its weights are stored quantized); "
+                f"quantization {quantization} cannot apply to them: leave it unset or say compressed-tensors"
+            )
+        kinds, parts = plan_layers(model, ct, device, quant_backend)
+        log_notes(ct, model_dir)
+        prepare_empty(model, kinds)
+        model.load_weights(iter_ct_weights(iter_safetensors(Path(model_dir)), parts))
+        finalize_model(model, quant_backend)
+        quantize_logits_head(model, quant_backend)
+        return model.eval()
+    if quantization == "compressed-tensors":
+        raise QuantizationError(
+            f"quantization compressed-tensors reads a checkpoint whose config.json has a compressed-tensors "
+            f"quantization_config, and {model_dir} has none; use int8, int4 or fp8 to quantize a float checkpoint"
+        )
     saved = read_quant_config(model_dir) if load_format != "dummy" and gguf_file is None else None
     if quantization == "gguf":
         if gguf_file is None:

@@ -42,6 +42,10 @@ def read_quant_config(model_dir: str | Path) -> dict | None:
     qcfg = json.loads(path.read_text()).get("quantization_config")
     if qcfg is None:
         return None
+    if qcfg.get("quant_method") == "compressed-tensors":
+        raise QuantizationError(
+            f"{model_dir} is a compressed-tensors checkpoint: serve it as it is (quantization unset)"
+        )
     if qcfg.get("quant_method") != QUANT_METHOD:
         raise QuantizationError(
             f"{model_dir} is quantized with {qcfg.get('quant_method')!r}, which kvfleet does not read; "
