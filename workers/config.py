@@ -136,7 +136,8 @@ class EngineConfig(BaseModel):
     quantization: Literal["none", "fp8", "fp8-gptq", "int8", "int4", "int4-awq", "gguf", "compressed-tensors"] = Field(
         "none",
         description="Weights kept quantized (workers/quant/): 'int8' / 'int4' weight-only group-wise, 'int4-awq' "
-        "(calibrated on the shipped text), 'fp8' (GPUs with fp8 tensor cores), 'fp8-gptq' (fp8's layout, calibrated on the shipped text), applied at load to a float checkpoint; "
+        "(calibrated on the shipped text), 'fp8' (GPUs with fp8 tensor cores), 'fp8-gptq' (fp8's layout, calibrated "
+        "on the shipped text), applied at load to a float checkpoint; "
         "'gguf' keeps a GGUF file's Q4_0/Q4_1/Q8_0 blocks as they are. 'none' dequantizes a GGUF at load; a checkpoint "
         "written by `kvfleet quantize` or a compressed-tensors one (llm-compressor) loads quantized either way "
         "('compressed-tensors' insists on one).",

@@ -161,7 +161,9 @@ def quantized_copy(base, scheme: str, group_size: int, path: str, calib: list[to
         return model, None
     if path == "kernels":
         calibrated = scheme in ("int4-awq", "fp8-gptq")
-        report = kernels_quantize_model()(model, scheme, group_size=group_size, calib_batches=calib if calibrated else None)
+        report = kernels_quantize_model()(
+            model, scheme, group_size=group_size, calib_batches=calib if calibrated else None
+        )
         return model, report
     if scheme.startswith("fp8-gptq"):
         layouts, report = apply_fp8_gptq(model, calib)

@@ -42,7 +42,7 @@ def test_scale_search_and_gptq_beat_rtn_fp8_on_output_error():
     h = x.T @ x
     sc = rtn_scales(w)
     rtn = round_fp8(w, sc[:, None]) * sc[:, None]
-    searched, errs = quantize_linear(w, h, gptq=False)
+    searched, _errs = quantize_linear(w, h, gptq=False)
     calibrated, _ = quantize_linear(w, h)
     e_rtn, e_search, e_gptq = (_out_err(w, q, x) for q in (rtn, searched.dequantize(), calibrated.dequantize()))
     assert e_search <= e_rtn
@@ -105,7 +105,9 @@ def _hidden(model, ids):
 
 def test_fp8_gptq_refusals_match_fp8(model_dirs):
     cfg, model = _tiny(model_dirs["llama"])
-    with pytest.raises(QuantizationError, match=r"fp8 needs a GPU with fp8 tensor cores.*on CPU use int8, int4 or gguf"):
+    with pytest.raises(
+        QuantizationError, match=r"fp8 needs a GPU with fp8 tensor cores.*on CPU use int8, int4 or gguf"
+    ):
         quantize_model(model, "fp8-gptq", calib_batches=_batches(cfg))
     with pytest.raises(QuantizationError, match="fp8-gptq needs calibration batches"):
         quantize_model(model, "fp8-gptq", backend="reference")
@@ -121,8 +123,10 @@ def test_saved_fp8_gptq_checkpoint_reloads_to_identical_weights(model_dirs, tmp_
     assert saved["scheme"] == "fp8-gptq" and saved["group_size"] is None
     tensors = load_file(str(dst / "model.safetensors"))
     # smoothing was folded into the norms: they are saved changed
-    cfg, float_model = _tiny(src)
-    assert not torch.equal(tensors["model.layers.0.input_layernorm.weight"], float_model.model.layers[0].input_layernorm.weight)
+    _cfg, float_model = _tiny(src)
+    assert not torch.equal(
+        tensors["model.layers.0.input_layernorm.weight"], float_model.model.layers[0].input_layernorm.weight
+    )
 
     # reload into empty fp8 layers (what the loader does before the device check a GPU passes)
     _, model = _tiny(src)

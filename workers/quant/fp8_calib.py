@@ -136,7 +136,7 @@ def gptq_fp8(w: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, damp: float
     """GPTQ with E4M3 rounding at fixed per-row `scales`: the E4M3 codes [N, K] (float32 values)."""
     w = w.float().clone()
     h = h.float().clone()
-    n, k = w.shape
+    _n, k = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0

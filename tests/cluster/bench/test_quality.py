@@ -47,7 +47,16 @@ def test_unquantized_perplexity_is_exp_of_transformers_mean_nll(report):
 
 def test_unquantized_model_agrees_with_itself_and_schemes_rank_by_precision(report):
     rows = {r["scheme"]: r for r in report["schemes"]}
-    assert list(rows) == ["none", "fp8", "fp8-w8a16", "fp8-gptq", "fp8-gptq-w8a16", "int8", "int4", "int4-awq"]  # gguf needs a GGUF model
+    assert list(rows) == [
+        "none",
+        "fp8",
+        "fp8-w8a16",
+        "fp8-gptq",
+        "fp8-gptq-w8a16",
+        "int8",
+        "int4",
+        "int4-awq",
+    ]  # gguf needs a GGUF model
     assert rows["none"]["kl_mean"] == 0.0 and rows["none"]["top1_agreement"] == 1.0
     assert rows["none"]["perplexity_change_pct"] == 0.0
     for name in ("fp8", "fp8-w8a16", "fp8-gptq", "fp8-gptq-w8a16", "int8", "int4", "int4-awq"):
