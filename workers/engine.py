@@ -208,11 +208,13 @@ class Engine:
         even while a step runs: the pages are referenced while they are read (PageIO.export)."""
         return self.page_io.export(hashes)
 
-    async def insert_pages(self, payload: PagePayload, hashes: list[PageHash], start: int) -> int:
+    async def insert_pages(
+        self, payload: PagePayload, hashes: list[PageHash], start: int, phases: dict[str, float] | None = None
+    ) -> int:
         """Cache a checked payload's pages (`hashes[start:]`, continuing `hashes[:start]`) as if
         computed here (at once, even while a step runs: into free pages no step reads); a request
         admitted after this finds them cached."""
-        return self.page_io.insert(payload, hashes, start)
+        return self.page_io.insert(payload, hashes, start, phases)
 
     async def shutdown(self) -> None:
         """Abort every request and stop the loop."""

@@ -42,6 +42,23 @@ Locate = Callable[[Sequence[PageHash]], Awaitable[dict[str, int] | None]]
 
 _EWMA = 0.3  # weight of the newest measurement in the bandwidth average
 
+# The phases of a pull, in order (`PullStats.phase_s`, the kvfleet_kv_pull_phase_seconds_total
+# metric): the index round trip; on the holder, finding and pinning the pages, gathering them into
+# one buffer, making that the payload's data; the wire (request sent to payload in hand, less the
+# holder's read: the calls' way there and back, the object store, the event loops' waits); here,
+# checking the payload, viewing it as a tensor, writing the pages, and the pool's bookkeeping.
+PULL_PHASES = (
+    "locate",
+    "holder_lookup",
+    "holder_gather",
+    "holder_serialize",
+    "wire",
+    "check",
+    "deserialize",
+    "scatter",
+    "insert",
+)
+
 
 @dataclass
 class PullStats:
@@ -56,6 +73,8 @@ class PullStats:
     read_time_s: float = 0.0
     reply_time_s: float = 0.0
     fallbacks: dict[str, int] = field(default_factory=lambda: {r.value: 0 for r in PullFailure})
+    # seconds per phase (PULL_PHASES) of the pulls that inserted pages
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PULL_PHASES, 0.0))
 
     @property
     def bandwidth_bytes_s(self) -> float:
@@ -92,7 +111,9 @@ class KVPuller:
         local = kv.held_run(hashes)
         if len(hashes) - local < self.config.min_pages:
             return 0
+        t_locate = time.perf_counter()
         holders = await self.locate(hashes)
+        locate_s = time.perf_counter() - t_locate
         if holders is None:
             return self._fallback(PullFailure.INDEX_DOWN)
         holders.pop(self.engine.config.replica_id, None)
@@ -115,15 +136,27 @@ class KVPuller:
             return self._fallback(PullFailure.ERROR, holder, e)
         fetched, fetched_at = time.perf_counter(), time.time()
         bad = check_payload(payload, self.engine.model_id, self.engine.page_io.layout, asked)
+        checked = time.perf_counter()
         if bad is not None:
             return self._fallback(bad, holder)
         if payload.num_pages < len(asked):
             self._fallback(PullFailure.EVICTED, holder)  # the rest is recomputed
         if not payload.num_pages:
             return 0
-        inserted = await self.engine.insert_pages(payload, hashes, local)
+        phases = dict.fromkeys(PULL_PHASES, 0.0)
+        inserted = await self.engine.insert_pages(payload, hashes, local, phases)
         dt = time.perf_counter() - t0
         st = self.stats
+        phases["locate"] = locate_s
+        phases["check"] = checked - fetched
+        phases["wire"] = fetched - t0
+        if payload.read_s:
+            phases["holder_gather"] = payload.gather_s
+            phases["holder_serialize"] = payload.serialize_s
+            phases["holder_lookup"] = max(payload.read_s - payload.gather_s - payload.serialize_s, 0.0)
+            phases["wire"] = max(fetched - t0 - payload.read_s, 0.0)
+        for k, v in phases.items():
+            st.phase_s[k] += v
         st.num_pulls += 1
         st.num_pages += inserted
         size = payload_bytes(payload)

@@ -15,7 +15,7 @@ import torch
 from kvstore.hashing import page_hashes
 from kvstore.transport import PullFailure, TransportError
 from workers.config import KVTransferConfig
-from workers.kv_transfer import KVPuller
+from workers.kv_transfer import PULL_PHASES, KVPuller
 from workers.request import GenerateRequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -71,6 +71,12 @@ async def test_a_pull_inserts_the_holders_pages_and_the_output_is_identical(make
     # the holder's read is timed and stamped: the pull's transport time splits around it
     assert 0 < p.stats.read_time_s <= p.stats.fetch_time_s <= p.stats.time_s
     assert p.stats.request_time_s >= 0 and p.stats.reply_time_s >= 0
+    # ... and into phases (the kvfleet_kv_pull_phase_seconds_total metric), each measured
+    ph = p.stats.phase_s
+    assert list(ph) == list(PULL_PHASES) and all(t >= 0 for t in ph.values())
+    assert ph["holder_gather"] > 0 and ph["scatter"] > 0 and ph["check"] > 0
+    holder_s = ph["holder_lookup"] + ph["holder_gather"] + ph["holder_serialize"]
+    assert holder_s == pytest.approx(p.stats.read_time_s)
     assert await p.prepare(dataclasses.replace(request, request_id="r4")) == 0  # held now: no call
     assert transport.calls == 1
 
