@@ -7,6 +7,11 @@ asynchronously). Pages move between two of them by index (`copy_pages`), or leav
 contiguous tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim] (`gather`) and come back
 from one (`scatter`): the layout a page travels in between replicas (kvstore/transport.py).
 
+When the per-layer tensors are views of one tensor [num_layers, 2, num_pages, ...] (`stacked`:
+the model's cache as workers/runner/memory.py allocates it, and every host pool), a set of pages
+of every layer moves in one index_select / index_copy_ along dim 2, not 2 x num_layers of them:
+the cost of a pull's gather and scatter and of a host-tier copy is then one op, whatever the depth.
+
 An export's `gather` may run while a step computes on another thread. On CUDA it reads on its own
 stream, so it does not queue behind the step's kernels; that stream first waits for the last
 write into these pages that may still be in flight (a restore or an insert: `mark_written`);
@@ -23,31 +28,36 @@ from kvstore.transport import PageLayout
 
 
 class KVPages:
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], stacked: torch.Tensor | None = None):
+        """`stacked`: the tensor [num_layers, 2, num_pages, ...] of which k[i] and v[i] are the
+        views [i, 0] and [i, 1] (checked), if there is one."""
         if not k or len(k) != len(v):
             raise ValueError("KVPages needs one k and one v tensor per layer")
         self.k = k
         self.v = v
         self.device = k[0].device
+        if stacked is not None and not _views_of(stacked, k, v):
+            stacked = None
+        self.stacked = stacked
         self._read_stream = None  # CUDA: the stream exports read on
         self._written = None  # CUDA: an event after the last restore or insert into these pages
 
     @classmethod
+    def of(cls, stacked: torch.Tensor) -> KVPages:
+        """Pages of a tensor [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]."""
+        return cls([t[0] for t in stacked], [t[1] for t in stacked], stacked)
+
+    @classmethod
     def of_model(cls, model) -> KVPages:
         layers = list(model.attention_layers())
-        return cls([a.k_cache for a in layers], [a.v_cache for a in layers])
+        return cls([a.k_cache for a in layers], [a.v_cache for a in layers], getattr(model, "kv_cache", None))
 
     @classmethod
     def host(cls, like: KVPages, num_pages: int) -> KVPages:
         """A host-memory pool of `num_pages` pages in the layout of `like` (pinned when `like` is on CUDA)."""
         pin = like.device.type == "cuda"
-        shape = (num_pages, *like.k[0].shape[1:])
-        dtype = like.k[0].dtype
-
-        def make():
-            return torch.empty(shape, dtype=dtype, pin_memory=pin)
-
-        return cls([make() for _ in like.k], [make() for _ in like.v])
+        shape = (len(like.k), 2, num_pages, *like.k[0].shape[1:])
+        return cls.of(torch.empty(shape, dtype=like.k[0].dtype, pin_memory=pin))
 
     @property
     def num_pages(self) -> int:
@@ -82,6 +92,12 @@ class KVPages:
 
     def _gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         idx = self._index(pages)
+        if self.stacked is not None:
+            if out is None:
+                return self.stacked.index_select(2, idx)
+            if out.is_contiguous() and out.device == self.device:
+                return torch.index_select(self.stacked, 2, idx, out=out)
+            return out.copy_(self.stacked.index_select(2, idx))
         t = self.k[0]
         if out is None:
             out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
@@ -101,9 +117,12 @@ class KVPages:
         """Write `data` (as `gather` returns it) into pages `pages`."""
         idx = self._index(pages)
         data = data.to(self.device)
-        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            k.index_copy_(0, idx, data[i, 0])
-            v.index_copy_(0, idx, data[i, 1])
+        if self.stacked is not None:
+            self.stacked.index_copy_(2, idx, data)
+        else:
+            for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+                k.index_copy_(0, idx, data[i, 0])
+                v.index_copy_(0, idx, data[i, 1])
         self.mark_written()
 
 
@@ -117,7 +136,22 @@ def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: 
         return
     si = torch.tensor(list(src_pages), dtype=torch.long, device=src.device)
     di = torch.tensor(list(dst_pages), dtype=torch.long, device=dst.device)
+    if src.stacked is not None and dst.stacked is not None:  # every layer in one op each way
+        dst.stacked.index_copy_(2, di, src.stacked.index_select(2, si).to(dst.device))
+        dst.mark_written()
+        return
     for s, d in ((src.k, dst.k), (src.v, dst.v)):
         for a, b in zip(s, d, strict=True):
             b.index_copy_(0, di, a.index_select(0, si).to(dst.device))
     dst.mark_written()
+
+
+def _views_of(stacked: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
+    """Whether k[i], v[i] are the views stacked[i, 0], stacked[i, 1]."""
+    if stacked.dim() != k[0].dim() + 2 or stacked.shape[:2] != (len(k), 2):
+        return False
+    return all(
+        a.data_ptr() == stacked[i, j].data_ptr() and a.shape == stacked[i, j].shape and a.stride() == stacked[i, j].stride()
+        for i, pair in enumerate(zip(k, v, strict=True))
+        for j, a in enumerate(pair)
+    )
