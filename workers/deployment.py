@@ -207,7 +207,7 @@ class TargetWorker:
             loop = asyncio.get_running_loop()
             self._metrics_task = loop.create_task(self._report_metrics(), context=contextvars.Context())
             if self.puller is not None and self._warm_task is None:
-                warm = self.puller.transport.warm(self.replica_id)
+                warm = self.puller.warm(self.replica_id)
                 self._warm_task = loop.create_task(warm, context=contextvars.Context())
 
     async def _report_metrics(self) -> None:

@@ -95,9 +95,9 @@ class KVPages:
         if self.stacked is not None:
             if out is None:
                 return self.stacked.index_select(2, idx)
-            if out.is_contiguous() and out.device == self.device:
+            if out.is_contiguous():
                 return torch.index_select(self.stacked, 2, idx, out=out)
-            return out.copy_(self.stacked.index_select(2, idx))
+            # a slice of a larger buffer (a run of a mixed-tier export): per layer, still one copy
         t = self.k[0]
         if out is None:
             out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
