@@ -99,9 +99,11 @@ class Engine:
             raise
         num_pages = self.runner.num_pages
         self.pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
-        device_kv = KVPages.of_model(self.runner.model)
+        self.device_kv = device_kv = KVPages.of_model(self.runner.model)
         self.host_tier = HostTier.build(device_kv, config.host_kv_cache_gib, config.page_size, config.replica_id)
         self.kv_cache = KVCacheManager(self.pool, self.model_id, self.host_tier)
+        if self.host_tier is not None:
+            self.kv_cache.restore_worth = self._restore_worth
         self.page_io = PageIO(self.kv_cache, device_kv, self.host_tier, self.model_id, config.replica_id)
         self._prefill_time_s = 0.0
         self.scheduler = Scheduler(
@@ -201,6 +203,15 @@ class Engine:
             **(self.host_tier.engine_stats() if self.host_tier is not None else {}),
             **(self.spec.stats.engine_stats() if self.spec is not None else {}),
         )
+
+    def _restore_worth(self, num_pages: int) -> bool:
+        """Restoring `num_pages` host pages is predicted faster than computing them (the tier's
+        measured restore rate against this engine's measured prefill rate; yes until both exist)."""
+        restore_s = self.host_tier.restore_s(num_pages)
+        tokens = self.scheduler.counters.num_prefill_tokens
+        if restore_s is None or tokens < 64 or self._prefill_time_s <= 0:
+            return True
+        return restore_s < num_pages * self.pool.page_size * self._prefill_time_s / tokens
 
     # ---------------------------------------------------------------- pages between replicas
     async def export_pages(self, hashes: list[PageHash]) -> PagePayload:
@@ -378,6 +389,7 @@ class Engine:
         if plan is not None and plan.entries:
             self._attach(out, plan, self.spec.propose(plan))
         t0 = time.perf_counter()
+        self.device_kv.wait_written()  # CUDA: restores and inserts queued on their stream (a GPU-side wait)
         result = self.runner.execute(out)
         dt = time.perf_counter() - t0
         if any(not s.is_decode for s in out.scheduled):

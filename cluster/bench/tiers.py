@@ -165,6 +165,7 @@ def _replica_figures(app_name: str) -> dict:
     out = dict(
         host_stored_pages=0,
         host_restored_pages=0,
+        host_skipped_restores=0,
         pulls=0,
         pulled_pages=0,
         pulled_bytes=0,
@@ -180,6 +181,7 @@ def _replica_figures(app_name: str) -> dict:
         st = handle.stats.remote(pin_replica=rid).result(timeout_s=60)
         out["host_stored_pages"] += st.num_host_stored_pages
         out["host_restored_pages"] += st.num_host_restored_pages
+        out["host_skipped_restores"] += st.num_host_skipped_restores
         pulls = handle.pull_stats.remote(pin_replica=rid).result(timeout_s=60)
         if pulls is not None:
             out["pulls"] += pulls.num_pulls

@@ -16,6 +16,12 @@ An export's `gather` may run while a step computes on another thread. On CUDA it
 stream, so it does not queue behind the step's kernels; that stream first waits for the last
 write into these pages that may still be in flight (a restore or an insert: `mark_written`);
 pages a step computed are complete once the step returned (its sampled tokens synchronize).
+
+Writes from outside a step (a host-tier restore, a pull's insert) run on CUDA on one write stream,
+in order, each recording `_written` after it: a restore gathers the host pages into a pinned
+staging buffer on the CPU (so the host pages are free again when it returns) and copies that to
+the device asynchronously, overlapping whatever the GPU is doing; the next step waits for it on
+the GPU (`wait_written`, a stream wait: the host never blocks), as does any later read of the pages.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ class KVPages:
             stacked = None
         self.stacked = stacked
         self._read_stream = None  # CUDA: the stream exports read on
+        self._write_stream = None  # CUDA: the stream restores and inserts write on
         self._written = None  # CUDA: an event after the last restore or insert into these pages
+        self._staging = None  # CUDA: pinned host buffer of a restore's pages (flat)
+        self._staged = None  # CUDA: an event after the last copy out of `_staging`
 
     @classmethod
     def of(cls, stacked: torch.Tensor) -> KVPages:
@@ -113,8 +122,30 @@ class KVPages:
                 self._written = torch.cuda.Event()
             self._written.record()
 
+    def wait_written(self) -> None:
+        """CUDA: make this thread's stream wait (on the GPU) for the restores and inserts queued
+        so far; a step calls it before it runs. Nothing on CPU, where writes are synchronous."""
+        if self._written is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._written)
+
+    def _writing(self):
+        """CUDA: the write stream as the current stream, after what this thread queued so far
+        (a page freed by a step and written now must not be written under that step's feet)."""
+        if self._write_stream is None:
+            self._write_stream = torch.cuda.Stream(self.device)
+        self._write_stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._write_stream)
+
     def scatter(self, pages: Sequence[int], data: torch.Tensor) -> None:
         """Write `data` (as `gather` returns it) into pages `pages`."""
+        if self.device.type == "cuda":
+            with self._writing():
+                self._scatter(pages, data)
+                self.mark_written()  # (from pageable memory the copy has read `data` when it returns)
+            return
+        self._scatter(pages, data)
+
+    def _scatter(self, pages: Sequence[int], data: torch.Tensor) -> None:
         idx = self._index(pages)
         data = data.to(self.device)
         if self.stacked is not None:
@@ -123,20 +154,45 @@ class KVPages:
             for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
                 k.index_copy_(0, idx, data[i, 0])
                 v.index_copy_(0, idx, data[i, 1])
-        self.mark_written()
+
+    def load(self, host: KVPages, slots: Sequence[int], pages: Sequence[int]) -> None:
+        """CUDA, both stacked: copy `host` pages `slots` (pinned host memory) into pages `pages`
+        asynchronously (see the module docstring); `host`'s pages are read when this returns."""
+        n = len(slots)
+        page_elems = self.stacked[:, :, 0].numel()
+        if self._staging is None or self._staging.numel() < n * page_elems:
+            if self._staged is not None:
+                self._staged.synchronize()  # the old buffer may still be read
+            self._staging = torch.empty(max(n, 64) * page_elems, dtype=self.stacked.dtype, pin_memory=True)
+        elif self._staged is not None:
+            self._staged.synchronize()  # the last restore's copy out of it is done (a step ago, mostly)
+        staged = self._staging[: n * page_elems].view(self.stacked.shape[0], 2, n, *self.stacked.shape[3:])
+        torch.index_select(host.stacked, 2, torch.tensor(list(slots), dtype=torch.long), out=staged)
+        with self._writing():
+            idx = torch.tensor(list(pages), dtype=torch.long).to(self.device, non_blocking=True)
+            self.stacked.index_copy_(2, idx, staged.to(self.device, non_blocking=True))
+            self.mark_written()
+            if self._staged is None:
+                self._staged = torch.cuda.Event()
+            self._staged.record()
 
 
 def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: Sequence[int]) -> None:
     """Copy pages `src_pages` of `src` into pages `dst_pages` of `dst`, layer by layer.
 
-    The copies are synchronous: a copy to the host is complete when this returns, before the
-    step that reuses the device pages overwrites them. (Overlapping them on a side stream with
-    events is the GPU follow-up; on CPU there is nothing to overlap.)"""
+    A copy to the host is synchronous: complete when this returns, before the step that reuses
+    the device pages overwrites them. A copy from pinned host memory to CUDA (a restore) is not:
+    `KVPages.load`, which the next step waits for on the GPU."""
     if not src_pages:
         return
+    both = src.stacked is not None and dst.stacked is not None
+    if both and dst.device.type == "cuda" and src.device.type == "cpu" and src.stacked.is_pinned():
+        dst.load(src, src_pages, dst_pages)  # a restore: asynchronous
+        return
+    src.wait_written()  # pages restored or inserted a moment ago, evicted now
     si = torch.tensor(list(src_pages), dtype=torch.long, device=src.device)
     di = torch.tensor(list(dst_pages), dtype=torch.long, device=dst.device)
-    if src.stacked is not None and dst.stacked is not None:  # every layer in one op each way
+    if both:  # every layer in one op each way
         dst.stacked.index_copy_(2, di, src.stacked.index_select(2, si).to(dst.device))
         dst.mark_written()
         return
