@@ -67,13 +67,6 @@ class KVTransferConfig(BaseModel):
         description="Fixed cost of one pull (the calls' round trip, whatever its size) the cost model assumes "
         "until it has measured one: pulls of a few pages that cannot pay for it are not attempted.",
     )
-    pipeline_pages: int = Field(
-        64,
-        ge=0,
-        description="A pull of more pages than this is asked in parts of this many, all at once, and each part "
-        "written as it arrives: the holder's read of one overlaps the transfer and the write of the others "
-        "(0: one call per pull).",
-    )
     replicas_refresh_s: float = Field(
         2.0, gt=0, description="How often the list of live replicas (the candidates to pull from) is re-read."
     )

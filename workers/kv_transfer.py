@@ -34,14 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvstore.hashing import PageHash
-from kvstore.transport import (
-    PagePayload,
-    PageTransport,
-    PullFailure,
-    TransportError,
-    check_payload,
-    payload_bytes,
-)
+from kvstore.transport import PageTransport, PullFailure, TransportError, check_payload, payload_bytes
 from workers.config import KVTransferConfig
 from workers.request import GenerateRequest
 
@@ -191,82 +184,52 @@ class KVPuller:
         if not self.worth_pulling(held - local):
             return self._fallback(PullFailure.NOT_WORTH)
         asked = hashes[local:held]
-        chunk = self.config.pipeline_pages or len(asked)
-        parts = [asked[i : i + chunk] for i in range(0, len(asked), chunk)]
         t0, sent_at = time.perf_counter(), time.time()
-        deadline = t0 + self.config.timeout_s
-        # every part asked at once: the holder gathers part i + 1 while part i travels and is
-        # written here (pipelined); the parts go in in order, each continuing the run before it
-        fetches = [asyncio.ensure_future(self.transport.fetch(holder, part, self.config.timeout_s)) for part in parts]
-        phases = dict.fromkeys(PULL_PHASES, 0.0)
-        inserted = size = 0
-        fetch_s = 0.0
-        pos = local  # the run held here so far (hashes[:pos])
         try:
-            for part, fetch in zip(parts, fetches, strict=True):
-                t_wait = time.perf_counter()
-                try:
-                    payload = await asyncio.wait_for(fetch, max(deadline - t_wait, 1e-3))
-                except TimeoutError:
-                    self._fallback(PullFailure.TIMEOUT, holder)
-                    break
-                except TransportError as e:
-                    self._fallback(e.reason, holder, e)
-                    break
-                except Exception as e:  # a dead holder surfaces as whatever its transport raises
-                    self._fallback(PullFailure.ERROR, holder, e)
-                    break
-                fetched, fetched_at = time.perf_counter(), time.time()
-                fetch_s += fetched - t_wait
-                bad = check_payload(payload, self.engine.model_id, self.engine.page_io.layout, part)
-                phases["check"] += time.perf_counter() - fetched
-                if bad is not None:
-                    self._fallback(bad, holder)
-                    break
-                self._holder_phases(payload, phases, fetched - t_wait, sent_at, fetched_at)
-                if payload.num_pages:
-                    inserted += await self.engine.insert_pages(payload, hashes, pos, phases)
-                    size += payload_bytes(payload)
-                if payload.num_pages < len(part):
-                    self._fallback(PullFailure.EVICTED, holder)  # the rest is recomputed
-                    break
-                pos += payload.num_pages
-                if kv.held_run(hashes[:pos]) < pos:
-                    break  # the pool is short: what fitted went in, the rest is recomputed
-        finally:
-            for fetch in fetches:
-                fetch.cancel()
-        if not inserted:
+            payload = await asyncio.wait_for(
+                self.transport.fetch(holder, asked, self.config.timeout_s), self.config.timeout_s
+            )
+        except TimeoutError:
+            return self._fallback(PullFailure.TIMEOUT, holder)
+        except TransportError as e:
+            return self._fallback(e.reason, holder, e)
+        except Exception as e:  # a dead holder surfaces as whatever its transport raises
+            return self._fallback(PullFailure.ERROR, holder, e)
+        fetched, fetched_at = time.perf_counter(), time.time()
+        bad = check_payload(payload, self.engine.model_id, self.engine.page_io.layout, asked)
+        checked = time.perf_counter()
+        if bad is not None:
+            return self._fallback(bad, holder)
+        if payload.num_pages < len(asked):
+            self._fallback(PullFailure.EVICTED, holder)  # the rest is recomputed
+        if not payload.num_pages:
             return 0
+        phases = dict.fromkeys(PULL_PHASES, 0.0)
+        inserted = await self.engine.insert_pages(payload, hashes, local, phases)
         dt = time.perf_counter() - t0
         st = self.stats
         phases["locate"] = locate_s
+        phases["check"] = checked - fetched
+        phases["wire"] = fetched - t0
+        if payload.read_s:
+            phases["holder_gather"] = payload.gather_s
+            phases["holder_serialize"] = payload.serialize_s
+            phases["holder_lookup"] = max(payload.read_s - payload.gather_s - payload.serialize_s, 0.0)
+            phases["wire"] = max(fetched - t0 - payload.read_s, 0.0)
         for k, v in phases.items():
             st.phase_s[k] += v
         st.num_pulls += 1
         st.num_pages += inserted
+        size = payload_bytes(payload)
         st.num_bytes += size
         st.time_s += dt
-        st.fetch_time_s += fetch_s
-        self.cost.observe(size, dt)
-        return inserted
-
-    def _holder_phases(
-        self, payload: PagePayload, phases: dict[str, float], wait_s: float, sent_at: float, fetched_at: float
-    ) -> None:
-        """Split the wait for one payload with the holder's timings of its read."""
-        phases["wire"] += wait_s
-        if not payload.read_s:
-            return
-        phases["holder_gather"] += payload.gather_s
-        phases["holder_serialize"] += payload.serialize_s
-        phases["holder_lookup"] += max(payload.read_s - payload.gather_s - payload.serialize_s, 0.0)
-        phases["wire"] -= min(payload.read_s, wait_s)
-        st = self.stats
+        st.fetch_time_s += fetched - t0
         if payload.read_at:  # the holder's clock: the same machine's, or a synchronised one
             st.request_time_s += max(payload.read_at - sent_at, 0.0)
             st.read_time_s += payload.read_s
             st.reply_time_s += max(fetched_at - payload.read_at - payload.read_s, 0.0)
+        self.cost.observe(size, dt)
+        return inserted
 
     def _fallback(self, reason: PullFailure, holder: str = "", exc: BaseException | None = None) -> int:
         self.stats.fallbacks[reason.value] += 1

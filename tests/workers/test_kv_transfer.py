@@ -130,32 +130,6 @@ async def test_pages_evicted_on_the_holder_between_lookup_and_pull_are_recompute
     assert out.num_cached_prompt_tokens == 32
 
 
-async def test_a_large_pull_comes_in_parts_each_written_as_it_arrives(make_engine):
-    holder, puller, request, transport = await setup(make_engine)
-    in_parts = FAST.model_copy(update={"pipeline_pages": 5})
-    p = KVPuller(puller, transport, located({"A": 16}), in_parts)
-    assert await p.prepare(request) == 16
-    assert transport.calls == 4  # 5 + 5 + 5 + 1 pages, asked at once
-    out = await puller.complete(dataclasses.replace(request, request_id="r2"))
-    ref = await holder.complete(dataclasses.replace(request, request_id="r3"))
-    assert out.num_cached_prompt_tokens == 64 and out.token_ids == ref.token_ids
-    assert (p.stats.num_pulls, p.stats.num_pages, p.stats.num_bytes) == (1, 16, 16 * puller.page_io.layout.page_bytes)
-
-
-async def test_a_part_that_comes_back_short_ends_the_pull_and_the_rest_is_recomputed(make_engine):
-    holder, puller, request, _ = await setup(make_engine)
-    holder.pool.reset_prefix_cache()
-    await holder.complete(GenerateRequest([*ids(64, seed=11)[:28], 3], GREEDY))  # holds 7 of the 16 pages
-    transport = InProcess({"A": holder})
-    p = KVPuller(puller, transport, located({"A": 16}), FAST.model_copy(update={"pipeline_pages": 4}))
-    assert await p.prepare(request) == 7  # parts 1 (4 pages) and 2 (3 of 4); 3 and 4 are dropped
-    assert p.stats.fallbacks["evicted"] == 1
-    out = await puller.complete(dataclasses.replace(request, request_id="served"))
-    ref = await holder.complete(dataclasses.replace(request, request_id="ref"))
-    assert out.num_cached_prompt_tokens == 28 and out.token_ids == ref.token_ids
-    assert holder.pool.num_free_pages == holder.pool.num_pages
-
-
 class Gate:
     """Holds an engine's steps in its step thread until released: a step that takes as long as
     the test needs (a long prefill on a loaded replica)."""
