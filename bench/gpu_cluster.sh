@@ -21,7 +21,9 @@
 # Knobs: REPLICAS (4), WORKER_GPUS (0.25), USERS (32), SPEC_S / SERVE_S (time limits of the two
 # benches; SPEC_S=0 skips the spec bench), SERVE_MODEL (default: the demo target), SERVE_ARGS (more
 # `bench serve` options, e.g. "--shape llama3-8b --load-format dummy": Llama-3-8B's shapes with
-# random weights, token ids only; or "--max-num-seqs 128 --rate 8"; later options win). For routing
+# random weights, token ids only; or "--max-num-seqs 128 --rate 8"; later options win), TIERS=1 (run
+# `bench serve --tiers` instead of `--compare`, the issue-20 workload unless TIERS_ARGS says
+# otherwise; JSON: serve-tiers-h200.json; with SPEC_S=0 for the whole call). For routing
 # figures alone, one call does: stage the draft model (5.9 MB) beside the wheels and run
 #   bash .dev-gpucluster/bench/gpu_cluster.sh install STAGE && SPEC_S=0 \
 #     SERVE_MODEL=/tmp/kvfleet-gpu/models/kvfleet-pycoder-draft bash .dev-gpucluster/bench/gpu_cluster.sh run STAGE
@@ -103,6 +105,16 @@ run() {
   [ "${SPEC_S:-200}" = 0 ] || timeout "${SPEC_S:-200}" python3 -m cluster.cli bench spec --device cuda --proposers draft replicas replicas-plain \
     --batch-sizes 1 16 --ks 4 --max-tokens 128 --repeats 2 --draft-replicas 1 --json "$out/spec-h200.json" \
     2>&1 | grep -v -E "^\s*$|WARNING|INFO|logging.cc|^ +@|^PC:" | tee "$out/spec.log" || rc=1
+  if [ -n "${TIERS:-}" ]; then   # `bench serve --tiers` (issue 20): {no tier, host tier, host tier + pulls}
+    # shellcheck disable=SC2086
+    timeout "${SERVE_S:-540}" python3 -m cluster.cli bench serve --tiers --device cuda \
+      --replicas "${REPLICAS:-3}" --worker-gpus "${WORKER_GPUS:-0.25}" --worker-cpus 2 --max-num-seqs 64 \
+      ${TIERS_ARGS:---system-prompts 6 --system-len 1024 --users 72 --turns 3 --question-len 8 --answer-len 8 --rate 2 --think-time 1 --num-pages 128 --max-model-len 2048 --host-kv-cache-gib 0.25} \
+      --no-dashboard ${SERVE_MODEL:+--model "$SERVE_MODEL"} --json "$out/serve-tiers-h200.json" \
+      2>&1 | grep -v -E "^\s*$|logging.cc|^ +@|^PC:" >"$out/serve-tiers.log" || rc=1
+    tail -40 "$out/serve-tiers.log"
+    return $rc
+  fi
   timeout "${SERVE_S:-330}" python3 -m cluster.cli bench serve --compare --device cuda \
     --replicas "${REPLICAS:-4}" --worker-gpus "${WORKER_GPUS:-0.25}" --worker-cpus 2 --max-num-seqs 64 \
     --users "${USERS:-32}" --rate 4 --think-time 0.5 --no-dashboard ${SERVE_MODEL:+--model "$SERVE_MODEL"} \

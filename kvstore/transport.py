@@ -55,6 +55,10 @@ class PagePayload:
     # the receiver splits a pull's time with them (figures only, never checked).
     read_at: float = 0.0
     read_s: float = 0.0
+    # ... and of `read_s`, the gather of the pages into one buffer and its making into `data`
+    # (the rest is the lookup and pinning of the pages): the pull's phases (figures only).
+    gather_s: float = 0.0
+    serialize_s: float = 0.0
 
     @property
     def num_pages(self) -> int:

@@ -61,6 +61,12 @@ class KVTransferConfig(BaseModel):
     assumed_prefill_tokens_s: float = Field(
         2000.0, gt=0, description="Prefill rate the cost model assumes until the engine has measured one."
     )
+    assumed_latency_ms: float = Field(
+        2.0,
+        ge=0,
+        description="Fixed cost of one pull (the calls' round trip, whatever its size) the cost model assumes "
+        "until it has measured one: pulls of a few pages that cannot pay for it are not attempted.",
+    )
     replicas_refresh_s: float = Field(
         2.0, gt=0, description="How often the list of live replicas (the candidates to pull from) is re-read."
     )

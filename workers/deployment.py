@@ -110,6 +110,7 @@ class TargetWorker:
         self._metrics_period_s = metrics_period_s
         self._metrics_task: asyncio.Task | None = None
         self._warm_task: asyncio.Task | None = None  # the pull transport's first call
+        self._probe_data = None  # probe_bytes' answer
         logger.info("TargetWorker %s serves %s", self.replica_id, self.engine.model_id)
 
     async def generate(
@@ -143,6 +144,24 @@ class TargetWorker:
         """The leading run of `hashes` this replica holds, for another replica's pull
         (`pin_replica` is for the request router: the call must reach this replica)."""
         return await self.engine.export_pages(hashes)
+
+    async def probe_bytes(self, num_bytes: int, pin_replica: str | None = None):
+        """`num_bytes` bytes as a payload's data travels (a uint8 array): the raw transport's
+        answer, which `kvfleet bench serve --tiers` times against a pull of as many bytes."""
+        import numpy as np
+
+        if self._probe_data is None or self._probe_data.nbytes != num_bytes:
+            self._probe_data = np.ones(num_bytes, dtype=np.uint8)
+        return self._probe_data
+
+    async def probe_transport(
+        self, holder: str, hashes: list[PageHash], repeats: int = 5, pin_replica: str | None = None
+    ) -> dict:
+        """From this replica: fetches of `hashes` from `holder` (a pull's export) against raw calls
+        of as many bytes to it, back to back (RayPageTransport.probe); for the bench."""
+        if self.puller is None:
+            raise RuntimeError("probe_transport needs kv_transfer enabled")
+        return await self.puller.transport.probe(holder, hashes, repeats, 60.0)
 
     async def pull_stats(self, pin_replica: str | None = None) -> PullStats | None:
         """How this replica's pulls went (None when kv_transfer is off)."""
@@ -188,7 +207,7 @@ class TargetWorker:
             loop = asyncio.get_running_loop()
             self._metrics_task = loop.create_task(self._report_metrics(), context=contextvars.Context())
             if self.puller is not None and self._warm_task is None:
-                warm = self.puller.transport.warm(self.replica_id)
+                warm = self.puller.warm(self.replica_id)
                 self._warm_task = loop.create_task(warm, context=contextvars.Context())
 
     async def _report_metrics(self) -> None:

@@ -99,9 +99,11 @@ class Engine:
             raise
         num_pages = self.runner.num_pages
         self.pool = PagePool(num_pages, config.page_size, config.enable_prefix_caching, config.replica_id)
-        device_kv = KVPages.of_model(self.runner.model)
+        self.device_kv = device_kv = KVPages.of_model(self.runner.model)
         self.host_tier = HostTier.build(device_kv, config.host_kv_cache_gib, config.page_size, config.replica_id)
         self.kv_cache = KVCacheManager(self.pool, self.model_id, self.host_tier)
+        if self.host_tier is not None:
+            self.kv_cache.restore_worth = self._restore_worth
         self.page_io = PageIO(self.kv_cache, device_kv, self.host_tier, self.model_id, config.replica_id)
         self._prefill_time_s = 0.0
         self._decode_time_s = 0.0  # steps that computed no prompt token: a router's per-sequence step cost
@@ -206,17 +208,28 @@ class Engine:
             **(self.spec.stats.engine_stats() if self.spec is not None else {}),
         )
 
+    def _restore_worth(self, num_pages: int) -> bool:
+        """Restoring `num_pages` host pages is predicted faster than computing them (the tier's
+        measured restore rate against this engine's measured prefill rate; yes until both exist)."""
+        restore_s = self.host_tier.restore_s(num_pages)
+        tokens = self.scheduler.counters.num_prefill_tokens
+        if restore_s is None or tokens < 64 or self._prefill_time_s <= 0:
+            return True
+        return restore_s < num_pages * self.pool.page_size * self._prefill_time_s / tokens
+
     # ---------------------------------------------------------------- pages between replicas
     async def export_pages(self, hashes: list[PageHash]) -> PagePayload:
         """The leading run of `hashes` this replica holds (device or host tier). Answered at once,
         even while a step runs: the pages are referenced while they are read (PageIO.export)."""
         return self.page_io.export(hashes)
 
-    async def insert_pages(self, payload: PagePayload, hashes: list[PageHash], start: int) -> int:
+    async def insert_pages(
+        self, payload: PagePayload, hashes: list[PageHash], start: int, phases: dict[str, float] | None = None
+    ) -> int:
         """Cache a checked payload's pages (`hashes[start:]`, continuing `hashes[:start]`) as if
         computed here (at once, even while a step runs: into free pages no step reads); a request
         admitted after this finds them cached."""
-        return self.page_io.insert(payload, hashes, start)
+        return self.page_io.insert(payload, hashes, start, phases)
 
     async def shutdown(self) -> None:
         """Abort every request and stop the loop."""
@@ -380,6 +393,7 @@ class Engine:
         if plan is not None and plan.entries:
             self._attach(out, plan, self.spec.propose(plan))
         t0 = time.perf_counter()
+        self.device_kv.wait_written()  # CUDA: restores and inserts queued on their stream (a GPU-side wait)
         result = self.runner.execute(out)
         dt = time.perf_counter() - t0
         if any(not s.is_decode for s in out.scheduled):

@@ -87,6 +87,8 @@ class KVCacheManager:
         self.page_size = pool.page_size
         self.model_id = model_id
         self.host = host
+        # restore_worth(num_host_pages): whether restoring them beats computing them (None: always)
+        self.restore_worth: Callable[[int], bool] | None = None
         self.lock = threading.RLock()  # guards the pools (device and host): see the module docstring
         if host is not None:
             pool.on_evict = host.store
@@ -112,6 +114,12 @@ class KVCacheManager:
                     break
             hit.locations.append(loc)
             hit.pages.append(page)
+        num_host = hit.locations.count(PageLocation.HOST)
+        if num_host and self.restore_worth is not None and not self.restore_worth(num_host):
+            # computing the host pages is predicted faster than copying them: the hit stops before them
+            first = hit.locations.index(PageLocation.HOST)
+            del hit.locations[first:], hit.pages[first:]
+            self.host.num_skipped_restores += 1
         return hit
 
     def hashes(self, seq: Sequence, num_pages: int) -> list[PageHash]:

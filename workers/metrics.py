@@ -82,6 +82,14 @@ class WorkerMetrics:
         self.pull_fetch_time = counter(
             "kvfleet_kv_pull_fetch_seconds_total", "Of that, the transport's (request sent to pages in hand)."
         )
+        self.pull_phase_time = Counter(
+            "kvfleet_kv_pull_phase_seconds_total",
+            description="Time of the pulls that brought pages, by phase: locate (index), holder_lookup, "
+            "holder_gather, holder_serialize (on the holder), wire (the calls and the object store), check, "
+            "deserialize, scatter, insert (here).",
+            tag_keys=(*keys, "phase"),
+        )
+        self.pull_phase_time.set_default_tags(tags)
         self.exported_pages = counter("kvfleet_kv_exported_pages_total", "Pages sent to other replicas' pulls.")
         self.pull_fallbacks = Counter(
             "kvfleet_kv_pull_fallbacks_total",
@@ -127,6 +135,8 @@ class WorkerMetrics:
             self._advance(self.pulls, "pn", pull_stats.num_pulls)
             self._advance(self.pull_time, "pt", pull_stats.time_s)
             self._advance(self.pull_fetch_time, "pft", pull_stats.fetch_time_s)
+            for phase, t in pull_stats.phase_s.items():
+                self._advance(self.pull_phase_time, f"pph-{phase}", t, {"phase": phase})
             for reason, n in pull_stats.fallbacks.items():
                 self._advance(self.pull_fallbacks, f"pf-{reason}", n, {"reason": reason})
         if draft_stats is not None:

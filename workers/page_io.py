@@ -39,7 +39,10 @@ class PageIO:
         self.num_inserted_pages = 0
 
     def export(self, hashes: list[PageHash]) -> PagePayload:
+        phase = [0.0, 0.0]  # gather, serialize
+
         def read(device_pages: list[int], host_pages: list[int], on_device: list[bool]) -> bytes:
+            t_gather = time.perf_counter()
             lay, t = self.layout, self.device.k[0]
             shape = (lay.num_layers, 2, len(on_device), *t.shape[1:])
             data = torch.empty(shape, dtype=t.dtype)  # on the host: the payload's buffer
@@ -51,25 +54,43 @@ class PageIO:
                 else:
                     self.host.host.gather(host_pages[h : h + stop - start], out=data[:, :, start:stop])
                     h += stop - start
-            return _to_buffer(data)
+            t_serialize = time.perf_counter()
+            buf = _to_buffer(data)
+            phase[0], phase[1] = t_serialize - t_gather, time.perf_counter() - t_serialize
+            return buf
 
         read_at, t0 = time.time(), time.perf_counter()
         n, data = self.kv_cache.export(hashes, read)
         self.num_exported_pages += n
         read_s = time.perf_counter() - t0
-        return PagePayload(self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data, read_at, read_s)
+        return PagePayload(
+            self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data, read_at, read_s, *phase
+        )
 
-    def insert(self, payload: PagePayload, hashes: list[PageHash], start: int) -> int:
+    def insert(
+        self, payload: PagePayload, hashes: list[PageHash], start: int, phases: dict[str, float] | None = None
+    ) -> int:
         """Cache `payload`'s pages (checked: they are `hashes[start:start + n]`) after the run
-        `hashes[:start]`. Returns how many went in."""
+        `hashes[:start]`. Returns how many went in. `phases`: where to add the seconds spent
+        viewing the payload as a tensor (deserialize), writing pages (scatter) and the pool's
+        bookkeeping around them (insert)."""
         n = payload.num_pages
         if not n:
             return 0
+        t0 = time.perf_counter()
         lay = self.layout
         shape = (lay.num_layers, 2, n, lay.page_size, lay.num_kv_heads, lay.head_dim)
         data = _from_buffer(payload.data, self.device.k[0].dtype, shape)
+        t1 = time.perf_counter()
+        scatter_s = 0.0
 
         def write(pages: list[int], payload_pages: list[int]) -> None:
+            nonlocal scatter_s
+            ts = time.perf_counter()
+            _write(pages, payload_pages)
+            scatter_s += time.perf_counter() - ts
+
+        def _write(pages: list[int], payload_pages: list[int]) -> None:
             if payload_pages == list(range(payload_pages[0], payload_pages[0] + len(payload_pages))):
                 self.device.scatter(pages, data[:, :, payload_pages[0] : payload_pages[0] + len(payload_pages)])
             else:  # some were cached here already: pick the others (a copy)
@@ -77,6 +98,11 @@ class PageIO:
 
         inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write)
         self.num_inserted_pages += inserted
+        if phases is not None:
+            t2 = time.perf_counter()
+            phases["deserialize"] = phases.get("deserialize", 0.0) + t1 - t0
+            phases["scatter"] = phases.get("scatter", 0.0) + scatter_s
+            phases["insert"] = phases.get("insert", 0.0) + t2 - t1 - scatter_s
         return inserted
 
 

@@ -179,5 +179,6 @@ class EngineStats:
     num_host_cached_pages: int = 0  # of those, holding a page
     num_host_stored_pages: int = 0  # device pages copied to the host tier on eviction, since start
     num_host_restored_pages: int = 0  # host pages copied back on a prefix hit, since start
+    num_host_skipped_restores: int = 0  # prefix hits on host pages computed instead (copy predicted slower)
     num_inserted_pages: int = 0  # pages pulled from other replicas and cached here, since start
     num_exported_pages: int = 0  # pages sent to other replicas, since start

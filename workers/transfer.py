@@ -86,6 +86,32 @@ class RayPageTransport:
         return payload
 
 
+    async def probe(self, replica_id: str, hashes: Sequence[PageHash], repeats: int, timeout_s: float) -> dict:
+        """The pull path against the raw transport, replica to replica, back to back: `repeats`
+        fetches of `hashes` from `replica_id` (the export a pull makes), each followed by a plain
+        call through the same actor path returning as many bytes (`probe_bytes`). Medians, s."""
+        import statistics
+
+        self._ensure_handle()
+        fetch_s, raw_s, size = [], [], 0
+        for i in range(repeats + 1):  # the first round warms both paths
+            t0 = time.perf_counter()
+            payload = await self.fetch(replica_id, hashes, timeout_s)
+            t1 = time.perf_counter()
+            size = memoryview(payload.data).nbytes
+            call = self._actors.call(replica_id, "probe_bytes", size)
+            if call is None:
+                raise TransportError(PullFailure.ERROR, f"no actor for {replica_id}: nothing to probe")
+            await asyncio.wait_for(call.ref, timeout_s)
+            t2 = time.perf_counter()
+            if i:
+                fetch_s.append(t1 - t0)
+                raw_s.append(t2 - t1)
+        return dict(
+            bytes=size, pages=payload.num_pages, fetch_s=statistics.median(fetch_s), raw_s=statistics.median(raw_s)
+        )
+
+
 def _quietly(fn, *args) -> None:
     try:
         fn(*args)

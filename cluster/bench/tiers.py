@@ -92,10 +92,13 @@ class _RawProbe:
         )
 
 
-def _transport_bandwidth(config, repeats: int = 5) -> dict:
-    """The pull path on idle replicas: one replica computes a prompt of max_model_len / 2 tokens,
-    then `export_pages` calls to its actor (the call a pull makes, the holder's read and the reply)
-    move its pages here; against a raw Ray actor call of as many bytes."""
+def _transport_bandwidth(config, num_pages: int | None = None, repeats: int = 5) -> dict:
+    """The pull path against the raw transport, replica to replica, on idle replicas: one replica
+    (the holder) computes a prompt of `num_pages` pages (the run's mean pull; else max_model_len / 2
+    tokens), then another replica fetches them as a pull does (`export_pages` through its transport)
+    and, right after each, makes a plain call through the same actor path returning as many bytes
+    (TargetWorker.probe_transport). Also the old figure: the export fetched by this process against
+    a raw Ray actor call of as many bytes."""
     import random
 
     import ray
@@ -108,14 +111,28 @@ def _transport_bandwidth(config, repeats: int = 5) -> dict:
 
     prefix = f"SERVE_REPLICA::{config.app_name}#TargetWorker#"
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-    holder = sorted(n[len(prefix) :] for n in names)[0]
+    ids = sorted(n[len(prefix) :] for n in names)
+    holder = ids[0]
     rng = random.Random(1)
-    prompt = [rng.randrange(3, 500) for _ in range(config.engine.max_model_len // 2)] + [7]
-    hashes = page_hashes(prompt, config.engine.page_size, config.model_id)
+    ps = config.engine.page_size
+    tokens = num_pages * ps if num_pages else config.engine.max_model_len // 2
+    tokens = min(tokens, config.engine.max_model_len - 2)
+    prompt = [rng.randrange(3, 500) for _ in range(tokens)] + [7]
+    hashes = page_hashes(prompt, ps, config.model_id)
     handle = serve.get_deployment_handle("TargetWorker", app_name=config.app_name)
     actors = ReplicaActors(config.app_name, "TargetWorker")  # the path a pull takes
     request = GenerateRequest(prompt, SamplingParams(max_tokens=1))
     list(handle.options(stream=True).generate.remote(request, page_hashes=hashes, pin_replica=holder))
+    out: dict = {}
+    if len(ids) > 1:
+        r = handle.probe_transport.remote(holder, hashes, repeats, pin_replica=ids[1]).result(timeout_s=300)
+        out |= dict(
+            replica_probe_bytes=r["bytes"],
+            replica_probe_pages=r["pages"],
+            replica_export_fetch_bandwidth_bytes_s=r["bytes"] / r["fetch_s"],
+            replica_raw_call_bandwidth_bytes_s=r["bytes"] / r["raw_s"],
+            replica_export_fetch_vs_raw=r["raw_s"] / r["fetch_s"],
+        )
     times, size = [], 0
     for _ in range(repeats + 1):  # the first call warms this handle
         t0 = time.perf_counter()
@@ -124,7 +141,7 @@ def _transport_bandwidth(config, repeats: int = 5) -> dict:
         size = payload_bytes(payload)
     serve_bw = size / statistics.median(times[1:])
     raw_bw = _raw_bandwidth(size)
-    return dict(
+    return out | dict(
         idle_export_bytes=size,
         idle_export_pages=payload.num_pages,
         idle_export_bandwidth_bytes_s=serve_bw,
@@ -148,6 +165,7 @@ def _replica_figures(app_name: str) -> dict:
     out = dict(
         host_stored_pages=0,
         host_restored_pages=0,
+        host_skipped_restores=0,
         pulls=0,
         pulled_pages=0,
         pulled_bytes=0,
@@ -158,10 +176,12 @@ def _replica_figures(app_name: str) -> dict:
         pull_reply_time_s=0.0,
     )
     fallbacks: dict[str, int] = {}
+    phases: dict[str, float] = {}
     for rid in ids:
         st = handle.stats.remote(pin_replica=rid).result(timeout_s=60)
         out["host_stored_pages"] += st.num_host_stored_pages
         out["host_restored_pages"] += st.num_host_restored_pages
+        out["host_skipped_restores"] += st.num_host_skipped_restores
         pulls = handle.pull_stats.remote(pin_replica=rid).result(timeout_s=60)
         if pulls is not None:
             out["pulls"] += pulls.num_pulls
@@ -172,9 +192,12 @@ def _replica_figures(app_name: str) -> dict:
             out["pull_request_time_s"] += pulls.request_time_s
             out["pull_read_time_s"] += pulls.read_time_s
             out["pull_reply_time_s"] += pulls.reply_time_s
+            for phase, t in pulls.phase_s.items():
+                phases[phase] = phases.get(phase, 0.0) + t
             for reason, n in pulls.fallbacks.items():
                 fallbacks[reason] = fallbacks.get(reason, 0) + n
     out["pull_fallbacks"] = fallbacks
+    out["pull_phase_s"] = phases
     return out
 
 
@@ -220,7 +243,14 @@ def _run_variant(variant: str, args, workload) -> dict:
                 figures["pull_vs_raw_under_load"] = figures["pull_bandwidth_bytes_s"] / loaded
                 figures["pull_fetch_vs_raw_under_load"] = figures["pull_fetch_bandwidth_bytes_s"] / loaded
         if config.kv_transfer.enabled:
-            figures |= _transport_bandwidth(config)
+            mean_pages = figures["pulled_pages"] // figures["pulls"] if figures["pulls"] else None
+            figures |= _transport_bandwidth(config, mean_pages)
+            if figures["pulls"] and figures.get("replica_raw_call_bandwidth_bytes_s"):
+                # the issue's figure: pulls (whole: fetch, check, insert) against the raw transport
+                # replica to replica, at the mean pull's size, in the same cluster
+                raw = figures["replica_raw_call_bandwidth_bytes_s"]
+                figures["pull_vs_replica_raw"] = figures["pull_bandwidth_bytes_s"] / raw
+                figures["pull_fetch_vs_replica_raw"] = figures["pull_fetch_bandwidth_bytes_s"] / raw
     report = _report(variant, turns, elapsed) | {"tiers": figures}
     print(
         f"[{variant}] {report['requests']} requests in {elapsed:.1f} s, hit rate {report['cache_hit_rate']:.1%}, "

@@ -159,6 +159,23 @@ async def test_inserting_into_a_full_pool_keeps_the_held_run_and_inserts_what_fi
     assert out.num_cached_prompt_tokens == 64
 
 
+async def test_a_restore_predicted_slower_than_recompute_is_skipped_with_identical_output(make_engine):
+    engine = make_engine(num_pages=20, max_model_len=80, host_kv_cache_gib=0.01)
+    plain = make_engine(num_pages=256, max_model_len=80)
+    a = ids(64, seed=1)
+    await engine.complete(GenerateRequest([*a, 7], GREEDY))
+    for seed in (2, 3):  # evict a's pages into the host tier (and measure the prefill rate)
+        await engine.complete(GenerateRequest([*ids(64, seed=seed), 7], GREEDY))
+    assert engine.stats().num_host_stored_pages >= 16 and engine._restore_worth(16)  # nothing measured
+    engine.host_tier._restore_bw = 1.0  # as if a restore had crawled at 1 byte/s
+    assert not engine._restore_worth(16)
+    again = await engine.complete(GenerateRequest([*a, 9], GREEDY))
+    fresh = await plain.complete(GenerateRequest([*a, 9], GREEDY))
+    assert again.num_cached_prompt_tokens == 0 and again.token_ids == fresh.token_ids
+    st = engine.stats()
+    assert st.num_host_restored_pages == 0 and st.num_host_skipped_restores == 1
+
+
 def _seq(tokens):
     from workers.sequence import Sequence
 

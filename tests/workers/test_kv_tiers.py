@@ -1,13 +1,14 @@
 """The host-memory tier under the KV-cache manager, on small CPU tensors: what is copied where,
 the host LRU, pins during a restore, and that neither pool keeps a reference afterwards."""
 
+import pytest
 import torch
 
 from kvstore.page_pool import KVTier, PagePool
 from workers.kv_cache_manager import KVCacheManager, PageLocation
 from workers.kv_tiers import HostTier
 from workers.request import SamplingParams
-from workers.runner.kv_pages import KVPages
+from workers.runner.kv_pages import KVPages, copy_pages
 from workers.sequence import Sequence
 
 PS = 2
@@ -70,3 +71,48 @@ def test_a_mixed_hit_restores_its_host_pages_pinned_against_host_eviction():
     assert host.lookup(kv.hashes(seq, 2)[1]) is not None
     kv.free(seq)
     assert all(rc == 0 for rc in host.pool.ref_counts) and all(rc == 0 for rc in kv.pool.ref_counts)
+
+
+def test_host_pages_predicted_slower_to_restore_than_to_compute_are_computed():
+    device, host, kv = setup()
+    a = [10, 11, 12, 13, 14, 15, 9]
+    run(kv, device, a, "a")
+    run(kv, device, [20, 21, 22, 23, 24, 25, 9], "b")  # a's pages go to the host tier
+    run(kv, device, [30, 31, 32, 33, 9], "c")
+    asked = []
+    kv.restore_worth = lambda n: asked.append(n) or False
+    hit, pages = run(kv, device, a, "a2")
+    assert asked == [3] and hit.num_pages == 0  # computed, as without a tier
+    assert host.stats().num_restored_pages == 0 and host.stats().num_skipped_restores == 1
+    assert [device.k[0][p, 0, 0, 0].item() for p in pages[:3]] == [10.0, 12.0, 14.0]
+    assert all(rc == 0 for rc in host.pool.ref_counts) and all(rc == 0 for rc in kv.pool.ref_counts)
+
+
+def test_the_restore_rate_is_measured_and_predicts_a_restores_time():
+    device, host, kv = setup()
+    assert host.restore_s(4) is None  # nothing measured: the engine restores
+    a = [10, 11, 12, 13, 14, 15, 9]
+    run(kv, device, a, "a")
+    run(kv, device, [20, 21, 22, 23, 24, 25, 9], "b")
+    run(kv, device, [30, 31, 32, 33, 9], "c")
+    run(kv, device, a, "a2")  # restores 3 pages
+    assert host.restore_s(4) > 0 and host.restore_s(8) == pytest.approx(2 * host.restore_s(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_restore_to_cuda_is_asynchronous_and_the_next_reader_waits_for_it():
+    shape = (3, 2, 64, 16, 2, 64)
+    dev = KVPages.of(torch.zeros(shape, device="cuda"))
+    hst = KVPages.host(dev, 64)
+    assert hst.stacked.is_pinned()
+    hst.stacked.copy_(torch.randn(shape))
+    slots, pages = list(range(0, 64, 2)), list(range(32))
+    want = hst.stacked[:, :, slots].clone()
+    copy_pages(hst, slots, dev, pages)  # queued on the write stream
+    hst.stacked.zero_()  # the host pages were read when the call returned
+    dev.wait_written()  # this stream now waits for the copy, on the GPU
+    assert torch.equal(dev.stacked[:, :, :32].cpu(), want)
+    dev.stacked.zero_()
+    copy_pages(hst, slots, dev, pages)  # the staging buffer again: zeros now
+    dev.wait_written()
+    assert not dev.stacked.any()

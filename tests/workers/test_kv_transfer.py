@@ -15,7 +15,7 @@ import torch
 from kvstore.hashing import page_hashes
 from kvstore.transport import PullFailure, TransportError
 from workers.config import KVTransferConfig
-from workers.kv_transfer import KVPuller
+from workers.kv_transfer import PULL_PHASES, KVPuller, PullCostModel
 from workers.request import GenerateRequest, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
@@ -71,6 +71,12 @@ async def test_a_pull_inserts_the_holders_pages_and_the_output_is_identical(make
     # the holder's read is timed and stamped: the pull's transport time splits around it
     assert 0 < p.stats.read_time_s <= p.stats.fetch_time_s <= p.stats.time_s
     assert p.stats.request_time_s >= 0 and p.stats.reply_time_s >= 0
+    # ... and into phases (the kvfleet_kv_pull_phase_seconds_total metric), each measured
+    ph = p.stats.phase_s
+    assert list(ph) == list(PULL_PHASES) and all(t >= 0 for t in ph.values())
+    assert ph["holder_gather"] > 0 and ph["scatter"] > 0 and ph["check"] > 0
+    holder_s = ph["holder_lookup"] + ph["holder_gather"] + ph["holder_serialize"]
+    assert holder_s == pytest.approx(p.stats.read_time_s)
     assert await p.prepare(dataclasses.replace(request, request_id="r4")) == 0  # held now: no call
     assert transport.calls == 1
 
@@ -200,3 +206,44 @@ async def test_exported_pages_survive_evictions_during_the_copy_and_are_released
     with pytest.raises(RuntimeError, match="copy failed"):
         holder.kv_cache.export(hashes, broken)
     assert holder.pool.num_free_pages == holder.pool.num_pages
+
+
+def test_the_cost_model_fits_a_fixed_latency_beside_the_bandwidth():
+    latency, bw = 0.004, 1e9  # 4 ms a pull, 1 GB/s
+    model = PullCostModel(0.0005, 5e8)
+    for size in (1e6, 8e6, 2e6, 16e6, 4e6, 1e6, 12e6):
+        model.observe(int(size), latency + size / bw)
+    assert model.latency_s == pytest.approx(latency, rel=1e-3) and model.bandwidth == pytest.approx(bw, rel=1e-3)
+    page_bytes, page_size, prefill = 200_000, 16, 8000.0  # a page: 0.2 ms to move, 2 ms to compute
+    assert not model.worth(1, page_bytes, page_size, prefill)  # 4.2 ms against 2 ms
+    assert not model.worth(2, page_bytes, page_size, prefill)  # 4.4 against 4
+    assert model.worth(3, page_bytes, page_size, prefill)  # 4.6 against 6
+    assert model.worth(100, page_bytes, page_size, prefill)
+    # without the latency term (the old model) a single page looked worth it
+    assert PullCostModel(0.0, bw).worth(1, page_bytes, page_size, prefill)
+
+
+def test_the_cost_model_keeps_a_measured_latency_while_pulls_are_all_one_size():
+    model = PullCostModel(0.010, 1e8)
+    model.observe_latency(0.003)  # an empty call: the fixed part
+    assert model.latency_s == 0.003
+    for _ in range(5):
+        model.observe(4_000_000, 0.003 + 4e6 / 2e9)
+    assert model.latency_s == pytest.approx(0.003) and model.bandwidth == pytest.approx(2e9, rel=0.2)
+    model.observe(4_000_000, 0.001)  # faster than the latency alone: the latency comes down
+    assert model.latency_s < 0.003
+
+
+async def test_a_pull_too_small_to_pay_for_its_latency_is_not_attempted_nor_located(make_engine):
+    _holder, puller, request, transport = await setup(make_engine)
+    asked = []
+
+    async def locate(hashes):
+        asked.append(len(hashes))
+        return {"A": 16}
+
+    # 16 pages of 4 tokens at 1000 tokens/s: 64 ms to compute; a 1 s round trip cannot pay
+    slow_start = FAST.model_copy(update={"assumed_latency_ms": 1000.0, "assumed_prefill_tokens_s": 1000.0})
+    p = KVPuller(puller, transport, locate, slow_start)
+    assert await p.prepare(request) == 0
+    assert p.stats.fallbacks["not_worth"] == 1 and not asked and transport.calls == 0

@@ -7,10 +7,21 @@ asynchronously). Pages move between two of them by index (`copy_pages`), or leav
 contiguous tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim] (`gather`) and come back
 from one (`scatter`): the layout a page travels in between replicas (kvstore/transport.py).
 
+When the per-layer tensors are views of one tensor [num_layers, 2, num_pages, ...] (`stacked`:
+the model's cache as workers/runner/memory.py allocates it, and every host pool), a set of pages
+of every layer moves in one index_select / index_copy_ along dim 2, not 2 x num_layers of them:
+the cost of a pull's gather and scatter and of a host-tier copy is then one op, whatever the depth.
+
 An export's `gather` may run while a step computes on another thread. On CUDA it reads on its own
 stream, so it does not queue behind the step's kernels; that stream first waits for the last
 write into these pages that may still be in flight (a restore or an insert: `mark_written`);
 pages a step computed are complete once the step returned (its sampled tokens synchronize).
+
+Writes from outside a step (a host-tier restore, a pull's insert) run on CUDA on one write stream,
+in order, each recording `_written` after it: a restore gathers the host pages into a pinned
+staging buffer on the CPU (so the host pages are free again when it returns) and copies that to
+the device asynchronously, overlapping whatever the GPU is doing; the next step waits for it on
+the GPU (`wait_written`, a stream wait: the host never blocks), as does any later read of the pages.
 """
 
 from __future__ import annotations
@@ -23,31 +34,39 @@ from kvstore.transport import PageLayout
 
 
 class KVPages:
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], stacked: torch.Tensor | None = None):
+        """`stacked`: the tensor [num_layers, 2, num_pages, ...] of which k[i] and v[i] are the
+        views [i, 0] and [i, 1] (checked), if there is one."""
         if not k or len(k) != len(v):
             raise ValueError("KVPages needs one k and one v tensor per layer")
         self.k = k
         self.v = v
         self.device = k[0].device
+        if stacked is not None and not _views_of(stacked, k, v):
+            stacked = None
+        self.stacked = stacked
         self._read_stream = None  # CUDA: the stream exports read on
+        self._write_stream = None  # CUDA: the stream restores and inserts write on
         self._written = None  # CUDA: an event after the last restore or insert into these pages
+        self._staging = None  # CUDA: pinned host buffer of a restore's pages (flat)
+        self._staged = None  # CUDA: an event after the last copy out of `_staging`
+
+    @classmethod
+    def of(cls, stacked: torch.Tensor) -> KVPages:
+        """Pages of a tensor [num_layers, 2, num_pages, page_size, num_kv_heads, head_dim]."""
+        return cls([t[0] for t in stacked], [t[1] for t in stacked], stacked)
 
     @classmethod
     def of_model(cls, model) -> KVPages:
         layers = list(model.attention_layers())
-        return cls([a.k_cache for a in layers], [a.v_cache for a in layers])
+        return cls([a.k_cache for a in layers], [a.v_cache for a in layers], getattr(model, "kv_cache", None))
 
     @classmethod
     def host(cls, like: KVPages, num_pages: int) -> KVPages:
         """A host-memory pool of `num_pages` pages in the layout of `like` (pinned when `like` is on CUDA)."""
         pin = like.device.type == "cuda"
-        shape = (num_pages, *like.k[0].shape[1:])
-        dtype = like.k[0].dtype
-
-        def make():
-            return torch.empty(shape, dtype=dtype, pin_memory=pin)
-
-        return cls([make() for _ in like.k], [make() for _ in like.v])
+        shape = (len(like.k), 2, num_pages, *like.k[0].shape[1:])
+        return cls.of(torch.empty(shape, dtype=like.k[0].dtype, pin_memory=pin))
 
     @property
     def num_pages(self) -> int:
@@ -82,6 +101,12 @@ class KVPages:
 
     def _gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         idx = self._index(pages)
+        if self.stacked is not None:
+            if out is None:
+                return self.stacked.index_select(2, idx)
+            if out.is_contiguous():
+                return torch.index_select(self.stacked, 2, idx, out=out)
+            # a slice of a larger buffer (a run of a mixed-tier export): per layer, still one copy
         t = self.k[0]
         if out is None:
             out = torch.empty((len(self.k), 2, len(idx), *t.shape[1:]), dtype=t.dtype, device=self.device)
@@ -97,27 +122,92 @@ class KVPages:
                 self._written = torch.cuda.Event()
             self._written.record()
 
+    def wait_written(self) -> None:
+        """CUDA: make this thread's stream wait (on the GPU) for the restores and inserts queued
+        so far; a step calls it before it runs. Nothing on CPU, where writes are synchronous."""
+        if self._written is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._written)
+
+    def _writing(self):
+        """CUDA: the write stream as the current stream, after what this thread queued so far
+        (a page freed by a step and written now must not be written under that step's feet)."""
+        if self._write_stream is None:
+            self._write_stream = torch.cuda.Stream(self.device)
+        self._write_stream.wait_stream(torch.cuda.current_stream(self.device))
+        return torch.cuda.stream(self._write_stream)
+
     def scatter(self, pages: Sequence[int], data: torch.Tensor) -> None:
         """Write `data` (as `gather` returns it) into pages `pages`."""
+        if self.device.type == "cuda":
+            with self._writing():
+                self._scatter(pages, data)
+                self.mark_written()  # (from pageable memory the copy has read `data` when it returns)
+            return
+        self._scatter(pages, data)
+
+    def _scatter(self, pages: Sequence[int], data: torch.Tensor) -> None:
         idx = self._index(pages)
         data = data.to(self.device)
-        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            k.index_copy_(0, idx, data[i, 0])
-            v.index_copy_(0, idx, data[i, 1])
-        self.mark_written()
+        if self.stacked is not None:
+            self.stacked.index_copy_(2, idx, data)
+        else:
+            for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+                k.index_copy_(0, idx, data[i, 0])
+                v.index_copy_(0, idx, data[i, 1])
+
+    def load(self, host: KVPages, slots: Sequence[int], pages: Sequence[int]) -> None:
+        """CUDA, both stacked: copy `host` pages `slots` (pinned host memory) into pages `pages`
+        asynchronously (see the module docstring); `host`'s pages are read when this returns."""
+        n = len(slots)
+        page_elems = self.stacked[:, :, 0].numel()
+        if self._staging is None or self._staging.numel() < n * page_elems:
+            if self._staged is not None:
+                self._staged.synchronize()  # the old buffer may still be read
+            self._staging = torch.empty(max(n, 64) * page_elems, dtype=self.stacked.dtype, pin_memory=True)
+        elif self._staged is not None:
+            self._staged.synchronize()  # the last restore's copy out of it is done (a step ago, mostly)
+        staged = self._staging[: n * page_elems].view(self.stacked.shape[0], 2, n, *self.stacked.shape[3:])
+        torch.index_select(host.stacked, 2, torch.tensor(list(slots), dtype=torch.long), out=staged)
+        with self._writing():
+            idx = torch.tensor(list(pages), dtype=torch.long).to(self.device, non_blocking=True)
+            self.stacked.index_copy_(2, idx, staged.to(self.device, non_blocking=True))
+            self.mark_written()
+            if self._staged is None:
+                self._staged = torch.cuda.Event()
+            self._staged.record()
 
 
 def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: Sequence[int]) -> None:
     """Copy pages `src_pages` of `src` into pages `dst_pages` of `dst`, layer by layer.
 
-    The copies are synchronous: a copy to the host is complete when this returns, before the
-    step that reuses the device pages overwrites them. (Overlapping them on a side stream with
-    events is the GPU follow-up; on CPU there is nothing to overlap.)"""
+    A copy to the host is synchronous: complete when this returns, before the step that reuses
+    the device pages overwrites them. A copy from pinned host memory to CUDA (a restore) is not:
+    `KVPages.load`, which the next step waits for on the GPU."""
     if not src_pages:
         return
+    both = src.stacked is not None and dst.stacked is not None
+    if both and dst.device.type == "cuda" and src.device.type == "cpu" and src.stacked.is_pinned():
+        dst.load(src, src_pages, dst_pages)  # a restore: asynchronous
+        return
+    src.wait_written()  # pages restored or inserted a moment ago, evicted now
     si = torch.tensor(list(src_pages), dtype=torch.long, device=src.device)
     di = torch.tensor(list(dst_pages), dtype=torch.long, device=dst.device)
+    if both:  # every layer in one op each way
+        dst.stacked.index_copy_(2, di, src.stacked.index_select(2, si).to(dst.device))
+        dst.mark_written()
+        return
     for s, d in ((src.k, dst.k), (src.v, dst.v)):
         for a, b in zip(s, d, strict=True):
             b.index_copy_(0, di, a.index_select(0, si).to(dst.device))
     dst.mark_written()
+
+
+def _views_of(stacked: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
+    """Whether k[i], v[i] are the views stacked[i, 0], stacked[i, 1]."""
+    if stacked.dim() != k[0].dim() + 2 or stacked.shape[:2] != (len(k), 2):
+        return False
+    return all(
+        a.data_ptr() == stacked[i, j].data_ptr() and a.shape == stacked[i, j].shape and a.stride() == stacked[i, j].stride()
+        for i, pair in enumerate(zip(k, v, strict=True))
+        for j, a in enumerate(pair)
+    )

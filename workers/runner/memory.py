@@ -29,10 +29,15 @@ def kv_page_bytes(model_config: ModelConfig, page_size: int, num_kv_heads: int, 
 
 def allocate_kv_cache(model, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device) -> None:
     """Give every attention layer of `model` a fresh k and v cache of `shape` (num_pages, page_size,
-    num_kv_heads, head_dim); 0 pages frees them."""
-    for attn in model.attention_layers():
-        attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+    num_kv_heads, head_dim); 0 pages frees them. All of them are views of one tensor
+    [num_layers, 2, *shape] (`model.kv_cache`), so that a set of pages of every layer moves in one
+    index_select / index_copy_ (workers/runner/kv_pages.py)."""
+    layers = list(model.attention_layers())
+    kv = torch.zeros((len(layers), 2, *shape), dtype=dtype, device=device)
+    model.kv_cache = kv
+    for i, attn in enumerate(layers):
+        attn.k_cache = kv[i, 0]
+        attn.v_cache = kv[i, 1]
 
 
 def num_pages_for(
