@@ -26,7 +26,8 @@ def test_the_model_cache_is_one_tensor_whose_layer_views_the_layers_hold():
         k_cache = v_cache = None
 
     class Model:
-        layers = [Attn() for _ in range(LAYERS)]
+        def __init__(self):
+            self.layers = [Attn() for _ in range(LAYERS)]
 
         def attention_layers(self):
             return self.layers

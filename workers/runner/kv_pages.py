@@ -207,7 +207,8 @@ def _views_of(stacked: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor
     if stacked.dim() != k[0].dim() + 2 or stacked.shape[:2] != (len(k), 2):
         return False
     return all(
-        a.data_ptr() == stacked[i, j].data_ptr() and a.shape == stacked[i, j].shape and a.stride() == stacked[i, j].stride()
+        a.data_ptr() == s.data_ptr() and a.shape == s.shape and a.stride() == s.stride()
         for i, pair in enumerate(zip(k, v, strict=True))
         for j, a in enumerate(pair)
+        for s in (stacked[i, j],)
     )
