@@ -101,10 +101,12 @@ def _check(model, group_size: int) -> None:
                 )
 
 
-def collect_input_stats(model, calib_batches: list[torch.Tensor]) -> list[dict[str, _InputStats]]:
+def collect_input_stats(model, calib_batches: list[torch.Tensor], stat=None) -> list[dict]:
     """Run the calibration batches through the float model; per decoder layer and linear, the
-    statistics of its inputs."""
-    stats = [{name: _InputStats() for name in _linears(layer)} for layer in model.model.layers]
+    statistics of its inputs: a `stat()` (default `_InputStats`) called with each input as a
+    forward pre-hook."""
+    stat = stat or _InputStats
+    stats = [{name: stat() for name in _linears(layer)} for layer in model.model.layers]
     handles = [
         lin.register_forward_pre_hook(stats[i][name])
         for i, layer in enumerate(model.model.layers)

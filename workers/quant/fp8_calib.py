@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.quant.awq import _linears, _scale_columns, _scale_rows
+from workers.quant.awq import _linears, _scale_columns, _scale_rows, collect_input_stats
 from workers.quant.layout import QuantizationError, QuantWeight
-from workers.quant.prefill import prefill_hidden
 
 FP8_MAX = 448.0
 ALPHA_GRID = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75)
@@ -76,19 +75,7 @@ class _Inputs:
 
 
 def collect_inputs(model, calib_batches: list[torch.Tensor]) -> list[dict[str, _Inputs]]:
-    stats = [{name: _Inputs() for name in _linears(layer)} for layer in model.model.layers]
-    handles = [
-        lin.register_forward_pre_hook(stats[i][name])
-        for i, layer in enumerate(model.model.layers)
-        for name, lin in _linears(layer).items()
-    ]
-    try:
-        for batch in calib_batches:
-            prefill_hidden(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    return collect_input_stats(model, calib_batches, _Inputs)
 
 
 def _w8a8_mse(w: torch.Tensor, x: torch.Tensor, s_cols: torch.Tensor) -> float:
