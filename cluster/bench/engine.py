@@ -193,6 +193,32 @@ def _time_cuda(fn, iters: int = 20, warmup: int = 3, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _time_cuda_graph(fn, iters: int = 20, repeats: int = 5) -> float:
+    """Seconds per call of fn() replayed from one CUDA graph of `iters` calls (as the engine's decode
+    graphs run a kernel: no launch or host time between calls), median over `repeats`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile, allocate) off the capture
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(iters):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    return sorted(times)[len(times) // 2]
+
+
 def bench_decode_steps(engine: Engine, batch_sizes: list[int], context_len: int, bandwidth: float) -> list[dict]:
     """Time runner.execute on decode steps of `batch` sequences with `context_len` tokens of
     context each (graphs as the engine would use them), and compare with bandwidth."""
@@ -256,22 +282,27 @@ def _attention_case(device, bandwidth, batch, ctx, heads=32, kv_heads=8, head_di
     q = torch.randn(batch, heads, head_dim, device=device, dtype=torch.bfloat16)
     o = torch.empty_like(q)
     splits = decode_num_splits(batch, kv_heads, ctx, torch.cuda.get_device_properties(device).multi_processor_count)
-    ours = _time_cuda(
-        functools.partial(
-            decode_attention, q, o, k_cache, v_cache, tables, seq_lens, head_dim**-0.5, batch, splits, None
-        )
+    ours_fn = functools.partial(
+        decode_attention, q, o, k_cache, v_cache, tables, seq_lens, head_dim**-0.5, batch, splits, None
     )
+    ours = _time_cuda(ours_fn)
+    ours_graph = _time_cuda_graph(ours_fn)
     k = k_cache[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()  # [batch, kv_heads, ctx, head_dim]
     v = v_cache[tables.long()].flatten(1, 2).transpose(1, 2).contiguous()
     sdpa = functools.partial(F.scaled_dot_product_attention, q[:, :, None], k, v, enable_gqa=True)
     ref = sdpa()[:, :, 0]
     kv_bytes = 2 * batch * ctx * kv_heads * head_dim * 2
     sdpa_s = _time_cuda(sdpa)
+    sdpa_graph = _time_cuda_graph(sdpa)
     return {
         "shape": f"{batch} x {ctx}",
         "splits": splits,
         "ours_us": ours * 1e6,
         "sdpa_us": sdpa_s * 1e6,
+        # inside a CUDA graph, as the engine's decode steps run it
+        "ours_graph_us": ours_graph * 1e6,
+        "sdpa_graph_us": sdpa_graph * 1e6,
+        "graph_ratio_vs_sdpa": ours_graph / sdpa_graph,
         "ours_bandwidth_fraction": kv_bytes / ours / bandwidth,
         "sdpa_bandwidth_fraction": kv_bytes / sdpa_s / bandwidth,
         "rel_error_vs_sdpa": ((o.float() - ref.float()).norm() / ref.float().norm()).item(),
@@ -386,7 +417,9 @@ def run_engine_bench(args) -> dict:
             print(
                 f"decode attention {r['shape']}: ours {r['ours_us']:.0f} us "
                 f"({r['ours_bandwidth_fraction']:.0%} of bw), "
-                f"SDPA contiguous {r['sdpa_us']:.0f} us ({r['sdpa_bandwidth_fraction']:.0%}), "
+                f"SDPA contiguous {r['sdpa_us']:.0f} us ({r['sdpa_bandwidth_fraction']:.0%}); "
+                f"in a CUDA graph {r['ours_graph_us']:.0f} vs {r['sdpa_graph_us']:.0f} us "
+                f"({r['graph_ratio_vs_sdpa']:.3f}x), "
                 f"rel err {r['rel_error_vs_sdpa']:.1e}",
                 flush=True,
             )

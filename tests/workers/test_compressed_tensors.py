@@ -138,7 +138,8 @@ def write_dequantized(src: Path, dst: Path, deq: dict) -> Path:
 
 
 def generate(model: Path, max_tokens: int = 8, **overrides):
-    config = EngineConfig(model=str(model), device="cpu", page_size=4, num_pages=128, max_model_len=128, **overrides)
+    options = {"device": "cpu", "page_size": 4, "num_pages": 128, "max_model_len": 128, **overrides}
+    config = EngineConfig(model=str(model), **options)
     engine = Engine(config)
 
     async def main():
