@@ -16,7 +16,9 @@ where uncached tokens = prompt tokens - page_size * (leading pages held on its d
 * those continuing in its host tier), `request_cost` is the time one running sequence adds to a decode
 step, and the rates are measured online (router/rates.py: EWMAs of each replica's own reports);
 a replica without a fresh measurement takes the fleet's mean, else `default_prefill_tokens_s` /
-`default_request_cost_s`. So where prefill is slow (CPU) a holder keeps its prefix until its queue
+`default_request_cost_s`, and an idle replica (nothing in flight or routed) is predicted at no less
+than the fleet's fastest prefill rate (else one measured slow while cold or busy never gets the traffic
+that would measure it again). So where prefill is slow (CPU) a holder keeps its prefix until its queue
 costs more than recomputing the prompt elsewhere; where prefill is cheap (a GPU) the load decides
 and a hot prefix spreads early. Ties: more pages held, then the lower load, then a random pick. This
 is the trade Dynamo's KV router makes (prefill blocks weighed against active blocks) and SGLang's /
@@ -208,10 +210,15 @@ def predict(
     cost = [c.request_cost_s for c in candidates if c.request_cost_s is not None]
     # Replicas of one deployment run on like hardware: one without a measurement is like the others.
     fleet_prefill = sum(prefill) / len(prefill) if prefill else config.default_prefill_tokens_s
+    best_prefill = max(prefill, default=fleet_prefill)
     fleet_cost = sum(cost) / len(cost) if cost else config.default_request_cost_s
     out = []
     for c in candidates:
         rate = c.prefill_tokens_s or fleet_prefill
+        if c.load == 0 and c.queued_prefill_tokens == 0:
+            # An idle replica prefills at least as fast as the fleet's fastest: its own rate may have been
+            # measured while it was busy or cold, and a replica that gets no traffic is never measured again.
+            rate = max(rate, best_prefill)
         per_request = c.request_cost_s if c.request_cost_s is not None else fleet_cost
         uncached = max(0.0, prompt_tokens - cached_tokens.get(c.replica_id, 0.0))
         queue = config.load_weight * c.load * per_request + c.queued_prefill_tokens / rate

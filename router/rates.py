@@ -7,7 +7,10 @@ polls from every TargetWorker and hands the routers, no Redis round trip) into t
     request cost      = time of decode-only steps / sequences those steps carried        (s per sequence)
 
 each from the difference between a report and the one before (the counters are cumulative since
-the engine started; the first report counts from zero). A difference of too few tokens or sequences
+the engine started). The first report of a replica that shows work sets the baseline only: it covers
+the replica's start (Triton compiles, first allocations, the bench's or a user's warm-up), whose
+prefill can be 100x slower than the replica's real rate (on a GPU), and a replica measured that slow
+would get no traffic, so no new measurement, until the rate went stale. A difference of too few tokens or sequences
 is not a measurement (an idle replica keeps its last rates). A rate not refreshed for
 `rate_max_age_s` is stale: `view` leaves it out and the policy uses the fleet's mean instead.
 
@@ -31,6 +34,7 @@ class _Rates:
     prefill_time_s: float = 0.0
     decode_seqs: float = 0.0
     decode_time_s: float = 0.0
+    started: bool = False  # a report with work has set the baseline
     prefill_tokens_s: float | None = None
     prefill_at: float = 0.0  # when the rate was last measured (the caller's clock)
     request_cost_s: float | None = None
@@ -52,6 +56,10 @@ class ReplicaRates:
         r = self._rates.setdefault(replica_id, _Rates())
         tokens, t_prefill = float(stats["num_prefill_tokens"]), float(stats.get("prefill_time_s", 0.0))
         seqs, t_decode = float(stats.get("num_decode_seq_steps", 0)), float(stats.get("decode_time_s", 0.0))
+        if not r.started:  # the replica's start-up work (see the module docstring): a baseline only
+            r.prefill_tokens, r.prefill_time_s, r.decode_seqs, r.decode_time_s = tokens, t_prefill, seqs, t_decode
+            r.started = tokens > 0 or seqs > 0
+            return False
         d_tokens, d_prefill = tokens - r.prefill_tokens, t_prefill - r.prefill_time_s
         if d_tokens < 0 or d_prefill < 0:  # the engine restarted: count from its new counters
             r.prefill_tokens, r.prefill_time_s = tokens, t_prefill

@@ -170,6 +170,17 @@ def test_unknown_rates_take_the_fleets_mean_then_the_defaults():
     assert choose(nothing, HOT, cheap, prompt_tokens=PROMPT).replica_id == "r1"
 
 
+def test_an_idle_replica_measured_slow_is_predicted_at_the_fleets_fastest_rate():
+    # r1 was measured at 500 tokens/s while cold (its first compiles); r0, busy, at 200k. A new prompt
+    # held nowhere goes to the idle r1: taken at its own measurement it would never get traffic again.
+    fleet = [ReplicaView("r0", 3, 100, 100, 200_000, 0.002), ReplicaView("r1", 0, 100, 100, 500, 0.002)]
+    d = choose(fleet, {}, TTFT, prompt_tokens=PROMPT)
+    assert (d.replica_id, d.reason, d.prefill_tokens_s) == ("r1", Reason.LOAD, 200_000)
+    # once it has work in flight its own (slow) measurement counts again
+    fleet[1] = ReplicaView("r1", 1, 100, 100, 500, 0.002)
+    assert choose(fleet, {}, TTFT, prompt_tokens=PROMPT).replica_id == "r0"
+
+
 def test_without_index_information_the_least_busy_replica_is_chosen_by_prediction():
     d = choose(measured([3, 1, 2], 10_000), None, TTFT, prompt_tokens=PROMPT)
     assert (d.replica_id, d.reason) == ("r1", Reason.FALLBACK)
