@@ -4,7 +4,7 @@
 device or in its host tier, as a `PagePayload` (kvstore/transport.py) under this replica's model
 id and page layout, read while the KV-cache manager holds a reference on every page (so no
 eviction can take one mid-read). `PageIO.insert` takes a checked payload and caches its pages in
-the device pool, as if computed here. Both run on the engine's event loop, also while a step
+the device pool, as if computed here, into pages `PageIO.reserve` took while they travelled. Both run on the engine's event loop, also while a step
 computes on the step thread: the KV-cache manager's lock orders their pool changes with the
 step's, an export reads only referenced cached pages (full, final: no step writes them), and an
 insert writes only pages it has just allocated (no step reads them).
@@ -20,7 +20,7 @@ import torch
 
 from kvstore.hashing import PageHash
 from kvstore.transport import PageLayout, PagePayload
-from workers.kv_cache_manager import KVCacheManager
+from workers.kv_cache_manager import KVCacheManager, Reservation
 from workers.kv_tiers import HostTier
 from workers.runner.kv_pages import KVPages
 
@@ -67,15 +67,27 @@ class PageIO:
             self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data, read_at, read_s, *phase
         )
 
+    def reserve(self, hashes: list[PageHash], start: int) -> Reservation:
+        """Room for `hashes[start:]`, taken while they travel (KVCacheManager.reserve)."""
+        return self.kv_cache.reserve(hashes, start)
+
     def insert(
-        self, payload: PagePayload, hashes: list[PageHash], start: int, phases: dict[str, float] | None = None
+        self,
+        payload: PagePayload,
+        hashes: list[PageHash],
+        start: int,
+        phases: dict[str, float] | None = None,
+        reservation: Reservation | None = None,
     ) -> int:
         """Cache `payload`'s pages (checked: they are `hashes[start:start + n]`) after the run
-        `hashes[:start]`. Returns how many went in. `phases`: where to add the seconds spent
-        viewing the payload as a tensor (deserialize), writing pages (scatter) and the pool's
-        bookkeeping around them (insert)."""
+        `hashes[:start]`, into `reservation`'s pages if given (`reserve`: released here whatever
+        happens). Returns how many went in. `phases`: where to add the seconds spent viewing the
+        payload as a tensor (deserialize), writing pages (scatter) and the pool's bookkeeping
+        around them (insert)."""
         n = payload.num_pages
         if not n:
+            if reservation is not None:
+                self.kv_cache.release(reservation)
             return 0
         t0 = time.perf_counter()
         lay = self.layout
@@ -96,7 +108,7 @@ class PageIO:
             else:  # some were cached here already: pick the others (a copy)
                 self.device.scatter(pages, data[:, :, payload_pages])
 
-        inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write)
+        inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write, reservation)
         self.num_inserted_pages += inserted
         if phases is not None:
             t2 = time.perf_counter()

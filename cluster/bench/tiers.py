@@ -92,6 +92,137 @@ class _RawProbe:
         )
 
 
+class _Sampler:
+    """A thread that calls `sample()` every `period_s` while the workload runs, keeping what it returns."""
+
+    def __init__(self, sample, period_s: float):
+        import threading
+
+        self.sample, self.period_s = sample, period_s
+        self.values: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.values.append(self.sample())
+            except Exception as e:  # a probe that fails (a replica busy past the deadline) is left out
+                print(f"probe failed: {e!r}", file=sys.stderr, flush=True)
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join()
+        return self.values
+
+
+def _load_sampler() -> _Sampler:
+    """The machine's 1-minute load average every 2 s (the CPU is shared: the figures' context)."""
+    import os
+
+    return _Sampler(lambda: os.getloadavg()[0], 2.0)
+
+
+def _load_figures(start: float, samples: list[float]) -> dict:
+    import os
+
+    return dict(
+        loadavg_1m_start=start,
+        loadavg_1m_mean=statistics.fmean(samples) if samples else None,
+        loadavg_1m_max=max(samples, default=None),
+        loadavg_1m_end=os.getloadavg()[0],
+        cpus=os.cpu_count(),
+    )
+
+
+def _replica_raw_sampler(app_name: str, num_pages: int, period_s: float = 3.0) -> _Sampler:
+    """The raw transport replica to replica while the workload runs: every `period_s`, one replica
+    (in turn) makes a plain call to the next returning as many bytes as `num_pages` pages
+    (TargetWorker.probe_raw: through the replica's actor and request wrapper, the path a pull's
+    fetch takes, answered by a replica that is serving the workload, like a pull's holder)."""
+    import itertools
+
+    from ray import serve
+
+    ids = _replica_ids(app_name)
+    handle = serve.get_deployment_handle("TargetWorker", app_name=app_name)
+    pairs = itertools.cycle([(ids[i], ids[(i + 1) % len(ids)]) for i in range(len(ids))])
+
+    def sample() -> tuple[int, float]:
+        caller, holder = next(pairs)
+        return tuple(handle.probe_raw.remote(holder, num_pages, pin_replica=caller).result(timeout_s=60))
+
+    return _Sampler(sample, period_s)
+
+
+class _SpillProbe:
+    """Spilled turns while the workload runs: every `period_s`, a fresh document of `doc_len`
+    tokens is computed on one replica (pinned: a prefix only it holds) and then asked, with a
+    question after it, of the next replica (pinned: as the router spills a turn away from the
+    replica holding its prefix when that one is busy, or sends it to a new replica). Without
+    pulls the second replica computes the document again; with them it pulls it from the first.
+    Its TTFT and cached tokens are the spill's figures; its pulls are the run's pulls under load."""
+
+    def __init__(self, app_name: str, model_id: str, page_size: int, vocab: int, doc_len: int, period_s: float):
+        import itertools
+        import random
+
+        from ray import serve
+
+        self.model_id, self.page_size, self.vocab, self.doc_len = model_id, page_size, vocab, doc_len
+        self.handle = serve.get_deployment_handle("TargetWorker", app_name=app_name).options(stream=True)
+        ids = _replica_ids(app_name)
+        self.pairs = itertools.cycle([(ids[i], ids[(i + 1) % len(ids)]) for i in range(len(ids))])
+        self.rng = random.Random(0x5911)
+        self.sampler = _Sampler(self.spill, period_s)
+
+    def _send(self, prompt: list[int], replica: str) -> tuple[float, int]:
+        """(TTFT, cached prompt tokens) of one 1-token request pinned to `replica`."""
+        from kvstore.hashing import page_hashes
+        from workers.request import GenerateRequest, SamplingParams
+
+        hashes = page_hashes(prompt, self.page_size, self.model_id)
+        request = GenerateRequest(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+        t0, ttft, cached = time.perf_counter(), None, 0
+        for delta in self.handle.generate.remote(request, page_hashes=hashes, pin_replica=replica):
+            ttft = time.perf_counter() - t0 if ttft is None else ttft
+            cached = delta.num_cached_prompt_tokens or cached
+        return ttft, cached
+
+    def spill(self) -> dict:
+        holder, spilled = next(self.pairs)
+        tokens = lambda n: [self.rng.randrange(3, self.vocab) for _ in range(n)]  # noqa: E731
+        doc = tokens(self.doc_len)
+        self._send(doc + tokens(8), holder)
+        ttft, cached = self._send(doc + tokens(8), spilled)
+        return dict(ttft_s=ttft, cached_tokens=cached, prompt_tokens=self.doc_len + 8)
+
+    def stop(self) -> dict:
+        spills = self.sampler.stop()
+        if not spills:
+            return dict(spills=0)
+        ttfts = [s["ttft_s"] for s in spills]
+        return dict(
+            spills=len(spills),
+            spill_doc_tokens=self.doc_len,
+            spill_hit_rate=sum(s["cached_tokens"] for s in spills) / sum(s["prompt_tokens"] for s in spills),
+            spill_ttft_s=dict(
+                mean=statistics.fmean(ttfts),
+                p50=statistics.median(ttfts),
+                p90=sorted(ttfts)[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
+            ),
+        )
+
+
+def _replica_ids(app_name: str) -> list[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app_name}#TargetWorker#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return sorted(n[len(prefix) :] for n in names)
+
+
 def _transport_bandwidth(config, num_pages: int | None = None, repeats: int = 5) -> dict:
     """The pull path against the raw transport, replica to replica, on idle replicas: one replica
     (the holder) computes a prompt of `num_pages` pages (the run's mean pull; else max_model_len / 2
@@ -223,11 +354,31 @@ def _run_variant(variant: str, args, workload) -> dict:
     print(f"[{variant}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
     with ServeCluster(config, progress=lambda m: None) as cluster:
         warm(config.app_name, args, vocab)
+        import os
+
+        load_start, load = os.getloadavg()[0], _load_sampler()
         probe = _RawProbe(4 << 20) if config.kv_transfer.enabled else None
+        raw_pages = args.system_len // config.engine.page_size  # a whole system prompt: what pulls move
+        replica_raw = _replica_raw_sampler(config.app_name, raw_pages) if config.kv_transfer.enabled else None
+        spills = None
+        if args.spill_period:
+            ps = config.engine.page_size
+            spills = _SpillProbe(config.app_name, config.model_id, ps, vocab, args.system_len, args.spill_period)
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
-        figures = _replica_figures(config.app_name)
+        spill_figures = spills.stop() if spills is not None else {}
+        machine = _load_figures(load_start, load.stop())
+        figures = _replica_figures(config.app_name) | spill_figures
         if probe is not None:
             figures |= probe.stop()
+        if replica_raw is not None:
+            raws = replica_raw.stop()
+            if raws:
+                size = raws[0][0]
+                figures |= dict(
+                    replica_raw_bytes_under_load=size,
+                    replica_raw_calls_under_load=len(raws),
+                    replica_raw_bandwidth_bytes_s_under_load=size / statistics.median(t for _, t in raws),
+                )
         if figures["pulls"]:
             # in the run, under its load: bytes over the pulls' wall time (fetch + check + insert),
             # and over their transport time alone (request sent to payload in hand)
@@ -245,13 +396,19 @@ def _run_variant(variant: str, args, workload) -> dict:
         if config.kv_transfer.enabled:
             mean_pages = figures["pulled_pages"] // figures["pulls"] if figures["pulls"] else None
             figures |= _transport_bandwidth(config, mean_pages)
+            if figures["pulls"] and figures.get("replica_raw_bandwidth_bytes_s_under_load"):
+                # the headline: pulls (whole: fetch, check, insert) against a plain call replica to
+                # replica through the same path, at a system prompt's pages, in the same run and load
+                raw = figures["replica_raw_bandwidth_bytes_s_under_load"]
+                figures["pull_vs_replica_raw_under_load"] = figures["pull_bandwidth_bytes_s"] / raw
+                figures["pull_fetch_vs_replica_raw_under_load"] = figures["pull_fetch_bandwidth_bytes_s"] / raw
             if figures["pulls"] and figures.get("replica_raw_call_bandwidth_bytes_s"):
                 # the issue's figure: pulls (whole: fetch, check, insert) against the raw transport
                 # replica to replica, at the mean pull's size, in the same cluster
                 raw = figures["replica_raw_call_bandwidth_bytes_s"]
                 figures["pull_vs_replica_raw"] = figures["pull_bandwidth_bytes_s"] / raw
                 figures["pull_fetch_vs_replica_raw"] = figures["pull_fetch_bandwidth_bytes_s"] / raw
-    report = _report(variant, turns, elapsed) | {"tiers": figures}
+    report = _report(variant, turns, elapsed) | {"tiers": figures, "machine": machine}
     print(
         f"[{variant}] {report['requests']} requests in {elapsed:.1f} s, hit rate {report['cache_hit_rate']:.1%}, "
         f"mean TTFT {report['ttft_s']['mean'] * 1e3:.0f} ms, {figures}",
@@ -259,6 +416,12 @@ def _run_variant(variant: str, args, workload) -> dict:
         flush=True,
     )
     return report
+
+
+def _ratio(base: dict, other: dict) -> float | None:
+    """How many times lower `other`'s mean spill TTFT is than `base`'s (None without spills)."""
+    a, b = base.get("spill_ttft_s"), other.get("spill_ttft_s")
+    return a["mean"] / b["mean"] if a and b and b["mean"] else None
 
 
 def run_tiers(args, run_workload, report, table) -> dict:
@@ -273,6 +436,7 @@ def run_tiers(args, run_workload, report, table) -> dict:
             "ttft_mean_x_lower": base["ttft_s"]["mean"] / r["ttft_s"]["mean"] if r["ttft_s"]["mean"] else None,
             "ttft_p90_x_lower": base["ttft_s"]["p90"] / r["ttft_s"]["p90"] if r["ttft_s"]["p90"] else None,
             "hit_rate": r["cache_hit_rate"],
+            "spill_ttft_mean_x_lower": _ratio(base["tiers"], r["tiers"]),
         }
         for r in reports[1:]
     }
