@@ -12,8 +12,11 @@ insert writes only pages it has just allocated (no step reads them).
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -37,6 +40,7 @@ class PageIO:
         self.layout: PageLayout = device.layout(kv_cache.page_size)
         self.num_exported_pages = 0
         self.num_inserted_pages = 0
+        self._buffers = _Buffers()
 
     def export(self, hashes: list[PageHash]) -> PagePayload:
         phase = [0.0, 0.0]  # gather, serialize
@@ -45,7 +49,7 @@ class PageIO:
             t_gather = time.perf_counter()
             lay, t = self.layout, self.device.k[0]
             shape = (lay.num_layers, 2, len(on_device), *t.shape[1:])
-            data = torch.empty(shape, dtype=t.dtype)  # on the host: the payload's buffer
+            data = self._buffers.take(shape, t.dtype)  # on the host: the payload's buffer
             d = h = 0
             for tier, start, stop in _runs(on_device):  # each tier's pages straight into place
                 if tier:
@@ -55,7 +59,7 @@ class PageIO:
                     self.host.host.gather(host_pages[h : h + stop - start], out=data[:, :, start:stop])
                     h += stop - start
             t_serialize = time.perf_counter()
-            buf = _to_buffer(data)
+            buf = self._buffers.lend(data)
             phase[0], phase[1] = t_serialize - t_gather, time.perf_counter() - t_serialize
             return buf
 
@@ -116,6 +120,41 @@ class PageIO:
             phases["scatter"] = phases.get("scatter", 0.0) + scatter_s
             phases["insert"] = phases.get("insert", 0.0) + t2 - t1 - scatter_s
         return inserted
+
+
+class _Buffers:
+    """Host buffers for exports' payloads, reused: a fresh 10 MB buffer per export costs the
+    kernel's zeroing and a page fault per 4 KiB on its first write, as much again as the gather
+    under load. A buffer lent as a payload's data (`lend`: a flat uint8 numpy view of it) comes
+    back (`weakref.finalize`) only once the last reference to that array is gone, i.e. when the
+    transport has copied it out (Ray: into its object store) and nobody else holds it; so no
+    export ever writes into bytes still being read. At most `keep` wait for reuse."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()  # finalizers run on whichever thread drops the last reference
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if b.dtype == dtype and b.numel() >= numel:
+                    return self._free.pop(i)[:numel].view(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    def lend(self, data: torch.Tensor) -> np.ndarray:
+        """`data` (from `take`) as a payload's buffer; its memory is reused after the last
+        reference to the returned array is gone."""
+        buf = _to_buffer(data)
+        base = data if data._base is None else data._base
+        weakref.finalize(buf, self._give, base)
+        return buf
+
+    def _give(self, base: torch.Tensor) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(base.reshape(-1))
 
 
 def _runs(flags: list[bool]) -> list[tuple[bool, int, int]]:

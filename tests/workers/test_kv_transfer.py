@@ -5,10 +5,12 @@ the request served with identical greedy output, counted, and no page held on ei
 inserts pages, while its engine step runs; exported pages are referenced only for the copy."""
 
 import asyncio
+import gc
 import dataclasses
 import random
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -284,3 +286,22 @@ async def test_room_for_pulled_pages_is_made_while_they_travel_and_unused_room_i
     other.release_pages(again)
     other.release_pages(again)  # idempotent
     assert other.pool.num_free_pages == other.pool.num_pages
+
+
+async def test_an_exports_buffer_is_reused_only_once_the_payload_that_had_it_is_gone(make_engine):
+    holder = make_engine(replica_id="A")
+    prompt = [*ids(64, seed=11), 3]
+    await holder.complete(GenerateRequest(prompt, GREEDY))
+    hashes = page_hashes(prompt, 4, holder.model_id)
+    first = holder.page_io.export(hashes)
+    want, at = bytes(first.data), first.data.ctypes.data
+    second = holder.page_io.export(hashes[:8])  # the first payload is still held: a buffer of its own
+    assert not np.shares_memory(first.data, second.data) and bytes(first.data) == want
+    whole = torch.from_numpy(first.data.copy())
+    lay = holder.page_io.layout
+    pages = whole.view(lay.num_layers, 2, 16, -1)[:, :, :8].contiguous().view(-1)
+    assert bytes(second.data) == pages.numpy().tobytes()
+    del first
+    gc.collect()
+    third = holder.page_io.export(hashes)  # the first's buffer, free again
+    assert third.data.ctypes.data == at and bytes(third.data) == want
