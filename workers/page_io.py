@@ -3,11 +3,12 @@
 `PageIO.export` answers a pull: the leading run of asked page hashes this replica holds, on the
 device or in its host tier, as a `PagePayload` (kvstore/transport.py) under this replica's model
 id and page layout, read while the KV-cache manager holds a reference on every page (so no
-eviction can take one mid-read). `PageIO.insert` takes a checked payload and caches its pages in
-the device pool, as if computed here, into pages `PageIO.reserve` took while they travelled. Both run on the engine's event loop, also while a step
-computes on the step thread: the KV-cache manager's lock orders their pool changes with the
-step's, an export reads only referenced cached pages (full, final: no step writes them), and an
-insert writes only pages it has just allocated (no step reads them).
+eviction can take one mid-read), into a buffer reused once the payload that had it is gone.
+`PageIO.insert` takes a checked payload and caches its pages in the device pool, as if computed
+here, into pages `PageIO.reserve` took while they travelled. All run on the engine's event loop,
+also while a step computes on the step thread: the KV-cache manager's lock orders their pool
+changes with the step's, an export reads only referenced cached pages (full, final: no step
+writes them), and an insert writes only pages it has reserved (no step reads them).
 """
 
 from __future__ import annotations

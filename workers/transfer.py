@@ -85,7 +85,6 @@ class RayPageTransport:
             raise TransportError(PullFailure.ERROR, f"asked {replica_id} for pages, {got} answered (holder gone?)")
         return payload
 
-
     async def raw_call_s(self, replica_id: str, num_bytes: int, timeout_s: float) -> float:
         """Wall time of one plain call to `replica_id` returning `num_bytes` bytes as a payload's
         data travels (`probe_bytes`: a uint8 array), through the path a pull's fetch takes (the

@@ -69,7 +69,11 @@ def test_views_that_are_not_the_stacked_layout_fall_back_to_per_layer_copies():
 
 def test_a_copy_of_runs_of_pages_reads_them_in_place_and_moves_the_same_bytes():
     src = stacked_copy(per_layer(seed=3))
-    for pick, slots in (([1, 2, 3, 6, 7], [4, 0, 2, 3, 1]), ([5, 0, 3], [0, 2, 1]), (list(range(PAGES)), list(range(PAGES))[::-1])):
+    for pick, slots in (
+        ([1, 2, 3, 6, 7], [4, 0, 2, 3, 1]),
+        ([5, 0, 3], [0, 2, 1]),
+        (list(range(PAGES)), list(range(PAGES))[::-1]),
+    ):
         dst = KVPages.host(src, PAGES)
         dst.stacked.zero_()
         copy_pages(src, pick, dst, slots)  # few runs (read in place), or scattered (gather, then scatter)

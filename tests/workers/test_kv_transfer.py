@@ -5,8 +5,8 @@ the request served with identical greedy output, counted, and no page held on ei
 inserts pages, while its engine step runs; exported pages are referenced only for the copy."""
 
 import asyncio
-import gc
 import dataclasses
+import gc
 import random
 import threading
 
