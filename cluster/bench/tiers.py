@@ -2,12 +2,27 @@
 
 Each variant runs on a fresh local cluster (prefix-aware routing, cold caches) with the workload
 of `kvfleet bench serve`, sized so that the hot prefixes outgrow one replica's page pool (few
-`--num-pages` per replica). Reported per variant: hit rate and TTFT (as `bench serve`), the
-replicas' host-tier and pull counters, and, for the pull variant, the pulls' bandwidth (bytes over
-fetch + check + insert wall time, and over the fetch alone) against the transport's raw bandwidth
-measured in the same cluster: a plain Ray actor call returning as many bytes, the object-store path
-a pull's direct actor call takes; measured after the workload (idle, at the mean pull's size) and
-during it (a 4 MiB call every 2 s from this process: the load the pulls saw).
+`--num-pages` per replica; serve.py's TIERS_DEFAULTS). Reported per variant: hit rate and TTFT
+(as `bench serve`, with the workload's hit-rate ceiling), the replicas' host-tier and pull
+counters, the machine's load average over the run (`machine`), and spilled turns (`spills`,
+`--spill-period`): a fresh document computed on one replica and then asked of the next, as a turn
+the router spills away from its prefix's replica: without pulls it is computed again, with them
+it is pulled. Under prefix-aware routing below saturation the workload itself rarely spills, so
+these are the pulls the run measures under its load.
+
+Pull bandwidth: a pull's bytes over its wall time (request sent to pages inserted: the holder's
+read, the wire, the check, the write into the pool; `pull_bandwidth_bytes_s`), or over the
+transport's part alone (request sent to payload in hand; `pull_fetch_bandwidth_bytes_s`). The raw
+transport it is set against (`pull_vs_replica_raw_under_load`, the issue's figure): a plain call
+from one replica to another returning as many bytes as a system prompt's pages (the spills'
+size) as a uint8 array, the way a payload's data travels, through the same path (the holder's
+actor and Serve request wrapper, the object store: `TargetWorker.probe_raw`), made every 3 s while
+the workload runs, so in the same run, on replicas under the same load (median). Also reported,
+not comparable to a loaded pull: the same call replica to replica on idle replicas after the run
+at the mean pull's size (`replica_raw_call_bandwidth_bytes_s`, beside the idle export path
+`replica_export_fetch_bandwidth_bytes_s`), and calls from the bench's driver to a plain actor
+(`raw_ray_call_bandwidth_bytes_s_at_mean_pull` idle; `raw_bandwidth_bytes_s_under_load`, 4 MiB
+every 2 s during the run).
 """
 
 from __future__ import annotations
