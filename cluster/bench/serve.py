@@ -328,10 +328,11 @@ def _table(reports: list[dict]) -> str:
 
 
 # The workload's defaults. `--tiers`'s (TIERS_DEFAULTS over these) make hot prefixes that outgrow
-# one replica's pool (4 system prompts of 64 pages over 3 replicas of 128 pages, conversations'
-# histories on top) at a rate the 2-core CPU serves below saturation even with no tier (TTFT then
-# measures caching, not queueing), with enough turns per system prompt (48 conversations x 4 turns)
-# that the workload's hit-rate ceiling (cache_hit_ceiling) is above 95%.
+# the replicas' pools (6 system prompts of 64 pages over 3 replicas of 128 pages, conversations'
+# histories on top: two prompts fill a pool; fewer prompts land unevenly, prefix-aware routing
+# putting 2-3 on one replica), at a rate a 2-core CPU serves with no tier without a growing queue
+# (TTFT then measures caching more than queueing), with enough turns per system prompt (48
+# conversations x 4 turns) that the workload's hit-rate ceiling (cache_hit_ceiling) is about 96%.
 WORKLOAD_DEFAULTS = dict(
     host_kv_cache_gib=0.5,
     system_prompts=3,
@@ -346,13 +347,13 @@ WORKLOAD_DEFAULTS = dict(
 )
 TIERS_DEFAULTS = dict(
     host_kv_cache_gib=0.25,
-    system_prompts=4,
+    system_prompts=6,
     system_len=1024,
     users=48,
     turns=4,
     question_len=8,
     answer_len=8,
-    rate=0.5,
+    rate=0.25,
     num_pages=128,
 )
 
@@ -485,7 +486,7 @@ def add_serve_parser(bench_subparsers) -> None:
     p.add_argument(
         "--spill-period",
         type=float,
-        default=4.0,
+        default=6.0,
         help="with --tiers: seconds between spilled turns (a document computed on one replica, then asked of "
         "another: cluster/bench/tiers.py), 0 for none",
     )
