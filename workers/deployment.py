@@ -163,6 +163,15 @@ class TargetWorker:
             raise RuntimeError("probe_transport needs kv_transfer enabled")
         return await self.puller.transport.probe(holder, hashes, repeats, 60.0)
 
+    async def probe_raw(self, holder: str, num_pages: int, pin_replica: str | None = None) -> tuple[int, float]:
+        """From this replica: one raw call to `holder` returning as many bytes as `num_pages` of
+        this replica's pages (RayPageTransport.raw_call_s), timed: (bytes, seconds). The bench
+        calls it while its workload runs, for the raw transport under the load the pulls see."""
+        if self.puller is None:
+            raise RuntimeError("probe_raw needs kv_transfer enabled")
+        size = num_pages * self.engine.page_io.layout.page_bytes
+        return size, await self.puller.transport.raw_call_s(holder, size, 60.0)
+
     async def pull_stats(self, pin_replica: str | None = None) -> PullStats | None:
         """How this replica's pulls went (None when kv_transfer is off)."""
         return None if self.puller is None else self.puller.stats

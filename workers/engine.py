@@ -33,7 +33,7 @@ from kvstore.page_pool import KVEvent, PagePool
 from kvstore.transport import PagePayload
 from workers.config import EngineConfig
 from workers.detokenizer import IncrementalDetokenizer
-from workers.kv_cache_manager import KVCacheManager
+from workers.kv_cache_manager import KVCacheManager, Reservation
 from workers.kv_tiers import HostTier
 from workers.models.config import ModelConfig
 from workers.page_io import PageIO
@@ -223,13 +223,27 @@ class Engine:
         even while a step runs: the pages are referenced while they are read (PageIO.export)."""
         return self.page_io.export(hashes)
 
+    def reserve_pages(self, hashes: list[PageHash], start: int) -> Reservation:
+        """Room for pages `hashes[start:]` (continuing `hashes[:start]`, held here) that another
+        replica is sending: taken at once, while they travel; `insert_pages` fills it,
+        `release_pages` gives it back unused."""
+        return self.page_io.reserve(hashes, start)
+
+    def release_pages(self, reservation: Reservation) -> None:
+        self.kv_cache.release(reservation)
+
     async def insert_pages(
-        self, payload: PagePayload, hashes: list[PageHash], start: int, phases: dict[str, float] | None = None
+        self,
+        payload: PagePayload,
+        hashes: list[PageHash],
+        start: int,
+        phases: dict[str, float] | None = None,
+        reservation: Reservation | None = None,
     ) -> int:
         """Cache a checked payload's pages (`hashes[start:]`, continuing `hashes[:start]`) as if
-        computed here (at once, even while a step runs: into free pages no step reads); a request
-        admitted after this finds them cached."""
-        return self.page_io.insert(payload, hashes, start, phases)
+        computed here (at once, even while a step runs: into pages no step touches, `reservation`'s
+        if given); a request admitted after this finds them cached."""
+        return self.page_io.insert(payload, hashes, start, phases, reservation)
 
     async def shutdown(self) -> None:
         """Abort every request and stop the loop."""

@@ -81,6 +81,17 @@ class PrefixHit:
         return [p for p, loc in zip(self.pages, self.locations, strict=True) if loc is PageLocation.HOST]
 
 
+@dataclass
+class Reservation:
+    """Room for a pull's pages, taken before they arrive (`KVCacheManager.reserve`): `held`, the
+    run of the prompt held here (referenced), and `pages`, fresh pages for the pulled ones
+    (referenced, uncommitted). `done` once inserted or released."""
+
+    held: list[int]
+    pages: list[int]
+    done: bool = False
+
+
 class KVCacheManager:
     def __init__(self, pool: PagePool, model_id: str, host: HostTier | None = None):
         self.pool = pool
@@ -215,33 +226,65 @@ class KVCacheManager:
                 if host:
                     self.host.unpin(host)
 
-    def insert(self, hashes: list[PageHash], start: int, write: Callable[[list[int], list[int]], None]) -> int:
-        """Cache pages pulled from another replica: `hashes[start:]` continue a run `hashes[:start]`
-        held here; `write(pages, payload_pages)` fills device `pages` with the payload's pages
-        `payload_pages` (page i of the payload is `hashes[start + i]`). Pages already
-        cached here are skipped; when the pool is short only the leading ones go in. The run held
-        here is held (referenced) meanwhile, so making room never evicts it. Returns how many
-        pages were inserted (as cached, unreferenced pages, most recently used)."""
+    def reserve(self, hashes: list[PageHash], start: int) -> Reservation:
+        """Room for an insert of `hashes[start:]` (pages another replica is sending), taken
+        before they arrive so that the pull's wait covers it: the run `hashes[:start]` held here
+        is referenced (making room never evicts it) and a fresh page is allocated for each page
+        of `hashes[start:]` not cached here (fewer when the pool is short), evicting cached pages
+        as any allocation does. The pages are referenced and uncommitted: no step reads or
+        writes them. `insert` uses it; `release` gives it back unused (idempotent)."""
         with self.lock:
             if not self.pool.enable_prefix_caching:
-                return 0
+                return Reservation([], [], done=True)
             held = [p for h in hashes[:start] if (p := self.pool.cached_page(h)) is not None]
             self.pool.acquire(held)
-            try:
-                todo = [i for i in range(start, len(hashes)) if self.pool.cached_page(hashes[i]) is None]
-                n = min(len(todo), self.pool.num_free_pages)
-                if not n:
+            todo = sum(1 for h in hashes[start:] if self.pool.cached_page(h) is None)
+            n = min(todo, self.pool.num_free_pages)
+            return Reservation(held, self.pool.allocate(n) if n else [])
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation's references and its unused pages (as empty pages)."""
+        with self.lock:
+            if not reservation.done:
+                reservation.done = True
+                self.pool.free(reservation.pages)
+                self.pool.free(reservation.held)
+
+    def insert(
+        self,
+        hashes: list[PageHash],
+        start: int,
+        write: Callable[[list[int], list[int]], None],
+        reservation: Reservation | None = None,
+    ) -> int:
+        """Cache pages pulled from another replica: `hashes[start:]` continue a run `hashes[:start]`
+        held here; `write(pages, payload_pages)` fills device `pages` with the payload's pages
+        `payload_pages` (page i of the payload is `hashes[start + i]`). Pages already cached
+        here are skipped; when the pool (or `reservation`, taken by `reserve` while the pages
+        travelled) is short only the leading ones go in. `write` runs outside the lock (into
+        referenced, uncommitted pages no step touches), so a step's allocation never waits for
+        the copy. Returns how many pages were inserted (as cached, unreferenced pages, most
+        recently used). The reservation is released whatever happens."""
+        res = reservation if reservation is not None else self.reserve(hashes, start)
+        try:
+            with self.lock:
+                if res.done or not self.pool.enable_prefix_caching:
                     return 0
-                pages = self.pool.allocate(n)
-                write_at = todo[:n]
-                try:
-                    write(pages, [i - start for i in write_at])
-                    self.pool.commit(pages, [hashes[i] for i in write_at])
-                finally:
-                    self.pool.free(pages)  # uncommitted (the write failed): back as empty pages
-                return n
-            finally:
-                self.pool.free(held)
+                todo = [i for i in range(start, len(hashes)) if self.pool.cached_page(hashes[i]) is None]
+                n = min(len(todo), len(res.pages))
+                pages, write_at = res.pages[:n], todo[:n]
+            if not n:
+                return 0
+            write(pages, [i - start for i in write_at])
+            with self.lock:
+                self.pool.commit(pages, [hashes[i] for i in write_at])  # a twin cached meanwhile is swapped in
+                res.done = True
+                self.pool.free(pages)  # the committed pages, as cached (or their twins' extra references)
+                self.pool.free(res.pages[n:])
+                self.pool.free(res.held)
+            return n
+        finally:
+            self.release(res)  # on a failed write, or nothing to write: unused pages back as empty
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         """Register the full pages among the first `num_tokens` tokens of `seq` (their KV computed

@@ -21,8 +21,10 @@ all the missing pages would not pay, the page index is not asked either.
 Nothing here raises for the user: a holder that is slow, dead, answers with other pages, or
 evicted them, or an index that does not answer, leaves the pages to be recomputed, and
 `PullStats.fallbacks` counts why (`PullFailure`). The holder references the pages only while
-reading them (KVCacheManager.export), and the receiver inserts them as unreferenced cached pages,
-so nothing stays held on either side whatever happens.
+reading them (KVCacheManager.export); the receiver makes room for them as soon as the request is
+out, while they travel (KVCacheManager.reserve: the evictions, and their copies into the host
+tier, leave the pull's path), and inserts them as unreferenced cached pages, releasing what it
+did not use; so nothing stays held on either side whatever happens.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ _EWMA = 0.3  # weight of the newest measurement in the bandwidth average
 # metric): the index round trip; on the holder, finding and pinning the pages, gathering them into
 # one buffer, making that the payload's data; the wire (request sent to payload in hand, less the
 # holder's read: the calls' way there and back, the object store, the event loops' waits); here,
-# checking the payload, viewing it as a tensor, writing the pages, and the pool's bookkeeping.
+# checking the payload, viewing it as a tensor, writing the pages, and the pool's bookkeeping;
+# and, while the request is out (overlapping the holder's phases and the wire, so not in the sum
+# of the others), reserving room for the pages here: `reserve`.
 PULL_PHASES = (
     "locate",
     "holder_lookup",
@@ -60,6 +64,7 @@ PULL_PHASES = (
     "deserialize",
     "scatter",
     "insert",
+    "reserve",
 )
 
 
@@ -185,28 +190,41 @@ class KVPuller:
             return self._fallback(PullFailure.NOT_WORTH)
         asked = hashes[local:held]
         t0, sent_at = time.perf_counter(), time.time()
+        fetch = asyncio.ensure_future(self.transport.fetch(holder, asked, self.config.timeout_s))
         try:
-            payload = await asyncio.wait_for(
-                self.transport.fetch(holder, asked, self.config.timeout_s), self.config.timeout_s
-            )
-        except TimeoutError:
-            return self._fallback(PullFailure.TIMEOUT, holder)
-        except TransportError as e:
-            return self._fallback(e.reason, holder, e)
-        except Exception as e:  # a dead holder surfaces as whatever its transport raises
-            return self._fallback(PullFailure.ERROR, holder, e)
-        fetched, fetched_at = time.perf_counter(), time.time()
-        bad = check_payload(payload, self.engine.model_id, self.engine.page_io.layout, asked)
-        checked = time.perf_counter()
-        if bad is not None:
-            return self._fallback(bad, holder)
-        if payload.num_pages < len(asked):
-            self._fallback(PullFailure.EVICTED, holder)  # the rest is recomputed
-        if not payload.num_pages:
-            return 0
-        phases = dict.fromkeys(PULL_PHASES, 0.0)
-        inserted = await self.engine.insert_pages(payload, hashes, local, phases)
+            await asyncio.sleep(0)  # the request leaves (the fetch's first step sends it) ...
+        except BaseException:
+            fetch.cancel()
+            raise
+        t_reserve = time.perf_counter()
+        # ... and while the holder reads and the pages travel, room is made for them here (the
+        # evictions that takes, and their copies into the host tier, are off the pull's path)
+        reservation = self.engine.reserve_pages(hashes[:held], local)
+        reserve_s = time.perf_counter() - t_reserve
+        try:
+            try:
+                payload = await asyncio.wait_for(fetch, self.config.timeout_s)
+            except TimeoutError:
+                return self._fallback(PullFailure.TIMEOUT, holder)
+            except TransportError as e:
+                return self._fallback(e.reason, holder, e)
+            except Exception as e:  # a dead holder surfaces as whatever its transport raises
+                return self._fallback(PullFailure.ERROR, holder, e)
+            fetched, fetched_at = time.perf_counter(), time.time()
+            bad = check_payload(payload, self.engine.model_id, self.engine.page_io.layout, asked)
+            checked = time.perf_counter()
+            if bad is not None:
+                return self._fallback(bad, holder)
+            if payload.num_pages < len(asked):
+                self._fallback(PullFailure.EVICTED, holder)  # the rest is recomputed
+            if not payload.num_pages:
+                return 0
+            phases = dict.fromkeys(PULL_PHASES, 0.0)
+            inserted = await self.engine.insert_pages(payload, hashes, local, phases, reservation)
+        finally:
+            self.engine.release_pages(reservation)  # whatever the insert did not use (none if it ran)
         dt = time.perf_counter() - t0
+        phases["reserve"] = reserve_s
         st = self.stats
         phases["locate"] = locate_s
         phases["check"] = checked - fetched

@@ -86,7 +86,8 @@ class WorkerMetrics:
             "kvfleet_kv_pull_phase_seconds_total",
             description="Time of the pulls that brought pages, by phase: locate (index), holder_lookup, "
             "holder_gather, holder_serialize (on the holder), wire (the calls and the object store), check, "
-            "deserialize, scatter, insert (here).",
+            "deserialize, scatter, insert (here); reserve (here, room for the pages, while the request is out: "
+            "overlaps the holder's phases and the wire).",
             tag_keys=(*keys, "phase"),
         )
         self.pull_phase_time.set_default_tags(tags)

@@ -3,24 +3,28 @@
 `PageIO.export` answers a pull: the leading run of asked page hashes this replica holds, on the
 device or in its host tier, as a `PagePayload` (kvstore/transport.py) under this replica's model
 id and page layout, read while the KV-cache manager holds a reference on every page (so no
-eviction can take one mid-read). `PageIO.insert` takes a checked payload and caches its pages in
-the device pool, as if computed here. Both run on the engine's event loop, also while a step
-computes on the step thread: the KV-cache manager's lock orders their pool changes with the
-step's, an export reads only referenced cached pages (full, final: no step writes them), and an
-insert writes only pages it has just allocated (no step reads them).
+eviction can take one mid-read), into a buffer reused once the payload that had it is gone.
+`PageIO.insert` takes a checked payload and caches its pages in the device pool, as if computed
+here, into pages `PageIO.reserve` took while they travelled. All run on the engine's event loop,
+also while a step computes on the step thread: the KV-cache manager's lock orders their pool
+changes with the step's, an export reads only referenced cached pages (full, final: no step
+writes them), and an insert writes only pages it has reserved (no step reads them).
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 import warnings
+import weakref
 
 import numpy as np
 import torch
 
 from kvstore.hashing import PageHash
 from kvstore.transport import PageLayout, PagePayload
-from workers.kv_cache_manager import KVCacheManager
+from workers.kv_cache_manager import KVCacheManager, Reservation
 from workers.kv_tiers import HostTier
 from workers.runner.kv_pages import KVPages
 
@@ -37,6 +41,7 @@ class PageIO:
         self.layout: PageLayout = device.layout(kv_cache.page_size)
         self.num_exported_pages = 0
         self.num_inserted_pages = 0
+        self._buffers = _Buffers()
 
     def export(self, hashes: list[PageHash]) -> PagePayload:
         phase = [0.0, 0.0]  # gather, serialize
@@ -45,7 +50,7 @@ class PageIO:
             t_gather = time.perf_counter()
             lay, t = self.layout, self.device.k[0]
             shape = (lay.num_layers, 2, len(on_device), *t.shape[1:])
-            data = torch.empty(shape, dtype=t.dtype)  # on the host: the payload's buffer
+            data = self._buffers.take(shape, t.dtype)  # on the host: the payload's buffer
             d = h = 0
             for tier, start, stop in _runs(on_device):  # each tier's pages straight into place
                 if tier:
@@ -55,7 +60,7 @@ class PageIO:
                     self.host.host.gather(host_pages[h : h + stop - start], out=data[:, :, start:stop])
                     h += stop - start
             t_serialize = time.perf_counter()
-            buf = _to_buffer(data)
+            buf = self._buffers.lend(data)
             phase[0], phase[1] = t_serialize - t_gather, time.perf_counter() - t_serialize
             return buf
 
@@ -67,15 +72,27 @@ class PageIO:
             self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data, read_at, read_s, *phase
         )
 
+    def reserve(self, hashes: list[PageHash], start: int) -> Reservation:
+        """Room for `hashes[start:]`, taken while they travel (KVCacheManager.reserve)."""
+        return self.kv_cache.reserve(hashes, start)
+
     def insert(
-        self, payload: PagePayload, hashes: list[PageHash], start: int, phases: dict[str, float] | None = None
+        self,
+        payload: PagePayload,
+        hashes: list[PageHash],
+        start: int,
+        phases: dict[str, float] | None = None,
+        reservation: Reservation | None = None,
     ) -> int:
         """Cache `payload`'s pages (checked: they are `hashes[start:start + n]`) after the run
-        `hashes[:start]`. Returns how many went in. `phases`: where to add the seconds spent
-        viewing the payload as a tensor (deserialize), writing pages (scatter) and the pool's
-        bookkeeping around them (insert)."""
+        `hashes[:start]`, into `reservation`'s pages if given (`reserve`: released here whatever
+        happens). Returns how many went in. `phases`: where to add the seconds spent viewing the
+        payload as a tensor (deserialize), writing pages (scatter) and the pool's bookkeeping
+        around them (insert)."""
         n = payload.num_pages
         if not n:
+            if reservation is not None:
+                self.kv_cache.release(reservation)
             return 0
         t0 = time.perf_counter()
         lay = self.layout
@@ -96,7 +113,7 @@ class PageIO:
             else:  # some were cached here already: pick the others (a copy)
                 self.device.scatter(pages, data[:, :, payload_pages])
 
-        inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write)
+        inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write, reservation)
         self.num_inserted_pages += inserted
         if phases is not None:
             t2 = time.perf_counter()
@@ -104,6 +121,41 @@ class PageIO:
             phases["scatter"] = phases.get("scatter", 0.0) + scatter_s
             phases["insert"] = phases.get("insert", 0.0) + t2 - t1 - scatter_s
         return inserted
+
+
+class _Buffers:
+    """Host buffers for exports' payloads, reused: a fresh 10 MB buffer per export costs the
+    kernel's zeroing and a page fault per 4 KiB on its first write, as much again as the gather
+    under load. A buffer lent as a payload's data (`lend`: a flat uint8 numpy view of it) comes
+    back (`weakref.finalize`) only once the last reference to that array is gone, i.e. when the
+    transport has copied it out (Ray: into its object store) and nobody else holds it; so no
+    export ever writes into bytes still being read. At most `keep` wait for reuse."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()  # finalizers run on whichever thread drops the last reference
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if b.dtype == dtype and b.numel() >= numel:
+                    return self._free.pop(i)[:numel].view(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    def lend(self, data: torch.Tensor) -> np.ndarray:
+        """`data` (from `take`) as a payload's buffer; its memory is reused after the last
+        reference to the returned array is gone."""
+        buf = _to_buffer(data)
+        base = data if data._base is None else data._base
+        weakref.finalize(buf, self._give, base)
+        return buf
+
+    def _give(self, base: torch.Tensor) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(base.reshape(-1))
 
 
 def _runs(flags: list[bool]) -> list[tuple[bool, int, int]]:

@@ -85,6 +85,18 @@ class RayPageTransport:
             raise TransportError(PullFailure.ERROR, f"asked {replica_id} for pages, {got} answered (holder gone?)")
         return payload
 
+    async def raw_call_s(self, replica_id: str, num_bytes: int, timeout_s: float) -> float:
+        """Wall time of one plain call to `replica_id` returning `num_bytes` bytes as a payload's
+        data travels (`probe_bytes`: a uint8 array), through the path a pull's fetch takes (the
+        replica's actor, its request wrapper, the object store): the raw transport a pull of as
+        many bytes is measured against. Its first call at a size also makes the array there."""
+        self._ensure_handle()
+        call = self._actors.call(replica_id, "probe_bytes", num_bytes)
+        if call is None:
+            raise TransportError(PullFailure.ERROR, f"no actor for {replica_id}: nothing to probe")
+        t0 = time.perf_counter()
+        await asyncio.wait_for(call.ref, timeout_s)
+        return time.perf_counter() - t0
 
     async def probe(self, replica_id: str, hashes: Sequence[PageHash], repeats: int, timeout_s: float) -> dict:
         """The pull path against the raw transport, replica to replica, back to back: `repeats`

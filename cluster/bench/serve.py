@@ -327,7 +327,46 @@ def _table(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# The workload's defaults. `--tiers`'s (TIERS_DEFAULTS over these) make hot prefixes that outgrow
+# the replicas' pools (6 system prompts of 64 pages over 3 replicas of 128 pages, conversations'
+# histories on top: two prompts fill a pool; fewer prompts land unevenly, prefix-aware routing
+# putting 2-3 on one replica), at a rate a 2-core CPU serves with no tier without a growing queue
+# (TTFT then measures caching more than queueing), with enough turns per system prompt (48
+# conversations x 4 turns) that the workload's hit-rate ceiling (cache_hit_ceiling) is about 96%.
+WORKLOAD_DEFAULTS = dict(
+    host_kv_cache_gib=0.5,
+    system_prompts=3,
+    system_len=768,
+    users=24,
+    turns=3,
+    question_len=32,
+    answer_len=32,
+    rate=1.0,
+    think_time=1.0,
+    num_pages=1024,
+)
+TIERS_DEFAULTS = dict(
+    host_kv_cache_gib=0.25,
+    system_prompts=6,
+    system_len=1024,
+    users=48,
+    turns=4,
+    question_len=8,
+    answer_len=8,
+    rate=0.25,
+    num_pages=128,
+)
+
+
+def _fill_defaults(args) -> None:
+    """The workload arguments left unset take WORKLOAD_DEFAULTS, or with --tiers TIERS_DEFAULTS."""
+    for name, default in WORKLOAD_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, TIERS_DEFAULTS.get(name, default) if getattr(args, "tiers", False) else default)
+
+
 def run_serve_bench(args) -> dict:
+    _fill_defaults(args)
     args.token = args.token or os.environ.get("KVFLEET_TOKEN") or None
     if args.url is not None:
         if args.compare:
@@ -430,18 +469,28 @@ def add_serve_parser(bench_subparsers) -> None:
     p.add_argument(
         "--tiers", action="store_true", help="run {no tier, host tier, host tier + pulls} (cluster/bench/tiers.py)"
     )
-    p.add_argument("--host-kv-cache-gib", type=float, default=0.5, help="host tier per replica, with --tiers")
     p.add_argument("--variants", nargs="+", choices=("no_tier", "host_tier", "host_tier+pulls"), help="with --tiers")
-    p.add_argument("--system-prompts", type=int, default=3)
-    p.add_argument("--system-len", type=int, default=768, help="tokens per system prompt")
-    p.add_argument("--users", type=int, default=24)
-    p.add_argument("--turns", type=int, default=3)
-    p.add_argument("--question-len", type=int, default=32)
-    p.add_argument("--answer-len", type=int, default=32)
-    p.add_argument("--rate", type=float, default=1.0, help="conversations started per second (Poisson)")
-    p.add_argument("--think-time", type=float, default=1.0, help="mean seconds between a reply and the next turn")
+    # the workload's defaults differ with --tiers (WORKLOAD_DEFAULTS, TIERS_DEFAULTS): None here
+    helps = dict(
+        host_kv_cache_gib="host tier per replica, GiB, with --tiers",
+        system_len="tokens per system prompt",
+        rate="conversations started per second (Poisson)",
+        think_time="mean seconds between a reply and the next turn",
+        num_pages="KV pages per replica (16 tokens each)",
+    )
+    for name, default in WORKLOAD_DEFAULTS.items():
+        tiers = TIERS_DEFAULTS.get(name, default)
+        note = f"default {default}" + (f"; {tiers} with --tiers" if tiers != default else "")
+        help_ = f"{helps[name]} ({note})" if name in helps else f"({note})"
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None, help=help_)
+    p.add_argument(
+        "--spill-period",
+        type=float,
+        default=6.0,
+        help="with --tiers: seconds between spilled turns (a document computed on one replica, then asked of "
+        "another: cluster/bench/tiers.py), 0 for none",
+    )
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--num-pages", type=int, default=1024, help="KV pages per replica (16 tokens each)")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline, seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report here")

@@ -2,12 +2,27 @@
 
 Each variant runs on a fresh local cluster (prefix-aware routing, cold caches) with the workload
 of `kvfleet bench serve`, sized so that the hot prefixes outgrow one replica's page pool (few
-`--num-pages` per replica). Reported per variant: hit rate and TTFT (as `bench serve`), the
-replicas' host-tier and pull counters, and, for the pull variant, the pulls' bandwidth (bytes over
-fetch + check + insert wall time, and over the fetch alone) against the transport's raw bandwidth
-measured in the same cluster: a plain Ray actor call returning as many bytes, the object-store path
-a pull's direct actor call takes; measured after the workload (idle, at the mean pull's size) and
-during it (a 4 MiB call every 2 s from this process: the load the pulls saw).
+`--num-pages` per replica; serve.py's TIERS_DEFAULTS). Reported per variant: hit rate and TTFT
+(as `bench serve`, with the workload's hit-rate ceiling), the replicas' host-tier and pull
+counters, the machine's load average over the run (`machine`), and spilled turns (`spills`,
+`--spill-period`): a fresh document computed on one replica and then asked of the next, as a turn
+the router spills away from its prefix's replica: without pulls it is computed again, with them
+it is pulled. Under prefix-aware routing below saturation the workload itself rarely spills, so
+these are the pulls the run measures under its load.
+
+Pull bandwidth: a pull's bytes over its wall time (request sent to pages inserted: the holder's
+read, the wire, the check, the write into the pool; `pull_bandwidth_bytes_s`), or over the
+transport's part alone (request sent to payload in hand; `pull_fetch_bandwidth_bytes_s`). The raw
+transport it is set against (`pull_vs_replica_raw_under_load`, the issue's figure): a plain call
+from one replica to another returning as many bytes as a system prompt's pages (the spills'
+size) as a uint8 array, the way a payload's data travels, through the same path (the holder's
+actor and Serve request wrapper, the object store: `TargetWorker.probe_raw`), made every 3 s while
+the workload runs, so in the same run, on replicas under the same load (median). Also reported,
+not comparable to a loaded pull: the same call replica to replica on idle replicas after the run
+at the mean pull's size (`replica_raw_call_bandwidth_bytes_s`, beside the idle export path
+`replica_export_fetch_bandwidth_bytes_s`), and calls from the bench's driver to a plain actor
+(`raw_ray_call_bandwidth_bytes_s_at_mean_pull` idle; `raw_bandwidth_bytes_s_under_load`, 4 MiB
+every 2 s during the run).
 """
 
 from __future__ import annotations
@@ -17,79 +32,9 @@ import statistics
 import sys
 import time
 
+from cluster.bench import tier_probes as probes
+
 VARIANTS = ("no_tier", "host_tier", "host_tier+pulls")
-
-
-def _source(num_bytes: int):
-    """An actor whose `get` returns `num_bytes` bytes as a payload's data travels (a uint8 array:
-    out of band, no pickling)."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Source:
-        def __init__(self, n: int):
-            import numpy as np
-
-            self.data = np.ones(n, dtype=np.uint8)
-
-        def get(self):
-            return self.data
-
-    src = Source.remote(num_bytes)
-    ray.get(src.get.remote())  # warm: actor started, first transfer done
-    return src
-
-
-def _time_get(src) -> float:
-    import ray
-
-    t0 = time.perf_counter()
-    ray.get(src.get.remote())
-    return time.perf_counter() - t0
-
-
-def _raw_bandwidth(num_bytes: int, repeats: int = 7) -> float:
-    """Bytes/s of one Ray actor call returning `num_bytes` bytes to this process (median of `repeats`)."""
-    import ray
-
-    src = _source(num_bytes)
-    times = [_time_get(src) for _ in range(repeats)]
-    ray.kill(src)
-    return num_bytes / statistics.median(times)
-
-
-class _RawProbe:
-    """The raw actor call's bandwidth while the workload runs: one call of `num_bytes` every
-    `period_s` from a thread of this process (the same machine load the pulls see)."""
-
-    def __init__(self, num_bytes: int, period_s: float = 2.0):
-        import threading
-
-        self.num_bytes, self.period_s = num_bytes, period_s
-        self.src = _source(num_bytes)
-        self.times: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.times.append(_time_get(self.src))
-
-    def stop(self) -> dict:
-        import ray
-
-        self._stop.set()
-        self._thread.join()
-        idle = [_time_get(self.src) for _ in range(7)]
-        ray.kill(self.src)
-        loaded = self.num_bytes / statistics.median(self.times) if self.times else 0.0
-        return dict(
-            raw_probe_bytes=self.num_bytes,
-            raw_probe_calls_under_load=len(self.times),
-            raw_bandwidth_bytes_s_under_load=loaded,
-            raw_bandwidth_bytes_s_idle=self.num_bytes / statistics.median(idle),
-        )
 
 
 def _transport_bandwidth(config, num_pages: int | None = None, repeats: int = 5) -> dict:
@@ -140,7 +85,7 @@ def _transport_bandwidth(config, num_pages: int | None = None, repeats: int = 5)
         times.append(time.perf_counter() - t0)
         size = payload_bytes(payload)
     serve_bw = size / statistics.median(times[1:])
-    raw_bw = _raw_bandwidth(size)
+    raw_bw = probes.raw_bandwidth(size)
     return out | dict(
         idle_export_bytes=size,
         idle_export_pages=payload.num_pages,
@@ -223,11 +168,31 @@ def _run_variant(variant: str, args, workload) -> dict:
     print(f"[{variant}] starting {args.replicas} replica(s) of {config.model_id}...", file=sys.stderr, flush=True)
     with ServeCluster(config, progress=lambda m: None) as cluster:
         warm(config.app_name, args, vocab)
-        probe = _RawProbe(4 << 20) if config.kv_transfer.enabled else None
+        import os
+
+        load_start, load = os.getloadavg()[0], probes.load_sampler()
+        probe = probes.RawProbe(4 << 20) if config.kv_transfer.enabled else None
+        raw_pages = args.system_len // config.engine.page_size  # a whole system prompt: what pulls move
+        replica_raw = probes.replica_raw_sampler(config.app_name, raw_pages) if config.kv_transfer.enabled else None
+        spills = None
+        if args.spill_period:
+            ps = config.engine.page_size
+            spills = probes.SpillProbe(config.app_name, config.model_id, ps, vocab, args.system_len, args.spill_period)
         turns, elapsed = asyncio.run(_run_workload(cluster.grpc_target, args, vocab))
-        figures = _replica_figures(config.app_name)
+        spill_figures = spills.stop() if spills is not None else {}
+        machine = probes.load_figures(load_start, load.stop())
+        figures = _replica_figures(config.app_name) | spill_figures
         if probe is not None:
             figures |= probe.stop()
+        if replica_raw is not None:
+            raws = replica_raw.stop()
+            if raws:
+                size = raws[0][0]
+                figures |= dict(
+                    replica_raw_bytes_under_load=size,
+                    replica_raw_calls_under_load=len(raws),
+                    replica_raw_bandwidth_bytes_s_under_load=size / statistics.median(t for _, t in raws),
+                )
         if figures["pulls"]:
             # in the run, under its load: bytes over the pulls' wall time (fetch + check + insert),
             # and over their transport time alone (request sent to payload in hand)
@@ -235,7 +200,7 @@ def _run_variant(variant: str, args, workload) -> dict:
             figures["pull_fetch_bandwidth_bytes_s"] = figures["pulled_bytes"] / figures["pull_fetch_time_s"]
             mean_bytes = figures["pulled_bytes"] // figures["pulls"]
             figures["mean_pull_bytes"] = mean_bytes
-            figures["raw_ray_call_bandwidth_bytes_s_at_mean_pull"] = raw = _raw_bandwidth(mean_bytes)
+            figures["raw_ray_call_bandwidth_bytes_s_at_mean_pull"] = raw = probes.raw_bandwidth(mean_bytes)
             figures["pull_vs_raw"] = figures["pull_bandwidth_bytes_s"] / raw
             figures["pull_fetch_vs_raw"] = figures["pull_fetch_bandwidth_bytes_s"] / raw
             if figures.get("raw_bandwidth_bytes_s_under_load"):  # the same load as the pulls (4 MiB calls)
@@ -245,13 +210,19 @@ def _run_variant(variant: str, args, workload) -> dict:
         if config.kv_transfer.enabled:
             mean_pages = figures["pulled_pages"] // figures["pulls"] if figures["pulls"] else None
             figures |= _transport_bandwidth(config, mean_pages)
+            if figures["pulls"] and figures.get("replica_raw_bandwidth_bytes_s_under_load"):
+                # the headline: pulls (whole: fetch, check, insert) against a plain call replica to
+                # replica through the same path, at a system prompt's pages, in the same run and load
+                raw = figures["replica_raw_bandwidth_bytes_s_under_load"]
+                figures["pull_vs_replica_raw_under_load"] = figures["pull_bandwidth_bytes_s"] / raw
+                figures["pull_fetch_vs_replica_raw_under_load"] = figures["pull_fetch_bandwidth_bytes_s"] / raw
             if figures["pulls"] and figures.get("replica_raw_call_bandwidth_bytes_s"):
                 # the issue's figure: pulls (whole: fetch, check, insert) against the raw transport
                 # replica to replica, at the mean pull's size, in the same cluster
                 raw = figures["replica_raw_call_bandwidth_bytes_s"]
                 figures["pull_vs_replica_raw"] = figures["pull_bandwidth_bytes_s"] / raw
                 figures["pull_fetch_vs_replica_raw"] = figures["pull_fetch_bandwidth_bytes_s"] / raw
-    report = _report(variant, turns, elapsed) | {"tiers": figures}
+    report = _report(variant, turns, elapsed) | {"tiers": figures, "machine": machine}
     print(
         f"[{variant}] {report['requests']} requests in {elapsed:.1f} s, hit rate {report['cache_hit_rate']:.1%}, "
         f"mean TTFT {report['ttft_s']['mean'] * 1e3:.0f} ms, {figures}",
@@ -259,6 +230,12 @@ def _run_variant(variant: str, args, workload) -> dict:
         flush=True,
     )
     return report
+
+
+def _ratio(base: dict, other: dict) -> float | None:
+    """How many times lower `other`'s mean spill TTFT is than `base`'s (None without spills)."""
+    a, b = base.get("spill_ttft_s"), other.get("spill_ttft_s")
+    return a["mean"] / b["mean"] if a and b and b["mean"] else None
 
 
 def run_tiers(args, run_workload, report, table) -> dict:
@@ -273,6 +250,7 @@ def run_tiers(args, run_workload, report, table) -> dict:
             "ttft_mean_x_lower": base["ttft_s"]["mean"] / r["ttft_s"]["mean"] if r["ttft_s"]["mean"] else None,
             "ttft_p90_x_lower": base["ttft_s"]["p90"] / r["ttft_s"]["p90"] if r["ttft_s"]["p90"] else None,
             "hit_rate": r["cache_hit_rate"],
+            "spill_ttft_mean_x_lower": _ratio(base["tiers"], r["tiers"]),
         }
         for r in reports[1:]
     }

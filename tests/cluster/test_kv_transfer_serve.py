@@ -116,6 +116,10 @@ def test_a_replica_pulls_the_prefix_another_computed_and_the_output_is_identical
     assert (st.num_pulls, st.num_pages) == (1, 16) and st.num_bytes > 0
     assert pinned("stats", a).num_exported_pages == 16
     assert pinned("stats", b).num_inserted_pages == 16
+    # the raw transport a pull is set against (kvfleet bench serve --tiers): a plain call from b to
+    # a through the same path, returning as many bytes as those 16 pages
+    size, seconds = handle().probe_raw.remote(a, 16, pin_replica=b).result(timeout_s=scaled(60))
+    assert size == st.num_bytes and seconds > 0
 
 
 def test_a_killed_holder_means_recompute_and_a_counted_error(pull_app):

@@ -65,3 +65,18 @@ def test_views_that_are_not_the_stacked_layout_fall_back_to_per_layer_copies():
     base = torch.zeros(LAYERS, 2, PAGES, *SHAPE)
     pages = KVPages([t[1] for t in base], [t[0] for t in base], base)  # k and v swapped: not its views
     assert pages.stacked is None
+
+
+def test_a_copy_of_runs_of_pages_reads_them_in_place_and_moves_the_same_bytes():
+    src = stacked_copy(per_layer(seed=3))
+    for pick, slots in (
+        ([1, 2, 3, 6, 7], [4, 0, 2, 3, 1]),
+        ([5, 0, 3], [0, 2, 1]),
+        (list(range(PAGES)), list(range(PAGES))[::-1]),
+    ):
+        dst = KVPages.host(src, PAGES)
+        dst.stacked.zero_()
+        copy_pages(src, pick, dst, slots)  # few runs (read in place), or scattered (gather, then scatter)
+        assert torch.equal(dst.gather(slots), src.gather(pick))
+        others = [s for s in range(PAGES) if s not in slots]
+        assert not dst.gather(others).any() if others else True

@@ -6,9 +6,11 @@ inserts pages, while its engine step runs; exported pages are referenced only fo
 
 import asyncio
 import dataclasses
+import gc
 import random
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,3 +249,59 @@ async def test_a_pull_too_small_to_pay_for_its_latency_is_not_attempted_nor_loca
     p = KVPuller(puller, transport, locate, slow_start)
     assert await p.prepare(request) == 0
     assert p.stats.fallbacks["not_worth"] == 1 and not asked and transport.calls == 0
+
+
+async def test_room_for_pulled_pages_is_made_while_they_travel_and_unused_room_is_given_back(make_engine):
+    holder, puller, request, _ = await setup(make_engine)
+    free = puller.pool.num_free_pages
+    seen = []
+
+    class Watching(InProcess):
+        async def fetch(self, replica_id, hashes, timeout_s):
+            payload = await super().fetch(replica_id, hashes, timeout_s)
+            seen.append(puller.pool.num_free_pages)  # while the pages "travel" (delay_s)
+            return payload
+
+    p = KVPuller(puller, Watching({"A": holder}, delay_s=0.05), located({"A": 16}), FAST)
+    assert await p.prepare(request) == 16
+    assert seen == [free - 16]  # reserved before the payload arrived
+    assert puller.pool.num_free_pages == free  # inserted as unreferenced cached pages
+    assert p.stats.phase_s["reserve"] > 0
+    # a reservation the insert cannot fill (the puller computed half the pages meanwhile): the
+    # rest goes back, and the pages cached meanwhile are kept, not overwritten
+    other = make_engine(replica_id="C")
+    hashes = list(request.page_hashes)
+    reservation = other.reserve_pages(hashes, 0)
+    assert len(reservation.pages) == 16 and other.pool.num_free_pages == other.pool.num_pages - 16
+    half = [*ids(64, seed=11)[:32], 3]
+    await other.complete(GenerateRequest(half, GREEDY))
+    payload = await holder.export_pages(hashes)
+    assert await other.insert_pages(payload, hashes, 0, reservation=reservation) == 8
+    assert other.pool.num_free_pages == other.pool.num_pages and other.kv_cache.held_run(hashes) == 16
+    ref = await holder.complete(dataclasses.replace(request, request_id="ref"))
+    out = await other.complete(dataclasses.replace(request, request_id="c"))
+    assert out.num_cached_prompt_tokens == 64 and out.token_ids == ref.token_ids
+    # released unused (a failed pull): every page back, nothing cached from it
+    again = other.reserve_pages([h ^ 7 for h in hashes], 0)
+    other.release_pages(again)
+    other.release_pages(again)  # idempotent
+    assert other.pool.num_free_pages == other.pool.num_pages
+
+
+async def test_an_exports_buffer_is_reused_only_once_the_payload_that_had_it_is_gone(make_engine):
+    holder = make_engine(replica_id="A")
+    prompt = [*ids(64, seed=11), 3]
+    await holder.complete(GenerateRequest(prompt, GREEDY))
+    hashes = page_hashes(prompt, 4, holder.model_id)
+    first = holder.page_io.export(hashes)
+    want, at = bytes(first.data), first.data.ctypes.data
+    second = holder.page_io.export(hashes[:8])  # the first payload is still held: a buffer of its own
+    assert not np.shares_memory(first.data, second.data) and bytes(first.data) == want
+    whole = torch.from_numpy(first.data.copy())
+    lay = holder.page_io.layout
+    pages = whole.view(lay.num_layers, 2, 16, -1)[:, :, :8].contiguous().view(-1)
+    assert bytes(second.data) == pages.numpy().tobytes()
+    del first
+    gc.collect()
+    third = holder.page_io.export(hashes)  # the first's buffer, free again
+    assert third.data.ctypes.data == at and bytes(third.data) == want

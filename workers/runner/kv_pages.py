@@ -190,8 +190,15 @@ def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: 
         dst.load(src, src_pages, dst_pages)  # a restore: asynchronous
         return
     src.wait_written()  # pages restored or inserted a moment ago, evicted now
-    si = torch.tensor(list(src_pages), dtype=torch.long, device=src.device)
     di = torch.tensor(list(dst_pages), dtype=torch.long, device=dst.device)
+    runs = _runs(src_pages)
+    if both and src.device.type == dst.device.type == "cpu" and len(runs) <= max(4, len(src_pages) // 8):
+        # few runs of consecutive pages (a sequence's pages, evicted together): each run is read in
+        # place, one pass over the bytes instead of a gather and a scatter (a host-tier store on CPU)
+        for start, first, n in runs:
+            dst.stacked.index_copy_(2, di[start : start + n], src.stacked[:, :, first : first + n])
+        return
+    si = torch.tensor(list(src_pages), dtype=torch.long, device=src.device)
     if both:  # every layer in one op each way
         dst.stacked.index_copy_(2, di, src.stacked.index_select(2, si).to(dst.device))
         dst.mark_written()
@@ -200,6 +207,16 @@ def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: 
         for a, b in zip(s, d, strict=True):
             b.index_copy_(0, di, a.index_select(0, si).to(dst.device))
     dst.mark_written()
+
+
+def _runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
+    """`pages` as maximal runs of consecutive page numbers: (index in `pages`, first page, length)."""
+    runs, start = [], 0
+    for i in range(1, len(pages) + 1):
+        if i == len(pages) or pages[i] != pages[i - 1] + 1:
+            runs.append((start, pages[start], i - start))
+            start = i
+    return runs
 
 
 def _views_of(stacked: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
