@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eng.add_argument("--quantization-group-size", type=int, default=128)
     eng.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: E4M3 KV pages")
+    eng.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="the model's dtype (engine default: auto)"
+    )
     eng.set_defaults(func=cmd_bench_engine)
 
     from cluster.bench.realmodel import add_realmodel_parser

@@ -63,6 +63,21 @@ def test_aten_int4_prefill_rows_dequantize_and_equal_the_reference(group_size):
         _close(aten.matmul(x, *prepared), ref.matmul(x, *ref.prepare(w)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_rows_equal_the_reference_in_either_dense_dtype(monkeypatch, dtype):
+    """The dequantized prefill matmuls run in bfloat16 on CPUs with bfloat16 arithmetic and in
+    float32 elsewhere (`dense_dtype`); both round input and output as the kernels do."""
+    monkeypatch.setattr(backends, "dense_dtype", lambda: dtype)
+    torch.manual_seed(1)
+    x = torch.randn(backends.PREFILL_ROWS, 256)
+    for kind, group_size in (("int4", 32), ("int8", 256)):
+        w = quantize_rtn(torch.randn(128, 256), kind, group_size)
+        aten, ref = get_backend(kind, CPU, "aten"), get_backend(kind, CPU, "reference")
+        y = aten.matmul(x, *aten.prepare(w))
+        assert y.dtype == torch.float32 and torch.equal(y, y.bfloat16().float())
+        _close(y, ref.matmul(x, *ref.prepare(w)))
+
+
 @pytest.mark.parametrize("rows", [1, 16, backends.PREFILL_ROWS])  # the last through bfloat16
 def test_aten_int8_equals_the_reference(rows):
     torch.manual_seed(rows)
@@ -102,7 +117,7 @@ def test_quant_weight_slices_keep_whole_groups():
         w.cols(16, 64)
 
 
-@pytest.mark.parametrize("rows", [1, 8])  # aten's int8 kernel, then the bfloat16 copy
+@pytest.mark.parametrize("rows", [1, 8, 32])  # int8; int8 or the dense matmul (by CPU); the dense matmul
 def test_logits_head_refines_its_top_tokens_in_float32(rows):
     """The int8 logits head: the REFINED_TOKENS highest logits of a row are the float matmul's (to
     float32 summation order), so greedy choices and log-probabilities are the float model's; the

@@ -6,7 +6,10 @@
   contract's formula. int8: `_weight_int8pack_mm`, per output channel only; a group-wise int8
   weight (GGUF Q8_0, group 32) is requantized per channel at load, and the error is logged. Both
   kernels are fast only with bfloat16 activations (measured on AMX and AVX-512: float32 inputs are
-  10-60x slower), so x is cast to bfloat16 and the result back to x's dtype.
+  10-60x slower; on AVX2 alone 5-20x), so x is cast to bfloat16 and the result back to x's dtype.
+  Where a layer's weight is dequantized for a matmul instead (prefill rows, the logits head's many
+  rows), that matmul runs in bfloat16 only on a CPU with bfloat16 arithmetic (AMX, AVX-512 BF16):
+  elsewhere oneDNN emulates it, 2-5x slower than float32 (`dense_dtype`).
 - `triton` (CUDA): workers/kernels/triton_quant.py, imported lazily (`prepare_*` repacks once at
   load, `*_matmul(x, *prepared)` runs).
 - `reference` (any device): workers/kernels/quant_reference.py, dequantize then multiply in float32:
@@ -35,6 +38,17 @@ log = logging.getLogger(__name__)
 CPU_ACT_DTYPE = torch.bfloat16
 
 
+@functools.cache
+def dense_dtype() -> torch.dtype:
+    """The dtype of the CPU matmuls that multiply a dequantized weight: bfloat16 where the CPU has
+    bfloat16 arithmetic (AMX or AVX-512 BF16), float32 elsewhere (measured 2026-12-05 on an AVX2 EPYC,
+    1 thread, 49152 x 576 at 16 rows: bfloat16 284 ms, float32 61 ms). Inputs and outputs are
+    rounded to bfloat16 either way, as the int8/int4 kernels' are, so only the summation differs."""
+    cpu = torch.cpu
+    native = any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return torch.bfloat16 if native else torch.float32
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -54,13 +68,15 @@ def _aten_prepare_int4(w: QuantWeight):
 
 # aten's int4 kernel is a matrix-vector loop: its time grows with the rows (measured 2026-12-05, 1
 # thread, 3072 x 576: 0.7 ms at 16 rows, 59 ms at 1296), while oneDNN's bfloat16 matmul (AMX) takes
-# 3.5 ms for 1296. From PREFILL_ROWS rows on, the weight is dequantized to bfloat16 for the call
+# 3.5 ms for 1296. From PREFILL_ROWS rows on, the weight is dequantized to `dense_dtype` for the call
 # (2-3 ms for that layer) and multiplied there: a prefill 3-10x faster, decode steps unchanged.
 PREFILL_ROWS = 128
+
+
 def _dequantize_packed_int4(
-    packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block_n: int
+    packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block_n: int, dtype=CPU_ACT_DTYPE
 ) -> torch.Tensor:
-    """W^T [K, N] in bfloat16 from aten's packed int4 CPU weight: bytes [N / block_n, K, block_n / 2],
+    """W^T [K, N] in `dtype` from aten's packed int4 CPU weight: bytes [N / block_n, K, block_n / 2],
     low nibble row j, high row j + block_n / 2; (q - 8) * s + z, in float32, rounded once."""
     n = scales_and_zeros.shape[1]
     k = packed.shape[1] * 2
@@ -68,7 +84,7 @@ def _dequantize_packed_int4(
     q = torch.stack((b & 15, b >> 4), dim=2).permute(1, 0, 2, 3).reshape(k // group_size, group_size, n)
     s = scales_and_zeros[..., 0].float()
     z = scales_and_zeros[..., 1].float() - 8 * s
-    return torch.addcmul(z[:, None, :], q.float(), s[:, None, :]).to(CPU_ACT_DTYPE).view(k, n)
+    return torch.addcmul(z[:, None, :], q.float(), s[:, None, :]).to(dtype).view(k, n)
 
 
 @functools.cache
@@ -93,10 +109,20 @@ def _aten_int4(x, packed, scales_and_zeros, group_size: int):
     n = scales_and_zeros.shape[1]
     block_n = packed_int4_block_n() if x.shape[0] >= PREFILL_ROWS else None
     if block_n and n % block_n == 0:
-        weight_t = _dequantize_packed_int4(packed, scales_and_zeros, group_size, block_n)
-        return torch.mm(x.to(CPU_ACT_DTYPE), weight_t).to(x.dtype)
+        weight_t = _dequantize_packed_int4(packed, scales_and_zeros, group_size, block_n, dense_dtype())
+        return _dense_out(torch.mm(_dense_in(x, weight_t.dtype), weight_t), x.dtype)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(CPU_ACT_DTYPE), packed, group_size, scales_and_zeros)
     return y.to(x.dtype)
+
+
+def _dense_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded to bfloat16 (the kernels' input), held in `dtype`."""
+    return x.to(CPU_ACT_DTYPE).to(dtype)
+
+
+def _dense_out(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y rounded to bfloat16 (the kernels' output), returned in `dtype`."""
+    return y.to(CPU_ACT_DTYPE).to(dtype)
 
 
 def per_channel_int8(w: QuantWeight) -> QuantWeight:
@@ -118,8 +144,8 @@ def _aten_prepare_int8(w: QuantWeight):
 
 def _aten_int8(x, qweight, scales):
     if x.shape[0] >= PREFILL_ROWS:  # a matrix-vector loop too (3072 x 576, 1296 rows, 1 thread: 57 ms; this 4)
-        weight = qweight.to(CPU_ACT_DTYPE) * scales[:, None]
-        return torch.nn.functional.linear(x.to(CPU_ACT_DTYPE), weight).to(x.dtype)
+        weight = qweight.to(dense_dtype()) * scales[:, None].to(dense_dtype())
+        return _dense_out(torch.nn.functional.linear(_dense_in(x, weight.dtype), weight), x.dtype)
     return torch.ops.aten._weight_int8pack_mm(x.to(CPU_ACT_DTYPE), qweight, scales).to(x.dtype)
 
 

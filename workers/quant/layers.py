@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from workers.layers.parallel import TPInfo, full, read_cols, read_rows, shape_of, split
-from workers.quant.backends import Backend
+from workers.quant.backends import Backend, dense_dtype
 from workers.quant.layout import Kind, QuantizationError, QuantWeight, empty, quantize_rtn
 
 _LEAVES = ("qweight", "scales", "zeros")
@@ -186,8 +186,12 @@ class QuantLogitsHead(nn.Module):
     row (the GGUF stores it as Q8_0, and llama.cpp multiplies it in 8 bits too), through the int8
     backend; past `MAX_INT8_ROWS` rows aten's int8 kernel (a matrix-vector loop) is slower than
     oneDNN's bfloat16 matmul of the same values, which the aten backend therefore keeps as well
-    (measured 2026-12-05, 2 threads: int8 0.9 / 1.6 / 6.3 ms at 1 / 4 / 16 rows, bfloat16 1.9 / 2.4 /
-    2.4, float32 2.5 / 5.6 / 9.1; both copies together take 85 MB, less than the float32 head).
+    (measured 2026-12-05 on AMX, 2 threads: int8 0.9 / 1.6 / 6.3 ms at 1 / 4 / 16 rows, bfloat16 1.9 /
+    2.4 / 2.4, float32 2.5 / 5.6 / 9.1; both copies together take 85 MB, less than the float32 head).
+    A CPU without bfloat16 arithmetic (`dense_dtype` float32, e.g. AVX2) keeps no bfloat16 copy: there
+    bfloat16 is the slowest (AVX2 EPYC, 1 thread, 16 rows: bfloat16 284 ms, float32 61-83, int8 60-83;
+    int8 10 / 11 / 17 / 32 ms at 1 / 2 / 4 / 8 rows against float32's 13 / 27 / 47 / 89), so int8
+    serves up to `MAX_INT8_ROWS_FLOAT32` rows and the float rows of the embedding beyond.
 
     Both kernels return bfloat16, whose steps near a logit of 20 are 0.125: greedy decoding would
     meet ties, and log-probabilities would move in steps. So the `REFINED_TOKENS` highest logits of
@@ -198,6 +202,7 @@ class QuantLogitsHead(nn.Module):
     it and no checkpoint saves it."""
 
     MAX_INT8_ROWS = 4
+    MAX_INT8_ROWS_FLOAT32 = 16
     REFINED_TOKENS = 32
 
     def __init__(self, weight: torch.Tensor, backend: Backend):
@@ -216,14 +221,18 @@ class QuantLogitsHead(nn.Module):
                 self._args.append((value,))
         self._matmul = backend.matmul
         self.backend_name = backend.name
-        dense = layout.dequantize().to(torch.bfloat16) if backend.name == "aten" else None
-        self.register_buffer("dense", dense, persistent=False)
+        # the matmul of many rows: a bfloat16 copy, or the float rows themselves (`dense is None`)
+        self.many_rows = backend.name == "aten"
+        bf16 = self.many_rows and dense_dtype() == torch.bfloat16
+        self.max_int8_rows = self.MAX_INT8_ROWS if bf16 else self.MAX_INT8_ROWS_FLOAT32
+        self.register_buffer("dense", layout.dequantize().to(torch.bfloat16) if bf16 else None, persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
-        if self.dense is not None and x.shape[0] > self.MAX_INT8_ROWS:
-            logits = torch.nn.functional.linear(x.to(self.dense.dtype), self.dense).float()
+        if self.many_rows and x.shape[0] > self.max_int8_rows:
+            dense = self.float_weight if self.dense is None else self.dense
+            logits = torch.nn.functional.linear(x.to(dense.dtype), dense).float()
         else:
             logits = self._matmul(x, *[getattr(self, a) if isinstance(a, str) else a[0] for a in self._args]).float()
         top = logits.topk(min(self.REFINED_TOKENS, logits.shape[-1]), dim=-1).indices
