@@ -45,7 +45,9 @@ def dense_dtype() -> torch.dtype:
     1 thread, 49152 x 576 at 16 rows: bfloat16 284 ms, float32 61 ms). Inputs and outputs are
     rounded to bfloat16 either way, as the int8/int4 kernels' are, so only the summation differs."""
     cpu = torch.cpu
-    native = any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    native = any(
+        getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    )
     return torch.bfloat16 if native else torch.float32
 
 
