@@ -34,7 +34,6 @@ class _Rates:
     prefill_time_s: float = 0.0
     decode_seqs: float = 0.0
     decode_time_s: float = 0.0
-    started: bool = False  # a report with work has set the baseline
     prefill_tokens_s: float | None = None
     prefill_at: float = 0.0  # when the rate was last measured (the caller's clock)
     request_cost_s: float | None = None
@@ -56,9 +55,8 @@ class ReplicaRates:
         r = self._rates.setdefault(replica_id, _Rates())
         tokens, t_prefill = float(stats["num_prefill_tokens"]), float(stats.get("prefill_time_s", 0.0))
         seqs, t_decode = float(stats.get("num_decode_seq_steps", 0)), float(stats.get("decode_time_s", 0.0))
-        if not r.started:  # the replica's start-up work (see the module docstring): a baseline only
+        if not (r.prefill_tokens or r.decode_seqs):  # no work seen yet: a start-up report (module docstring)
             r.prefill_tokens, r.prefill_time_s, r.decode_seqs, r.decode_time_s = tokens, t_prefill, seqs, t_decode
-            r.started = tokens > 0 or seqs > 0
             return False
         d_tokens, d_prefill = tokens - r.prefill_tokens, t_prefill - r.prefill_time_s
         if d_tokens < 0 or d_prefill < 0:  # the engine restarted: count from its new counters

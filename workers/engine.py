@@ -227,7 +227,7 @@ class Engine:
         """Room for pages `hashes[start:]` (continuing `hashes[:start]`, held here) that another
         replica is sending: taken at once, while they travel; `insert_pages` fills it,
         `release_pages` gives it back unused."""
-        return self.page_io.reserve(hashes, start)
+        return self.kv_cache.reserve(hashes, start)
 
     def release_pages(self, reservation: Reservation) -> None:
         self.kv_cache.release(reservation)

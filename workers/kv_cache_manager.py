@@ -278,13 +278,11 @@ class KVCacheManager:
             write(pages, [i - start for i in write_at])
             with self.lock:
                 self.pool.commit(pages, [hashes[i] for i in write_at])  # a twin cached meanwhile is swapped in
-                res.done = True
                 self.pool.free(pages)  # the committed pages, as cached (or their twins' extra references)
-                self.pool.free(res.pages[n:])
-                self.pool.free(res.held)
+                res.pages = res.pages[n:]
             return n
         finally:
-            self.release(res)  # on a failed write, or nothing to write: unused pages back as empty
+            self.release(res)  # the held run, and unused pages (all of them on a failed write) back as empty
 
     def commit(self, seq: Sequence, num_tokens: int) -> None:
         """Register the full pages among the first `num_tokens` tokens of `seq` (their KV computed

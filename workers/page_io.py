@@ -5,7 +5,7 @@ device or in its host tier, as a `PagePayload` (kvstore/transport.py) under this
 id and page layout, read while the KV-cache manager holds a reference on every page (so no
 eviction can take one mid-read), into a buffer reused once the payload that had it is gone.
 `PageIO.insert` takes a checked payload and caches its pages in the device pool, as if computed
-here, into pages `PageIO.reserve` took while they travelled. All run on the engine's event loop,
+here, into pages reserved while they travelled (KVCacheManager.reserve). All run on the engine's event loop,
 also while a step computes on the step thread: the KV-cache manager's lock orders their pool
 changes with the step's, an export reads only referenced cached pages (full, final: no step
 writes them), and an insert writes only pages it has reserved (no step reads them).
@@ -71,10 +71,6 @@ class PageIO:
         return PagePayload(
             self.replica_id, self.model_id, self.layout, tuple(hashes[:n]), data, read_at, read_s, *phase
         )
-
-    def reserve(self, hashes: list[PageHash], start: int) -> Reservation:
-        """Room for `hashes[start:]`, taken while they travel (KVCacheManager.reserve)."""
-        return self.kv_cache.reserve(hashes, start)
 
     def insert(
         self,

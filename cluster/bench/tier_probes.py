@@ -9,6 +9,8 @@ import statistics
 import sys
 import time
 
+from cluster.bench.stats import percentile
+
 
 def _source(num_bytes: int):
     """An actor whose `get` returns `num_bytes` bytes as a payload's data travels (a uint8 array:
@@ -48,40 +50,6 @@ def raw_bandwidth(num_bytes: int, repeats: int = 7) -> float:
     return num_bytes / statistics.median(times)
 
 
-class RawProbe:
-    """The raw actor call's bandwidth while the workload runs: one call of `num_bytes` every
-    `period_s` from a thread of this process (the same machine load the pulls see)."""
-
-    def __init__(self, num_bytes: int, period_s: float = 2.0):
-        import threading
-
-        self.num_bytes, self.period_s = num_bytes, period_s
-        self.src = _source(num_bytes)
-        self.times: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.period_s):
-            self.times.append(_time_get(self.src))
-
-    def stop(self) -> dict:
-        import ray
-
-        self._stop.set()
-        self._thread.join()
-        idle = [_time_get(self.src) for _ in range(7)]
-        ray.kill(self.src)
-        loaded = self.num_bytes / statistics.median(self.times) if self.times else 0.0
-        return dict(
-            raw_probe_bytes=self.num_bytes,
-            raw_probe_calls_under_load=len(self.times),
-            raw_bandwidth_bytes_s_under_load=loaded,
-            raw_bandwidth_bytes_s_idle=self.num_bytes / statistics.median(idle),
-        )
-
-
 class Sampler:
     """A thread that calls `sample()` every `period_s` while the workload runs, keeping what it returns."""
 
@@ -105,6 +73,30 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         return self.values
+
+
+class RawProbe:
+    """The raw actor call's bandwidth while the workload runs: one call of `num_bytes` every
+    `period_s` from a thread of this process (the same machine load the pulls see)."""
+
+    def __init__(self, num_bytes: int, period_s: float = 2.0):
+        self.num_bytes = num_bytes
+        self.src = _source(num_bytes)
+        self.sampler = Sampler(lambda: _time_get(self.src), period_s)
+
+    def stop(self) -> dict:
+        import ray
+
+        times = self.sampler.stop()
+        idle = [_time_get(self.src) for _ in range(7)]
+        ray.kill(self.src)
+        loaded = self.num_bytes / statistics.median(times) if times else 0.0
+        return dict(
+            raw_probe_bytes=self.num_bytes,
+            raw_probe_calls_under_load=len(times),
+            raw_bandwidth_bytes_s_under_load=loaded,
+            raw_bandwidth_bytes_s_idle=self.num_bytes / statistics.median(idle),
+        )
 
 
 def load_sampler() -> Sampler:
@@ -197,11 +189,7 @@ class SpillProbe:
             spills=len(spills),
             spill_doc_tokens=self.doc_len,
             spill_hit_rate=sum(s["cached_tokens"] for s in spills) / sum(s["prompt_tokens"] for s in spills),
-            spill_ttft_s=dict(
-                mean=statistics.fmean(ttfts),
-                p50=statistics.median(ttfts),
-                p90=sorted(ttfts)[min(len(ttfts) - 1, int(0.9 * len(ttfts)))],
-            ),
+            spill_ttft_s=dict(mean=statistics.fmean(ttfts), p50=percentile(ttfts, 0.5), p90=percentile(ttfts, 0.9)),
         )
 
 

@@ -46,7 +46,6 @@ def _transport_bandwidth(config, num_pages: int | None = None, repeats: int = 5)
     a raw Ray actor call of as many bytes."""
     import random
 
-    import ray
     from ray import serve
 
     from kvstore.hashing import page_hashes
@@ -54,9 +53,7 @@ def _transport_bandwidth(config, num_pages: int | None = None, repeats: int = 5)
     from workers.replica_actors import ReplicaActors
     from workers.request import GenerateRequest, SamplingParams
 
-    prefix = f"SERVE_REPLICA::{config.app_name}#TargetWorker#"
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-    ids = sorted(n[len(prefix) :] for n in names)
+    ids = probes.replica_ids(config.app_name)
     holder = ids[0]
     rng = random.Random(1)
     ps = config.engine.page_size
@@ -97,15 +94,9 @@ def _transport_bandwidth(config, num_pages: int | None = None, repeats: int = 5)
 
 def _replica_figures(app_name: str) -> dict:
     """Sum of every TargetWorker replica's tier and pull counters (each asked by a pinned call)."""
-    import ray
     from ray import serve
 
-    prefix = f"SERVE_REPLICA::{app_name}#TargetWorker#"
-    ids = [
-        a["name"][len(prefix) :]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(prefix)
-    ]
+    ids = probes.replica_ids(app_name)
     handle = serve.get_deployment_handle("TargetWorker", app_name=app_name)
     out = dict(
         host_stored_pages=0,

@@ -112,19 +112,14 @@ def _aten_int4(x, packed, scales_and_zeros, group_size: int):
     block_n = packed_int4_block_n() if x.shape[0] >= PREFILL_ROWS else None
     if block_n and n % block_n == 0:
         weight_t = _dequantize_packed_int4(packed, scales_and_zeros, group_size, block_n, dense_dtype())
-        return _dense_out(torch.mm(_dense_in(x, weight_t.dtype), weight_t), x.dtype)
+        return _bf16_rounded(torch.mm(_bf16_rounded(x, weight_t.dtype), weight_t), x.dtype)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(CPU_ACT_DTYPE), packed, group_size, scales_and_zeros)
     return y.to(x.dtype)
 
 
-def _dense_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x rounded to bfloat16 (the kernels' input), held in `dtype`."""
-    return x.to(CPU_ACT_DTYPE).to(dtype)
-
-
-def _dense_out(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """y rounded to bfloat16 (the kernels' output), returned in `dtype`."""
-    return y.to(CPU_ACT_DTYPE).to(dtype)
+def _bf16_rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to bfloat16 (as the kernels' inputs and outputs are), held in `dtype`."""
+    return t.to(CPU_ACT_DTYPE).to(dtype)
 
 
 def per_channel_int8(w: QuantWeight) -> QuantWeight:
@@ -147,7 +142,7 @@ def _aten_prepare_int8(w: QuantWeight):
 def _aten_int8(x, qweight, scales):
     if x.shape[0] >= PREFILL_ROWS:  # a matrix-vector loop too (3072 x 576, 1296 rows, 1 thread: 57 ms; this 4)
         weight = qweight.to(dense_dtype()) * scales[:, None].to(dense_dtype())
-        return _dense_out(torch.nn.functional.linear(_dense_in(x, weight.dtype), weight), x.dtype)
+        return _bf16_rounded(torch.nn.functional.linear(_bf16_rounded(x, weight.dtype), weight), x.dtype)
     return torch.ops.aten._weight_int8pack_mm(x.to(CPU_ACT_DTYPE), qweight, scales).to(x.dtype)
 
 
