@@ -448,6 +448,13 @@ def add_serve_parser(bench_subparsers) -> None:
     )
     p.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one engine step")
     p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "fp8", "int8", "int4"],
+        help="every replica's weight scheme (engine.quantization): fp8 halves an 8B shape's weights, so four "
+        "replicas share an 80 GB GPU with room for their KV pools",
+    )
+    p.add_argument(
         "--no-dashboard", dest="dashboard", action="store_false", help="start the local Ray without its dashboard"
     )
     p.add_argument(

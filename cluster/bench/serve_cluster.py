@@ -16,6 +16,7 @@ def engine_settings(args, **overrides) -> dict:
         max_model_len=args.max_model_len,
         num_pages=args.num_pages,
         max_num_seqs=args.max_num_seqs,
+        quantization=getattr(args, "quantization", "none"),
         **engine_options(args.load_format),
         **overrides,
     )
