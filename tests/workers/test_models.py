@@ -138,6 +138,29 @@ def test_dummy_weights_need_no_checkpoint(tmp_path, model_dirs):
     assert 0 < weights["model.embed_tokens.weight"].abs().max() <= 1e-3
 
 
+def test_parameters_are_made_in_the_model_dtype_and_rotary_tables_stay_float32(tmp_path, model_dirs):
+    # made in float32 and cast, an 8B model passes through 32 GB while loading
+    path = tmp_path / "cfg-only"
+    path.mkdir()
+    (path / "config.json").write_text((model_dirs["llama"] / "config.json").read_text())
+    made = []
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.empty and isinstance(out, torch.Tensor):
+                made.append(out.dtype)
+            return out
+
+    ops = get_ops("torch", torch.device("cpu"))
+    with Watch():
+        model = load_model(path, ModelConfig.from_dir(path), torch.bfloat16, torch.device("cpu"), 64, ops, "dummy")
+    assert made and set(made) == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.model.rotary.cos.dtype == torch.float32
+    assert torch.get_default_dtype() == torch.float32
+
+
 def test_unsupported_model_type_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UnsupportedModelError, match=r"gpt2.*llama"):

@@ -14,6 +14,7 @@ workers/quant/compressed_tensors.py maps its tensors onto the same layouts).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -67,9 +68,11 @@ def load_model(
     group_size: int = 128,
     quant_backend: str = "auto",
 ) -> LlamaForCausalLM:
-    with torch.device(device):
+    # Parameters are made in the model dtype (made in float32 and cast, an 8B model would pass
+    # through 32 GB: four replicas sharing a GPU would not fit while loading); rotary tables are
+    # float32 by construction (cast per use, as HF does).
+    with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(cfg, max_positions, ops, tp)
-    # Rotary tables stay float32 (cast per use, as HF does); parameters take the model dtype.
     for p in model.parameters():
         p.data = p.data.to(dtype)
     gguf_file = find_gguf(model_dir) if load_format != "dummy" else None
@@ -134,6 +137,16 @@ def load_model(
         quantize_model(model, quantization, group_size, backend=quant_backend, calib_batches=batches)
         quantize_logits_head(model, quant_backend)
     return model.eval()
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
