@@ -192,11 +192,14 @@ class TargetWorker:
 
     async def __del__(self) -> None:
         # Serve calls this on graceful shutdown: withdraw the heartbeat so routers drop us at once.
-        if self._metrics_task is not None:
+        # Also after a constructor that raised (e.g. out of GPU memory while loading): close what
+        # was made, so the replica's log ends with that error, not a missing attribute.
+        if getattr(self, "_metrics_task", None) is not None:
             self._metrics_task.cancel()
-        await self.engine.shutdown()
-        _close(self.publisher)
-        if self._locator is not None:
+        if getattr(self, "engine", None) is not None:
+            await self.engine.shutdown()
+        _close(getattr(self, "publisher", None))
+        if getattr(self, "_locator", None) is not None:
             self._locator.close()
 
     # ------------------------------------------------------------------ internals
