@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ from workers.engine import Engine
 from workers.kv_transfer import KVPuller, PullStats
 from workers.replica_actors import ReplicaActors
 from workers.request import EngineDeadError, EngineStats, GenerateRequest, TokenDelta
+from workers.spec.channel import ChannelServer, ReplicaChannels
 from workers.spec.draft_client import DraftClientStats, RoutedDraftProposer
 from workers.spec.draft_routes import DraftCall
 from workers.spec.wire import DraftBatch, DraftReply
@@ -58,6 +60,7 @@ class TargetWorker:
         kv_transfer: KVTransferConfig | None = None,
         draft_lookahead: bool = True,
         draft_lookahead_min_rate: float = 0.0,
+        draft_channel: bool = True,
     ):
         """`draft`: a DeploymentHandle to DraftWorker replicas of the model `draft_model_id` (then
         engine_config.speculative's method is 'replicas'); each engine step sends one call per
@@ -67,7 +70,9 @@ class TargetWorker:
         `kv_transfer` (enabled, with an index): before a request enters the engine, pull the
         leading pages of its prompt that another replica holds (workers/kv_transfer.py).
         `draft_lookahead`: ask for each step's next proposals while it verifies (draft_client.py),
-        where steps accept whole proposals at least `draft_lookahead_min_rate` of the time."""
+        where steps accept whole proposals at least `draft_lookahead_min_rate` of the time.
+        `draft_channel`: pinned calls over each draft replica's socket channel (workers/spec/channel.py)
+        where it is up, else through its actor."""
 
         from workers.metrics import WorkerMetrics
 
@@ -79,7 +84,7 @@ class TargetWorker:
             if not draft_model_id:
                 raise ValueError("draft_model_id is required with draft replicas: their pages are indexed under it")
             proposer = RoutedDraftProposer(
-                draft_submit(draft),
+                draft_submit(draft, channel=draft_channel),
                 torch.device("cpu"),
                 config.page_size,
                 draft_model_id,
@@ -233,21 +238,37 @@ class TargetWorker:
             await asyncio.sleep(self._metrics_period_s)
 
 
-def draft_submit(handle, direct: bool = True):
+def draft_submit(handle, direct: bool = True, channel: bool = True):
     """`submit` for a RoutedDraftProposer: one `DraftCall` through a DraftWorker DeploymentHandle.
     The keywords are for the deployment's request router (StickyPrefixRouter reads them). With
-    `direct`, a call pinned to a replica goes straight to that replica's actor (`ReplicaActors`):
-    no routing decision per step for a sequence whose replica is known."""
+    `direct`, a call pinned to a replica goes straight to that replica: over its socket channel
+    (`channel`, workers/spec/channel.py: no Ray on the round trip) once that is up, else to the
+    replica's actor (`ReplicaActors`): no routing decision per step for a sequence whose replica
+    is known."""
     actors = ReplicaActors(handle.app_name, handle.deployment_name) if direct else None
+    channels = ReplicaChannels(_channel_address(actors)) if actors is not None and channel else None
 
     def submit(call: DraftCall):
         if actors is not None and call.replica_id is not None:
-            pending = actors.call(call.replica_id, "propose", call.batch)
+            pending = channels.call(call.replica_id, call.batch) if channels is not None else None
+            if pending is None:
+                pending = actors.call(call.replica_id, "propose", call.batch)
             if pending is not None:
                 return pending
         return handle.propose.remote(call.batch, page_hashes=call.page_hashes, draft_replica=call.replica_id)
 
+    submit.channels = channels  # for tests and benches
     return submit
+
+
+def _channel_address(actors: ReplicaActors, timeout_s: float = 30.0):
+    """A replica's channel address, asked once through its actor (None: no actor, or no channel)."""
+
+    def fetch(replica_id: str):
+        pending = actors.call(replica_id, "channel_address")
+        return None if pending is None else pending.result(timeout_s)
+
+    return fetch
 
 
 @dataclass
@@ -266,27 +287,37 @@ class DraftWorkerStats:
 
 class DraftWorker:
     """A draft replica: one draft model with its own paged KV cache and prefix caching
-    (workers/spec/draft_model.py), answering proposal calls. Calls run one at a time on the replica's event
-    loop; sessions of requests that ended are released by the next call (`DraftBatch.released`)
-    or evicted when its pool runs short. With `index_config`, its KV events and heartbeats go to
-    the shared page index under its Serve replica id and the draft model's id."""
+    (workers/spec/draft_model.py), answering proposal calls, from Serve and (`channel`) from its
+    socket channel (workers/spec/channel.py, for pinned calls), one at a time (a lock); sessions
+    of requests that ended are released by the next call (`DraftBatch.released`) or evicted when
+    its pool runs short. With `index_config`, its KV events and heartbeats go to the shared page
+    index under its Serve replica id and the draft model's id."""
 
     _MAX_TRACKED_REQUESTS = 4096
 
     def __init__(
-        self, engine_config: EngineConfig, num_speculative_tokens: int, index_config: IndexConfig | None = None
+        self,
+        engine_config: EngineConfig,
+        num_speculative_tokens: int,
+        index_config: IndexConfig | None = None,
+        channel: bool = True,
     ):
         from workers.spec.draft_model import DraftModel
+
+        self.channel: ChannelServer | None = None
+        self.publisher: Publisher | None = None
+        self._lock = threading.Lock()  # the model serves one call at a time, from Serve or the channel
 
         self.model = DraftModel.standalone(engine_config, num_speculative_tokens)
         self.replica_id = _serve_replica_id()
         self.counters = DraftWorkerStats(self.replica_id, self.model.model_id)
         self._calls_per_request: OrderedDict[str, int] = OrderedDict()
-        self.publisher: Publisher | None = None
         if index_config is not None and self.replica_id:
             index = PageIndex(index_config, self.model.model_id)
             self.publisher = Publisher(index, self.replica_id, self._load).start()
             self.model.publish_kv_events(self.publisher.submit, self.replica_id)
+        if channel:
+            self.channel = ChannelServer(self._serve, _node_ip())
         logger.info(
             "DraftWorker %s serves %s (%d pages)", self.replica_id, self.model.model_id, self.model.pool.num_pages
         )
@@ -295,6 +326,17 @@ class DraftWorker:
         self, batch: DraftBatch, page_hashes: list[PageHash] | None = None, draft_replica: str | None = None
     ) -> list[DraftReply]:
         """`page_hashes` and `draft_replica` are for the request router (StickyPrefixRouter)."""
+        return self._serve(batch)
+
+    def channel_address(self) -> tuple[str, int, bytes] | None:
+        """Where this replica's channel listens, with its authkey (None: no channel)."""
+        return None if self.channel is None else self.channel.address
+
+    def _serve(self, batch: DraftBatch) -> list[DraftReply]:
+        with self._lock:
+            return self._serve_locked(batch)
+
+    def _serve_locked(self, batch: DraftBatch) -> list[DraftReply]:
         st = self.counters
         for r in batch.requests:
             self._calls_per_request[r.request_id] = self._calls_per_request.get(r.request_id, 0) + 1
@@ -330,7 +372,9 @@ class DraftWorker:
         pass
 
     async def __del__(self) -> None:
-        _close(self.publisher)
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
+        _close(getattr(self, "publisher", None))
 
     def _load(self) -> ReplicaLoad:
         pool = self.model.pool
@@ -353,6 +397,16 @@ def _own_deployment_handle():
 
     ctx = serve.get_replica_context()
     return serve.get_deployment_handle(ctx.deployment, ctx.app_name)
+
+
+def _node_ip() -> str:
+    """This node's IP in the Ray cluster (loopback outside Ray)."""
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
 
 
 def _serve_replica_id() -> str:

@@ -65,7 +65,8 @@ class DraftClientStats:
     num_calls: int = 0
     num_pinned_calls: int = 0
     num_routed_calls: int = 0  # unpinned: routed by page hashes
-    num_direct_calls: int = 0  # pinned calls (lookahead ones included) sent straight to the replica's actor
+    num_direct_calls: int = 0  # pinned calls (lookahead ones included) sent straight to the replica (actor or channel)
+    num_channel_calls: int = 0  # of those, over the replica's socket channel (workers/spec/channel.py)
     num_failed_calls: int = 0  # raised, timed out, or answered malformed
     num_moved: int = 0  # sequences answered by another replica than their pin (it had gone)
     num_dropped: int = 0  # assignments dropped because their replica's call failed
@@ -83,8 +84,8 @@ class DraftClientStats:
 
 
 class PendingCall(Protocol):
-    """A call in flight (a DeploymentResponse, or a direct call on a replica's actor, which says
-    so with a true `direct` attribute)."""
+    """A call in flight (a DeploymentResponse, or a direct call on a replica's actor or channel,
+    which says so with a true `direct` attribute; a channel call also with a true `channel`)."""
 
     def result(self, timeout_s: float | None = None) -> Any: ...
 
@@ -250,7 +251,7 @@ class RoutedDraftProposer:
         for call in self.routes.plan_ahead(seqs, asked, num_tokens):
             try:
                 pending: PendingCall | Exception = self.submit(call)
-                self.stats.num_direct_calls += getattr(pending, "direct", False) is True
+                self._count(pending)
             except Exception as exc:
                 pending = exc
             sent = _AheadCall(call, pending, self.stats)
@@ -270,7 +271,7 @@ class RoutedDraftProposer:
         for call in calls:
             try:
                 pending.append((call, self.submit(call)))
-                self.stats.num_direct_calls += getattr(pending[-1][1], "direct", False) is True
+                self._count(pending[-1][1])
             except Exception as exc:
                 pending.append((call, exc))
         answered = 0
@@ -314,6 +315,10 @@ class RoutedDraftProposer:
         self._ahead.pop(request_id, None)
         self._after_full.pop(request_id, None)
         self.routes.release(request_id)
+
+    def _count(self, pending: PendingCall) -> None:
+        self.stats.num_direct_calls += getattr(pending, "direct", False) is True
+        self.stats.num_channel_calls += getattr(pending, "channel", False) is True
 
     @staticmethod
     def _result(response: PendingCall, deadline: float) -> list[DraftReply]:
