@@ -70,6 +70,7 @@ def build_app(config: ClusterConfig) -> Application:
             with_cpu_threads(config.draft.engine_config(config.engine), config.draft.num_cpus),
             config.draft.num_speculative_tokens,
             config.index,
+            config.draft.channel,
         )
         engine = engine.model_copy(update={"speculative": config.draft.speculative()})
         draft_args = dict(
@@ -78,6 +79,7 @@ def build_app(config: ClusterConfig) -> Application:
             draft_model_id=config.draft_model_id,
             draft_lookahead=config.draft.lookahead,
             draft_lookahead_min_rate=config.draft.lookahead_min_rate,
+            draft_channel=config.draft.channel,
         )
     if config.kv_transfer.enabled:
         draft_args["kv_transfer"] = config.kv_transfer

@@ -93,6 +93,14 @@ class DraftConfig(_Section):
         "For draft replicas without spare capacity (a lookahead that misses delays the call after it); "
         "0.3 skips most lookaheads after a rejection (with the demo pair, 26% of those steps accept everything).",
     )
+    channel: bool = Field(
+        True,
+        description="Pinned proposal calls (a sequence's calls after its first) go over a socket from the target "
+        "straight to its draft replica (opened once per replica, authenticated with a key the replica hands out "
+        "through Ray), not through Ray and Serve's request wrapper: a round trip of well under a millisecond "
+        "instead of several. Ray Serve still places, routes and replaces the replicas; a channel that fails is "
+        "dropped and that replica's calls go through Ray. False: no socket (every call through Ray).",
+    )
     retry_after_s: float = Field(5.0, gt=0, description="After a failed call, targets decode alone this long.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per draft replica.")
     num_gpus: float | None = Field(

@@ -179,8 +179,10 @@ def test_greedy_output_through_draft_replicas_equals_the_plain_engines_and_each_
     assert client.num_failed_calls == 0
     # the steps after each request's first call are pinned: one call per replica per step
     assert client.num_pinned_calls > client.num_routed_calls > 0
-    # pinned calls go straight to their replica's actor; proposals computed ahead answer some steps
+    # pinned calls go straight to their replica (over its socket channel once that is up, through
+    # its actor before); proposals computed ahead answer some steps
     assert client.num_direct_calls >= client.num_pinned_calls and client.num_ahead_hits > 0, client
+    assert client.num_channel_calls > 0, client
     stats = draft_stats()
     assert len(stats) == 2
     for i in range(len(PROMPTS)):

@@ -156,3 +156,30 @@ async def test_a_killed_draft_replica_costs_nothing_and_speculation_resumes(ray_
     await close(engine)
     for r in replicas[1:]:
         ray.kill(r)
+
+
+async def test_calls_over_a_replicas_channel_keep_greedy_output_identical(ray_session, greedy_reference):
+    """Every call over the DraftWorker's socket channel once it is up (its actor before): a
+    lookahead and a step's call may be in flight at once on two connections, and the replica's
+    lock serialises them. Killing the replica fails the channel's calls like any failed call."""
+    ray = ray_session
+    from workers.deployment import DraftWorker
+    from workers.spec.channel import ReplicaChannels
+
+    actor_cls = ray.remote(num_cpus=0)(DraftWorker)
+    replica = actor_cls.remote(draft_config(), 4)
+    channels = ReplicaChannels(lambda rid: ray.get(replica.channel_address.remote(), timeout=60))
+
+    def submit(call):
+        return channels.call("r0", call.batch) or RayCall(ray, replica.propose.remote(call.batch))
+
+    engine = Engine(target_config(retry_after_s=0.3), proposer=proposer(submit, timeout_s=30))
+    assert await run_all(engine, SamplingParams(max_tokens=40, ignore_eos=True)) == greedy_reference
+    client = engine.spec.proposer.stats
+    assert client.num_channel_calls > 0 and client.num_failed_calls == 0, client
+    assert channels.ready("r0")
+    ray.kill(replica)
+    outputs = await asyncio.wait_for(run_all(engine, SamplingParams(max_tokens=40, ignore_eos=True)), 120)
+    assert outputs == greedy_reference
+    assert engine.stats().spec_failures >= 1 and not channels.ready("r0")
+    await close(engine)
