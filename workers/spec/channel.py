@@ -179,7 +179,7 @@ class _Channel:
         self.replica_id = replica_id
         self.links = links
         self.dropped = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a call dropped unread frees its link from __del__
 
     def call(self, request: Any) -> ChannelCall | None:
         with self._lock:
