@@ -16,10 +16,12 @@ prefix-aware router (cluster/bench/spec_replicas.py), and the target engine here
 through a real DeploymentHandle (workers/spec/draft_client.py's RoutedDraftProposer): the same
 rows as the in-process draft, timed beside them; the report's `replicas_vs_in_process` gives
 the ratio of their tok/s per (batch, k). `replicas` is the client as the cluster runs it (pinned
-calls straight to the replica's actor, proposals computed ahead during verification);
+calls straight to the replica over its socket channel, proposals computed ahead during
+verification); `replicas-actor` sends those calls through the replica's actor instead;
 `replicas-selective` asks for lookaheads only where steps often accept everything,
 `replicas-direct` never; `replicas-plain` is the client without either (every call through the
-handle's router, no lookahead), for a before/after in one run.
+handle's router, no lookahead), for a before/after in one run. `draft_round_trip_ms`: the median
+of an empty call pinned to a replica (no draft work) over its channel, its actor and the handle.
 
     kvfleet bench spec --device cuda --json bench/results/spec-h100.json
     kvfleet bench spec --proposers draft replicas --json bench/results/spec-cpu-replicas.json
@@ -179,7 +181,10 @@ def run_spec_bench(args) -> dict:
         for name, client in clients.items():
             report.setdefault("draft_client", {})[name] = asdict(client.stats)
         if replicas is not None:
-            replicas.close()
+            try:
+                report["draft_round_trip_ms"] = replicas.round_trips()
+            finally:
+                replicas.close()
     report["replicas_vs_in_process"] = _ratios(report["rows"])
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     for r in report["replicas_vs_in_process"]:
@@ -286,7 +291,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--proposers",
         nargs="+",
         default=["ngram", "draft"],
-        choices=["ngram", "draft", "replicas", "replicas-selective", "replicas-direct", "replicas-plain"],
+        choices=[
+            "ngram",
+            "draft",
+            "replicas",
+            "replicas-actor",
+            "replicas-selective",
+            "replicas-direct",
+            "replicas-plain",
+        ],
     )
     p.add_argument("--draft-replicas", type=int, default=2, help="DraftWorker replicas (proposer 'replicas')")
     p.add_argument("--draft-num-cpus", type=float, default=1.0, help="CPUs Ray reserves per draft replica")

@@ -2,8 +2,9 @@
 behind their sticky prefix-aware router, as cluster/app.py deploys them, and the target's clients
 of them (workers/spec/draft_client.py's RoutedDraftProposer) over one DeploymentHandle.
 
-Every client (`replicas`: pinned calls straight to the replica's actor, proposals computed ahead
-during verification, as the cluster runs it; `replicas-selective`: lookaheads only where steps
+Every client (`replicas`: pinned calls straight to the replica over its socket channel, proposals
+computed ahead during verification, as the cluster runs it; `replicas-actor`: the same with pinned
+calls through the replica's actor instead (draft.channel off); `replicas-selective`: lookaheads only where steps
 accept their whole proposal at least 30% of the time; `replicas-direct`: no lookahead;
 `replicas-plain`: every call through the handle's router, no lookahead) talks to the same
 replicas, so their rows share the draft's deployment and the machine's state.
@@ -15,12 +16,15 @@ import torch
 
 from cluster.config import DraftConfig
 
-# proposer name -> (pinned calls straight to the replica's actor, lookahead's min rate; None: no lookahead)
+# proposer name -> (pinned calls straight to the replica, lookahead's min rate (None: no lookahead),
+# those calls over the replica's channel rather than its actor)
+_CHANNEL = DraftConfig.model_fields["channel"].default
 VARIANTS = {
-    "replicas": (True, DraftConfig.model_fields["lookahead_min_rate"].default),
-    "replicas-selective": (True, 0.3),
-    "replicas-direct": (True, None),
-    "replicas-plain": (False, None),
+    "replicas": (True, DraftConfig.model_fields["lookahead_min_rate"].default, _CHANNEL),
+    "replicas-actor": (True, DraftConfig.model_fields["lookahead_min_rate"].default, False),
+    "replicas-selective": (True, 0.3, _CHANNEL),
+    "replicas-direct": (True, None, _CHANNEL),
+    "replicas-plain": (False, None, False),
 }
 
 
@@ -68,9 +72,9 @@ class DraftReplicas:
         from workers.deployment import draft_submit
         from workers.spec.draft_client import RoutedDraftProposer
 
-        direct, min_rate = VARIANTS[name]
+        direct, min_rate, channel = VARIANTS[name]
         return RoutedDraftProposer(
-            draft_submit(self.handle, direct=direct),
+            draft_submit(self.handle, direct=direct, channel=channel),
             device,
             self.page_size,
             self.model_id,
@@ -78,6 +82,42 @@ class DraftReplicas:
             lookahead=min_rate is not None,
             lookahead_min_rate=min_rate or 0.0,
         )
+
+    def round_trips(self, n: int = 200) -> dict:
+        """Median ms of an empty proposal call (no sequences: transport and wrappers, no draft work)
+        pinned to one replica, `n` of each in turn: over its channel, through its actor, and
+        through the handle's router."""
+        import statistics
+        import time
+
+        from workers.deployment import draft_submit
+        from workers.spec.draft_routes import DraftCall
+        from workers.spec.wire import DraftBatch
+
+        rid = self.handle.stats.remote().result(timeout_s=60).replica_id
+        call = DraftCall(rid, [], DraftBatch([]))
+        over_channel = draft_submit(self.handle, channel=True)
+        deadline = time.monotonic() + 30
+        while not over_channel.channels.ready(rid) and time.monotonic() < deadline:
+            over_channel(call).result(timeout_s=10)
+            time.sleep(0.01)
+        paths = {
+            "channel": over_channel,
+            "actor": draft_submit(self.handle, channel=False),
+            "handle": lambda c: self.handle.propose.remote(c.batch, draft_replica=c.replica_id),
+        }
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        kinds: dict[str, set] = {name: set() for name in paths}
+        for _ in range(n):
+            for name, submit in paths.items():
+                t0 = time.perf_counter()
+                pending = submit(call)
+                pending.result(timeout_s=10)
+                times[name].append(time.perf_counter() - t0)
+                kinds[name].add(type(pending).__name__)
+        out = {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
+        out["call_types"] = {name: sorted(k) for name, k in kinds.items()}  # the channel's must be ChannelCall
+        return out
 
     def close(self) -> None:
         import ray
@@ -109,4 +149,6 @@ def lookahead_row(before: dict, after: dict) -> dict:
         # of which the replica's own work (the rest: Ray, Serve, pickling, waiting for a busy replica)
         "call_compute_ms": round(1e3 * d["call_compute_s"] / max(1, d["num_calls"]), 3),
         "ahead_compute_ms": round(1e3 * d["ahead_compute_s"] / max(1, d["num_ahead_read"]), 3),
+        "direct_calls": d["num_direct_calls"],  # pinned calls straight to the replica (lookaheads included)
+        "channel_calls": d["num_channel_calls"],  # of those, over its socket channel
     }
