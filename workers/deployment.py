@@ -198,6 +198,8 @@ class TargetWorker:
         _close(self.publisher)
         if self._locator is not None:
             self._locator.close()
+        if self.puller is not None:
+            self.puller.close()
 
     # ------------------------------------------------------------------ internals
     def _publish(self, events) -> None:
