@@ -369,3 +369,15 @@ async def test_a_pull_cancelled_while_the_pages_travel_gives_its_room_back(make_
     await until(lambda: puller.pool.num_free_pages == free)
     p.close()
     assert puller.pool.num_free_pages == free
+
+
+async def test_a_request_waits_while_pages_are_reserved_for_a_pull_in_flight(make_engine):
+    engine = make_engine(replica_id="B", num_pages=24, max_model_len=96)
+    prompt = [*ids(64, seed=3), 3]  # 17 pages and more for its tokens: more than the pool has free
+    reservation = engine.reserve_pages(page_hashes(ids(64, seed=4), 4, engine.model_id), 0)
+    assert len(reservation.pages) == 16 and engine.kv_cache.num_reservations == 1
+    # given back from the reserving thread a moment later (a pull that failed): the request is
+    # then admitted, instead of the engine stopping for want of pages while nothing runs
+    threading.Timer(0.2, engine.release_pages, (reservation,)).start()
+    out = await asyncio.wait_for(engine.complete(GenerateRequest(prompt, GREEDY)), scaled(30))
+    assert len(out.token_ids) == GREEDY.max_tokens and engine.kv_cache.num_reservations == 0
