@@ -206,6 +206,8 @@ class TargetWorker:
         _close(getattr(self, "publisher", None))
         if getattr(self, "_locator", None) is not None:
             self._locator.close()
+        if self.puller is not None:
+            self.puller.close()
 
     # ------------------------------------------------------------------ internals
     def _publish(self, events) -> None:

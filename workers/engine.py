@@ -57,6 +57,9 @@ from workers.spec.proposers import Proposals, Proposer
 
 logger = logging.getLogger(__name__)
 
+# How often a loop with nothing to admit but pages reserved for pulls in flight looks again
+_RESERVED_WAIT_S = 0.005
+
 
 @dataclass
 class _Stream:
@@ -359,6 +362,11 @@ class Engine:
                     await self._wakeup.wait()
                     continue
                 out = self.scheduler.schedule()
+                if out.is_empty and self.kv_cache.num_reservations:
+                    # pages held for pulls in flight (KVCacheManager.reserve, on the pull's own
+                    # thread): the waiting request is admitted once they are inserted or given back
+                    await asyncio.sleep(_RESERVED_WAIT_S)
+                    continue
                 if out.is_empty:
                     raise RuntimeError(f"scheduler made no progress: {self.scheduler.waiting[0]!r} cannot be admitted")
                 self._step_running = True

@@ -101,6 +101,7 @@ class KVCacheManager:
         # restore_worth(num_host_pages): whether restoring them beats computing them (None: always)
         self.restore_worth: Callable[[int], bool] | None = None
         self.lock = threading.RLock()  # guards the pools (device and host): see the module docstring
+        self.num_reservations = 0  # made by `reserve` and not yet inserted or released
         if host is not None:
             pool.on_evict = host.store
 
@@ -240,6 +241,7 @@ class KVCacheManager:
             self.pool.acquire(held)
             todo = sum(1 for h in hashes[start:] if self.pool.cached_page(h) is None)
             n = min(todo, self.pool.num_free_pages)
+            self.num_reservations += 1
             return Reservation(held, self.pool.allocate(n) if n else [])
 
     def release(self, reservation: Reservation) -> None:
@@ -247,6 +249,7 @@ class KVCacheManager:
         with self.lock:
             if not reservation.done:
                 reservation.done = True
+                self.num_reservations -= 1
                 self.pool.free(reservation.pages)
                 self.pool.free(reservation.held)
 

@@ -22,14 +22,17 @@ Nothing here raises for the user: a holder that is slow, dead, answers with othe
 evicted them, or an index that does not answer, leaves the pages to be recomputed, and
 `PullStats.fallbacks` counts why (`PullFailure`). The holder references the pages only while
 reading them (KVCacheManager.export); the receiver makes room for them as soon as the request is
-out, while they travel (KVCacheManager.reserve: the evictions, and their copies into the host
-tier, leave the pull's path), and inserts them as unreferenced cached pages, releasing what it
-did not use; so nothing stays held on either side whatever happens.
+out, while they travel, on a worker thread (KVCacheManager.reserve: the evictions, and their
+copies into the host tier, leave the pull's path and the event loop, which takes the payload as
+soon as it arrives), and inserts them as unreferenced cached pages, releasing what it did not
+use, also when the pull fails or is cancelled before the reservation is made (it is released
+once made); so nothing stays held on either side whatever happens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -133,6 +136,12 @@ class PullCostModel:
         return self.predict(num_pages * page_bytes) < num_pages * page_size / prefill_tokens_s
 
 
+def _timed(fn, *args):
+    """(fn(*args), its seconds)."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
 class KVPuller:
     def __init__(self, engine, transport: PageTransport, locate: Locate, config: KVTransferConfig):
         self.engine = engine
@@ -141,6 +150,8 @@ class KVPuller:
         self.config = config
         self.stats = PullStats()
         self.cost = PullCostModel(config.assumed_latency_ms / 1e3, config.assumed_bandwidth_gib_s * 2**30)
+        # reservations are made here, beside the event loop (KVCacheManager's lock orders them)
+        self._reserve_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvfleet-reserve")
 
     async def warm(self, replica_id: str) -> None:
         """Start the transport (`warm`), then time a call that moves nothing: the cost model's
@@ -196,11 +207,10 @@ class KVPuller:
         except BaseException:
             fetch.cancel()
             raise
-        t_reserve = time.perf_counter()
-        # ... and while the holder reads and the pages travel, room is made for them here (the
-        # evictions that takes, and their copies into the host tier, are off the pull's path)
-        reservation = self.engine.reserve_pages(hashes[:held], local)
-        reserve_s = time.perf_counter() - t_reserve
+        # ... and while the holder reads and the pages travel, room is made for them here, on a
+        # worker thread (the evictions that takes, and their copies into the host tier, leave both
+        # the pull's path and this event loop, which takes the payload as soon as it arrives)
+        reserving = self._reserve_pool.submit(_timed, self.engine.reserve_pages, hashes[:held], local)
         try:
             try:
                 payload = await asyncio.wait_for(fetch, self.config.timeout_s)
@@ -219,10 +229,15 @@ class KVPuller:
                 self._fallback(PullFailure.EVICTED, holder)  # the rest is recomputed
             if not payload.num_pages:
                 return 0
+            # (shielded: a cancelled pull leaves the reservation to the release below, not lost)
+            reservation, reserve_s = await asyncio.shield(asyncio.wrap_future(reserving))
             phases = dict.fromkeys(PULL_PHASES, 0.0)
             inserted = await self.engine.insert_pages(payload, hashes, local, phases, reservation)
         finally:
-            self.engine.release_pages(reservation)  # whatever the insert did not use (none if it ran)
+            # whatever the insert did not use (none if it ran): now, or once the reservation is made
+            reserving.add_done_callback(self._release_reserved)
+            if not reserving.done():  # a failed pull: the room is back before this returns
+                await asyncio.wait([asyncio.wrap_future(reserving)])
         dt = time.perf_counter() - t0
         phases["reserve"] = reserve_s
         st = self.stats
@@ -248,6 +263,14 @@ class KVPuller:
             st.reply_time_s += max(fetched_at - payload.read_at - payload.read_s, 0.0)
         self.cost.observe(size, dt)
         return inserted
+
+    def _release_reserved(self, reserving: concurrent.futures.Future) -> None:
+        """Give back a reservation's rest (idempotent), on whichever thread made it, or here."""
+        if not reserving.cancelled() and reserving.exception() is None:
+            self.engine.release_pages(reserving.result()[0])
+
+    def close(self) -> None:
+        self._reserve_pool.shutdown(wait=True)
 
     def _fallback(self, reason: PullFailure, holder: str = "", exc: BaseException | None = None) -> int:
         self.stats.fallbacks[reason.value] += 1

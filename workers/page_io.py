@@ -50,7 +50,8 @@ class PageIO:
             t_gather = time.perf_counter()
             lay, t = self.layout, self.device.k[0]
             shape = (lay.num_layers, 2, len(on_device), *t.shape[1:])
-            data = self._buffers.take(shape, t.dtype)  # on the host: the payload's buffer
+            # on the host (pinned when the pages are on CUDA: the device's copy lands there directly)
+            data = self._buffers.take(shape, t.dtype, pin=t.device.type == "cuda")
             d = h = 0
             for tier, start, stop in _runs(on_device):  # each tier's pages straight into place
                 if tier:
@@ -104,10 +105,10 @@ class PageIO:
             scatter_s += time.perf_counter() - ts
 
         def _write(pages: list[int], payload_pages: list[int]) -> None:
-            if payload_pages == list(range(payload_pages[0], payload_pages[0] + len(payload_pages))):
-                self.device.scatter(pages, data[:, :, payload_pages[0] : payload_pages[0] + len(payload_pages)])
-            else:  # some were cached here already: pick the others (a copy)
-                self.device.scatter(pages, data[:, :, payload_pages])
+            # each run of consecutive payload pages straight from the payload's buffer (one run
+            # unless some were cached here already): one copy per page, no picking into a tensor
+            for at, first, stop in _page_runs(payload_pages):
+                self.device.scatter(pages[at : at + stop - first], data[:, :, first:stop])
 
         inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write, reservation)
         self.num_inserted_pages += inserted
@@ -132,13 +133,14 @@ class _Buffers:
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()  # finalizers run on whichever thread drops the last reference
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool = False) -> torch.Tensor:
+        """A buffer of `shape` (pinned if `pin`: a device-to-host copy into it is one DMA)."""
         numel = math.prod(shape)
         with self._lock:
             for i, b in enumerate(self._free):
-                if b.dtype == dtype and b.numel() >= numel:
+                if b.dtype == dtype and b.numel() >= numel and b.is_pinned() == pin:
                     return self._free.pop(i)[:numel].view(shape)
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
     def lend(self, data: torch.Tensor) -> np.ndarray:
         """`data` (from `take`) as a payload's buffer; its memory is reused after the last
@@ -161,6 +163,16 @@ def _runs(flags: list[bool]) -> list[tuple[bool, int, int]]:
         if i == len(flags) or flags[i] != flags[start]:
             runs.append((flags[start], start, i))
             start = i
+    return runs
+
+
+def _page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
+    """Ascending `pages` as maximal runs of consecutive numbers: (index in `pages`, first, stop)."""
+    runs, at = [], 0
+    for i in range(1, len(pages) + 1):
+        if i == len(pages) or pages[i] != pages[i - 1] + 1:
+            runs.append((at, pages[at], pages[i - 1] + 1))
+            at = i
     return runs
 
 

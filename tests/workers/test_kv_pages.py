@@ -80,3 +80,18 @@ def test_a_copy_of_runs_of_pages_reads_them_in_place_and_moves_the_same_bytes():
         assert torch.equal(dst.gather(slots), src.gather(pick))
         others = [s for s in range(PAGES) if s not in slots]
         assert not dst.gather(others).any() if others else True
+
+
+def test_a_scattered_cpu_copy_in_parts_moves_the_same_bytes(monkeypatch):
+    from workers.runner import kv_pages
+
+    src = stacked_copy(per_layer(seed=5))
+    page = 2 * src.stacked[0, 0, 0].numel() * src.stacked.element_size()
+    pick, slots = [7, 0, 5, 2, 4, 1, 6], [3, 6, 0, 5, 1, 7, 2]  # 7 runs: gathered and scattered
+    for part_pages in (1, 3, 100):  # parts of a page, of 3 (the last one short), or one part
+        monkeypatch.setattr(kv_pages, "_CPU_COPY_PART_BYTES", part_pages * page)
+        dst = KVPages.host(src, PAGES)
+        dst.stacked.zero_()
+        copy_pages(src, pick, dst, slots)
+        assert torch.equal(dst.gather(slots), src.gather(pick))
+        assert not dst.gather([4]).any()  # the one slot not written

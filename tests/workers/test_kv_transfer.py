@@ -16,6 +16,7 @@ import torch
 
 from kvstore.hashing import page_hashes
 from kvstore.transport import PullFailure, TransportError
+from tests.conftest import scaled
 from workers.config import KVTransferConfig
 from workers.kv_transfer import PULL_PHASES, KVPuller, PullCostModel
 from workers.request import GenerateRequest, SamplingParams
@@ -259,10 +260,15 @@ async def test_room_for_pulled_pages_is_made_while_they_travel_and_unused_room_i
     class Watching(InProcess):
         async def fetch(self, replica_id, hashes, timeout_s):
             payload = await super().fetch(replica_id, hashes, timeout_s)
-            seen.append(puller.pool.num_free_pages)  # while the pages "travel" (delay_s)
+            # the pages "travel" until the room for them is made (on the reserving thread)
+            for _ in range(int(scaled(10) / 0.01)):
+                if puller.pool.num_free_pages == free - 16:
+                    break
+                await asyncio.sleep(0.01)
+            seen.append(puller.pool.num_free_pages)
             return payload
 
-    p = KVPuller(puller, Watching({"A": holder}, delay_s=0.05), located({"A": 16}), FAST)
+    p = KVPuller(puller, Watching({"A": holder}), located({"A": 16}), FAST)
     assert await p.prepare(request) == 16
     assert seen == [free - 16]  # reserved before the payload arrived
     assert puller.pool.num_free_pages == free  # inserted as unreferenced cached pages
@@ -305,3 +311,73 @@ async def test_an_exports_buffer_is_reused_only_once_the_payload_that_had_it_is_
     gc.collect()
     third = holder.page_io.export(hashes)  # the first's buffer, free again
     assert third.data.ctypes.data == at and bytes(third.data) == want
+
+
+async def test_an_insert_around_pages_cached_here_writes_each_run_of_the_payload_in_place(make_engine):
+    holder, puller, request, _ = await setup(make_engine)
+    hashes = list(request.page_hashes)
+    # pages 4..7 cached here already (an earlier, partial insert): the payload's pages 0..3 and
+    # 8..15 go in, as two runs read in place from the payload's buffer, and 4..7 are kept
+    middle = await holder.export_pages(hashes[4:8])
+    assert middle.num_pages == 4 and await puller.insert_pages(middle, hashes, 4) == 4
+    kept = [puller.pool.cached_page(h) for h in hashes[4:8]]
+    payload = await holder.export_pages(hashes)
+    assert await puller.insert_pages(payload, hashes, 0) == 12
+    assert [puller.pool.cached_page(h) for h in hashes[4:8]] == kept
+    pages = [puller.pool.cached_page(h) for h in hashes]
+    device = puller.page_io.device
+    sent = torch.from_numpy(payload.data.copy()).view(device.k[0].dtype)
+    assert torch.equal(device.gather(pages), sent.view(len(device.k), 2, 16, *device.k[0].shape[1:]))
+    assert puller.pool.num_free_pages == puller.pool.num_pages
+    ref = await holder.complete(dataclasses.replace(request, request_id="ref"))
+    out = await puller.complete(dataclasses.replace(request, request_id="out"))
+    assert out.num_cached_prompt_tokens == 64 and out.token_ids == ref.token_ids
+
+
+async def test_a_pull_cancelled_while_the_pages_travel_gives_its_room_back(make_engine):
+    holder, puller, request, _ = await setup(make_engine)
+    free = puller.pool.num_free_pages
+
+    class Stuck(InProcess):
+        async def fetch(self, replica_id, hashes, timeout_s):
+            await asyncio.sleep(3600)
+
+    async def until(cond):
+        for _ in range(int(scaled(10) / 0.01)):
+            if cond():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    p = KVPuller(puller, Stuck({"A": holder}), located({"A": 16}), FAST)
+    # cancelled once the room is made (on the reserving thread): given back at once
+    task = asyncio.ensure_future(p.prepare(request))
+    await until(lambda: puller.pool.num_free_pages == free - 16)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert puller.pool.num_free_pages == free
+    # cancelled before the room is made (the reserving thread waits for the KV-cache lock):
+    # given back once it is made
+    with puller.kv_cache.lock:
+        task = asyncio.ensure_future(p.prepare(dataclasses.replace(request, request_id="again")))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await until(lambda: puller.pool.num_free_pages == free)
+    p.close()
+    assert puller.pool.num_free_pages == free
+
+
+async def test_a_request_waits_while_pages_are_reserved_for_a_pull_in_flight(make_engine):
+    engine = make_engine(replica_id="B", num_pages=24, max_model_len=96)
+    prompt = [*ids(64, seed=3), 3]  # 17 pages and more for its tokens: more than the pool has free
+    reservation = engine.reserve_pages(page_hashes(ids(64, seed=4), 4, engine.model_id), 0)
+    assert len(reservation.pages) == 16 and engine.kv_cache.num_reservations == 1
+    # given back from the reserving thread a moment later (a pull that failed): the request is
+    # then admitted, instead of the engine stopping for want of pages while nothing runs
+    threading.Timer(0.2, engine.release_pages, (reservation,)).start()
+    out = await asyncio.wait_for(engine.complete(GenerateRequest(prompt, GREEDY)), scaled(30))
+    assert len(out.token_ids) == GREEDY.max_tokens and engine.kv_cache.num_reservations == 0

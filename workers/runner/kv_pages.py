@@ -86,7 +86,8 @@ class KVPages:
     def gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """Pages `pages` as one CPU tensor [num_layers, 2, n, page_size, num_kv_heads, head_dim],
         written into `out` when given (a CPU tensor of that shape whose [layer, k/v] slices are
-        contiguous, e.g. a slice along the pages of a larger one): one copy on CPU."""
+        contiguous, e.g. a slice along the pages of a larger one): one copy on CPU; from CUDA a
+        gather on the device, then one device-to-host copy (a DMA when `out` is pinned)."""
         if self.device.type != "cuda":
             return self._gather(pages, out)
         if self._read_stream is None:
@@ -97,7 +98,11 @@ class KVPages:
             data = self._gather(pages)
             if out is None:
                 return data.cpu()  # waits for this stream only
-            return out.copy_(data)  # likewise (into pageable host memory: synchronous)
+            if not out.is_pinned():
+                return out.copy_(data)  # likewise (into pageable host memory: synchronous)
+            out.copy_(data, non_blocking=True)  # into pinned memory: one DMA, straight into place ...
+            self._read_stream.synchronize()  # ... complete when this returns
+            return out
 
     def _gather(self, pages: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         idx = self._index(pages)
@@ -199,6 +204,9 @@ def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: 
             dst.stacked.index_copy_(2, di[start : start + n], src.stacked[:, :, first : first + n])
         return
     si = torch.tensor(list(src_pages), dtype=torch.long, device=src.device)
+    if both and src.device.type == dst.device.type == "cpu":
+        _copy_scattered_cpu(src.stacked, si, dst.stacked, di)
+        return
     if both:  # every layer in one op each way
         dst.stacked.index_copy_(2, di, src.stacked.index_select(2, si).to(dst.device))
         dst.mark_written()
@@ -207,6 +215,28 @@ def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: 
         for a, b in zip(s, d, strict=True):
             b.index_copy_(0, di, a.index_select(0, si).to(dst.device))
     dst.mark_written()
+
+
+# Pages per part of a scattered CPU copy: a layer's k and v of that many pages (1 MiB at the
+# bench's 8 KiB per layer and page) stay in cache between the gather and the scatter.
+_CPU_COPY_PART_BYTES = 1 << 20
+
+
+def _copy_scattered_cpu(src: torch.Tensor, si: torch.Tensor, dst: torch.Tensor, di: torch.Tensor) -> None:
+    """dst[:, :, di] = src[:, :, si] for stacked CPU pools, in parts of a layer and at most
+    `_CPU_COPY_PART_BYTES`: each part is gathered into a small buffer, reused and still in cache
+    when it is scattered, so the bytes cross memory once each way, instead of also through a
+    temporary of the whole copy (a pass more, and a fresh allocation as large)."""
+    page = src[0, 0, 0].numel() * src.element_size() * 2  # a layer's k and v of one page
+    step = max(1, _CPU_COPY_PART_BYTES // page)
+    n, rest = len(si), src.shape[3:]
+    buf = torch.empty(2 * min(step, n) * src[0, 0, 0].numel(), dtype=src.dtype)
+    for lo in range(0, n, step):
+        s, d = si[lo : lo + step], di[lo : lo + step]
+        part = buf[: 2 * len(s) * src[0, 0, 0].numel()].view(2, len(s), *rest)
+        for layer in range(src.shape[0]):
+            torch.index_select(src[layer], 1, s, out=part)
+            dst[layer].index_copy_(1, d, part)
 
 
 def _runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
