@@ -102,7 +102,7 @@ run() {
   mkdir -p cluster/demo_models && ln -sfn "$W"/models/* cluster/demo_models/
   export PYTHONPATH="$here:$W/site" PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0 RAY_AUTH_MODE=disabled
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-  [ "${SPEC_S:-200}" = 0 ] || timeout "${SPEC_S:-200}" python3 -m cluster.cli bench spec --device cuda --proposers draft replicas replicas-plain \
+  [ "${SPEC_S:-200}" = 0 ] || timeout "${SPEC_S:-200}" python3 -m cluster.cli bench spec --device cuda --proposers ${SPEC_PROPOSERS:-draft replicas replicas-actor} \
     --batch-sizes 1 16 --ks 4 --max-tokens 128 --repeats 2 --draft-replicas 1 --json "$out/spec-h200.json" \
     2>&1 | grep -v -E "^\s*$|WARNING|INFO|logging.cc|^ +@|^PC:" | tee "$out/spec.log" || rc=1
   if [ -n "${TIERS:-}" ]; then   # `bench serve --tiers` (issue 20): {no tier, host tier, host tier + pulls}

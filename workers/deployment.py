@@ -206,7 +206,7 @@ class TargetWorker:
         _close(getattr(self, "publisher", None))
         if getattr(self, "_locator", None) is not None:
             self._locator.close()
-        if self.puller is not None:
+        if getattr(self, "puller", None) is not None:
             self.puller.close()
 
     # ------------------------------------------------------------------ internals
