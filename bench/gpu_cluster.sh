@@ -99,7 +99,9 @@ run() {
   cd "$here" || return 1
   # the generated gRPC stubs name the grpcio they were built with; the machine's is older
   sed -i "s/^GRPC_GENERATED_VERSION = .*/GRPC_GENERATED_VERSION = '1.84.0'/" protos/kvfleet/v1/*_pb2_grpc.py
-  mkdir -p cluster/demo_models && ln -sfn "$W"/models/* cluster/demo_models/
+  # copies, not links: a draft replica given a linked model directory found no config.json there
+  mkdir -p cluster/demo_models
+  for m in "$W"/models/*; do [ -e "cluster/demo_models/${m##*/}" ] || cp -r "$m" cluster/demo_models/; done
   export PYTHONPATH="$here:$W/site" PYTHONUNBUFFERED=1 RAY_DEDUP_LOGS=0 RAY_AUTH_MODE=disabled
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
   [ "${SPEC_S:-200}" = 0 ] || timeout "${SPEC_S:-200}" python3 -m cluster.cli bench spec --device cuda --proposers ${SPEC_PROPOSERS:-draft replicas replicas-actor} \
