@@ -79,6 +79,10 @@ def test_a_replica_without_a_channel_gets_none_and_stays_so(server):
 def test_two_calls_to_one_replica_are_in_flight_at_once(server, echo):
     channels = connected(server)
     slow = channels.call("r1", ("wait", 1))  # a lookahead, still computing
+    deadline = time.monotonic() + scaled(10)
+    while echo.running < 1:  # the server has it (on a loaded machine its thread may not run at once)
+        assert time.monotonic() < deadline, "the first call never reached the handler"
+        time.sleep(0.005)
     fast = channels.call("r1", "now")  # the step's own call, on the other connection
     assert slow is not None and fast is not None
     assert channels.call("r1", "third") is None  # both connections busy: the caller takes the actor path
