@@ -26,7 +26,7 @@ from kvstore.hashing import PageHash
 from kvstore.transport import PageLayout, PagePayload
 from workers.kv_cache_manager import KVCacheManager, Reservation
 from workers.kv_tiers import HostTier
-from workers.runner.kv_pages import KVPages
+from workers.runner.kv_pages import KVPages, page_runs
 
 
 class PageIO:
@@ -101,14 +101,11 @@ class PageIO:
         def write(pages: list[int], payload_pages: list[int]) -> None:
             nonlocal scatter_s
             ts = time.perf_counter()
-            _write(pages, payload_pages)
-            scatter_s += time.perf_counter() - ts
-
-        def _write(pages: list[int], payload_pages: list[int]) -> None:
             # each run of consecutive payload pages straight from the payload's buffer (one run
             # unless some were cached here already): one copy per page, no picking into a tensor
-            for at, first, stop in _page_runs(payload_pages):
-                self.device.scatter(pages[at : at + stop - first], data[:, :, first:stop])
+            for at, first, n in page_runs(payload_pages):
+                self.device.scatter(pages[at : at + n], data[:, :, first : first + n])
+            scatter_s += time.perf_counter() - ts
 
         inserted = self.kv_cache.insert(list(hashes[: start + n]), start, write, reservation)
         self.num_inserted_pages += inserted
@@ -163,16 +160,6 @@ def _runs(flags: list[bool]) -> list[tuple[bool, int, int]]:
         if i == len(flags) or flags[i] != flags[start]:
             runs.append((flags[start], start, i))
             start = i
-    return runs
-
-
-def _page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
-    """Ascending `pages` as maximal runs of consecutive numbers: (index in `pages`, first, stop)."""
-    runs, at = [], 0
-    for i in range(1, len(pages) + 1):
-        if i == len(pages) or pages[i] != pages[i - 1] + 1:
-            runs.append((at, pages[at], pages[i - 1] + 1))
-            at = i
     return runs
 
 

@@ -73,8 +73,6 @@ def load_model(
     # float32 by construction (cast per use, as HF does).
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(cfg, max_positions, ops, tp)
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
     gguf_file = find_gguf(model_dir) if load_format != "dummy" else None
     ct = read_ct_config(model_dir) if load_format != "dummy" and gguf_file is None else None
     if ct is not None:

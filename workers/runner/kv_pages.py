@@ -196,7 +196,7 @@ def copy_pages(src: KVPages, src_pages: Sequence[int], dst: KVPages, dst_pages: 
         return
     src.wait_written()  # pages restored or inserted a moment ago, evicted now
     di = torch.tensor(list(dst_pages), dtype=torch.long, device=dst.device)
-    runs = _runs(src_pages)
+    runs = page_runs(src_pages)
     if both and src.device.type == dst.device.type == "cpu" and len(runs) <= max(4, len(src_pages) // 8):
         # few runs of consecutive pages (a sequence's pages, evicted together): each run is read in
         # place, one pass over the bytes instead of a gather and a scatter (a host-tier store on CPU)
@@ -239,7 +239,7 @@ def _copy_scattered_cpu(src: torch.Tensor, si: torch.Tensor, dst: torch.Tensor, 
             dst[layer].index_copy_(1, d, part)
 
 
-def _runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
+def page_runs(pages: Sequence[int]) -> list[tuple[int, int, int]]:
     """`pages` as maximal runs of consecutive page numbers: (index in `pages`, first page, length)."""
     runs, start = [], 0
     for i in range(1, len(pages) + 1):
