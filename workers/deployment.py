@@ -373,7 +373,9 @@ class DraftWorker:
     def check_health(self) -> None:
         pass
 
-    async def __del__(self) -> None:
+    def __del__(self) -> None:
+        # Synchronous (Serve accepts either): Ray also runs it when the actor's object is collected,
+        # where an `async def` left a coroutine never awaited.
         if getattr(self, "channel", None) is not None:
             self.channel.close()
         _close(getattr(self, "publisher", None))
