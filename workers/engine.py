@@ -257,6 +257,9 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         self._executor.shutdown(wait=True)
+        if self.host_tier is not None:
+            with self.kv_cache.lock:
+                self.host_tier.close()
         self.close_group()
 
     def _load(self, config: EngineConfig, tp) -> set[int]:

@@ -116,6 +116,9 @@ class KVCacheManager:
         if self.host is None or not self.pool.enable_prefix_caching:
             pages = self.pool.lookup_prefix(hashes)
             return PrefixHit([PageLocation.GPU] * len(pages), pages)
+        if self.host.num_stores_in_flight:
+            with self.lock:
+                self.host.poll()  # stores that have arrived are found from now on
         hit = PrefixHit()
         for h in hashes:
             page = self.pool.cached_page(h)

@@ -6,7 +6,7 @@ import torch
 
 from kvstore.page_pool import KVTier, PagePool
 from workers.kv_cache_manager import KVCacheManager, PageLocation
-from workers.kv_tiers import HostTier
+from workers.kv_tiers import MAX_STORES_IN_FLIGHT, HostTier
 from workers.request import SamplingParams
 from workers.runner.kv_pages import KVPages, copy_pages
 from workers.sequence import Sequence
@@ -116,3 +116,44 @@ def test_a_restore_to_cuda_is_asynchronous_and_the_next_reader_waits_for_it():
     copy_pages(hst, slots, dev, pages)  # the staging buffer again: zeros now
     dev.wait_written()
     assert not dev.stacked.any()
+
+
+def cuda_setup(device_pages=6, host_pages=8):
+    dev = KVPages.of(torch.zeros((2, 2, device_pages, PS, 1, 2), device="cuda"))
+    host = HostTier(dev, host_pages, PS, "r")
+    return dev, host, KVCacheManager(PagePool(device_pages, PS, replica_id="r"), "m", host)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_store_from_cuda_runs_beside_the_steps_and_its_pages_come_back_intact():
+    device, host, kv = cuda_setup()
+    a = [10, 11, 12, 13, 14, 15, 9]
+    run(kv, device, a, "a")
+    # b's pages are a's, reused at once: written on the step's stream right after a's were gathered
+    run(kv, device, [20, 21, 22, 23, 24, 25, 9], "b")
+    run(kv, device, [30, 31, 32, 33, 9], "c")
+    with kv.lock:
+        host.drain()
+    assert host.num_stores_in_flight == 0 and host.stats().num_stored_pages >= 3
+    hit, pages = run(kv, device, a, "a2")
+    assert hit.locations == [PageLocation.HOST] * 3
+    assert [device.k[0][p, 0, 0, 0].item() for p in pages[:3]] == [10.0, 12.0, 14.0]
+    assert all(rc == 0 for rc in host.pool.ref_counts) and all(rc == 0 for rc in kv.pool.ref_counts)
+    host.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_page_evicted_again_while_its_store_travels_is_stored_once():
+    from kvstore.hashing import page_hashes
+
+    device, host, kv = cuda_setup(host_pages=8)
+    hashes = page_hashes(list(range(8)), PS, "m", None)
+    device.stacked[:, :, :4] = torch.arange(4, device="cuda", dtype=torch.float32).view(1, 1, 4, 1, 1, 1)
+    with kv.lock:
+        for _ in range(MAX_STORES_IN_FLIGHT + 2):  # beyond the cap: a store waits for the oldest
+            host.store([0, 1, 2, 3], hashes)
+        host.drain()
+    assert host.stats().num_stored_pages == 4 and host.pool.num_cached_pages == 4
+    slots = [host.lookup(h) for h in hashes]
+    assert [host.host.stacked[0, 0, s, 0, 0, 0].item() for s in slots] == [0.0, 1.0, 2.0, 3.0]
+    host.close()

@@ -47,6 +47,7 @@ class KVPages:
         self.stacked = stacked
         self._read_stream = None  # CUDA: the stream exports read on
         self._write_stream = None  # CUDA: the stream restores and inserts write on
+        self._store_stream = None  # CUDA: the stream host-tier stores copy to the host on
         self._written = None  # CUDA: an event after the last restore or insert into these pages
         self._staging = None  # CUDA: pinned host buffer of a restore's pages (flat)
         self._staged = None  # CUDA: an event after the last copy out of `_staging`
@@ -120,6 +121,25 @@ class KVPages:
             torch.index_select(v, 0, idx, out=out[i, 1])
         return out
 
+    def gather_to_host(self, pages: Sequence[int], out: torch.Tensor) -> torch.cuda.Event:
+        """CUDA, stacked: copy pages `pages` into pinned `out` [num_layers, 2, n, ...] without
+        blocking the host. The pages are gathered into a device buffer on this thread's stream
+        (after the restores and inserts queued so far), so whatever is queued after this call,
+        on this stream or on the write stream (which waits for it), reuses them only once read;
+        the device-to-host copy runs on a side stream, overlapping the next steps. `out` holds the
+        pages once the returned event has completed."""
+        self.wait_written()
+        data = self._gather(pages)
+        if self._store_stream is None:
+            self._store_stream = torch.cuda.Stream(self.device)
+        self._store_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._store_stream):
+            out.copy_(data, non_blocking=True)
+            data.record_stream(self._store_stream)  # the caching allocator keeps it until the copy is done
+            done = torch.cuda.Event()
+            done.record()
+        return done
+
     def mark_written(self) -> None:
         """Pages were just written on this thread's stream (CUDA: later gathers wait for it)."""
         if self.device.type == "cuda":
@@ -160,15 +180,23 @@ class KVPages:
                 k.index_copy_(0, idx, data[i, 0])
                 v.index_copy_(0, idx, data[i, 1])
 
+    def reserve_staging(self, n: int) -> None:
+        """CUDA, stacked: make the pinned buffer `load` stages restores in hold `n` pages (a
+        pinned allocation takes long enough that a restore timed with it looks several times
+        slower than restores are: the host tier calls this outside its measurement)."""
+        page_elems = self.stacked[:, :, 0].numel()
+        if self._staging is None or self._staging.numel() < n * page_elems:
+            if self._staged is not None:
+                self._staged.synchronize()  # the old buffer may still be read
+            self._staging = torch.empty(max(n, 64) * page_elems, dtype=self.stacked.dtype, pin_memory=True)
+
     def load(self, host: KVPages, slots: Sequence[int], pages: Sequence[int]) -> None:
         """CUDA, both stacked: copy `host` pages `slots` (pinned host memory) into pages `pages`
         asynchronously (see the module docstring); `host`'s pages are read when this returns."""
         n = len(slots)
         page_elems = self.stacked[:, :, 0].numel()
         if self._staging is None or self._staging.numel() < n * page_elems:
-            if self._staged is not None:
-                self._staged.synchronize()  # the old buffer may still be read
-            self._staging = torch.empty(max(n, 64) * page_elems, dtype=self.stacked.dtype, pin_memory=True)
+            self.reserve_staging(n)
         elif self._staged is not None:
             self._staged.synchronize()  # the last restore's copy out of it is done (a step ago, mostly)
         staged = self._staging[: n * page_elems].view(self.stacked.shape[0], 2, n, *self.stacked.shape[3:])
