@@ -12,6 +12,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster.default_model import DRAFT_DIR
 from workers.config import EngineConfig
@@ -52,9 +53,16 @@ def generate(config: EngineConfig, prompts, max_tokens: int, token_ids=None):
 
 
 def _dequantized_reference(monkeypatch):
-    """On CPU, 'auto' picks the backend of `_ATEN`: point it at the dequantized path."""
+    """On CPU, 'auto' picks the backend of `_AVX2` (or `_ATEN` where it cannot build): point both at
+    the dequantized path."""
     for kind in ("int4", "int8"):
+        monkeypatch.setitem(backends._AVX2, kind, backends.DEQUANTIZED)
         monkeypatch.setitem(backends._ATEN, kind, backends.DEQUANTIZED)
+
+
+def _cpu_kernel() -> str:
+    """The backend 'auto' picks on this CPU: avx2, or aten where the avx2 kernel cannot build."""
+    return backends.get_backend("int4", torch.device("cpu")).name
 
 
 def _same_greedy(a, b, logprob_tol: float) -> None:
@@ -68,7 +76,9 @@ def test_real_model_gguf_blocks_kept_quantized_greedy_equals_dequantized(smollm2
     """SmolLM2-135M Q4_1: 8 prompts x 64 tokens, the aten int4 path against the dequantized path."""
     config = EngineConfig(model=str(smollm2_gguf), device="cpu", num_pages=512, max_model_len=256, quantization="gguf")
     kernel, layers = generate(config, PROMPTS, 64)
-    assert len(layers) == 30 * 4 and {(m.kind, m.group_size, m.backend_name) for m in layers} == {("int4", 32, "aten")}
+    assert len(layers) == 30 * 4 and {(m.kind, m.group_size, m.backend_name) for m in layers} == {
+        ("int4", 32, _cpu_kernel())
+    }
     _dequantized_reference(monkeypatch)
     reference, layers = generate(config, PROMPTS, 64)
     assert {m.backend_name for m in layers} == {"dequantized"}
@@ -99,7 +109,7 @@ def test_q8_0_draft_kept_quantized(monkeypatch):
     )
     ids = [[1, 2, 3, 4, 5], [100, 200, 300], [4000, 17, 9]]
     kernel, layers = generate(config, None, 1, token_ids=ids)
-    assert {(m.kind, m.backend_name) for m in layers} == {("int8", "aten")}
+    assert {(m.kind, m.backend_name) for m in layers} == {("int8", _cpu_kernel())}
     _dequantized_reference(monkeypatch)
     reference, _ = generate(config, None, 1, token_ids=ids)
     # the reference keeps Q8_0's groups of 32, aten's kernel has them requantized per channel: the

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.kernels import cpu_quant
 from workers.kernels import quant_reference as qr
 from workers.quant.layout import QuantizationError, QuantWeight, quantize_rtn
 
@@ -146,6 +147,33 @@ def _aten_int8(x, qweight, scales):
     return torch.ops.aten._weight_int8pack_mm(x.to(CPU_ACT_DTYPE), qweight, scales).to(x.dtype)
 
 
+# ---- avx2 (CPU) ---------------------------------------------------------------------------------
+
+
+def _avx2_check(w: QuantWeight) -> QuantWeight:
+    if w.group_size % 4:
+        raise QuantizationError(
+            f"the avx2 kernel takes groups of a multiple of 4 input columns, not {w.group_size}; use the aten backend"
+        )
+    return w
+
+
+def _avx2_prepare_int8(w: QuantWeight):
+    w = _avx2_check(w)
+    return cpu_quant.pack_int8(w.qweight, w.scales)
+
+
+def _avx2_prepare_int4(w: QuantWeight):
+    w = _avx2_check(w)
+    return cpu_quant.pack_int4(w.qweight, w.scales, w.zeros)
+
+
+_AVX2 = {
+    "int4": Backend("avx2", _avx2_prepare_int4, cpu_quant.int4_matmul),
+    "int8": Backend("avx2", _avx2_prepare_int8, cpu_quant.int8_matmul),
+}
+
+
 # ---- reference (any device) ---------------------------------------------------------------------
 
 
@@ -209,7 +237,8 @@ _ATEN = {
     "int8": Backend("aten", _aten_prepare_int8, _aten_int8),
 }
 
-BACKENDS = ("auto", "aten", "triton", "reference", "dequantized")
+BACKENDS = ("auto", "avx2", "aten", "triton", "reference", "dequantized")
+CPU_KERNELS = ("avx2", "aten")  # the CPU backends: they take the same group sizes, so a fallback changes no model
 
 
 def check_device(kind: str, device: torch.device) -> None:
@@ -231,15 +260,22 @@ def check_device(kind: str, device: torch.device) -> None:
 
 
 def get_backend(kind: str, device: torch.device, name: str = "auto") -> Backend:
-    """`name` 'auto': aten on CPU, triton on CUDA; 'reference' anywhere."""
+    """`name` 'auto': avx2 on CPU where it builds and runs (else aten, after one warning), triton on
+    CUDA; 'reference' anywhere."""
     if name not in BACKENDS:
         raise QuantizationError(f"unknown quantized-matmul backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "reference":
         return _REFERENCE[kind]
     if name == "dequantized":
         return DEQUANTIZED
-    if name == "aten" or (name == "auto" and device.type == "cpu"):
+    if name == "auto" and device.type == "cpu":
+        name = "avx2" if cpu_quant.load() is not None else "aten"
+    if name in CPU_KERNELS:
         if kind not in _ATEN:
             raise QuantizationError(f"{kind} has no CPU kernel; on CPU use int8, int4 or gguf")
-        return _ATEN[kind]
+        if name == "avx2" and cpu_quant.load() is None:
+            raise QuantizationError(
+                "the avx2 kernel did not build or cannot run on this CPU (the log's warning says why); use aten"
+            )
+        return (_AVX2 if name == "avx2" else _ATEN)[kind]
     return _triton(kind)

@@ -22,7 +22,7 @@ from torch import nn
 
 from workers.layers.basic import MergedLinear
 from workers.layers.parallel import RowParallelLinear
-from workers.quant.backends import Backend, check_device, get_backend
+from workers.quant.backends import CPU_KERNELS, Backend, check_device, get_backend
 from workers.quant.layers import QuantLogitsHead, QuantMergedLinear, QuantRowParallelLinear, _QuantLinear
 from workers.quant.layout import Kind, QuantizationError, QuantWeight, quantize_rtn
 
@@ -50,13 +50,13 @@ def input_columns(layer: nn.Module) -> int:
 
 
 def effective_group_size(kind: Kind, group_size: int, columns: int, backend: Backend) -> int:
-    return columns if kind == "fp8" or (kind == "int8" and backend.name == "aten") else group_size
+    return columns if kind == "fp8" or (kind == "int8" and backend.name in CPU_KERNELS) else group_size
 
 
 def check_group_size(model: nn.Module, kind: Kind, group_size: int, backend: Backend) -> None:
     """Refuse, naming the layer, a group size that does not divide a layer's (per-rank) input
     columns, or that the backend's kernel does not take."""
-    if kind == "int4" and backend.name == "aten" and group_size not in GROUP_SIZES_CPU_INT4:
+    if kind == "int4" and backend.name in CPU_KERNELS and group_size not in GROUP_SIZES_CPU_INT4:
         raise QuantizationError(
             f"int4 on CPU takes group sizes {', '.join(map(str, GROUP_SIZES_CPU_INT4))}, not {group_size}"
         )
