@@ -102,7 +102,7 @@ def test_a_failed_build_warns_once_and_returns_none(monkeypatch, caplog):
 @needs_kernel
 def test_groups_the_kernel_cannot_take_are_refused_by_name():
     w = quantize_rtn(torch.randn(16, 36), "int8", 18)
-    with pytest.raises(QuantizationError, match="multiple of 4 input columns, not 18; use the aten backend"):
+    with pytest.raises(QuantizationError, match="multiple of 32 input columns, not 18; use the aten backend"):
         get_backend("int8", CPU, "avx2").prepare(w)
 
 

@@ -19,13 +19,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace {
 
-constexpr int64_t kTile = 16;    // output rows per tile: two 8-float vectors
-constexpr int kRowBlock = 6;     // rows of x per register tile: 12 accumulators + 2 weights + 1 x
-constexpr int64_t kRowChunk = 60;  // rows of x kept hot while a thread walks its tiles
+constexpr int64_t kTile = 16;      // output rows per tile: two vectors of 8 int32 / float lanes
+constexpr int64_t kXGroup = 32;    // columns of x that share one power-of-two int16 scale
+constexpr int kRowBlock = 4;       // rows of x per register tile
+constexpr int64_t kRowChunk = 64;  // rows of x kept hot while a thread walks its tiles
 
 inline float round_bf16(float v) {
   uint32_t b;
@@ -39,64 +42,94 @@ inline float round_bf16(float v) {
   return v;
 }
 
-// The 16 weights of input column k of one tile, as two float vectors (rows 0-7, 8-15).
-template <bool kInt4>
-inline void load_column(const uint8_t* w, int64_t k, __m256& lo, __m256& hi) {
-  if constexpr (kInt4) {
-    const uint8_t* p = w + (k >> 1) * kTile;
-    __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
-    const __m256i mask = _mm256_set1_epi32(15);
-    if (k & 1) {
-      a = _mm256_srli_epi32(a, 4);
-      b = _mm256_srli_epi32(b, 4);
-    } else {
-      a = _mm256_and_si256(a, mask);
-      b = _mm256_and_si256(b, mask);
+// One row of x, rounded to bfloat16, as int16 with one power-of-two scale per 32 columns: 2^(14 - E)
+// for a group whose largest magnitude is in [2^E, 2^(E+1)). A bfloat16 value carries 8 significant
+// bits, so every value within 2^7 of its group's largest is exact in 15 bits; smaller ones round at
+// 2^-15 of the largest. Non-finite groups get a NaN scale, so their outputs are NaN.
+void quantize_row(const float* x, int64_t k, int16_t* xq, float* xscale, float* xsum, int64_t group_size) {
+  for (int64_t g0 = 0; g0 < k; g0 += kXGroup) {
+    float r[kXGroup], largest = 0.f;
+    bool finite = true;
+    for (int64_t i = 0; i < kXGroup; ++i) {
+      r[i] = round_bf16(x[g0 + i]);
+      finite = finite && std::isfinite(r[i]);
+      largest = std::max(largest, std::fabs(r[i]));
     }
-    lo = _mm256_cvtepi32_ps(a);
-    hi = _mm256_cvtepi32_ps(b);
-  } else {
-    const uint8_t* p = w + k * kTile;
-    lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-    hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
+    if (!finite) {
+      std::fill(xq + g0, xq + g0 + kXGroup, int16_t{0});
+      xscale[g0 / kXGroup] = std::numeric_limits<float>::quiet_NaN();
+    } else {
+      const int e = largest > 0.f ? std::ilogb(largest) : 0;
+      const float up = std::ldexp(1.f, 14 - e);
+      for (int64_t i = 0; i < kXGroup; ++i) xq[g0 + i] = static_cast<int16_t>(std::nearbyint(r[i] * up));
+      xscale[g0 / kXGroup] = std::ldexp(1.f, e - 14);
+    }
+    if (xsum) {
+      float s = 0.f;
+      for (int64_t i = 0; i < kXGroup; ++i) s += r[i];
+      xsum[g0 / group_size] = (g0 % group_size ? xsum[g0 / group_size] : 0.f) + s;
+    }
   }
 }
 
-// y[MB rows, 16 tile rows] of one tile. A: accumulator sets, so that few rows still give the FMA
-// units 8+ independent chains (one row: 4 sets x 2 vectors).
+// y[MB rows, 16 tile rows] of one tile. Per 32 columns the products are summed exactly in int32
+// (vpmaddwd: int16 weight x int16 x, two columns a lane), then scaled into float32 sums.
+// int8 tile: per column pair 32 bytes [row half][8 rows][2 columns]; int4: per 4 columns 32 bytes
+// [row half][8 rows][2], low nibble columns 4c + e, high nibble 4c + 2 + e.
 template <int MB, bool kInt4>
-void tile_rows(const float* x, int64_t ldx, const uint8_t* w, const float* scales, const float* zeros,
-               const float* xsum, int64_t groups, int64_t group_size, float* y, int64_t ldy, int64_t valid) {
-  constexpr int A = MB == 1 ? 4 : (MB <= 3 ? 2 : 1);
-  constexpr int U = A < 2 ? 2 : A;  // columns per inner iteration (int4 decodes column pairs)
+void tile_rows(const int16_t* xq, const float* xscale, const float* xsum, int64_t K, const uint8_t* w,
+               const float* scales, const float* zeros, int64_t groups, int64_t group_size, float* y, int64_t ldy,
+               int64_t valid) {
+  const int64_t xgroups = K / kXGroup;
   __m256 total[MB][2];
   for (int m = 0; m < MB; ++m) total[m][0] = total[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    __m256 acc[A][MB][2];
-    for (int a = 0; a < A; ++a)
-      for (int m = 0; m < MB; ++m) acc[a][m][0] = acc[a][m][1] = _mm256_setzero_ps();
-    const int64_t end = (g + 1) * group_size;
-    for (int64_t k = g * group_size; k < end; k += U) {
-      for (int u = 0; u < U; ++u) {
-        __m256 lo, hi;
-        load_column<kInt4>(w, k + u, lo, hi);
-        for (int m = 0; m < MB; ++m) {
-          const __m256 xv = _mm256_broadcast_ss(x + m * ldx + k + u);
-          acc[u % A][m][0] = _mm256_fmadd_ps(xv, lo, acc[u % A][m][0]);
-          acc[u % A][m][1] = _mm256_fmadd_ps(xv, hi, acc[u % A][m][1]);
+    __m256 facc[MB][2];
+    for (int m = 0; m < MB; ++m) facc[m][0] = facc[m][1] = _mm256_setzero_ps();
+    for (int64_t k0 = g * group_size; k0 < (g + 1) * group_size; k0 += kXGroup) {
+      __m256i acc[MB][2];
+      for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+      if constexpr (kInt4) {
+        const uint8_t* p = w + k0 / 4 * 32;
+        const __m256i low = _mm256_set1_epi16(15);
+        for (int c = 0; c < kXGroup / 4; ++c, p += 32) {
+          const __m256i v0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          const __m256i v1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+          const __m256i a0 = _mm256_and_si256(v0, low), b0 = _mm256_srli_epi16(v0, 4);
+          const __m256i a1 = _mm256_and_si256(v1, low), b1 = _mm256_srli_epi16(v1, 4);
+          for (int m = 0; m < MB; ++m) {
+            int32_t pa, pb;
+            std::memcpy(&pa, xq + m * K + k0 + 4 * c, 4);
+            std::memcpy(&pb, xq + m * K + k0 + 4 * c + 2, 4);
+            const __m256i xa = _mm256_set1_epi32(pa), xb = _mm256_set1_epi32(pb);
+            acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_add_epi32(_mm256_madd_epi16(a0, xa), _mm256_madd_epi16(b0, xb)));
+            acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_add_epi32(_mm256_madd_epi16(a1, xa), _mm256_madd_epi16(b1, xb)));
+          }
         }
+      } else {
+        const uint8_t* p = w + k0 / 2 * 32;
+        for (int c = 0; c < kXGroup / 2; ++c, p += 32) {
+          const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
+          for (int m = 0; m < MB; ++m) {
+            int32_t pair;
+            std::memcpy(&pair, xq + m * K + k0 + 2 * c, 4);
+            const __m256i xv = _mm256_set1_epi32(pair);
+            acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(w0, xv));
+            acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(w1, xv));
+          }
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        const __m256 xs = _mm256_broadcast_ss(xscale + m * xgroups + k0 / kXGroup);
+        facc[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][0]), xs, facc[m][0]);
+        facc[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m][1]), xs, facc[m][1]);
       }
     }
     const __m256 s0 = _mm256_loadu_ps(scales + g * kTile), s1 = _mm256_loadu_ps(scales + g * kTile + 8);
     for (int m = 0; m < MB; ++m) {
-      __m256 sum0 = acc[0][m][0], sum1 = acc[0][m][1];
-      for (int a = 1; a < A; ++a) {
-        sum0 = _mm256_add_ps(sum0, acc[a][m][0]);
-        sum1 = _mm256_add_ps(sum1, acc[a][m][1]);
-      }
-      total[m][0] = _mm256_fmadd_ps(sum0, s0, total[m][0]);
-      total[m][1] = _mm256_fmadd_ps(sum1, s1, total[m][1]);
+      total[m][0] = _mm256_fmadd_ps(facc[m][0], s0, total[m][0]);
+      total[m][1] = _mm256_fmadd_ps(facc[m][1], s1, total[m][1]);
       if constexpr (kInt4) {
         const __m256 xs = _mm256_broadcast_ss(xsum + m * groups + g);
         total[m][0] = _mm256_fmadd_ps(xs, _mm256_loadu_ps(zeros + g * kTile), total[m][0]);
@@ -113,19 +146,21 @@ void tile_rows(const float* x, int64_t ldx, const uint8_t* w, const float* scale
 }
 
 template <bool kInt4>
-void rows_of_tile(int64_t rows, const float* x, int64_t ldx, const uint8_t* w, const float* scales,
-                  const float* zeros, const float* xsum, int64_t groups, int64_t group_size, float* y, int64_t ldy,
-                  int64_t valid) {
+void rows_of_tile(int64_t rows, const int16_t* xq, const float* xscale, const float* xsum, int64_t K,
+                  const uint8_t* w, const float* scales, const float* zeros, int64_t groups, int64_t group_size,
+                  float* y, int64_t ldy, int64_t valid) {
+  const int64_t xgroups = K / kXGroup;
   for (int64_t m0 = 0; m0 < rows; m0 += kRowBlock) {
     const int64_t mb = std::min<int64_t>(kRowBlock, rows - m0);
-    const float* xm = x + m0 * ldx;
-    const float* xs = kInt4 ? xsum + m0 * groups : nullptr;
+    const int16_t* xm = xq + m0 * K;
+    const float* sm = xscale + m0 * xgroups;
+    const float* zm = kInt4 ? xsum + m0 * groups : nullptr;
     float* ym = y + m0 * ldy;
     switch (mb) {
 #define KVF_ROWS(R) \
   case R:           \
-    tile_rows<R, kInt4>(xm, ldx, w, scales, zeros, xs, groups, group_size, ym, ldy, valid); break;
-      KVF_ROWS(1) KVF_ROWS(2) KVF_ROWS(3) KVF_ROWS(4) KVF_ROWS(5) KVF_ROWS(6)
+    tile_rows<R, kInt4>(xm, sm, zm, K, w, scales, zeros, groups, group_size, ym, ldy, valid); break;
+      KVF_ROWS(1) KVF_ROWS(2) KVF_ROWS(3) KVF_ROWS(4)
 #undef KVF_ROWS
     }
   }
@@ -135,35 +170,40 @@ torch::Tensor quant_matmul(const torch::Tensor& x, const torch::Tensor& w, const
                            const c10::optional<torch::Tensor>& zeros, int64_t n) {
   const bool int4 = zeros.has_value();
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "cpu_quant: x must be float32 [M, K]");
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == kTile && w.is_contiguous(), "cpu_quant: w must be packed [tiles, cols, 16]");
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == 2 * kTile && w.is_contiguous(),
+              "cpu_quant: w must be packed [tiles, K / (2 or 4), 32]");
   const int64_t M = x.size(0), K = x.size(1), tiles = w.size(0), groups = scales.size(1);
-  TORCH_CHECK(w.size(1) == (int4 ? K / 2 : K), "cpu_quant: weight has ", w.size(1), " columns for K = ", K);
+  TORCH_CHECK(K % kXGroup == 0 && w.size(1) == (int4 ? K / 4 : K / 2), "cpu_quant: weight has ", w.size(1),
+              " column blocks for K = ", K);
   TORCH_CHECK(scales.dim() == 3 && scales.size(0) == tiles && scales.size(2) == kTile &&
                   scales.scalar_type() == at::kFloat && scales.is_contiguous(),
               "cpu_quant: scales must be float32 [tiles, groups, 16]");
-  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % 4 == 0, "cpu_quant: group size must divide K, by 4s");
+  TORCH_CHECK(groups > 0 && K % groups == 0 && (K / groups) % kXGroup == 0,
+              "cpu_quant: the group size must divide K and be a multiple of 32");
   TORCH_CHECK(n > (tiles - 1) * kTile && n <= tiles * kTile, "cpu_quant: n = ", n, " does not fit ", tiles, " tiles");
-  const int64_t group_size = K / groups;
-
-  // x rounded to bfloat16 once (and, for int4, each row's sum over every group)
-  auto xr = at::empty({M, K}, x.options());
-  const auto xc = x.contiguous();
-  const float* xs_src = xc.data_ptr<float>();
-  float* xp = xr.data_ptr<float>();
-  for (int64_t i = 0; i < M * K; ++i) xp[i] = round_bf16(xs_src[i]);
-  at::Tensor xsum;
-  if (int4) {
+  if (int4)
     TORCH_CHECK(zeros->sizes() == scales.sizes() && zeros->scalar_type() == at::kFloat && zeros->is_contiguous(),
                 "cpu_quant: zeros must match scales");
-    xsum = xr.view({M, groups, group_size}).sum(-1).contiguous();
-  }
+  const int64_t group_size = K / groups;
+
+  const auto xc = x.contiguous();
+  auto xq = at::empty({M, K}, x.options().dtype(at::kShort));
+  auto xscale = at::empty({M, K / kXGroup}, x.options());
+  auto xsum = at::empty({int4 ? M : 0, groups}, x.options());
+  for (int64_t m = 0; m < M; ++m)
+    quantize_row(xc.data_ptr<float>() + m * K, K, xq.data_ptr<int16_t>() + m * K,
+                 xscale.data_ptr<float>() + m * (K / kXGroup), int4 ? xsum.data_ptr<float>() + m * groups : nullptr,
+                 group_size);
+
   auto y = at::empty({M, n}, x.options());
   const uint8_t* wp = reinterpret_cast<const uint8_t*>(w.data_ptr());
   const float* sp = scales.data_ptr<float>();
   const float* zp = int4 ? zeros->data_ptr<float>() : nullptr;
-  const float* xsp = int4 ? xsum.data_ptr<float>() : nullptr;
+  const int16_t* xqp = xq.data_ptr<int16_t>();
+  const float* xsp = xscale.data_ptr<float>();
+  const float* xup = int4 ? xsum.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t tile_bytes = w.size(1) * kTile;
+  const int64_t tile_bytes = w.size(1) * 2 * kTile;
   // at least ~64 KB of weights per thread: below that the pool's wake-up costs more than it saves
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (tile_bytes * std::max<int64_t>(1, M / 4)));
 
@@ -173,8 +213,9 @@ torch::Tensor quant_matmul(const torch::Tensor& x, const torch::Tensor& w, const
       for (int64_t t = begin; t < end; ++t) {
         const int64_t valid = std::min(kTile, n - t * kTile);
         auto run = int4 ? rows_of_tile<true> : rows_of_tile<false>;
-        run(rows, xp + m0 * K, K, wp + t * tile_bytes, sp + t * groups * kTile, int4 ? zp + t * groups * kTile : nullptr,
-            int4 ? xsp + m0 * groups : nullptr, groups, group_size, yp + m0 * n + t * kTile, n, valid);
+        run(rows, xqp + m0 * K, xsp + m0 * (K / kXGroup), int4 ? xup + m0 * groups : nullptr, K, wp + t * tile_bytes,
+            sp + t * groups * kTile, int4 ? zp + t * groups * kTile : nullptr, groups, group_size,
+            yp + m0 * n + t * kTile, n, valid);
       }
     }
   });

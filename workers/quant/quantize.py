@@ -3,16 +3,17 @@
 shard on its own, so scales follow the rows and columns that rank holds. On CPU the loader also
 gives a quantized model an int8 logits matmul (`quantize_logits_head`).
 
-| scheme    | layout (workers/kernels/quant_reference.py)   | CPU kernel          | CUDA kernel |
-| --------- | --------------------------------------------- | ------------------- | ----------- |
-| int8      | int8 symmetric, group `group_size`            | aten, per channel*  | Triton      |
-| int4      | int4 asymmetric, group `group_size`           | aten                | Triton      |
-| int4-awq  | int4 after AWQ scaling (workers/quant/awq.py) | aten                | Triton      |
-| fp8       | E4M3, per output channel                      | refused             | Triton      |
-| fp8-gptq  | fp8's, calibrated (workers/quant/fp8_calib.py) | refused             | Triton      |
+| scheme    | layout (workers/kernels/quant_reference.py)   | CPU kernel               | CUDA kernel |
+| --------- | --------------------------------------------- | ------------------------ | ----------- |
+| int8      | int8 symmetric, group `group_size`            | avx2 (aten), per channel* | Triton      |
+| int4      | int4 asymmetric, group `group_size`           | avx2 (aten)              | Triton      |
+| int4-awq  | int4 after AWQ scaling (workers/quant/awq.py) | avx2 (aten)              | Triton      |
+| fp8       | E4M3, per output channel                      | refused                  | Triton      |
+| fp8-gptq  | fp8's, calibrated (workers/quant/fp8_calib.py) | refused                  | Triton      |
 
-* aten's int8 kernel takes one scale per output row: on CPU int8 is quantized per channel
-  (group = the layer's input columns) whatever `group_size` says.
+* aten's int8 kernel takes one scale per output row, so on CPU int8 is quantized per channel (group =
+  the layer's input columns) whatever `group_size` says; the avx2 kernel keeps that rule (a machine
+  where it cannot build falls back to aten with the same model), and it is also the cheapest to read.
 """
 
 from __future__ import annotations
