@@ -1,18 +1,18 @@
 // Weight-only int8 / int4 matmuls for x86 CPUs with AVX2 and FMA: y[M, N] = x[M, K] @ W[N, K]^T,
 // W dequantized on the fly from the tile layout workers/kernels/cpu_quant.py packs at load.
 //
-// Why this layout: a decode step reads every weight once and multiplies it with 1..64 rows of x, so
-// the kernel is bound by weight bytes at one row and by FMAs at many. Output rows are packed in tiles
-// of 16 (two AVX2 vectors), column after column, so one 16-byte load (int8) or one 16-byte load per
-// column pair (int4: low nibble column 2j, high 2j + 1) gives the 16 weights of one input column,
-// which are converted to float once and multiplied with up to 6 rows of x (register tile 6 x 16).
-// Group scales (and int4 zeros) are float32 [tiles, groups, 16]; a group's partial sums are scaled
-// once at its end: y = sum_g s_g * sum_{k in g} x_k q_k (+ z'_g * sum_{k in g} x_k for int4, with
-// z' = z - 8 s, so (q - 8) s + z costs nothing per weight).
-//
-// x and y are rounded to bfloat16 (held in float32) as the reference and aten's kernels round them;
-// the sums are float32. Threads: at::parallel_for over tiles (torch's own OpenMP pool and
-// torch.set_num_threads).
+// Why this shape: a decode step reads every weight once and multiplies it with 1..64 rows of x, so
+// the kernel is bound by instructions per weight (an AVX2 core of the EPYC we target retires ~2.3G
+// vector ops/s, its DRAM gives one core ~12 GB/s). Converting each weight to float (widen, convert,
+// FMA: 3 ops per 8) left one row at 5 GB/s; here x is made int16 instead and `vpmaddwd` multiplies 16
+// int16 weights with two columns of x and adds pairs in one op (widen, madd, add: 3 ops per 16).
+// x is rounded to bfloat16 first, as the reference rounds it, and a bfloat16 value within 2^7 of its
+// 32-column group's largest is exact in int16 under a power-of-two scale, so each 32-column sum is
+// exact in int32 (smaller values round at 2^-15 of the largest); sums over groups are float32. Group
+// scales (and int4 zeros, as z' = z - 8 s) are float32 [tiles, groups, 16], applied once per group:
+// y = sum_g s_g * sum_{k in g} x_k q_k (+ z'_g * sum_{k in g} x_k for int4). y is rounded to bfloat16.
+// Output rows come in tiles of 16 (two 8-lane vectors); up to 4 rows of x share each widened weight.
+// Threads: at::parallel_for over tiles (torch's own OpenMP pool, so torch.set_num_threads holds).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
