@@ -43,6 +43,14 @@ def _time(fn, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16])
@@ -56,8 +64,9 @@ def main() -> None:
     cpu = torch.device("cpu")
     report = {
         "command": " ".join([sys.executable, *sys.argv]),
-        "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        "machine": f"{_cpu_name()} ({os.cpu_count()} cores), torch {torch.__version__}, "
         f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads",
+        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "loadavg_before": os.getloadavg(),
         "rows": [],
     }
