@@ -8,10 +8,11 @@
   in float32, and rounds y to bfloat16: the reference's arithmetic up to float32 summation order. It
   takes group-wise int8 as stored (GGUF Q8_0 keeps its groups of 32) and groups that are multiples of
   32. Measured on a 2-core AVX2 EPYC, 1 thread, SmolLM2-135M's shapes (bench/cpu_quant_kernels.py):
-  2.3-2.7x aten's kernels at one row (int8 8-10 GB/s of weights, near the core's 12 GB/s of DRAM
-  reads), 1.5-1.9x at 16. Where it does not build (no compiler, no ninja) or the CPU lacks AVX2,
-  `cpu_quant.load` logs one warning and `auto` picks aten; the two take the same group sizes
-  (`CPU_KERNELS`), so the model loaded is the same either way.
+  2.4-3.1x aten's kernels at one row (int8 6-13 GB/s of weights, near the core's 12 GB/s of DRAM
+  reads), 1.4-2.0x at 16; from ~256-512 rows aten's dequantized float32 matmul is 10-20% faster.
+  Where it does not build (no compiler, no ninja) or the CPU lacks AVX2, `cpu_quant.load` logs one
+  warning and `auto` picks aten; the quantizers follow the same rules for both (`CPU_KERNELS`: int4
+  groups 32-256, int8 per channel), so the model loaded is the same either way.
 - `aten` (CPU): PyTorch's own weight-only kernels. int4: `_convert_weight_to_int4pack_for_cpu`
   (int32 codes [N, K] -> its tiled layout) and `_weight_int4pack_mm_for_cpu`, whose scales-and-zeros
   tensor [K // G, N, 2] holds our (scales, zeros) as they are: it computes (q - 8) * s + z, the
@@ -162,21 +163,20 @@ def _aten_int8(x, qweight, scales):
 # ---- avx2 (CPU) ---------------------------------------------------------------------------------
 
 
-def _avx2_check(w: QuantWeight) -> QuantWeight:
+def _avx2_check(w: QuantWeight) -> None:
     if w.group_size % 32:
         raise QuantizationError(
             f"the avx2 kernel takes groups of a multiple of 32 input columns, not {w.group_size}; use the aten backend"
         )
-    return w
 
 
 def _avx2_prepare_int8(w: QuantWeight):
-    w = _avx2_check(w)
+    _avx2_check(w)
     return cpu_quant.pack_int8(w.qweight, w.scales)
 
 
 def _avx2_prepare_int4(w: QuantWeight):
-    w = _avx2_check(w)
+    _avx2_check(w)
     return cpu_quant.pack_int4(w.qweight, w.scales, w.zeros)
 
 
