@@ -121,3 +121,17 @@ def test_threads_split_the_tiles_and_agree_with_one_thread():
         assert torch.equal(avx2.matmul(x, *prepared), one)  # each output is summed by one thread
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_a_non_finite_input_row_gives_nan_outputs_and_leaves_the_others():
+    """int16 cannot hold inf or NaN: such a 32-column group gets a NaN scale, so its row's outputs
+    are NaN (as a float matmul's mostly are), not silently finite."""
+    torch.manual_seed(4)
+    w = quantize_rtn(torch.randn(32, 64), "int8", 64)
+    avx2, ref = get_backend("int8", CPU, "avx2"), get_backend("int8", CPU, "reference")
+    x = torch.randn(3, 64)
+    x[1, 5] = float("inf")
+    y = avx2.matmul(x, *avx2.prepare(w))
+    assert y[1].isnan().all()
+    _close(y[[0, 2]], ref.matmul(x[[0, 2]], *ref.prepare(w)))
