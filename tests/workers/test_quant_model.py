@@ -12,6 +12,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from cluster.default_model import DRAFT_DIR
 from workers.config import EngineConfig
@@ -52,9 +53,16 @@ def generate(config: EngineConfig, prompts, max_tokens: int, token_ids=None):
 
 
 def _dequantized_reference(monkeypatch):
-    """On CPU, 'auto' picks the backend of `_ATEN`: point it at the dequantized path."""
+    """On CPU, 'auto' picks the backend of `_AVX2` (or `_ATEN` where it cannot build): point both at
+    the dequantized path."""
     for kind in ("int4", "int8"):
+        monkeypatch.setitem(backends._AVX2, kind, backends.DEQUANTIZED)
         monkeypatch.setitem(backends._ATEN, kind, backends.DEQUANTIZED)
+
+
+def _cpu_kernel() -> str:
+    """The backend 'auto' picks on this CPU: avx2, or aten where the avx2 kernel cannot build."""
+    return backends.get_backend("int4", torch.device("cpu")).name
 
 
 def _same_greedy(a, b, logprob_tol: float) -> None:
@@ -65,10 +73,13 @@ def _same_greedy(a, b, logprob_tol: float) -> None:
 
 
 def test_real_model_gguf_blocks_kept_quantized_greedy_equals_dequantized(smollm2_gguf, monkeypatch):
-    """SmolLM2-135M Q4_1: 8 prompts x 64 tokens, the aten int4 path against the dequantized path."""
+    """SmolLM2-135M Q4_1: 8 prompts x 64 tokens, the CPU int4 kernel path ('auto': avx2, or aten where
+    it cannot build) against the dequantized path."""
     config = EngineConfig(model=str(smollm2_gguf), device="cpu", num_pages=512, max_model_len=256, quantization="gguf")
     kernel, layers = generate(config, PROMPTS, 64)
-    assert len(layers) == 30 * 4 and {(m.kind, m.group_size, m.backend_name) for m in layers} == {("int4", 32, "aten")}
+    assert len(layers) == 30 * 4 and {(m.kind, m.group_size, m.backend_name) for m in layers} == {
+        ("int4", 32, _cpu_kernel())
+    }
     _dequantized_reference(monkeypatch)
     reference, layers = generate(config, PROMPTS, 64)
     assert {m.backend_name for m in layers} == {"dequantized"}
@@ -78,7 +89,10 @@ def test_real_model_gguf_blocks_kept_quantized_greedy_equals_dequantized(smollm2
     # Where they part is chaotic: the CPU decode changes of 2026-12-05 (attention, RoPE and RMSNorm
     # ops that agree with the old ones to 5e-6 in log-probability on the float model) moved it to
     # [64, 53, 10, 27, 16, 24, 64, 41], gap <= 0.11; the same kernel path with old and new ops alone
-    # parts at token 10 on 1 of 4 prompts. The bounds below hold both runs, not a kernel property.
+    # parts at token 10 on 1 of 4 prompts. The avx2 kernel (the default on CPU since 2026-12-06),
+    # whose sums are exact in int32 per 32 columns, then float32: [64, 13, 64, 64, 16, 24, 64, 56],
+    # gap <= 0.115 (its float32 predecessor: [64, 13, 64, 64, 64, 64, 64, 58]). The bounds below hold
+    # all these runs, not a kernel property.
     prefixes = [
         next((i for i, (a, b) in enumerate(zip(x.token_ids, y.token_ids, strict=True)) if a != b), len(x.token_ids))
         for x, y in zip(kernel, reference, strict=True)
@@ -92,14 +106,15 @@ def test_real_model_gguf_blocks_kept_quantized_greedy_equals_dequantized(smollm2
 
 
 def test_q8_0_draft_kept_quantized(monkeypatch):
-    """The shipped draft is Q8_0: int8 layers, group 32 on disk, per channel on the aten kernel."""
+    """The shipped draft is Q8_0: int8 layers, group 32 on disk (kept by the avx2 kernel, requantized
+    per channel for aten's)."""
     gguf = next(DRAFT_DIR.glob("*.gguf"))
     config = EngineConfig(
         model=str(gguf), device="cpu", num_pages=128, max_model_len=128, quantization="gguf", skip_tokenizer_init=True
     )
     ids = [[1, 2, 3, 4, 5], [100, 200, 300], [4000, 17, 9]]
     kernel, layers = generate(config, None, 1, token_ids=ids)
-    assert {(m.kind, m.backend_name) for m in layers} == {("int8", "aten")}
+    assert {(m.kind, m.backend_name) for m in layers} == {("int8", _cpu_kernel())}
     _dequantized_reference(monkeypatch)
     reference, _ = generate(config, None, 1, token_ids=ids)
     # the reference keeps Q8_0's groups of 32, aten's kernel has them requantized per channel: the

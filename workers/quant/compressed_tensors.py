@@ -38,7 +38,7 @@ from torch import nn
 
 from workers.kernels import quant_reference as qr
 from workers.layers.parallel import RowParallelLinear
-from workers.quant.backends import check_device, get_backend
+from workers.quant.backends import CPU_KERNELS, check_device, get_backend
 from workers.quant.layout import Kind, QuantizationError, QuantWeight
 from workers.quant.quantize import GROUP_SIZES_CPU_INT4, input_columns, linear_layers
 
@@ -258,7 +258,7 @@ def plan_layers(model: nn.Module, ct: CTConfig, device: torch.device, backend: s
             )
         check_device(scheme.kind, device)
         chosen = get_backend(scheme.kind, device, backend)
-        if scheme.kind == "int4" and chosen.name == "aten" and g not in GROUP_SIZES_CPU_INT4:
+        if scheme.kind == "int4" and chosen.name in CPU_KERNELS and g not in GROUP_SIZES_CPU_INT4:
             # a scale shared by g columns is the same scale on each of g // d smaller groups: exact
             fits = [d for d in sorted(GROUP_SIZES_CPU_INT4, reverse=True) if g % d == 0]
             if not fits:

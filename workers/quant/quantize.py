@@ -3,16 +3,17 @@
 shard on its own, so scales follow the rows and columns that rank holds. On CPU the loader also
 gives a quantized model an int8 logits matmul (`quantize_logits_head`).
 
-| scheme    | layout (workers/kernels/quant_reference.py)   | CPU kernel          | CUDA kernel |
-| --------- | --------------------------------------------- | ------------------- | ----------- |
-| int8      | int8 symmetric, group `group_size`            | aten, per channel*  | Triton      |
-| int4      | int4 asymmetric, group `group_size`           | aten                | Triton      |
-| int4-awq  | int4 after AWQ scaling (workers/quant/awq.py) | aten                | Triton      |
-| fp8       | E4M3, per output channel                      | refused             | Triton      |
-| fp8-gptq  | fp8's, calibrated (workers/quant/fp8_calib.py) | refused             | Triton      |
+| scheme    | layout (workers/kernels/quant_reference.py)   | CPU kernel               | CUDA kernel |
+| --------- | --------------------------------------------- | ------------------------ | ----------- |
+| int8      | int8 symmetric, group `group_size`            | avx2 (aten), per channel* | Triton      |
+| int4      | int4 asymmetric, group `group_size`           | avx2 (aten)              | Triton      |
+| int4-awq  | int4 after AWQ scaling (workers/quant/awq.py) | avx2 (aten)              | Triton      |
+| fp8       | E4M3, per output channel                      | refused                  | Triton      |
+| fp8-gptq  | fp8's, calibrated (workers/quant/fp8_calib.py) | refused                  | Triton      |
 
-* aten's int8 kernel takes one scale per output row: on CPU int8 is quantized per channel
-  (group = the layer's input columns) whatever `group_size` says.
+* aten's int8 kernel takes one scale per output row, so on CPU int8 is quantized per channel (group =
+  the layer's input columns) whatever `group_size` says; the avx2 kernel keeps that rule (a machine
+  where it cannot build falls back to aten with the same model), and it is also the cheapest to read.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from workers.layers.basic import MergedLinear
 from workers.layers.parallel import RowParallelLinear
-from workers.quant.backends import Backend, check_device, get_backend
+from workers.quant.backends import CPU_KERNELS, Backend, check_device, get_backend
 from workers.quant.layers import QuantLogitsHead, QuantMergedLinear, QuantRowParallelLinear, _QuantLinear
 from workers.quant.layout import Kind, QuantizationError, QuantWeight, quantize_rtn
 
@@ -50,13 +51,13 @@ def input_columns(layer: nn.Module) -> int:
 
 
 def effective_group_size(kind: Kind, group_size: int, columns: int, backend: Backend) -> int:
-    return columns if kind == "fp8" or (kind == "int8" and backend.name == "aten") else group_size
+    return columns if kind == "fp8" or (kind == "int8" and backend.name in CPU_KERNELS) else group_size
 
 
 def check_group_size(model: nn.Module, kind: Kind, group_size: int, backend: Backend) -> None:
     """Refuse, naming the layer, a group size that does not divide a layer's (per-rank) input
     columns, or that the backend's kernel does not take."""
-    if kind == "int4" and backend.name == "aten" and group_size not in GROUP_SIZES_CPU_INT4:
+    if kind == "int4" and backend.name in CPU_KERNELS and group_size not in GROUP_SIZES_CPU_INT4:
         raise QuantizationError(
             f"int4 on CPU takes group sizes {', '.join(map(str, GROUP_SIZES_CPU_INT4))}, not {group_size}"
         )
