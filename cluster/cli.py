@@ -11,6 +11,7 @@ kvfleet bench serve ...      prefix-sharing conversations through the gRPC API, 
 kvfleet bench simulate ...   the routing policy in a discrete-event simulation of 8 to 1,024 replicas
 kvfleet bench index ...      the Redis page index: lookup latency, publish throughput, memory per entry
 kvfleet bench quant-kernels  int4/int8/fp8 matmul kernels against bf16 on Llama-3-8B shapes (GPU)
+kvfleet bench cpu-quant-kernels  the AVX2 int8/int4 CPU kernel against aten's at SmolLM2-135M's shapes
 kvfleet bench quality ...    perplexity, top-1 agreement and KL per quantization scheme on held-out text
 """
 
@@ -158,6 +159,12 @@ def cmd_bench_quant_kernels(args) -> None:
     from cluster.bench.quant_kernels import main as run_quant_kernels_bench
 
     run_quant_kernels_bench(args)
+
+
+def cmd_bench_cpu_quant_kernels(args) -> None:
+    from cluster.bench.cpu_quant_kernels import main as run_cpu_quant_kernels_bench
+
+    run_cpu_quant_kernels_bench(args)
 
 
 def cmd_bench_index(args) -> None:
@@ -323,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_quant_kernels_arguments(qk)
     qk.set_defaults(func=cmd_bench_quant_kernels)
+    from cluster.bench.cpu_quant_kernels import add_arguments as add_cpu_quant_kernels_arguments
+
+    cqk = bench.add_parser(
+        "cpu-quant-kernels",
+        help="the AVX2 int8/int4 CPU kernel against aten's at SmolLM2-135M's shapes, alternating",
+        description="kvfleet bench cpu-quant-kernels --json bench/results/cpu-quant-kernel-cpu.json",
+    )
+    add_cpu_quant_kernels_arguments(cqk)
+    cqk.set_defaults(func=cmd_bench_cpu_quant_kernels)
     from cluster.bench.quality import add_quality_parser
 
     add_quality_parser(bench)

@@ -7,7 +7,7 @@
   exact in int16 with one power-of-two scale per 32 columns), sums 32 columns exactly in int32, then
   in float32, and rounds y to bfloat16: the reference's arithmetic up to float32 summation order. It
   takes group-wise int8 as stored (GGUF Q8_0 keeps its groups of 32) and groups that are multiples of
-  32. Measured on a 2-core AVX2 EPYC, 1 thread, SmolLM2-135M's shapes (bench/cpu_quant_kernels.py):
+  32. Measured on a 2-core AVX2 EPYC, 1 thread, SmolLM2-135M's shapes (`kvfleet bench cpu-quant-kernels`):
   2.4-3.1x aten's kernels at one row (int8 6-13 GB/s of weights, near the core's 12 GB/s of DRAM
   reads), 1.4-2.0x at 16; from ~256-512 rows aten's dequantized float32 matmul is 10-20% faster.
   Where it does not build (no compiler, no ninja) or the CPU lacks AVX2, `cpu_quant.load` logs one

@@ -1,7 +1,7 @@
 """The CPU weight-only matmuls at SmolLM2-135M's shapes: the avx2 kernel (workers/kernels/cpu_quant.cpp)
 against aten's, alternating A/B so that the other load of a shared machine falls on both alike.
 
-    .venv/bin/python bench/cpu_quant_kernels.py --json bench/results/cpu-quant-kernel-cpu.json
+    kvfleet bench cpu-quant-kernels --json bench/results/cpu-quant-kernel-cpu.json
 
 Each figure is the median of `--rounds` rounds, each the mean of `--calls` calls back to back; GB/s
 counts the weight bytes the kernel streams (codes and scales), not x or y.
@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.quant.backends import get_backend
 from workers.quant.layout import quantize_rtn
@@ -51,14 +49,15 @@ def _cpu_name() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--calls", type=int, default=20)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 16], help="rows of x (decode batch sizes)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds; each figure is their median")
+    p.add_argument("--calls", type=int, default=20, help="calls back to back per round")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--json")
-    args = p.parse_args()
+    p.add_argument("--json", help="write the report here")
+
+
+def main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -97,7 +96,3 @@ def main() -> None:
     report["loadavg_after"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
