@@ -90,12 +90,14 @@ def _gather(cache: torch.Tensor, pages: torch.Tensor, num_seqs: int) -> torch.Te
 @dataclass
 class DecodePlan:
     """What every layer of a decode-only step reads the same way: the pages to gather (each
-    sequence's first `num_pages`, flattened, int64: CPU's index_select takes an int32 index on a
-    slower path), the additive mask of the keys each query may see (None for one sequence without
-    a window: its context is cut by the view instead), and the gathered keys' view, [num_seqs,
-    kv_heads, context, head_dim] over the gather's [pages, page_size, kv_heads, head_dim] rows.
-    The layers gather into the same two buffers (one layer's attention ends before the next
-    one's starts): a fresh 1-5 MB tensor per layer is fresh memory for the allocator to fault in."""
+    sequence's first `num_pages`, flattened, int64: CPU's index_select with an int32 index was
+    slower, 160 SmolLM2 pages at 2 threads 0.78 ms against 0.11, at 1 thread 0.22 against 0.20),
+    the additive mask of the keys each query may see (None for one sequence without a window: its
+    context is cut by the view instead), and the gathered keys' view, [num_seqs, kv_heads,
+    context, head_dim] over the gather's [pages, page_size, kv_heads, head_dim] rows. The layers
+    gather into the same two buffers (one layer's attention ends before the next one's starts):
+    into a fresh 2 MB tensor the same gather took 0.19 ms, into a reused one 0.10 (1 thread;
+    measured 2026-12-06 on the 2-core AVX2 EPYC)."""
 
     pages: torch.Tensor
     num_seqs: int
