@@ -189,3 +189,23 @@ def test_reference_decode_only_step_equals_dense_attention(ctx_lens):
         v = v_cache.flatten(0, 1)[slots].repeat_interleave(heads // kv_heads, dim=1)
         weights = torch.softmax(torch.einsum("hd,nhd->hn", q[b], k) * head_dim**-0.5, dim=-1)
         torch.testing.assert_close(got[b], torch.einsum("hn,nhd->hd", weights, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ctx_lens", [[13], [3, 4, 13, 70]])
+def test_layers_of_a_decode_step_share_its_plan_and_gather_buffers_without_mixing_their_caches(ctx_lens):
+    """Every layer of a decode-only step reuses the step's plan and gathers into the same two
+    buffers: each layer still attends over its own cache, and an earlier layer's output is not
+    changed by a later layer's gather."""
+    gen = torch.Generator().manual_seed(7 + len(ctx_lens))
+    page_size, heads, kv_heads, head_dim = 4, 4, 2, 64
+    tables = random_tables(ctx_lens, page_size, 64, gen)
+    meta = meta_for([1] * len(ctx_lens), ctx_lens, tables)
+    layers = [make_cache(64, page_size, kv_heads, head_dim) for _ in range(3)]
+    q = rand(len(ctx_lens), heads, head_dim)
+    ops = get_ops("torch", DEVICE)
+    got = [ops.attention(q, k, v, meta, head_dim**-0.5, None) for k, v in layers]
+    for (k, v), out in zip(layers, got, strict=True):
+        fresh_meta = meta_for([1] * len(ctx_lens), ctx_lens, tables)
+        fresh = get_ops("torch", DEVICE).attention(q, k, v, fresh_meta, head_dim**-0.5, None)
+        torch.testing.assert_close(out, fresh, atol=0, rtol=0)
+    assert not torch.equal(got[0], got[1])
