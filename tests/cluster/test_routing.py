@@ -50,13 +50,13 @@ def decisions(serve_cluster) -> Counter:
     return out
 
 
-def test_each_prefix_group_sticks_to_one_replica_from_every_ingress(stub):
-    # Prefixes long enough that recomputing one costs well more than what the predicted-TTFT rule
-    # charges for one request in flight: Serve counts a request in flight until its task returns, a
-    # little after its stream ended, so a holder can look busy to the next sequential request. The
-    # routers measured ~17k prompt tokens/s and ~5.5 ms per running sequence here: one request in
-    # flight is charged 1.5 x 5.5 = 8 ms, a 96-token prefix (24 pages) costs 6 ms to recompute (a
-    # loaded CI machine sent 4 of 12 elsewhere), 256 tokens 15 ms.
+def test_each_prefix_group_is_served_from_its_cached_prefix_from_every_ingress(stub):
+    # Prefixes long enough that recomputing one costs more than what the predicted-TTFT rule charges
+    # for one request in flight (~17k prompt tokens/s and ~5.5 ms a running sequence measured here:
+    # 256 tokens take 15 ms, one request in flight is charged 8 ms). Serve counts a request in flight
+    # until its task returns, a little after its stream ended, so on a loaded machine a holder can
+    # still look busy to the next request and lose one to an idle replica; that replica then holds
+    # the prefix too, and the two share the group (equal holders: the lower load, then at random).
     groups = prefixes(3, pages=64, seed=1)
     rng = random.Random(2)
     served: dict[int, Counter] = {g: Counter() for g in range(3)}
@@ -74,10 +74,10 @@ def test_each_prefix_group_sticks_to_one_replica_from_every_ingress(stub):
             assert trailer["kvfleet-replica"] == last.replica
             assert int(trailer["kvfleet-cached-prompt-tokens"]) == last.usage.cached_prompt_tokens
     for g in range(3):
-        _, n = served[g].most_common(1)[0]
-        assert n >= 0.9 * 12, f"group {g} spread over {served[g]}"
-        # Every request that landed on the holder reused the whole shared prefix.
-        assert sorted(cached[g])[-n:][0] >= 64 * PAGE, cached[g]
+        # Every request but at most one (the spill above) reused the whole shared prefix, on at most
+        # two replicas: a group is never recomputed on each replica in turn.
+        full = sum(c >= 64 * PAGE for c in cached[g])
+        assert full >= 11 and len(served[g]) <= 2, f"group {g}: {served[g]}, cached {cached[g]}"
     # Both ingress replicas routed requests of the groups, and made the same choices.
     assert set().union(*ingresses.values()).__len__() == 2, ingresses
 
